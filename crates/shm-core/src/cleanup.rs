@@ -1,0 +1,158 @@
+//! Finding the segments in `/dev/shm` and removing those whose owner is dead.
+//!
+//! A process killed with SIGKILL cannot unlink its segments, and `/dev/shm` keeps them — in
+//! memory — until someone does. Every segment this project creates carries its session id in
+//! its name, and every live session holds a lock ([`crate::session`]); a session whose lock can
+//! be taken has no owner, and its segments are orphans.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io;
+use std::time::{Duration, SystemTime};
+
+use crate::error::{Result, ShmError};
+use crate::name::{NameKind, SessionId, parse_name};
+use crate::sys;
+
+/// A session lock that is still empty is being created; one this old and still empty belongs
+/// to a process that died while creating it.
+const LOCK_CREATION_GRACE: Duration = Duration::from_secs(10);
+
+/// One segment of this project found in `/dev/shm`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SegmentEntry {
+    /// POSIX name, with the leading slash.
+    pub name: String,
+    /// The session that created it.
+    pub session: SessionId,
+    /// Its length in bytes.
+    pub len: u64,
+}
+
+/// What [`sweep_orphans`] removed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    /// The dead sessions whose segments were removed.
+    pub sessions: Vec<SessionId>,
+    /// Segments unlinked.
+    pub segments: usize,
+    /// Bytes those segments held.
+    pub bytes: u64,
+}
+
+/// Every segment of this project in `/dev/shm`, of live and dead sessions alike (session
+/// locks are not segments and are not listed).
+pub fn list_segments() -> Result<Vec<SegmentEntry>> {
+    Ok(scan()?
+        .into_values()
+        .flat_map(|found| found.segments)
+        .collect())
+}
+
+/// Unlinks the segments of every session whose owner process has died, and their locks.
+///
+/// Safe to call at any time from any process: a live session's lock cannot be taken, so its
+/// segments are never touched, and a lock the kernel released cannot belong to a live process
+/// (unlike a pid, which a new process may reuse).
+pub fn sweep_orphans() -> Result<SweepReport> {
+    let mut report = SweepReport::default();
+    for (session, found) in scan()? {
+        // The listing is not atomic: look at the lock itself, now, before deciding.
+        let lock_path = sys::segment_path(&session.lock_name());
+        let lock = match File::options().read(true).write(true).open(&lock_path) {
+            Ok(file) => Some(file),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => None,
+            Err(source) => {
+                return Err(ShmError::Os {
+                    op: "open session lock",
+                    name: session.lock_name(),
+                    source,
+                });
+            }
+        };
+        if let Some(lock) = &lock {
+            if lock.try_lock().is_err() || is_being_created(lock) {
+                continue;
+            }
+        } else if found.segments.is_empty() {
+            continue;
+        }
+        // Either we hold the dead session's lock, or the session has no lock at all (its owner
+        // removed the lock but died before its segments were gone).
+        for segment in &found.segments {
+            match std::fs::remove_file(sys::segment_path(&segment.name)) {
+                Ok(()) => {
+                    report.segments += 1;
+                    report.bytes += segment.len;
+                }
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(ShmError::Os {
+                        op: "unlink orphaned",
+                        name: segment.name.clone(),
+                        source,
+                    });
+                }
+            }
+        }
+        if lock.is_some() {
+            let _ = std::fs::remove_file(&lock_path);
+        }
+        report.sessions.push(session);
+    }
+    Ok(report)
+}
+
+/// An empty, young lock file: its creator has not yet locked it and written its pid.
+fn is_being_created(lock: &File) -> bool {
+    let Ok(meta) = lock.metadata() else {
+        return false;
+    };
+    let young = meta
+        .modified()
+        .ok()
+        .and_then(|t| SystemTime::now().duration_since(t).ok())
+        .is_none_or(|age| age < LOCK_CREATION_GRACE);
+    meta.len() == 0 && young
+}
+
+#[derive(Default)]
+struct SessionFiles {
+    segments: Vec<SegmentEntry>,
+}
+
+/// This project's files in `/dev/shm`, grouped by session.
+fn scan() -> Result<BTreeMap<SessionId, SessionFiles>> {
+    let os_error = |source| ShmError::Os {
+        op: "list",
+        name: sys::SHM_DIR.to_owned(),
+        source,
+    };
+    let mut sessions: BTreeMap<SessionId, SessionFiles> = BTreeMap::new();
+    for entry in std::fs::read_dir(sys::SHM_DIR).map_err(os_error)? {
+        let entry = entry.map_err(os_error)?;
+        let Some(file_name) = entry.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        match parse_name(&file_name) {
+            Some(NameKind::Segment(session)) => {
+                // A segment unlinked since the listing has no metadata; it needs no sweeping.
+                let Ok(meta) = entry.metadata() else { continue };
+                sessions
+                    .entry(session)
+                    .or_default()
+                    .segments
+                    .push(SegmentEntry {
+                        name: format!("/{file_name}"),
+                        session,
+                        len: meta.len(),
+                    });
+            }
+            Some(NameKind::Lock(session)) => {
+                sessions.entry(session).or_default();
+            }
+            None => {}
+        }
+    }
+    Ok(sessions)
+}

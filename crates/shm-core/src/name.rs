@@ -1,0 +1,156 @@
+//! Segment names: how they are made, checked and read back.
+//!
+//! A segment this project creates is named `/shm-SSSSSSSS-RRRRRRRRRRRRRRRR`: a fixed prefix, the
+//! session id of the process that created it (32 bits, hex) and 64 random bits (hex). That is 30
+//! characters, under macOS's limit of 31, unguessable, and it tells the orphan sweep whose
+//! segment it is. The session's lock is `/shm-SSSSSSSS-lock`.
+
+use std::fmt;
+
+use crate::error::{Result, ShmError};
+
+/// The prefix of every segment name this project creates (without the leading slash).
+pub const NAME_PREFIX: &str = "shm-";
+
+/// Longest name accepted on attach, leading slash included (Linux's `NAME_MAX` is 255).
+const MAX_NAME_LEN: usize = 255;
+
+/// The id of a session: the segments created by one process's pools, guarded by one lock.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionId(pub(crate) u32);
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:08x}", self.0)
+    }
+}
+
+impl fmt::Debug for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SessionId({self})")
+    }
+}
+
+impl SessionId {
+    /// The name of the shared-memory object whose lock marks this session as alive.
+    pub(crate) fn lock_name(self) -> String {
+        format!("/{NAME_PREFIX}{self}-lock")
+    }
+
+    /// A new segment name of this session, with 64 random bits.
+    pub(crate) fn segment_name(self, random: u64) -> String {
+        format!("/{NAME_PREFIX}{self}-{random:016x}")
+    }
+}
+
+/// What a file name in `/dev/shm` is to this project.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NameKind {
+    /// A segment of the given session.
+    Segment(SessionId),
+    /// The liveness lock of the given session.
+    Lock(SessionId),
+}
+
+/// Reads a file name of `/dev/shm` (no leading slash); `None` when this project did not make it.
+pub(crate) fn parse_name(file_name: &str) -> Option<NameKind> {
+    let rest = file_name.strip_prefix(NAME_PREFIX)?;
+    let (session, tail) = rest.split_once('-')?;
+    let session = parse_hex(session, 8)?;
+    let session = SessionId(u32::try_from(session).ok()?);
+    if tail == "lock" {
+        return Some(NameKind::Lock(session));
+    }
+    parse_hex(tail, 16)?;
+    Some(NameKind::Segment(session))
+}
+
+fn parse_hex(text: &str, digits: usize) -> Option<u64> {
+    if text.len() != digits || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u64::from_str_radix(text, 16).ok()
+}
+
+/// Checks a segment name received from a peer before it reaches `shm_open`.
+///
+/// Any POSIX name of safe characters is accepted, not only this project's own, so that segments
+/// made by other programs (Python's `SharedMemory`, say) can be attached.
+pub fn validate_name(name: &str) -> Result<()> {
+    let invalid = |reason| {
+        Err(ShmError::InvalidName {
+            name: name.to_owned(),
+            reason,
+        })
+    };
+    let Some(body) = name.strip_prefix('/') else {
+        return invalid("must start with '/'");
+    };
+    if body.is_empty() {
+        return invalid("is empty after the leading '/'");
+    }
+    if name.len() > MAX_NAME_LEN {
+        return invalid("is longer than 255 bytes");
+    }
+    if body == "." || body == ".." {
+        return invalid("names a directory");
+    }
+    if !body
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return invalid("may hold only ASCII letters, digits, '.', '_' and '-' after the '/'");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segment_names_are_30_characters_and_parse_back() {
+        let session = SessionId(0xdead_beef);
+        let name = session.segment_name(0x0123_4567_89ab_cdef);
+        assert_eq!(name, "/shm-deadbeef-0123456789abcdef");
+        assert_eq!(name.len(), 30);
+        assert_eq!(
+            parse_name(&name[1..]),
+            Some(NameKind::Segment(session)),
+            "a name this project made is recognised"
+        );
+        assert_eq!(
+            parse_name(&session.lock_name()[1..]),
+            Some(NameKind::Lock(session))
+        );
+        validate_name(&name).unwrap();
+    }
+
+    #[test]
+    fn foreign_names_are_not_ours() {
+        for name in [
+            "psm_abc123",
+            "shm-deadbeef",
+            "shm-deadbee-0123456789abcdef",
+            "shm-deadbeef-0123456789abcdeg",
+            "shm-deadbeef-0123456789abcdef0",
+            "shm-deadbeef-locks",
+        ] {
+            assert_eq!(parse_name(name), None, "{name}");
+        }
+    }
+
+    #[test]
+    fn malformed_names_are_rejected_with_the_name() {
+        let too_long = format!("/{}", "a".repeat(255));
+        for name in [
+            "", "/", "noslash", "/a/b", "/..", "/a b", "/\u{e9}", &too_long,
+        ] {
+            match validate_name(name) {
+                Err(ShmError::InvalidName { name: n, .. }) => assert_eq!(n, name),
+                other => panic!("{name:?}: expected InvalidName, got {other:?}"),
+            }
+        }
+        validate_name("/psm_abc123").unwrap();
+    }
+}

@@ -1,0 +1,1040 @@
+//! `ShmPool`: allocation, recycling, slabs, the mapping cache and teardown.
+//!
+//! Fresh shared memory is expensive here: creating and reserving a 1 GiB segment costs a
+//! quarter of a second and its first write as much again, while rewriting a segment that is
+//! already mapped runs at memcpy speed. The pool therefore keeps what it can:
+//!
+//! - **Recycling.** A dropped block of its own segment goes to a free list ordered by size and
+//!   is handed out again to a request that fits it within 25%, mapped and with its pages
+//!   present. The free list is bounded in bytes ([`PoolConfig::cache_bytes`]); the least
+//!   recently used segments beyond the bound are unlinked.
+//! - **Slabs.** Requests up to [`PoolConfig::slab_threshold`] share 1 MiB slab segments, cut
+//!   into slots of a power of two between 64 bytes and the threshold. Every slot is 64-byte
+//!   aligned and its size includes its padding, so many small payloads cost a few segments and
+//!   file descriptors, not one each.
+//! - **Mapping cache.** Attaching a segment that is already mapped reuses the mapping. Idle
+//!   mappings are kept up to [`PoolConfig::attach_cache_bytes`], and dropped as soon as their
+//!   owner has unlinked the segment (an unlinked segment lives on while anyone maps it).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+
+use crate::block::ShmBlock;
+use crate::cleanup;
+use crate::error::{Result, ShmError};
+use crate::name::{SessionId, validate_name};
+use crate::reference::ShmRef;
+use crate::segment::{CreateError, Segment};
+use crate::session::Session;
+use crate::sys;
+
+/// Bytes of one slab segment.
+const SLAB_LEN: usize = 1 << 20;
+/// The smallest slot, and the alignment of every block.
+pub const BLOCK_ALIGN: usize = 64;
+/// New segments are sized in whole pages.
+const PAGE: usize = 4096;
+/// How many random names to try before giving up on creating a segment.
+const NAME_ATTEMPTS: usize = 16;
+
+/// How a pool behaves. `PoolConfig::default()` suits most programs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolConfig {
+    /// Upper bound on the bytes of all segments the pool holds (in use, cached, slabs).
+    /// `None`: bounded only by `/dev/shm`.
+    pub capacity: Option<u64>,
+    /// Bytes of idle segments kept for reuse. Default 2 GiB.
+    pub cache_bytes: u64,
+    /// Bytes of idle attached mappings kept, so that a peer's recycled segment is not mapped
+    /// afresh. Default 4 GiB.
+    pub attach_cache_bytes: u64,
+    /// Requests of at most this many bytes share slab segments. Default 64 KiB, at most
+    /// 512 KiB.
+    pub slab_threshold: usize,
+    /// Whether creating the pool first removes the segments of dead sessions
+    /// ([`sweep_orphans`](crate::sweep_orphans)). Default `true`.
+    pub sweep_orphans: bool,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            capacity: None,
+            cache_bytes: 2 << 30,
+            attach_cache_bytes: 4 << 30,
+            slab_threshold: 64 << 10,
+            sweep_orphans: true,
+        }
+    }
+}
+
+/// What a pool holds, for tests, benchmarks and monitoring.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Blocks allocated by this pool and not yet dropped.
+    pub live_blocks: usize,
+    /// Bytes of all mappings the pool holds: its own segments and attached ones.
+    pub bytes_mapped: u64,
+    /// Bytes of the pool's own segments that hold no live block (free list and empty slabs).
+    pub bytes_cached: u64,
+    /// Segments this pool has created since it was made (slabs included).
+    pub segments_created: u64,
+    /// Segments this pool has created and not yet unlinked.
+    pub segments_owned: usize,
+    /// Segments of others that this pool has mapped.
+    pub segments_attached: usize,
+}
+
+/// A pool of shared-memory blocks: allocates, recycles, attaches, and unlinks everything it
+/// created when it is closed or dropped.
+///
+/// `ShmPool` is a cheap handle (`Clone`, `Send`, `Sync`); all clones share one pool, which
+/// closes when the last clone is dropped. Blocks keep their mappings after that, but not their
+/// names: nobody can attach them any more.
+#[derive(Clone)]
+pub struct ShmPool {
+    shared: Arc<PoolShared>,
+}
+
+impl std::fmt::Debug for ShmPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShmPool")
+            .field("session", &self.session())
+            .field("config", &self.shared.config)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+struct PoolShared {
+    config: PoolConfig,
+    state: Mutex<State>,
+    session: Arc<Session>,
+}
+
+/// Where a block allocated by the pool came from, so that dropping it can give it back.
+#[derive(Debug)]
+pub(crate) struct Lease {
+    pool: Weak<PoolShared>,
+    slot: Slot,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Slot {
+    /// The block is a whole segment.
+    Whole,
+    /// The block is slot `index` of slab `slab` of size class `class`.
+    Slab {
+        class: usize,
+        slab: usize,
+        index: u32,
+    },
+}
+
+impl Lease {
+    pub(crate) fn release(self, segment: &Arc<Segment>) {
+        if let Some(pool) = self.pool.upgrade() {
+            pool.release(self.slot, segment);
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    closed: bool,
+    /// A counter that orders uses, for least-recently-used eviction.
+    tick: u64,
+    /// Bytes of own segments: live, cached, slabs, and those being created.
+    owned_bytes: u64,
+    /// Whole segments handed out as blocks, by name, so that closing can unlink them.
+    live: HashMap<String, Weak<Segment>>,
+    /// Idle whole segments by length; each list is ordered oldest first.
+    free: BTreeMap<usize, Vec<(u64, Arc<Segment>)>>,
+    free_bytes: u64,
+    /// Slab classes, smallest slot first.
+    slabs: Vec<SlabClass>,
+    /// Mappings of other processes' segments, by name.
+    attached: HashMap<String, (u64, Arc<Segment>)>,
+    attached_bytes: u64,
+    live_blocks: usize,
+    segments_created: u64,
+}
+
+struct SlabClass {
+    slabs: Vec<Option<Slab>>,
+}
+
+struct Slab {
+    segment: Arc<Segment>,
+    free: Vec<u32>,
+    live: u32,
+}
+
+impl ShmPool {
+    /// A pool with the default configuration.
+    pub fn new() -> Result<Self> {
+        Self::with_config(PoolConfig::default())
+    }
+
+    /// A pool with the given configuration.
+    pub fn with_config(mut config: PoolConfig) -> Result<Self> {
+        config.slab_threshold = config.slab_threshold.min(SLAB_LEN / 2);
+        if config.sweep_orphans {
+            cleanup::sweep_orphans()?;
+        }
+        let session = Session::current()?;
+        let mut slabs = Vec::new();
+        let mut slot_len = BLOCK_ALIGN;
+        while slot_len <= config.slab_threshold.next_power_of_two() && slot_len <= SLAB_LEN / 2 {
+            slabs.push(SlabClass { slabs: Vec::new() });
+            slot_len *= 2;
+        }
+        Ok(ShmPool {
+            shared: Arc::new(PoolShared {
+                config,
+                state: Mutex::new(State {
+                    slabs,
+                    ..State::default()
+                }),
+                session,
+            }),
+        })
+    }
+
+    /// The session whose id every segment of this pool carries in its name.
+    pub fn session(&self) -> SessionId {
+        self.shared.session.id()
+    }
+
+    /// The configuration the pool runs with.
+    pub fn config(&self) -> &PoolConfig {
+        &self.shared.config
+    }
+
+    /// A writable block of `size` bytes (content length `size`, capacity possibly more),
+    /// 64-byte aligned. `size` may be 0.
+    ///
+    /// The block comes from the free list or a slab when one fits; otherwise a new segment is
+    /// created and its memory reserved, so that a full `/dev/shm` is reported here as
+    /// [`ShmError::OutOfSharedMemory`] rather than as a SIGBUS on first write. A recycled
+    /// block holds stale bytes.
+    pub fn alloc(&self, size: usize, temporary: bool) -> Result<ShmBlock> {
+        if size <= self.shared.config.slab_threshold {
+            self.shared.alloc_slot(size, temporary)
+        } else {
+            self.shared.alloc_whole(size, temporary)
+        }
+    }
+
+    /// Maps the block a peer's reference names, after checking the reference against the
+    /// segment: the name's form, `offset + size` without overflow and inside the segment,
+    /// `content_size <= size`. The block is read-only. Attaching a segment that is already
+    /// mapped reuses the mapping.
+    pub fn attach(&self, r: &ShmRef) -> Result<ShmBlock> {
+        validate_name(&r.name)?;
+        let end = r.offset.checked_add(r.size).ok_or(ShmError::RefOverflow {
+            name: r.name.clone(),
+            offset: r.offset,
+            size: r.size,
+        })?;
+        if r.content_size > r.size {
+            return Err(ShmError::ContentExceedsSize {
+                name: r.name.clone(),
+                content_size: r.content_size,
+                size: r.size,
+            });
+        }
+        let segment = self.shared.mapping(&r.name)?;
+        let segment_len = segment.len() as u64;
+        if end > segment_len {
+            return Err(ShmError::RefOutOfBounds {
+                name: r.name.clone(),
+                offset: r.offset,
+                size: r.size,
+                segment_len,
+            });
+        }
+        // All three are at most the segment length, which is a usize.
+        Ok(ShmBlock::new(
+            segment,
+            r.offset as usize,
+            r.size as usize,
+            r.content_size as usize,
+            r.temporary,
+            None,
+        ))
+    }
+
+    /// Unlinks every segment this pool created, drops its caches, and refuses further
+    /// allocations with [`ShmError::PoolClosed`]. Blocks still alive stay readable (and
+    /// writable by their owner), but nobody can attach them any more.
+    pub fn close_all(&self) {
+        self.shared.close();
+    }
+
+    /// Releases every idle segment and mapping the pool keeps for reuse: the free list, empty
+    /// slabs, and attached mappings no block uses.
+    pub fn trim(&self) {
+        let released = {
+            let mut state = self.shared.lock();
+            let mut released: Vec<Arc<Segment>> = Vec::new();
+            while let Some(segment) = state.evict_free() {
+                released.push(segment);
+            }
+            released.extend(state.take_empty_slabs());
+            released.extend(state.evict_attached(|_| true, 0));
+            released
+        };
+        drop(released);
+    }
+
+    /// What the pool holds now.
+    pub fn stats(&self) -> PoolStats {
+        let state = self.shared.lock();
+        let slab_segments = state.slabs.iter().flat_map(|c| c.slabs.iter().flatten());
+        let (slab_count, empty_slab_bytes) = slab_segments.fold((0, 0), |(n, empty), slab| {
+            let idle = if slab.live == 0 { SLAB_LEN as u64 } else { 0 };
+            (n + 1, empty + idle)
+        });
+        let free_count: usize = state.free.values().map(Vec::len).sum();
+        PoolStats {
+            live_blocks: state.live_blocks,
+            bytes_mapped: state.owned_bytes + state.attached_bytes,
+            bytes_cached: state.free_bytes + empty_slab_bytes,
+            segments_created: state.segments_created,
+            segments_owned: state.live.len() + free_count + slab_count,
+            segments_attached: state.attached.len(),
+        }
+    }
+}
+
+impl PoolShared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every critical section leaves `State` consistent before it can panic, so a poisoned
+        // lock holds usable data.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn lease(self: &Arc<Self>, slot: Slot) -> Option<Lease> {
+        Some(Lease {
+            pool: Arc::downgrade(self),
+            slot,
+        })
+    }
+
+    fn alloc_whole(self: &Arc<Self>, size: usize, temporary: bool) -> Result<ShmBlock> {
+        let len = size
+            .checked_next_multiple_of(PAGE)
+            .ok_or(ShmError::OutOfSharedMemory {
+                requested: size as u64,
+                available: sys::shm_available().unwrap_or(0),
+            })?;
+        let evicted;
+        {
+            let mut state = self.lock();
+            if state.closed {
+                return Err(ShmError::PoolClosed);
+            }
+            if let Some(segment) = state.take_free(len) {
+                state
+                    .live
+                    .insert(segment.name().to_owned(), Arc::downgrade(&segment));
+                state.live_blocks += 1;
+                let capacity = segment.len();
+                drop(state);
+                return Ok(ShmBlock::new(
+                    segment,
+                    0,
+                    capacity,
+                    size,
+                    temporary,
+                    self.lease(Slot::Whole),
+                ));
+            }
+            evicted = self.reserve_bytes(&mut state, len as u64)?;
+        }
+        drop(evicted);
+        let segment = match self.create_segment(len) {
+            Ok(segment) => Arc::new(segment),
+            Err(err) => {
+                self.lock().owned_bytes -= len as u64;
+                return Err(err);
+            }
+        };
+        let mut state = self.lock();
+        state.segments_created += 1;
+        if state.closed {
+            state.owned_bytes -= len as u64;
+            drop(state);
+            segment.unlink();
+            return Err(ShmError::PoolClosed);
+        }
+        state
+            .live
+            .insert(segment.name().to_owned(), Arc::downgrade(&segment));
+        state.live_blocks += 1;
+        drop(state);
+        Ok(ShmBlock::new(
+            segment,
+            0,
+            len,
+            size,
+            temporary,
+            self.lease(Slot::Whole),
+        ))
+    }
+
+    fn alloc_slot(self: &Arc<Self>, size: usize, temporary: bool) -> Result<ShmBlock> {
+        let slot_len = size.max(BLOCK_ALIGN).next_power_of_two();
+        let class = slot_len.trailing_zeros() as usize - BLOCK_ALIGN.trailing_zeros() as usize;
+        loop {
+            let evicted;
+            {
+                let mut state = self.lock();
+                if state.closed {
+                    return Err(ShmError::PoolClosed);
+                }
+                let slabs = &mut state.slabs[class].slabs;
+                let found = slabs.iter_mut().enumerate().find_map(|(i, slab)| {
+                    let slab = slab.as_mut()?;
+                    let index = slab.free.pop()?;
+                    slab.live += 1;
+                    Some((i, index, Arc::clone(&slab.segment)))
+                });
+                if let Some((slab, index, segment)) = found {
+                    state.live_blocks += 1;
+                    drop(state);
+                    return Ok(ShmBlock::new(
+                        segment,
+                        index as usize * slot_len,
+                        slot_len,
+                        size,
+                        temporary,
+                        self.lease(Slot::Slab { class, slab, index }),
+                    ));
+                }
+                evicted = self.reserve_bytes(&mut state, SLAB_LEN as u64)?;
+            }
+            drop(evicted);
+            let segment = match self.create_segment(SLAB_LEN) {
+                Ok(segment) => Arc::new(segment),
+                Err(err) => {
+                    self.lock().owned_bytes -= SLAB_LEN as u64;
+                    return Err(err);
+                }
+            };
+            let mut state = self.lock();
+            state.segments_created += 1;
+            if state.closed {
+                state.owned_bytes -= SLAB_LEN as u64;
+                drop(state);
+                segment.unlink();
+                return Err(ShmError::PoolClosed);
+            }
+            let slots = (SLAB_LEN / slot_len) as u32;
+            let slab = Slab {
+                segment,
+                free: (0..slots).rev().collect(),
+                live: 0,
+            };
+            let slabs = &mut state.slabs[class].slabs;
+            match slabs.iter().position(Option::is_none) {
+                Some(i) => slabs[i] = Some(slab),
+                None => slabs.push(Some(slab)),
+            }
+            // The next turn of the loop takes a slot from the new slab (or from one a
+            // concurrent release freed).
+        }
+    }
+
+    /// Counts `len` new bytes against the capacity, first evicting idle segments if that makes
+    /// room. Returns the evicted segments, to be dropped outside the lock.
+    fn reserve_bytes(&self, state: &mut State, len: u64) -> Result<Vec<Arc<Segment>>> {
+        let mut evicted = Vec::new();
+        if let Some(capacity) = self.config.capacity {
+            while state.owned_bytes + len > capacity {
+                match state.evict_free() {
+                    Some(segment) => evicted.push(segment),
+                    None => break,
+                }
+            }
+            if state.owned_bytes + len > capacity {
+                evicted.extend(state.take_empty_slabs());
+            }
+            if state.owned_bytes + len > capacity {
+                return Err(ShmError::CapacityExceeded {
+                    requested: len,
+                    in_use: state.owned_bytes,
+                    capacity,
+                });
+            }
+        }
+        state.owned_bytes += len;
+        Ok(evicted)
+    }
+
+    /// Creates and reserves a segment of `len` bytes under a fresh random name.
+    fn create_segment(&self, len: usize) -> Result<Segment> {
+        let available = sys::shm_available().map_err(|source| ShmError::Os {
+            op: "statvfs",
+            name: sys::SHM_DIR.to_owned(),
+            source,
+        })?;
+        // Checking first spares the system a reservation that would fill `/dev/shm` page by
+        // page before failing; `Segment::create` still reports a race lost to another process.
+        if len as u64 > available {
+            return Err(ShmError::OutOfSharedMemory {
+                requested: len as u64,
+                available,
+            });
+        }
+        let session = self.session.id();
+        for _ in 0..NAME_ATTEMPTS {
+            let random = sys::random_u64().map_err(|source| ShmError::Os {
+                op: "read random bytes for",
+                name: "a segment name".to_owned(),
+                source,
+            })?;
+            match Segment::create(&session.segment_name(random), len) {
+                Ok(segment) => return Ok(segment),
+                Err(CreateError::NameTaken) => continue,
+                Err(CreateError::Failed(err)) => return Err(err),
+            }
+        }
+        Err(ShmError::Os {
+            op: "create",
+            name: format!("a segment of session {session}"),
+            source: std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+        })
+    }
+
+    /// Takes back a block's region; called when an allocated block is dropped.
+    fn release(&self, slot: Slot, segment: &Arc<Segment>) {
+        let mut dropped: Vec<Arc<Segment>> = Vec::new();
+        {
+            let mut state = self.lock();
+            state.live_blocks -= 1;
+            match slot {
+                Slot::Whole => {
+                    state.live.remove(segment.name());
+                    if state.closed || segment.len() as u64 > self.config.cache_bytes {
+                        state.owned_bytes -= segment.len() as u64;
+                        segment.unlink();
+                    } else {
+                        state.tick += 1;
+                        let tick = state.tick;
+                        state
+                            .free
+                            .entry(segment.len())
+                            .or_default()
+                            .push((tick, Arc::clone(segment)));
+                        state.free_bytes += segment.len() as u64;
+                        while state.free_bytes > self.config.cache_bytes {
+                            dropped.extend(state.evict_free());
+                        }
+                    }
+                }
+                Slot::Slab { class, slab, index } => {
+                    dropped.extend(state.release_slot(class, slab, index));
+                }
+            }
+        }
+        drop(dropped);
+    }
+
+    /// The mapping of `name`, from the cache or new.
+    fn mapping(&self, name: &str) -> Result<Arc<Segment>> {
+        {
+            let mut state = self.lock();
+            if state.closed {
+                return Err(ShmError::PoolClosed);
+            }
+            state.tick += 1;
+            let tick = state.tick;
+            if let Some((used, segment)) = state.attached.get_mut(name) {
+                *used = tick;
+                return Ok(Arc::clone(segment));
+            }
+        }
+        let segment = Arc::new(Segment::open(name)?);
+        let (segment, evicted) = {
+            let mut state = self.lock();
+            let tick = state.tick;
+            if let Some((_, existing)) = state.attached.get(name) {
+                // Another thread mapped it meanwhile: use one mapping.
+                (Arc::clone(existing), Vec::new())
+            } else {
+                state.attached_bytes += segment.len() as u64;
+                state
+                    .attached
+                    .insert(name.to_owned(), (tick, Arc::clone(&segment)));
+                // A new mapping is the moment to let go of idle ones whose owner has unlinked
+                // them, and of the least recently used beyond the bound.
+                let gone = state.evict_attached(
+                    |segment| !sys::segment_path(segment.name()).exists(),
+                    u64::MAX,
+                );
+                let mut evicted = gone;
+                evicted.extend(state.evict_attached(|_| true, self.config.attach_cache_bytes));
+                (segment, evicted)
+            }
+        };
+        drop(evicted);
+        Ok(segment)
+    }
+
+    fn close(&self) {
+        let released = {
+            let mut state = self.lock();
+            state.closed = true;
+            let mut released: Vec<Arc<Segment>> = state
+                .live
+                .drain()
+                .filter_map(|(_, weak)| weak.upgrade())
+                .collect();
+            while let Some(segment) = state.evict_free() {
+                released.push(segment);
+            }
+            for class in &mut state.slabs {
+                for slab in class.slabs.drain(..).flatten() {
+                    released.push(slab.segment);
+                }
+            }
+            released.extend(state.attached.drain().map(|(_, (_, segment))| segment));
+            state.attached_bytes = 0;
+            released
+        };
+        for segment in &released {
+            segment.unlink();
+        }
+    }
+}
+
+impl Drop for PoolShared {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+impl State {
+    /// Takes the most recently freed segment of length `len` to `len * 5/4`, the smallest
+    /// that fits.
+    fn take_free(&mut self, len: usize) -> Option<Arc<Segment>> {
+        let upper = len.saturating_add(len / 4);
+        let (&key, list) = self.free.range_mut(len..=upper).next()?;
+        let (_, segment) = list.pop()?;
+        if list.is_empty() {
+            self.free.remove(&key);
+        }
+        self.free_bytes -= segment.len() as u64;
+        Some(segment)
+    }
+
+    /// Removes the least recently freed segment from the free list.
+    fn evict_free(&mut self) -> Option<Arc<Segment>> {
+        let (&key, _) = self
+            .free
+            .iter()
+            .min_by_key(|(_, list)| list.first().map_or(u64::MAX, |(tick, _)| *tick))?;
+        let list = self.free.get_mut(&key)?;
+        let (_, segment) = list.remove(0);
+        if list.is_empty() {
+            self.free.remove(&key);
+        }
+        self.free_bytes -= segment.len() as u64;
+        self.owned_bytes -= segment.len() as u64;
+        segment.unlink();
+        Some(segment)
+    }
+
+    /// Returns a slot to its slab. A slab left empty is kept while it is its class's only slab
+    /// with free slots, and released otherwise.
+    fn release_slot(&mut self, class: usize, slab: usize, index: u32) -> Option<Arc<Segment>> {
+        let slabs = &mut self.slabs.get_mut(class)?.slabs;
+        let entry = slabs.get_mut(slab)?.as_mut()?;
+        entry.free.push(index);
+        entry.live -= 1;
+        if entry.live > 0 {
+            return None;
+        }
+        let others_have_room = slabs
+            .iter()
+            .enumerate()
+            .any(|(i, s)| i != slab && s.as_ref().is_some_and(|s| !s.free.is_empty()));
+        if !others_have_room {
+            return None;
+        }
+        let empty = slabs[slab].take()?;
+        self.owned_bytes -= SLAB_LEN as u64;
+        empty.segment.unlink();
+        Some(empty.segment)
+    }
+
+    /// Removes every slab with no live slot.
+    fn take_empty_slabs(&mut self) -> Vec<Arc<Segment>> {
+        let mut taken = Vec::new();
+        for class in &mut self.slabs {
+            for entry in &mut class.slabs {
+                if entry.as_ref().is_some_and(|slab| slab.live == 0)
+                    && let Some(slab) = entry.take()
+                {
+                    slab.segment.unlink();
+                    taken.push(slab.segment);
+                }
+            }
+        }
+        self.owned_bytes -= (taken.len() * SLAB_LEN) as u64;
+        taken
+    }
+
+    /// Drops idle attached mappings that `doomed` selects, least recently used first, until no
+    /// more than `keep_bytes` of mappings remain (`u64::MAX`: drop every selected one).
+    fn evict_attached(
+        &mut self,
+        doomed: impl Fn(&Segment) -> bool,
+        keep_bytes: u64,
+    ) -> Vec<Arc<Segment>> {
+        let mut idle: Vec<(u64, String)> = self
+            .attached
+            .iter()
+            .filter(|(_, (_, segment))| Arc::strong_count(segment) == 1)
+            .map(|(name, (tick, _))| (*tick, name.clone()))
+            .collect();
+        idle.sort_unstable();
+        let mut evicted = Vec::new();
+        for (_, name) in idle {
+            if keep_bytes != u64::MAX && self.attached_bytes <= keep_bytes {
+                break;
+            }
+            let selected = self.attached.get(&name).is_some_and(|(_, s)| doomed(s));
+            if selected && let Some((_, segment)) = self.attached.remove(&name) {
+                self.attached_bytes -= segment.len() as u64;
+                evicted.push(segment);
+            }
+        }
+        evicted
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::sync::MutexGuard;
+
+    use super::*;
+
+    /// Tests that compare `/dev/shm` before and after run one at a time: every pool of this
+    /// process shares one session, so a concurrent test's segments would look like a leak.
+    fn serial() -> MutexGuard<'static, ()> {
+        static SERIAL: Mutex<()> = Mutex::new(());
+        SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn listing() -> BTreeSet<String> {
+        std::fs::read_dir(sys::SHM_DIR)
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|name| name.starts_with(crate::NAME_PREFIX))
+            .collect()
+    }
+
+    /// Runs `test` and asserts that `/dev/shm` holds the same files of ours afterwards.
+    fn leaves_shm_clean(test: impl FnOnce()) {
+        let _serial = serial();
+        let before = listing();
+        test();
+        assert_eq!(listing(), before, "segments left behind in /dev/shm");
+    }
+
+    fn quiet_pool(config: PoolConfig) -> ShmPool {
+        ShmPool::with_config(PoolConfig {
+            sweep_orphans: false,
+            ..config
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn recycled_blocks_create_no_new_segment() {
+        leaves_shm_clean(|| {
+            let pool = quiet_pool(PoolConfig::default());
+            let size = 8 << 20;
+            drop(pool.alloc(size, false).unwrap());
+            let warm = pool.stats().segments_created;
+            for i in 0..1000 {
+                let mut block = pool.alloc(size - (i % 7) * 4096, false).unwrap();
+                block.as_mut_slice().unwrap()[0] = i as u8;
+            }
+            let stats = pool.stats();
+            assert_eq!(stats.segments_created, warm, "recycling created segments");
+            assert_eq!(stats.live_blocks, 0);
+            assert_eq!(stats.bytes_cached, size as u64);
+        });
+    }
+
+    #[test]
+    fn small_allocations_share_slab_segments() {
+        leaves_shm_clean(|| {
+            let pool = quiet_pool(PoolConfig::default());
+            let blocks: Vec<ShmBlock> = (0..10_000)
+                .map(|i| {
+                    let mut block = pool.alloc(1 + i % 200, false).unwrap();
+                    block.as_mut_slice().unwrap().fill((i % 251) as u8);
+                    block
+                })
+                .collect();
+            for (i, block) in blocks.iter().enumerate() {
+                assert_eq!(block.offset() % BLOCK_ALIGN, 0, "slot {i} misaligned");
+                assert!(block.capacity() >= block.len() && block.capacity() >= BLOCK_ALIGN);
+                assert!(
+                    block.as_slice().iter().all(|&b| b == (i % 251) as u8),
+                    "slot {i} was overwritten by another slot"
+                );
+            }
+            let stats = pool.stats();
+            assert!(
+                stats.segments_created <= 8,
+                "{} segments for 10,000 small blocks",
+                stats.segments_created
+            );
+            assert_eq!(stats.live_blocks, 10_000);
+            drop(blocks);
+            assert_eq!(pool.stats().live_blocks, 0);
+        });
+    }
+
+    #[test]
+    fn zero_size_blocks_are_valid() {
+        leaves_shm_clean(|| {
+            let pool = quiet_pool(PoolConfig::default());
+            let block = pool.alloc(0, true).unwrap();
+            assert!(block.is_empty());
+            let r = block.to_ref();
+            assert_eq!(r.content_size, 0);
+            let view = pool.attach(&r).unwrap();
+            assert_eq!(view.as_slice(), &[] as &[u8]);
+            assert!(view.is_temporary());
+        });
+    }
+
+    #[test]
+    fn attaching_twice_reuses_one_mapping() {
+        leaves_shm_clean(|| {
+            let owner = quiet_pool(PoolConfig::default());
+            let reader = quiet_pool(PoolConfig::default());
+            let mut block = owner.alloc(3 << 20, false).unwrap();
+            block.as_mut_slice().unwrap().fill(0xab);
+            let a = reader.attach(&block.to_ref()).unwrap();
+            let b = reader.attach(&block.to_ref()).unwrap();
+            assert_eq!(a.as_ptr(), b.as_ptr());
+            assert_eq!(reader.stats().segments_attached, 1);
+            assert!(b.as_slice().iter().all(|&x| x == 0xab));
+        });
+    }
+
+    #[test]
+    fn mappings_of_segments_their_owner_unlinked_are_released() {
+        leaves_shm_clean(|| {
+            let owner = quiet_pool(PoolConfig::default());
+            let reader = quiet_pool(PoolConfig::default());
+            let first = owner.alloc(2 << 20, false).unwrap();
+            drop(reader.attach(&first.to_ref()).unwrap());
+            assert_eq!(
+                reader.stats().segments_attached,
+                1,
+                "idle mapping is cached"
+            );
+            drop(first);
+            owner.trim();
+            let second = owner.alloc(5 << 20, false).unwrap();
+            let _view = reader.attach(&second.to_ref()).unwrap();
+            let stats = reader.stats();
+            assert_eq!(
+                stats.segments_attached, 1,
+                "the unlinked segment is still mapped"
+            );
+            assert_eq!(stats.bytes_mapped, 5 << 20);
+        });
+    }
+
+    #[test]
+    fn attached_blocks_are_read_only() {
+        leaves_shm_clean(|| {
+            let pool = quiet_pool(PoolConfig::default());
+            let block = pool.alloc(100_000, false).unwrap();
+            let mut view = pool.attach(&block.to_ref()).unwrap();
+            match view.as_mut_slice() {
+                Err(ShmError::ReadOnly { name }) => assert_eq!(name, block.name()),
+                other => panic!("expected ReadOnly, got {other:?}"),
+            }
+        });
+    }
+
+    #[test]
+    fn bad_refs_are_typed_errors() {
+        leaves_shm_clean(|| {
+            let pool = quiet_pool(PoolConfig::default());
+            let block = pool.alloc(1 << 20, false).unwrap();
+            let good = block.to_ref();
+            let segment_len = (1u64 << 20).next_multiple_of(PAGE as u64);
+
+            let missing = ShmRef {
+                name: "/shm-00000000-0000000000000000".into(),
+                ..good.clone()
+            };
+            assert!(matches!(
+                pool.attach(&missing),
+                Err(ShmError::SegmentNotFound { name }) if name == missing.name
+            ));
+
+            let malformed = ShmRef {
+                name: "shm-no-slash".into(),
+                ..good.clone()
+            };
+            assert!(matches!(
+                pool.attach(&malformed),
+                Err(ShmError::InvalidName { .. })
+            ));
+
+            let too_big = ShmRef {
+                size: segment_len + 1,
+                content_size: segment_len + 1,
+                ..good.clone()
+            };
+            assert!(matches!(
+                pool.attach(&too_big),
+                Err(ShmError::RefOutOfBounds { size, segment_len: len, .. })
+                    if size == segment_len + 1 && len == segment_len
+            ));
+
+            let past_end = ShmRef {
+                offset: segment_len,
+                size: 64,
+                content_size: 64,
+                ..good.clone()
+            };
+            assert!(matches!(
+                pool.attach(&past_end),
+                Err(ShmError::RefOutOfBounds { offset, .. }) if offset == segment_len
+            ));
+
+            let overflowing = ShmRef {
+                offset: u64::MAX - 10,
+                size: 64,
+                content_size: 0,
+                ..good.clone()
+            };
+            assert!(matches!(
+                pool.attach(&overflowing),
+                Err(ShmError::RefOverflow { offset, size: 64, .. }) if offset == u64::MAX - 10
+            ));
+
+            let content_too_long = ShmRef {
+                content_size: good.size + 1,
+                ..good.clone()
+            };
+            assert!(matches!(
+                pool.attach(&content_too_long),
+                Err(ShmError::ContentExceedsSize { .. })
+            ));
+
+            assert_eq!(pool.attach(&good).unwrap().len(), 1 << 20);
+        });
+    }
+
+    #[test]
+    fn capacity_is_enforced_with_the_numbers() {
+        leaves_shm_clean(|| {
+            let pool = quiet_pool(PoolConfig {
+                capacity: Some(10 << 20),
+                ..PoolConfig::default()
+            });
+            let held = pool.alloc(6 << 20, false).unwrap();
+            match pool.alloc(6 << 20, false) {
+                Err(ShmError::CapacityExceeded {
+                    requested,
+                    in_use,
+                    capacity,
+                }) => {
+                    assert_eq!((requested, in_use, capacity), (6 << 20, 6 << 20, 10 << 20));
+                }
+                other => panic!("expected CapacityExceeded, got {other:?}"),
+            }
+            drop(held);
+            // The cached segment is evicted to make room for a different size.
+            let _ = pool.alloc(9 << 20, false).unwrap();
+            assert!(pool.stats().bytes_mapped <= 10 << 20);
+        });
+    }
+
+    #[test]
+    fn exhausting_dev_shm_is_an_error_not_a_crash() {
+        leaves_shm_clean(|| {
+            let pool = quiet_pool(PoolConfig::default());
+            let available = crate::shm_available().unwrap();
+            let request = available + (1 << 30);
+            match pool.alloc(request as usize, false) {
+                Err(ShmError::OutOfSharedMemory {
+                    requested,
+                    available: reported,
+                }) => {
+                    assert!(requested >= request);
+                    assert!(reported < requested);
+                }
+                other => panic!("expected OutOfSharedMemory, got {other:?}"),
+            }
+            let mut block = pool.alloc(1 << 20, false).unwrap();
+            block.as_mut_slice().unwrap().fill(1);
+            assert_eq!(pool.stats().live_blocks, 1);
+        });
+    }
+
+    #[test]
+    fn close_all_unlinks_live_blocks_which_stay_readable() {
+        leaves_shm_clean(|| {
+            let pool = quiet_pool(PoolConfig::default());
+            let mut big = pool.alloc(1 << 20, false).unwrap();
+            big.as_mut_slice().unwrap().fill(9);
+            let mut small = pool.alloc(10, false).unwrap();
+            small.as_mut_slice().unwrap().fill(3);
+            drop(pool.alloc(2 << 20, false).unwrap());
+            let names = [big.name().to_owned(), small.name().to_owned()];
+            pool.close_all();
+            for name in &names {
+                assert!(!sys::segment_path(name).exists(), "{name} still linked");
+            }
+            assert!(big.as_slice().iter().all(|&b| b == 9));
+            assert!(small.as_slice().iter().all(|&b| b == 3));
+            assert!(matches!(pool.alloc(1, false), Err(ShmError::PoolClosed)));
+            assert!(matches!(
+                pool.attach(&big.to_ref()),
+                Err(ShmError::PoolClosed)
+            ));
+        });
+    }
+
+    #[test]
+    fn many_threads_share_one_pool() {
+        leaves_shm_clean(|| {
+            let pool = quiet_pool(PoolConfig::default());
+            std::thread::scope(|scope| {
+                for thread in 0..8u8 {
+                    let pool = pool.clone();
+                    scope.spawn(move || {
+                        for i in 0..300usize {
+                            let size = [17, 4000, 70_000, 300_000, 2 << 20][i % 5];
+                            let mut block = pool.alloc(size, false).unwrap();
+                            block.as_mut_slice().unwrap().fill(thread);
+                            std::thread::yield_now();
+                            assert!(
+                                block.as_slice().iter().all(|&b| b == thread),
+                                "a block was handed to two threads at once"
+                            );
+                        }
+                    });
+                }
+            });
+            assert_eq!(pool.stats().live_blocks, 0);
+        });
+    }
+}
