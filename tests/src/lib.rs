@@ -112,3 +112,22 @@ impl ChildProcess {
         assert!(status.success(), "child failed: {status}");
     }
 }
+
+/// Bytes as hex digits, for command lines.
+pub fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Hex digits back to bytes; `None` if they are not hex.
+pub fn from_hex(text: &str) -> Option<Vec<u8>> {
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// The checksum both sides compute of an array: the sum of value × (1 + position in logical
+/// order), which tells apart arrays that differ in order, not only in content.
+pub fn weighted_sum<'a>(values: impl Iterator<Item = &'a f64>) -> f64 {
+    values.enumerate().map(|(i, v)| v * (i + 1) as f64).sum()
+}

@@ -73,41 +73,60 @@ fn test() -> Result {
     Ok(())
 }
 
-/// Runs the unit tests of the crates that hold `unsafe` code under valgrind's memcheck, which
+/// The tests that exercise `unsafe` code (segment mapping, byte casts, views over shared
+/// memory), as (package, cargo test target selector, tests to skip).
+const VALGRIND_TESTS: &[(&str, &[&str], &[&str])] = &[
+    // The thread test fills gigabytes byte by byte, minutes under valgrind, and runs no unsafe
+    // code that the other tests do not.
+    ("shm-core", &["--lib"], &["many_threads_share_one_pool"]),
+    ("shm-codec", &["--test", "arrays"], &[]),
+];
+
+/// Runs the tests of the crates that hold `unsafe` code under valgrind's memcheck, which
 /// reports invalid reads and writes, uses of uninitialised memory and leaks.
 fn valgrind() -> Result {
     if Command::new("valgrind").arg("--version").output().is_err() {
         println!("xtask: valgrind is not installed; skipping the memcheck run");
         return Ok(());
     }
-    let package = "shm-core";
-    let binary = test_binary(package)?;
-    println!("xtask: running the {package} unit tests under valgrind");
-    run(Command::new("valgrind")
-        .args([
-            "--quiet",
-            "--error-exitcode=97",
-            "--leak-check=full",
-            "--errors-for-leak-kinds=definite",
-            "--show-leak-kinds=definite",
-        ])
-        .arg(&binary)
-        // The thread test fills gigabytes byte by byte, minutes under valgrind, and runs no
-        // unsafe code that the other tests do not.
-        .args(["--test-threads=1", "--skip", "many_threads_share_one_pool"]))
+    for (package, target, skip) in VALGRIND_TESTS {
+        let binary = test_binary(package, target)?;
+        println!(
+            "xtask: running {package} {} under valgrind",
+            target.join(" ")
+        );
+        let mut command = Command::new("valgrind");
+        command
+            .args([
+                "--quiet",
+                "--error-exitcode=97",
+                "--leak-check=full",
+                "--errors-for-leak-kinds=definite",
+                "--show-leak-kinds=definite",
+            ])
+            .arg(&binary)
+            .arg("--test-threads=1")
+            // Property tests run fewer cases: valgrind is some fifty times slower.
+            .env("PROPTEST_CASES", "24");
+        for name in *skip {
+            command.args(["--skip", name]);
+        }
+        run(&mut command)?;
+    }
+    Ok(())
 }
 
-/// Builds a package's unit-test binary and returns its path.
-fn test_binary(package: &str) -> Result<PathBuf> {
+/// Builds one test binary of a package and returns its path.
+fn test_binary(package: &str, target: &[&str]) -> Result<PathBuf> {
     let output = Command::new(cargo_bin())
         .args([
             "test",
             "--package",
             package,
-            "--lib",
             "--no-run",
             "--message-format=json",
         ])
+        .args(target)
         .current_dir(root())
         .output()
         .map_err(|e| format!("cargo: {e}"))?;
@@ -123,7 +142,7 @@ fn test_binary(package: &str) -> Result<PathBuf> {
             let end = start + line[start..].find('"')?;
             Some(PathBuf::from(&line[start..end]))
         })
-        .ok_or_else(|| format!("no unit-test binary found for {package}"))
+        .ok_or_else(|| format!("no test binary found for {package} {}", target.join(" ")))
 }
 
 fn demo(args: &[String]) -> Result {
@@ -141,19 +160,60 @@ fn demo(args: &[String]) -> Result {
     cargo(&command)
 }
 
+/// Runs every benchmark, each of which writes a section into `target/bench/`, and joins the
+/// sections into `target/bench/report.md` under a line that names the machine.
 fn bench(args: &[String]) -> Result {
-    let mut command = vec![
-        "run",
-        "--release",
-        "--quiet",
-        "-p",
-        "shm-core",
-        "--example",
-        "bench",
-        "--",
+    let sections = [
+        ("shm-core", "core_bench", "core.md"),
+        ("shm-codec", "codec_bench", "codec.md"),
     ];
-    command.extend(args.iter().map(String::as_str));
-    cargo(&command)
+    for (package, example, _) in sections {
+        let mut command = vec![
+            "run",
+            "--release",
+            "--quiet",
+            "-p",
+            package,
+            "--example",
+            example,
+        ];
+        command.push("--");
+        command.extend(args.iter().map(String::as_str));
+        cargo(&command)?;
+    }
+    let dir = root().join("target/bench");
+    let mut report = format!("# shm benchmarks\n\nMachine: {}\n\n", machine());
+    for (_, _, file) in sections {
+        let section =
+            std::fs::read_to_string(dir.join(file)).map_err(|e| format!("{file}: {e}"))?;
+        report.push_str(&section);
+        report.push('\n');
+    }
+    let path = dir.join("report.md");
+    std::fs::write(&path, report).map_err(|e| format!("{}: {e}", path.display()))?;
+    println!("\nreport written to {}", path.display());
+    Ok(())
+}
+
+/// The CPU model, core count and memory of this machine, from /proc.
+fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("processor"))
+        .count();
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let memory_gib = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|l| l.trim().trim_end_matches(" kB").parse::<u64>().ok())
+        .map_or(0.0, |kb| kb as f64 / (1 << 20) as f64);
+    format!("{model}, {cores} cores, {memory_gib:.0} GiB")
 }
 
 fn cargo(args: &[&str]) -> Result {

@@ -4,13 +4,18 @@
 //!   `mismatch AT`.
 //! - `write SIZE SEED`: allocate and fill a block, print its reference as hex, wait until stdin
 //!   closes, exit (the pool unlinks the block).
+//! - `array HEXPAYLOAD`: decode an f64 array payload, print its shape and weighted sum.
+//! - `make-array ROWS COLS`: encode an F-ordered f64 array, print the payload as hex, wait until
+//!   stdin closes.
 //! - `hold SIZE`: allocate and fill a block, print the session id and the reference, then wait
 //!   forever: the test kills it.
 
 use std::io::{BufRead, Write};
 
+use ndarray::{Array2, IxDyn};
+use shm_codec::{Decoder, Encoder, Payload, ShmArray};
 use shm_core::{ShmPool, ShmRef};
-use shm_tests::{fill_pattern, pattern_mismatch};
+use shm_tests::{fill_pattern, from_hex, pattern_mismatch, to_hex, weighted_sum};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -36,6 +41,22 @@ fn run(args: &[&str]) -> Result<(), Box<dyn std::error::Error>> {
             let mut block = pool.alloc(size.parse()?, false)?;
             fill_pattern(block.as_mut_slice()?, seed.parse()?);
             writeln!(out, "{}", block.to_ref().to_hex())?;
+            out.flush()?;
+            for line in std::io::stdin().lock().lines() {
+                line?;
+            }
+        }
+        ["array", hex] => {
+            let payload = Payload::from_bytes(&from_hex(hex).ok_or("payload is not hex")?)?;
+            let array: ShmArray<f64, IxDyn> = Decoder::new(pool.clone()).decode(&payload)?;
+            let sum = weighted_sum(array.view().iter());
+            writeln!(out, "{:?} {sum}", array.shape())?;
+        }
+        ["make-array", rows, cols] => {
+            let a =
+                Array2::from_shape_fn((cols.parse()?, rows.parse()?), |(j, i)| (i * 7 + j) as f64);
+            let payload = Encoder::new(pool.clone()).encode(&a.t())?;
+            writeln!(out, "{}", to_hex(&payload.to_bytes()))?;
             out.flush()?;
             for line in std::io::stdin().lock().lines() {
                 line?;

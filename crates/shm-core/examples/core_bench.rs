@@ -1,5 +1,5 @@
 //! Pool benchmark: writing into a fresh segment versus a recycled block, against memcpy in the
-//! same run. Writes `target/bench/report.md`.
+//! same run. Writes `target/bench/core.md`.
 //!
 //! `cargo xtask bench [--quick]` runs it in release mode.
 
@@ -25,7 +25,10 @@ fn main() -> Result<(), Error> {
     let recycling_pool = ShmPool::new()?;
 
     let mut report = String::new();
-    writeln!(report, "# shm-core pool benchmark (B5)\n")?;
+    writeln!(
+        report,
+        "## shm-core: fresh segment vs recycled block (B5)\n"
+    )?;
     writeln!(
         report,
         "Median of the given number of runs per cell. `fresh` creates, reserves and populates a new segment \
@@ -83,11 +86,8 @@ fn main() -> Result<(), Error> {
 
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/bench");
     std::fs::create_dir_all(&dir)?;
-    let dir = dir.canonicalize()?;
-    let path = dir.join("report.md");
-    std::fs::write(&path, &report)?;
+    std::fs::write(dir.join("core.md"), &report)?;
     print!("{report}");
-    println!("\nwritten to {}", path.display());
     Ok(())
 }
 

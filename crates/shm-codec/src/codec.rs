@@ -1,0 +1,283 @@
+//! Encoding and decoding: the typed traits, the contexts they run in, the serde codec, and the
+//! ordered registry for values whose type is known only at run time.
+
+use std::any::Any;
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use shm_core::ShmPool;
+
+use crate::error::{CodecError, Result};
+use crate::payload::Payload;
+
+/// Default size under which array data travels inline rather than in a block.
+pub const DEFAULT_INLINE_THRESHOLD: usize = 64 << 10;
+/// Default size over which a serde value goes to a temporary block rather than inline.
+pub const DEFAULT_SERDE_INLINE_LIMIT: usize = 1 << 20;
+
+/// Where encoded values go: the pool that holds their blocks, and the inline thresholds.
+#[derive(Clone, Debug)]
+pub struct Encoder {
+    pool: ShmPool,
+    /// Array data of fewer bytes travels inline.
+    pub inline_threshold: usize,
+    /// Serde values of more bytes go to a temporary block.
+    pub serde_inline_limit: usize,
+}
+
+impl Encoder {
+    /// An encoder over `pool` with the default thresholds.
+    pub fn new(pool: ShmPool) -> Self {
+        Encoder {
+            pool,
+            inline_threshold: DEFAULT_INLINE_THRESHOLD,
+            serde_inline_limit: DEFAULT_SERDE_INLINE_LIMIT,
+        }
+    }
+
+    /// The pool blocks are allocated from.
+    pub fn pool(&self) -> &ShmPool {
+        &self.pool
+    }
+
+    /// Encodes a value.
+    pub fn encode<V: Encode + ?Sized>(&self, value: &V) -> Result<Payload> {
+        value.encode(self)
+    }
+}
+
+/// Where decoded values come from: the pool that attaches their blocks.
+#[derive(Clone, Debug)]
+pub struct Decoder {
+    pool: ShmPool,
+}
+
+impl Decoder {
+    /// A decoder attaching through `pool`.
+    pub fn new(pool: ShmPool) -> Self {
+        Decoder { pool }
+    }
+
+    /// The pool blocks are attached with.
+    pub fn pool(&self) -> &ShmPool {
+        &self.pool
+    }
+
+    /// Decodes a value of type `V`.
+    pub fn decode<V: Decode>(&self, payload: &Payload) -> Result<V> {
+        V::decode(payload, self)
+    }
+}
+
+/// A value that can be encoded into a payload.
+pub trait Encode {
+    /// Encodes the value; large data goes into blocks of the encoder's pool.
+    fn encode(&self, encoder: &Encoder) -> Result<Payload>;
+}
+
+/// A value that can be decoded from a payload.
+pub trait Decode: Sized {
+    /// Decodes the value, checking every number in the payload.
+    fn decode(payload: &Payload, decoder: &Decoder) -> Result<Self>;
+}
+
+/// A plain serde value (numbers, strings, structs, vectors, maps) carried by the `serde` codec:
+/// postcard bytes, inline when small, in a temporary block when large.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Serde<T>(pub T);
+
+/// The codec name of [`Serde`] values.
+pub const SERDE_CODEC: &str = "serde";
+
+impl<T: Serialize> Encode for Serde<T> {
+    fn encode(&self, encoder: &Encoder) -> Result<Payload> {
+        let bytes =
+            postcard::to_stdvec(&self.0).map_err(|source| CodecError::Serialize { source })?;
+        if bytes.len() <= encoder.serde_inline_limit {
+            return Ok(Payload::new(SERDE_CODEC, Vec::new(), Vec::new(), bytes));
+        }
+        let mut block = encoder.pool().alloc(bytes.len(), true)?;
+        block.as_mut_slice()?.copy_from_slice(&bytes);
+        Ok(Payload::new(
+            SERDE_CODEC,
+            Vec::new(),
+            vec![block.to_ref()],
+            Vec::new(),
+        ))
+    }
+}
+
+impl<T: DeserializeOwned> Decode for Serde<T> {
+    fn decode(payload: &Payload, decoder: &Decoder) -> Result<Self> {
+        payload.expect_codec(SERDE_CODEC)?;
+        decode_serde(payload, decoder).map(Serde)
+    }
+}
+
+/// Reads the postcard value of a serde payload, whatever its codec name.
+fn decode_serde<T: DeserializeOwned>(payload: &Payload, decoder: &Decoder) -> Result<T> {
+    let malformed = |len| {
+        move |source| CodecError::Malformed {
+            what: "serde value",
+            len,
+            source,
+        }
+    };
+    match payload.buffers.as_slice() {
+        [] => postcard::from_bytes(&payload.inline).map_err(malformed(payload.inline.len())),
+        [r] => {
+            let block = decoder.pool().attach(r)?;
+            postcard::from_bytes(block.as_slice()).map_err(malformed(block.len()))
+        }
+        more => Err(CodecError::BufferCount {
+            codec: SERDE_CODEC,
+            expected: 1,
+            found: more.len(),
+        }),
+    }
+}
+
+/// A decoded value of a type known only at run time.
+pub type AnyValue = Box<dyn Any + Send + Sync>;
+
+/// A codec of the [`Registry`]: encodes the values it accepts, decodes its payloads.
+pub trait Codec: Send + Sync {
+    /// The name written into its payloads.
+    fn name(&self) -> &str;
+
+    /// Encodes `value` if this codec accepts its type; `None` lets the next codec try.
+    fn encode(&self, value: &dyn Any, encoder: &Encoder) -> Option<Result<Payload>>;
+
+    /// Decodes one of its payloads.
+    fn decode(&self, payload: &Payload, decoder: &Decoder) -> Result<AnyValue>;
+}
+
+/// An ordered list of codecs: on encode the first that accepts the value wins; on decode the
+/// codec is found by the payload's name.
+#[derive(Clone)]
+pub struct Registry {
+    codecs: Vec<Arc<dyn Codec>>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.names()).finish()
+    }
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Registry {
+    /// The built-in codecs: n-dimensional arrays (`ndarray`) and simple frames (`frame`).
+    pub fn new() -> Self {
+        Registry {
+            codecs: vec![
+                Arc::new(crate::array::ArrayCodec),
+                Arc::new(crate::frame::FrameCodec),
+            ],
+        }
+    }
+
+    /// A registry with no codec at all.
+    pub fn empty() -> Self {
+        Registry { codecs: Vec::new() }
+    }
+
+    /// Adds a codec after the others: it sees only the values no earlier codec accepts.
+    pub fn register(&mut self, codec: impl Codec + 'static) -> &mut Self {
+        self.codecs.push(Arc::new(codec));
+        self
+    }
+
+    /// Adds a codec before the others: it gets the first look at every value.
+    pub fn register_first(&mut self, codec: impl Codec + 'static) -> &mut Self {
+        self.codecs.insert(0, Arc::new(codec));
+        self
+    }
+
+    /// The codec names, in order.
+    pub fn names(&self) -> Vec<String> {
+        self.codecs.iter().map(|c| c.name().to_owned()).collect()
+    }
+
+    /// Encodes `value` with the first codec that accepts it.
+    pub fn encode<V: Any>(&self, value: &V, encoder: &Encoder) -> Result<Payload> {
+        self.codecs
+            .iter()
+            .find_map(|codec| codec.encode(value, encoder))
+            .unwrap_or(Err(CodecError::NoCodec {
+                type_name: std::any::type_name::<V>(),
+            }))
+    }
+
+    /// Decodes a payload with the codec it names.
+    pub fn decode(&self, payload: &Payload, decoder: &Decoder) -> Result<AnyValue> {
+        let codec = self
+            .codecs
+            .iter()
+            .find(|c| c.name() == payload.codec)
+            .ok_or_else(|| CodecError::UnknownCodec {
+                name: payload.codec.clone(),
+                known: self.names(),
+            })?;
+        codec.decode(payload, decoder)
+    }
+
+    /// Decodes a payload and checks that the value is a `V`.
+    pub fn decode_as<V: Any>(&self, payload: &Payload, decoder: &Decoder) -> Result<V> {
+        self.decode(payload, decoder)?
+            .downcast::<V>()
+            .map(|value| *value)
+            .map_err(|_| CodecError::WrongType {
+                codec: payload.codec.clone(),
+                expected: std::any::type_name::<V>(),
+            })
+    }
+}
+
+/// A registry codec for one serde type, under a name of the user's choosing.
+pub struct SerdeCodec<T> {
+    name: String,
+    _type: std::marker::PhantomData<fn() -> T>,
+}
+
+impl<T> std::fmt::Debug for SerdeCodec<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SerdeCodec")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+impl<T> SerdeCodec<T> {
+    /// A codec that carries `T` values in payloads named `name`.
+    pub fn new(name: impl Into<String>) -> Self {
+        SerdeCodec {
+            name: name.into(),
+            _type: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> Codec for SerdeCodec<T> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn encode(&self, value: &dyn Any, encoder: &Encoder) -> Option<Result<Payload>> {
+        let value = value.downcast_ref::<T>()?;
+        Some(Serde(value).encode(encoder).map(|mut payload| {
+            payload.codec = self.name.clone();
+            payload
+        }))
+    }
+
+    fn decode(&self, payload: &Payload, decoder: &Decoder) -> Result<AnyValue> {
+        Ok(Box::new(decode_serde::<T>(payload, decoder)?))
+    }
+}
