@@ -131,3 +131,15 @@ pub fn from_hex(text: &str) -> Option<Vec<u8>> {
 pub fn weighted_sum<'a>(values: impl Iterator<Item = &'a f64>) -> f64 {
     values.enumerate().map(|(i, v)| v * (i + 1) as f64).sum()
 }
+
+/// Whether a process runs (exists and is not a zombie waiting to be reaped).
+pub fn process_runs(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state follows the command name, which is in parentheses and may hold spaces.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next());
+    !matches!(state, Some("Z") | Some("X") | None)
+}

@@ -80,6 +80,7 @@ const VALGRIND_TESTS: &[(&str, &[&str], &[&str])] = &[
     // code that the other tests do not.
     ("shm-core", &["--lib"], &["many_threads_share_one_pool"]),
     ("shm-codec", &["--test", "arrays"], &[]),
+    ("shm-transport", &["--lib"], &[]),
 ];
 
 /// Runs the tests of the crates that hold `unsafe` code under valgrind's memcheck, which
@@ -166,6 +167,7 @@ fn bench(args: &[String]) -> Result {
     let sections = [
         ("shm-core", "core_bench", "core.md"),
         ("shm-codec", "codec_bench", "codec.md"),
+        ("shm-transport", "transport_bench", "transport.md"),
     ];
     for (package, example, _) in sections {
         let mut command = vec![

@@ -553,7 +553,7 @@ pub(crate) fn storage_of(
     match payload.buffers.as_slice() {
         [] => Ok(Storage::Heap(Arc::new(HeapBytes::copy_of(&payload.inline)))),
         [r] => {
-            let block = Arc::new(decoder.pool().attach(r)?);
+            let block = decoder.attach(r)?;
             register_live(&block);
             Ok(Storage::Block(block))
         }

@@ -2,11 +2,11 @@
 //! ordered registry for values whose type is known only at run time.
 
 use std::any::Any;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use shm_core::ShmPool;
+use shm_core::{ShmBlock, ShmPool};
 
 use crate::error::{CodecError, Result};
 use crate::payload::Payload;
@@ -48,20 +48,56 @@ impl Encoder {
 }
 
 /// Where decoded values come from: the pool that attaches their blocks.
+///
+/// A decoder can also record every block it attaches ([`tracking`](Self::tracking)), so that
+/// the transport learns when the values built on them have all been dropped.
 #[derive(Clone, Debug)]
 pub struct Decoder {
     pool: ShmPool,
+    attached: Option<Arc<Mutex<Vec<Weak<ShmBlock>>>>>,
 }
 
 impl Decoder {
     /// A decoder attaching through `pool`.
     pub fn new(pool: ShmPool) -> Self {
-        Decoder { pool }
+        Decoder {
+            pool,
+            attached: None,
+        }
+    }
+
+    /// A decoder that records the blocks it attaches; [`take_attached`](Self::take_attached)
+    /// returns them.
+    pub fn tracking(pool: ShmPool) -> Self {
+        Decoder {
+            pool,
+            attached: Some(Arc::default()),
+        }
     }
 
     /// The pool blocks are attached with.
     pub fn pool(&self) -> &ShmPool {
         &self.pool
+    }
+
+    /// Attaches the block a reference names, recording it when tracking.
+    pub fn attach(&self, r: &shm_core::ShmRef) -> Result<Arc<ShmBlock>> {
+        let block = Arc::new(self.pool.attach(r)?);
+        if let Some(attached) = &self.attached {
+            attached
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(Arc::downgrade(&block));
+        }
+        Ok(block)
+    }
+
+    /// The blocks attached since the last call (empty when not tracking). A block whose `Weak`
+    /// no longer upgrades is no longer used by any decoded value.
+    pub fn take_attached(&self) -> Vec<Weak<ShmBlock>> {
+        self.attached.as_ref().map_or_else(Vec::new, |attached| {
+            std::mem::take(&mut *attached.lock().unwrap_or_else(PoisonError::into_inner))
+        })
     }
 
     /// Decodes a value of type `V`.
@@ -127,7 +163,7 @@ fn decode_serde<T: DeserializeOwned>(payload: &Payload, decoder: &Decoder) -> Re
     match payload.buffers.as_slice() {
         [] => postcard::from_bytes(&payload.inline).map_err(malformed(payload.inline.len())),
         [r] => {
-            let block = decoder.pool().attach(r)?;
+            let block = decoder.attach(r)?;
             postcard::from_bytes(block.as_slice()).map_err(malformed(block.len()))
         }
         more => Err(CodecError::BufferCount {

@@ -50,6 +50,7 @@ mod element;
 mod error;
 mod frame;
 mod payload;
+mod tuple;
 
 pub use array::{ARRAY_CODEC, Order, ShmArray, ShmArrayMut, array_order};
 pub use codec::{
@@ -61,3 +62,4 @@ pub use error::{CodecError, Result};
 pub use frame::{FRAME_CODEC, Index, SimpleFrame};
 pub use num_complex::Complex;
 pub use payload::{FORMAT_VERSION, Payload};
+pub use tuple::TUPLE_CODEC;

@@ -127,6 +127,15 @@ impl ShmBlock {
         self.start()
     }
 
+    /// The first byte of the block, for structures built for concurrent access from several
+    /// processes (atomics, rings with a publication protocol), such as the transport's control
+    /// channel. Every access through it must be atomic or ordered by such a protocol; plain
+    /// data is read with [`as_slice`](Self::as_slice) and written with
+    /// [`as_mut_slice`](Self::as_mut_slice).
+    pub fn as_shared_ptr(&self) -> *mut u8 {
+        self.start()
+    }
+
     /// The content of the block.
     pub fn as_slice(&self) -> &[u8] {
         // SAFETY: `start()` is inside the mapping and `offset + len <= offset + capacity <=

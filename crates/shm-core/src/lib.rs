@@ -59,6 +59,7 @@ pub use error::{Result, ShmError};
 pub use name::{NAME_PREFIX, SessionId, validate_name};
 pub use pool::{BLOCK_ALIGN, PoolConfig, PoolStats, ShmPool};
 pub use reference::ShmRef;
+pub use session::end_session;
 
 /// The bytes `/dev/shm` can still give an unprivileged process (statvfs).
 pub fn shm_available() -> Result<u64> {

@@ -94,6 +94,17 @@ impl Session {
     }
 }
 
+/// Removes this process's session lock at once, for a process about to exit without running
+/// destructors (`std::process::exit` from a watchdog, say) after closing its pools with
+/// [`ShmPool::close_all`](crate::ShmPool::close_all). Without it, the lock would stay in
+/// `/dev/shm` until the next orphan sweep.
+pub fn end_session() {
+    let current = CURRENT.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(session) = current.upgrade() {
+        let _ = std::fs::remove_file(&session.path);
+    }
+}
+
 impl Drop for Session {
     fn drop(&mut self) {
         // Remove the name first, then let the lock go with the file: a sweeper that opened the

@@ -1,0 +1,341 @@
+//! shm-transport across real processes: calls, concurrency, errors, crashes on either side,
+//! hangs, start-up failures, and who owns which block.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ndarray::{Array1, Array2, Ix1, IxDyn};
+use shm_codec::{Index, Serde, ShmArray, SimpleFrame};
+use shm_core::ShmPool;
+use shm_tests::{ChildProcess, CleanShm, process_runs};
+use shm_transport::{RemoteErrorKind, StderrSink, TransportError, Worker, WorkerConfig};
+
+const WORKER: &str = env!("CARGO_BIN_EXE_shm-test-worker");
+
+/// Generous bound on calls that must not hang; the tests assert what they return.
+const HANG_GUARD: Duration = Duration::from_secs(30);
+
+fn spawn() -> Worker {
+    Worker::spawn(WorkerConfig::new(WORKER)).unwrap()
+}
+
+#[test]
+fn values_arrays_tuples_and_frames_round_trip() {
+    let clean = CleanShm::begin();
+    let worker = spawn();
+    let Serde(x): Serde<u64> = worker.call("echo", &Serde(42u64)).unwrap();
+    assert_eq!(x, 42);
+
+    let a = Array2::from_shape_fn((700, 300), |(i, j)| (i * 300 + j) as f64);
+    let Serde(sum): Serde<f64> = worker.call("sum", &a.t()).unwrap();
+    assert_eq!(sum, a.sum());
+    let doubled: ShmArray<f64, IxDyn> = worker.call("double", &a.t()).unwrap();
+    assert_eq!(doubled.view(), (&a.t() * 2.0).into_dyn());
+
+    let x = Array1::from_shape_fn(100_000, |i| i as f64);
+    let y = Array1::from_elem(100_000, 1.0);
+    let z: ShmArray<f64, Ix1> = worker.call("axpy", &(Serde(3.0), &x, &y)).unwrap();
+    assert_eq!(z.view(), &x * 3.0 + &y);
+
+    let frame = SimpleFrame::from_columns(
+        worker.pool(),
+        &[("a", &[1.0, 2.0][..]), ("a", &[3.0, 4.0][..])],
+        Index::default(),
+    )
+    .unwrap();
+    let Serde((names, sums)): Serde<(Vec<String>, Vec<f64>)> =
+        worker.call("column_sums", &frame).unwrap();
+    assert_eq!(
+        (names, sums),
+        (vec!["a".to_owned(), "a".to_owned()], vec![3.0, 7.0])
+    );
+    drop((doubled, z, frame));
+    worker.shutdown();
+    clean.end();
+}
+
+#[test]
+fn many_threads_call_one_worker_and_every_reply_finds_its_call() {
+    let clean = CleanShm::begin();
+    let worker = spawn();
+    std::thread::scope(|scope| {
+        for thread in 0..8u64 {
+            let worker = &worker;
+            scope.spawn(move || {
+                for i in 0..300u64 {
+                    let value = thread * 1_000_000 + i;
+                    if i % 50 == 7 {
+                        let a = Array1::from_elem(20_000, value as f64);
+                        let Serde(sum): Serde<f64> = worker.call("sum", &a).unwrap();
+                        assert_eq!(sum, value as f64 * 20_000.0);
+                    } else {
+                        let Serde(back): Serde<u64> = worker.call("echo", &Serde(value)).unwrap();
+                        assert_eq!(back, value, "a reply reached the wrong call");
+                    }
+                }
+            });
+        }
+    });
+    worker.shutdown();
+    clean.end();
+}
+
+#[test]
+fn handler_errors_panics_and_unknown_methods_come_back_and_the_worker_goes_on() {
+    let clean = CleanShm::begin();
+    let worker = Worker::spawn(WorkerConfig::new(WORKER).stderr(StderrSink::Discard)).unwrap();
+    let remote = |result: Result<(), TransportError>| match result {
+        Err(TransportError::Remote(remote)) => remote,
+        other => panic!("expected a remote error, got {other:?}"),
+    };
+    let e = remote(worker.call("fail", &()));
+    assert_eq!(
+        (e.kind, e.method.as_str(), e.message.as_str()),
+        (RemoteErrorKind::Handler, "fail", "the handler says no")
+    );
+    let e = remote(worker.call("panic", &()));
+    assert_eq!(
+        (e.kind, e.message.as_str()),
+        (RemoteErrorKind::Panic, "the handler panicked")
+    );
+    let e = remote(worker.call("no-such-method", &()));
+    assert_eq!(e.kind, RemoteErrorKind::UnknownMethod);
+    let e = remote(worker.call("sum", &Serde("not an array")));
+    assert_eq!(e.kind, RemoteErrorKind::BadArguments);
+    let Serde(x): Serde<u64> = worker.call("echo", &Serde(7u64)).unwrap();
+    assert_eq!(x, 7);
+    worker.shutdown();
+    clean.end();
+}
+
+#[test]
+fn a_worker_killed_mid_call_fails_every_pending_call_and_restarts() {
+    let clean = CleanShm::begin();
+    let mut worker = spawn();
+    let Serde(pid): Serde<u32> = worker.call("pid", &()).unwrap();
+    let results = Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..3 {
+            scope.spawn(|| {
+                let r = worker.call_timeout::<_, ()>("sleep", &Serde(60_000u64), HANG_GUARD);
+                results.lock().unwrap().push(r);
+            });
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        // SAFETY: kill has no memory preconditions; `pid` is our live child.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    });
+    let results = results.into_inner().unwrap();
+    assert_eq!(results.len(), 3);
+    for r in results {
+        match r {
+            Err(TransportError::WorkerDied { status, .. }) => {
+                assert_eq!(status, "killed by signal 9")
+            }
+            other => panic!("expected WorkerDied, got {other:?}"),
+        }
+    }
+    assert!(!worker.is_alive());
+    assert!(matches!(
+        worker.call::<_, ()>("pid", &()),
+        Err(TransportError::WorkerDied { .. })
+    ));
+    worker.restart().unwrap();
+    let Serde(new_pid): Serde<u32> = worker.call("pid", &()).unwrap();
+    assert_ne!(new_pid, pid);
+    worker.shutdown();
+    clean.end();
+}
+
+#[test]
+fn a_hung_handler_times_out_and_the_worker_can_be_restarted() {
+    let clean = CleanShm::begin();
+    let mut worker = spawn();
+    let args = Array1::from_elem(1 << 16, 2.0f64);
+    match worker.call_timeout::<_, ()>("sleep", &Serde(60_000u64), Duration::from_millis(300)) {
+        Err(TransportError::Timeout { method, timeout }) => {
+            assert_eq!(
+                (method.as_str(), timeout),
+                ("sleep", Duration::from_millis(300))
+            );
+        }
+        other => panic!("expected Timeout, got {other:?}"),
+    }
+    assert!(matches!(
+        worker.call_timeout::<_, Serde<f64>>("sum", &args, Duration::from_millis(100)),
+        Err(TransportError::Timeout { .. })
+    ));
+    worker.restart().unwrap();
+    let Serde(sum): Serde<f64> = worker.call("sum", &args).unwrap();
+    assert_eq!(sum, 2.0 * (1 << 16) as f64);
+    worker.shutdown();
+    clean.end();
+}
+
+#[test]
+fn workers_that_cannot_start_are_typed_errors() {
+    let clean = CleanShm::begin();
+    match Worker::spawn(WorkerConfig::new("/nonexistent/shm-worker")) {
+        Err(TransportError::Spawn { program, source }) => {
+            assert_eq!(program, "/nonexistent/shm-worker");
+            assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
+        }
+        other => panic!("expected Spawn, got {other:?}"),
+    }
+    let config = WorkerConfig::new(WORKER)
+        .args(["--fail-at-start"])
+        .stderr(StderrSink::Discard);
+    match Worker::spawn(config) {
+        Err(TransportError::StartFailed { status, stderr, .. }) => {
+            assert_eq!(status, "exit code 3");
+            assert!(stderr.contains("this worker refuses to start"), "{stderr}");
+        }
+        other => panic!("expected StartFailed, got {other:?}"),
+    }
+    clean.end();
+}
+
+#[test]
+fn worker_stderr_reaches_the_parent_with_a_prefix() {
+    let clean = CleanShm::begin();
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&lines);
+    let config = WorkerConfig::new(WORKER).stderr(StderrSink::Lines(Arc::new(move |l: &str| {
+        sink.lock().unwrap().push(l.to_owned());
+    })));
+    let worker = Worker::spawn(config).unwrap();
+    worker
+        .call::<_, ()>("stderr", &Serde("hello from the worker"))
+        .unwrap();
+    let id = worker.id();
+    worker.shutdown();
+    let lines = lines.lock().unwrap();
+    assert!(
+        lines.contains(&format!("[worker {id}] hello from the worker")),
+        "{lines:?}"
+    );
+    clean.end();
+}
+
+#[test]
+fn held_results_are_never_recycled_under_the_caller() {
+    let clean = CleanShm::begin();
+    let worker = spawn();
+    let held: ShmArray<f64, Ix1> = worker.call("fill", &Serde((1usize << 17, 7.0f64))).unwrap();
+    for i in 0..1000 {
+        let other: ShmArray<f64, Ix1> = worker
+            .call("fill", &Serde((1usize << 17, i as f64)))
+            .unwrap();
+        assert_eq!(other.view()[0], i as f64);
+    }
+    assert!(
+        held.view().iter().all(|&v| v == 7.0),
+        "a held result was overwritten"
+    );
+    drop(held);
+    worker.shutdown();
+    clean.end();
+}
+
+#[test]
+fn arguments_a_handler_keeps_are_not_recycled_until_it_lets_go() {
+    let clean = CleanShm::begin();
+    let worker = spawn();
+    let kept = Array1::from_elem(1 << 17, 5.0f64);
+    worker.call::<_, ()>("keep", &kept).unwrap();
+    // The worker views the block of `kept`; new arguments must go elsewhere.
+    for i in 0..200 {
+        let a = Array1::from_elem(1 << 17, i as f64);
+        let Serde(sum): Serde<f64> = worker.call("sum", &a).unwrap();
+        assert_eq!(sum, i as f64 * (1 << 17) as f64);
+    }
+    // A result that is the argument itself, sent back by reference, stays valid too.
+    let echoed: ShmArray<f64, Ix1> = worker
+        .call("identity", &Array1::from_elem(1 << 17, 9.0))
+        .unwrap();
+    for _ in 0..50 {
+        let _: Serde<f64> = worker
+            .call("sum", &Array1::from_elem(1 << 17, 1.0))
+            .unwrap();
+    }
+    assert!(echoed.view().iter().all(|&v| v == 9.0));
+    worker.call::<_, ()>("forget", &()).unwrap();
+    drop(echoed);
+    worker.shutdown();
+    clean.end();
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn ten_thousand_calls_with_megabyte_payloads_keep_segments_and_memory_flat() {
+    let clean = CleanShm::begin();
+    let worker = spawn();
+    let args = Array1::from_elem(1 << 17, 1.0f64);
+    let call = || {
+        let doubled: ShmArray<f64, IxDyn> = worker.call("double", &args).unwrap();
+        assert_eq!(doubled.view()[[0]], 2.0);
+    };
+    for _ in 0..500 {
+        call();
+    }
+    let segments = shm_core::list_segments().unwrap().len();
+    let (parent_rss, worker_rss) = (rss_kib(std::process::id()), rss_kib(worker.pid()));
+    for _ in 0..10_000 {
+        call();
+    }
+    assert_eq!(
+        shm_core::list_segments().unwrap().len(),
+        segments,
+        "segment count grew"
+    );
+    let parent_growth = rss_kib(std::process::id()).saturating_sub(parent_rss);
+    let worker_growth = rss_kib(worker.pid()).saturating_sub(worker_rss);
+    assert!(
+        parent_growth < 16 << 10,
+        "parent RSS grew by {parent_growth} KiB"
+    );
+    assert!(
+        worker_growth < 16 << 10,
+        "worker RSS grew by {worker_growth} KiB"
+    );
+    worker.shutdown();
+    clean.end();
+}
+
+#[test]
+fn a_worker_whose_parent_is_killed_exits_and_cleans_up() {
+    let clean = CleanShm::begin();
+    let mut parent = ChildProcess::spawn(WORKER, &["--parent"]);
+    let worker_pid: u32 = parent.read_line().parse().unwrap();
+    assert_eq!(parent.read_line(), "ready");
+    parent.child.kill().unwrap();
+    parent.child.wait().unwrap();
+    let start = Instant::now();
+    while process_runs(worker_pid) && start.elapsed() < HANG_GUARD {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!process_runs(worker_pid), "the orphaned worker still runs");
+    clean.end();
+}
+
+#[test]
+fn dropping_a_pool_user_and_worker_leaves_nothing() {
+    let clean = CleanShm::begin();
+    let pool = ShmPool::new().unwrap();
+    let mut config = WorkerConfig::new(WORKER);
+    config.pool = Some(pool.clone());
+    let worker = Worker::spawn(config).unwrap();
+    let a = Array1::from_elem(1 << 20, 1.0f64);
+    let _: Serde<f64> = worker.call("sum", &a).unwrap();
+    drop(worker);
+    drop(pool);
+    clean.end();
+}
