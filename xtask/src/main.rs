@@ -59,7 +59,12 @@ fn lint() -> Result {
 fn test() -> Result {
     let before = shm_listing()?;
     lint()?;
-    cargo(&["test", "--workspace"])?;
+    let python = python_env()?;
+    run(Command::new(cargo_bin())
+        .args(["test", "--workspace"])
+        .current_dir(root())
+        .env("SHM_PYTHON", &python)
+        .env("SHM_REQUIRE_PYTHON", "1"))?;
     valgrind()?;
     let after = shm_listing()?;
     if after != before {
@@ -73,6 +78,36 @@ fn test() -> Result {
     Ok(())
 }
 
+/// The Python interpreter of the interop tests: a virtual environment in `target/pyenv` with
+/// the packages of `tests/python/requirements.txt`, created (from the package index) when it is
+/// missing or lacks them.
+fn python_env() -> Result<PathBuf> {
+    let venv = root().join("target/pyenv");
+    let python = venv.join("bin/python");
+    let requirements = root().join("tests/python/requirements.txt");
+    let ready = Command::new(&python)
+        .args(["-c", "import numpy, pyarrow"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if ready {
+        return Ok(python);
+    }
+    println!("xtask: creating the Python environment of the interop tests in target/pyenv");
+    run(Command::new("python3").args(["-m", "venv"]).arg(&venv))
+        .map_err(|e| format!("{e} (the interop tests need python3 with its venv module)"))?;
+    run(Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "-r",
+        ])
+        .arg(&requirements))?;
+    Ok(python)
+}
+
 /// The tests that exercise `unsafe` code (segment mapping, byte casts, views over shared
 /// memory), as (package, cargo test target selector, tests to skip).
 const VALGRIND_TESTS: &[(&str, &[&str], &[&str])] = &[
@@ -80,6 +115,7 @@ const VALGRIND_TESTS: &[(&str, &[&str], &[&str])] = &[
     // code that the other tests do not.
     ("shm-core", &["--lib"], &["many_threads_share_one_pool"]),
     ("shm-codec", &["--test", "arrays"], &[]),
+    ("shm-arrow", &["--test", "frames"], &[]),
     ("shm-transport", &["--lib"], &[]),
 ];
 
@@ -107,8 +143,9 @@ fn valgrind() -> Result {
             ])
             .arg(&binary)
             .arg("--test-threads=1")
-            // Property tests run fewer cases: valgrind is some fifty times slower.
-            .env("PROPTEST_CASES", "24");
+            // Property and mutation tests run fewer cases: valgrind is some fifty times slower.
+            .env("PROPTEST_CASES", "24")
+            .env("SHM_FUZZ_ROUNDS", "400");
         for name in *skip {
             command.args(["--skip", name]);
         }
@@ -167,6 +204,7 @@ fn bench(args: &[String]) -> Result {
     let sections = [
         ("shm-core", "core_bench", "core.md"),
         ("shm-codec", "codec_bench", "codec.md"),
+        ("shm-arrow", "arrow_bench", "arrow.md"),
         ("shm-transport", "transport_bench", "transport.md"),
     ];
     for (package, example, _) in sections {

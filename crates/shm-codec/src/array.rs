@@ -108,6 +108,19 @@ impl Storage {
 /// `ArrayView` into one of them and send a reference instead of a copy.
 static LIVE_BLOCKS: Mutex<BTreeMap<usize, (usize, Weak<ShmBlock>)>> = Mutex::new(BTreeMap::new());
 
+/// Records that `block` backs values of this process, so that encoders recognise memory inside
+/// it ([`find_live_block`]) and send a reference instead of a copy. Decoders of other crates
+/// (shm-arrow) call this for the blocks they attach.
+pub fn register_live_block(block: &Arc<ShmBlock>) {
+    register_live(block);
+}
+
+/// The live block that holds `len` bytes at `ptr`, if a registered block does.
+pub fn find_live_block(ptr: *const u8, len: usize) -> Option<Arc<ShmBlock>> {
+    let low = ptr as usize;
+    find_live(low, low.checked_add(len)?)
+}
+
 fn register_live(block: &Arc<ShmBlock>) {
     let start = block.as_ptr() as usize;
     let end = start + block.len();

@@ -120,6 +120,16 @@ pub enum CodecError {
         found: usize,
     },
 
+    /// Data its codec rejects: invalid UTF-8, a dictionary key out of range, offsets that run
+    /// backwards, a type the codec does not know.
+    #[error("invalid {codec} data: {reason}")]
+    InvalidData {
+        /// The codec.
+        codec: &'static str,
+        /// What is wrong, as the codec or Arrow reports it.
+        reason: String,
+    },
+
     /// A value could not be serialised.
     #[error("cannot serialise the value: {source}")]
     Serialize {

@@ -52,7 +52,9 @@ mod frame;
 mod payload;
 mod tuple;
 
-pub use array::{ARRAY_CODEC, Order, ShmArray, ShmArrayMut, array_order};
+pub use array::{
+    ARRAY_CODEC, Order, ShmArray, ShmArrayMut, array_order, find_live_block, register_live_block,
+};
 pub use codec::{
     AnyValue, Codec, DEFAULT_INLINE_THRESHOLD, DEFAULT_SERDE_INLINE_LIMIT, Decode, Decoder, Encode,
     Encoder, Registry, SERDE_CODEC, Serde, SerdeCodec,

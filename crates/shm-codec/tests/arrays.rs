@@ -418,7 +418,11 @@ fn thousands_of_mutated_payloads_give_values_or_errors() {
         rng
     };
     let mut decoded = 0;
-    for round in 0..6000 {
+    let rounds: usize = std::env::var("SHM_FUZZ_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(6000);
+    for round in 0..rounds {
         let mut bytes = payloads[round % payloads.len()].to_bytes();
         for _ in 0..1 + next() % 4 {
             let at = (next() % bytes.len() as u64) as usize;

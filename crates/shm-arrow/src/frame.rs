@@ -1,0 +1,422 @@
+//! The per-column frame: a `RecordBatch` whose every buffer lives in shared memory.
+//!
+//! Each column is laid out in a block of its own: its validity bitmap, offsets, values,
+//! children and dictionary, each at a 64-byte aligned offset (the block's size counts the
+//! padding). The schema travels as an Arrow IPC schema message; a tree of nodes per column
+//! says where each buffer is. A buffer that already lies in a live block (a column of a batch
+//! that was itself decoded from shared memory) is referenced where it is, not copied.
+
+use std::sync::Arc;
+
+use arrow::array::{
+    ArrayData, ArrayDataBuilder, ArrayRef, BufferSpec, RecordBatch, RecordBatchOptions, layout,
+    make_array,
+};
+use arrow::buffer::{BooleanBuffer, Buffer, NullBuffer};
+use arrow::datatypes::{DataType, Schema};
+use serde::{Deserialize, Serialize};
+use shm_codec::{
+    AnyValue, Codec, CodecError, Decode, Decoder, Encode, Encoder, Payload, find_live_block,
+    register_live_block,
+};
+use shm_core::{BLOCK_ALIGN, ShmBlock};
+
+use crate::buffer::block_buffer;
+
+/// The codec name of per-column frames.
+pub const COLUMNS_CODEC: &str = "arrow-columns";
+
+/// A `RecordBatch` carried as a per-column frame. Decoding gives a batch whose buffers point
+/// into the sender's blocks; encoding a batch decoded this way copies only the columns that
+/// changed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ColumnFrame(pub RecordBatch);
+
+#[derive(Serialize, Deserialize)]
+struct FrameMeta {
+    /// The schema as an Arrow IPC `Message` flatbuffer whose header is the schema.
+    schema: Vec<u8>,
+    rows: u64,
+    columns: Vec<Node>,
+}
+
+/// Where the parts of one array (an `ArrayData`) are.
+#[derive(Serialize, Deserialize)]
+struct Node {
+    len: u64,
+    offset: u64,
+    nulls: Option<Nulls>,
+    buffers: Vec<BufRef>,
+    children: Vec<Node>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Nulls {
+    bits: BufRef,
+    bit_offset: u64,
+    null_count: u64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy)]
+struct BufRef {
+    /// Index into the payload's buffers.
+    block: u32,
+    offset: u64,
+    len: u64,
+}
+
+fn invalid(reason: impl Into<String>) -> CodecError {
+    CodecError::InvalidData {
+        codec: COLUMNS_CODEC,
+        reason: reason.into(),
+    }
+}
+
+/// Marks a buffer planned for the column's new block, before the block has its index.
+const NEW_BLOCK: u32 = u32::MAX;
+
+/// The blocks a frame refers to, and the buffers still to be copied into the column's new block.
+#[derive(Default)]
+struct Plan {
+    blocks: Vec<Arc<ShmBlock>>,
+    copies: Vec<(Buffer, u64)>,
+    cursor: u64,
+}
+
+impl Plan {
+    /// Where `buffer` will be: in the live block it already lies in, or at the next aligned
+    /// offset of the column's new block (marked [`NEW_BLOCK`] until it has an index).
+    fn place(&mut self, buffer: &Buffer) -> BufRef {
+        if let Some(block) = find_live_block(buffer.as_ptr(), buffer.len()) {
+            let index = match self.blocks.iter().position(|b| Arc::ptr_eq(b, &block)) {
+                Some(index) => index,
+                None => {
+                    self.blocks.push(Arc::clone(&block));
+                    self.blocks.len() - 1
+                }
+            };
+            return BufRef {
+                block: index as u32,
+                offset: (buffer.as_ptr() as usize - block.as_ptr() as usize) as u64,
+                len: buffer.len() as u64,
+            };
+        }
+        let offset = self.cursor.next_multiple_of(BLOCK_ALIGN as u64);
+        self.cursor = offset + buffer.len() as u64;
+        self.copies.push((buffer.clone(), offset));
+        BufRef {
+            block: NEW_BLOCK,
+            offset,
+            len: buffer.len() as u64,
+        }
+    }
+
+    fn node(&mut self, data: &ArrayData) -> Node {
+        let nulls = data.nulls().map(|nulls| Nulls {
+            bits: self.place(nulls.inner().inner()),
+            bit_offset: nulls.offset() as u64,
+            null_count: nulls.null_count() as u64,
+        });
+        Node {
+            len: data.len() as u64,
+            offset: data.offset() as u64,
+            nulls,
+            buffers: data.buffers().iter().map(|b| self.place(b)).collect(),
+            children: data.child_data().iter().map(|c| self.node(c)).collect(),
+        }
+    }
+}
+
+impl Encode for ColumnFrame {
+    fn encode(&self, encoder: &Encoder) -> shm_codec::Result<Payload> {
+        let batch = &self.0;
+        let schema = arrow::ipc::writer::IpcDataGenerator::default()
+            .schema_to_bytes_with_dictionary_tracker(
+                batch.schema().as_ref(),
+                &mut arrow::ipc::writer::DictionaryTracker::new(false),
+                &arrow::ipc::writer::IpcWriteOptions::default(),
+            )
+            .ipc_message;
+        let mut plan = Plan::default();
+        let mut columns = Vec::with_capacity(batch.num_columns());
+        for column in batch.columns() {
+            let start = plan.copies.len();
+            plan.cursor = 0;
+            let mut node = plan.node(&column.to_data());
+            if plan.copies.len() > start {
+                let mut block = encoder.pool().alloc(plan.cursor as usize, false)?;
+                let bytes = block.as_mut_slice()?;
+                for (buffer, offset) in &plan.copies[start..] {
+                    let offset = *offset as usize;
+                    bytes[offset..offset + buffer.len()].copy_from_slice(buffer.as_slice());
+                }
+                let block = Arc::new(block);
+                register_live_block(&block);
+                plan.blocks.push(block);
+                retarget(&mut node, NEW_BLOCK, plan.blocks.len() as u32 - 1);
+            }
+            columns.push(node);
+        }
+        let meta = Payload::encode_meta(&FrameMeta {
+            schema,
+            rows: batch.num_rows() as u64,
+            columns,
+        })?;
+        let refs = plan.blocks.iter().map(|b| b.to_ref()).collect();
+        Ok(plan.blocks.into_iter().fold(
+            Payload::new(COLUMNS_CODEC, meta, refs, Vec::new()),
+            Payload::keeping,
+        ))
+    }
+}
+
+/// Points the buffers planned for the column's new block (`from`) at its index.
+fn retarget(node: &mut Node, from: u32, to: u32) {
+    let fix = |r: &mut BufRef| {
+        if r.block == from {
+            r.block = to;
+        }
+    };
+    node.buffers.iter_mut().for_each(fix);
+    if let Some(nulls) = &mut node.nulls {
+        fix(&mut nulls.bits);
+    }
+    node.children.iter_mut().for_each(|c| retarget(c, from, to));
+}
+
+impl Decode for ColumnFrame {
+    fn decode(payload: &Payload, decoder: &Decoder) -> shm_codec::Result<Self> {
+        decode_batch(payload, decoder, None, true).map(ColumnFrame)
+    }
+}
+
+/// Decodes only the columns at `projection` (in that order), without touching the others'
+/// blocks.
+pub fn decode_projection(
+    payload: &Payload,
+    decoder: &Decoder,
+    projection: &[usize],
+) -> shm_codec::Result<RecordBatch> {
+    decode_batch(payload, decoder, Some(projection), true)
+}
+
+/// Decodes a frame without Arrow's O(data) content checks (UTF-8, offsets, dictionary keys);
+/// the O(1)-per-buffer structural checks remain. Decoding then costs time proportional to the
+/// number of columns, not rows.
+///
+/// # Safety
+///
+/// The peer must be trusted to have written valid Arrow data: invalid offsets or dictionary
+/// keys in an unchecked batch are undefined behaviour when the batch is read.
+pub unsafe fn decode_trusted(
+    payload: &Payload,
+    decoder: &Decoder,
+) -> shm_codec::Result<RecordBatch> {
+    decode_batch(payload, decoder, None, false)
+}
+
+fn decode_batch(
+    payload: &Payload,
+    decoder: &Decoder,
+    projection: Option<&[usize]>,
+    validate: bool,
+) -> shm_codec::Result<RecordBatch> {
+    payload.expect_codec(COLUMNS_CODEC)?;
+    let meta: FrameMeta = payload.decode_meta()?;
+    let schema = arrow::ipc::convert::try_schema_from_flatbuffer_bytes(&meta.schema)
+        .map_err(|e| invalid(format!("schema: {e}")))?;
+    if schema.fields().len() != meta.columns.len() {
+        return Err(invalid(format!(
+            "{} fields and {} columns",
+            schema.fields().len(),
+            meta.columns.len()
+        )));
+    }
+    let chosen: Vec<usize> = match projection {
+        Some(p) => p.to_vec(),
+        None => (0..meta.columns.len()).collect(),
+    };
+    let mut blocks: Vec<Option<Arc<ShmBlock>>> = vec![None; payload.buffers.len()];
+    let mut fields = Vec::with_capacity(chosen.len());
+    let mut columns: Vec<ArrayRef> = Vec::with_capacity(chosen.len());
+    for &i in &chosen {
+        let (Some(field), Some(node)) = (schema.fields().get(i), meta.columns.get(i)) else {
+            return Err(invalid(format!("column {i} of {}", meta.columns.len())));
+        };
+        let mut context = BuildContext {
+            payload,
+            decoder,
+            blocks: &mut blocks,
+            validate,
+        };
+        let data = context.build(node, field.data_type())?;
+        fields.push(Arc::clone(field));
+        columns.push(make_array(data));
+    }
+    let rows = usize::try_from(meta.rows).map_err(|_| invalid(format!("{} rows", meta.rows)))?;
+    let schema = Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()));
+    RecordBatch::try_new_with_options(
+        schema,
+        columns,
+        &RecordBatchOptions::new().with_row_count(Some(rows)),
+    )
+    .map_err(|e| invalid(e.to_string()))
+}
+
+struct BuildContext<'a> {
+    payload: &'a Payload,
+    decoder: &'a Decoder,
+    blocks: &'a mut Vec<Option<Arc<ShmBlock>>>,
+    validate: bool,
+}
+
+impl BuildContext<'_> {
+    fn buffer(&mut self, r: BufRef) -> shm_codec::Result<Buffer> {
+        let index = r.block as usize;
+        let Some(slot) = self.blocks.get_mut(index) else {
+            return Err(invalid(format!(
+                "buffer in block {index} of {}",
+                self.payload.buffers.len()
+            )));
+        };
+        let block = match slot {
+            Some(block) => Arc::clone(block),
+            None => {
+                let block = self.decoder.attach(&self.payload.buffers[index])?;
+                register_live_block(&block);
+                *slot = Some(Arc::clone(&block));
+                block
+            }
+        };
+        block_buffer(&block, r.offset, r.len)
+    }
+
+    fn build(&mut self, node: &Node, data_type: &DataType) -> shm_codec::Result<ArrayData> {
+        // Arrow's layout tables assume sizes that a schema from outside may not have.
+        if let DataType::FixedSizeBinary(size) | DataType::FixedSizeList(_, size) = data_type
+            && *size < 0
+        {
+            return Err(invalid(format!("{data_type} has a negative size")));
+        }
+        let child_types: Vec<&DataType> = match data_type {
+            DataType::List(f)
+            | DataType::LargeList(f)
+            | DataType::ListView(f)
+            | DataType::LargeListView(f)
+            | DataType::FixedSizeList(f, _)
+            | DataType::Map(f, _) => vec![f.data_type()],
+            DataType::Struct(fields) => fields.iter().map(|f| f.data_type()).collect(),
+            DataType::Dictionary(_, values) => vec![values.as_ref()],
+            DataType::RunEndEncoded(runs, values) => vec![runs.data_type(), values.data_type()],
+            _ => Vec::new(),
+        };
+        if child_types.len() != node.children.len() {
+            return Err(invalid(format!(
+                "{data_type} needs {} children, the frame has {}",
+                child_types.len(),
+                node.children.len()
+            )));
+        }
+        let len = usize::try_from(node.len).map_err(|_| invalid("length"))?;
+        let offset = usize::try_from(node.offset).map_err(|_| invalid("offset"))?;
+        let nulls = match &node.nulls {
+            None => None,
+            Some(nulls) => {
+                let bits = self.buffer(nulls.bits)?;
+                let bit_offset =
+                    usize::try_from(nulls.bit_offset).map_err(|_| invalid("bit offset"))?;
+                let fits = bit_offset
+                    .checked_add(len)
+                    .is_some_and(|end| end <= bits.len().saturating_mul(8));
+                if !fits {
+                    return Err(invalid(format!(
+                        "validity of {len} bits at bit {bit_offset} in {} bytes",
+                        bits.len()
+                    )));
+                }
+                let bits = BooleanBuffer::new(bits, bit_offset, len);
+                Some(if self.validate {
+                    NullBuffer::new(bits)
+                } else {
+                    let count =
+                        usize::try_from(nulls.null_count).map_err(|_| invalid("null count"))?;
+                    if count > len {
+                        return Err(invalid(format!("{count} nulls in {len} values")));
+                    }
+                    // SAFETY: the caller of `decode_trusted` vouches for the peer's data; the
+                    // count is at most the length, so no arithmetic on it can go wrong here.
+                    unsafe { NullBuffer::new_unchecked(bits, count) }
+                })
+            }
+        };
+        let buffers = node
+            .buffers
+            .iter()
+            .map(|r| self.buffer(*r))
+            .collect::<shm_codec::Result<Vec<_>>>()?;
+        // Arrow's validation views fixed-width buffers as typed slices, and panics on one that
+        // is misaligned or not a whole number of elements: check both first.
+        for (i, (buffer, spec)) in buffers.iter().zip(&layout(data_type).buffers).enumerate() {
+            if let BufferSpec::FixedWidth {
+                byte_width,
+                alignment,
+            } = spec
+                && (!(buffer.as_ptr() as usize).is_multiple_of(*alignment)
+                    || !buffer.len().is_multiple_of(*byte_width))
+            {
+                return Err(invalid(format!(
+                    "buffer {i} of a {data_type} column: {} bytes at an address that must be \
+                     aligned to {alignment} and a length that must be a multiple of {byte_width}",
+                    buffer.len()
+                )));
+            }
+        }
+        let children = node
+            .children
+            .iter()
+            .zip(child_types)
+            .map(|(child, t)| self.build(child, t))
+            .collect::<shm_codec::Result<Vec<_>>>()?;
+        let builder = ArrayDataBuilder::new(data_type.clone())
+            .len(len)
+            .offset(offset)
+            .nulls(nulls)
+            .buffers(buffers)
+            .child_data(children);
+        if self.validate {
+            builder.build().map_err(|e| invalid(e.to_string()))
+        } else {
+            // SAFETY: the caller of `decode_trusted` vouches that the peer wrote valid Arrow
+            // data; the buffer ranges themselves were checked against their blocks.
+            Ok(unsafe { builder.build_unchecked() })
+        }
+    }
+}
+
+/// The registry's codec for [`ColumnFrame`]s (register it with
+/// `registry.register(ColumnsCodec)`).
+#[derive(Debug)]
+pub struct ColumnsCodec;
+
+impl Codec for ColumnsCodec {
+    fn name(&self) -> &str {
+        COLUMNS_CODEC
+    }
+
+    fn encode(
+        &self,
+        value: &dyn std::any::Any,
+        encoder: &Encoder,
+    ) -> Option<shm_codec::Result<Payload>> {
+        if let Some(frame) = value.downcast_ref::<ColumnFrame>() {
+            return Some(frame.encode(encoder));
+        }
+        value
+            .downcast_ref::<RecordBatch>()
+            .map(|batch| ColumnFrame(batch.clone()).encode(encoder))
+    }
+
+    fn decode(&self, payload: &Payload, decoder: &Decoder) -> shm_codec::Result<AnyValue> {
+        Ok(Box::new(ColumnFrame::decode(payload, decoder)?.0))
+    }
+}

@@ -1,0 +1,64 @@
+//! Arrow IPC streams in shared memory, for readers in other languages.
+//!
+//! A block written here holds a standard Arrow IPC stream (schema, dictionaries, record
+//! batches, end marker), 64-byte aligned, as pyarrow's `pa.ipc.open_stream` reads it. Reading
+//! such a block maps the batches' buffers onto the block itself: nothing is copied, and an
+//! unaligned buffer is an error rather than a silent copy.
+
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use arrow::ipc::reader::StreamDecoder;
+use arrow::ipc::writer::StreamWriter;
+use shm_codec::CodecError;
+use shm_core::{ShmBlock, ShmPool};
+
+use crate::buffer::block_buffer;
+
+/// The name used in errors about IPC blocks.
+const IPC: &str = "arrow-ipc";
+
+fn invalid(reason: impl Into<String>) -> CodecError {
+    CodecError::InvalidData {
+        codec: IPC,
+        reason: reason.into(),
+    }
+}
+
+/// Writes `batches` (all of `schema`) as one Arrow IPC stream into a new block of `pool`.
+pub fn write_ipc_block(
+    pool: &ShmPool,
+    schema: &SchemaRef,
+    batches: &[RecordBatch],
+) -> Result<ShmBlock, CodecError> {
+    let mut writer =
+        StreamWriter::try_new(Vec::new(), schema).map_err(|e| invalid(e.to_string()))?;
+    for batch in batches {
+        writer.write(batch).map_err(|e| invalid(e.to_string()))?;
+    }
+    let bytes = writer.into_inner().map_err(|e| invalid(e.to_string()))?;
+    let mut block = pool.alloc(bytes.len(), false)?;
+    block.as_mut_slice()?.copy_from_slice(&bytes);
+    Ok(block)
+}
+
+/// Reads every batch of the IPC stream in `block`, zero-copy: the batches' buffers point into
+/// the block, which they keep alive.
+pub fn read_ipc_block(block: &Arc<ShmBlock>) -> Result<Vec<RecordBatch>, CodecError> {
+    let mut buffer = block_buffer(block, 0, block.len() as u64)?;
+    let mut decoder = StreamDecoder::new().with_require_alignment(true);
+    let mut batches = Vec::new();
+    while !buffer.is_empty() {
+        match decoder
+            .decode(&mut buffer)
+            .map_err(|e| invalid(e.to_string()))?
+        {
+            Some(batch) => batches.push(batch),
+            None if buffer.is_empty() => break,
+            None => {}
+        }
+    }
+    decoder.finish().map_err(|e| invalid(e.to_string()))?;
+    Ok(batches)
+}

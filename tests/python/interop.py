@@ -1,0 +1,118 @@
+"""The Python side of shm's interop tests: reads what Rust wrote into shared memory, and writes
+what Rust reads, with numpy and pyarrow as the reference implementations.
+
+Commands (one per run):
+  read-ipc NAME OFFSET SIZE           print the table in an Arrow IPC stream block
+  write-ipc                           write a known table as an IPC stream into a new segment,
+                                      print "NAME SIZE", wait for stdin to close, unlink it
+  read-array NAME OFFSET SIZE TYPESTR SHAPE STRIDES ORIGIN
+                                      view an array from shm's array metadata, print it
+  write-array                         write a known Fortran-ordered array into a new segment,
+                                      print "NAME SIZE TYPESTR SHAPE STRIDES", wait, unlink
+
+Names are given as Python's SharedMemory takes them: without the leading slash.
+"""
+
+import sys
+from multiprocessing import resource_tracker, shared_memory
+
+import numpy as np
+import pyarrow as pa
+
+
+def attach(name):
+    """Attach a segment someone else owns, without letting Python's resource tracker unlink it
+    when this process exits (it registers every segment it sees, owner or not)."""
+    shm = shared_memory.SharedMemory(name=name, create=False)
+    resource_tracker.unregister(shm._name, "shared_memory")
+    return shm
+
+
+def csv_ints(text):
+    return tuple(int(x) for x in text.split(",") if x != "")
+
+
+def wait_for_stdin_to_close():
+    for _ in sys.stdin:
+        pass
+
+
+def read_ipc(name, offset, size):
+    shm = attach(name)
+    try:
+        data = pa.py_buffer(shm.buf[offset:offset + size])
+        table = pa.ipc.open_stream(data).read_all()
+        print(table.num_rows)
+        print(table.schema.names)
+        print(table.to_pydict())
+        del table, data
+    finally:
+        shm.close()
+
+
+def known_table():
+    return pa.table({
+        "id": pa.array([1, 2, None, 4], type=pa.int64()),
+        "name": pa.array(["alpha", None, "gamma", "delta"]),
+        "score": pa.array([0.5, 1.5, 2.5, None], type=pa.float64()),
+        "kind": pa.array(["u", "v", "u", "u"]).dictionary_encode(),
+        "ok": pa.array([True, False, None, True]),
+    })
+
+
+def write_ipc():
+    table = known_table()
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    data = sink.getvalue()
+    shm = shared_memory.SharedMemory(create=True, size=data.size)
+    shm.buf[:data.size] = data.to_pybytes()
+    print(shm.name, data.size, flush=True)
+    wait_for_stdin_to_close()
+    shm.close()
+    shm.unlink()
+
+
+def read_array(name, offset, size, typestr, shape, strides, origin):
+    shm = attach(name)
+    try:
+        view = shm.buf[offset:offset + size]
+        array = np.ndarray(shape, dtype=np.dtype(typestr), buffer=view, offset=origin, strides=strides)
+        print(array.shape, array.dtype.str)
+        print(repr(array.tolist()))
+        del array, view
+    finally:
+        shm.close()
+
+
+def write_array():
+    array = np.asfortranarray(np.arange(12, dtype=np.float64).reshape(3, 4) * 1.5)
+    shm = shared_memory.SharedMemory(create=True, size=array.nbytes)
+    target = np.ndarray(array.shape, dtype=array.dtype, buffer=shm.buf, order="F")
+    target[...] = array
+    strides = ",".join(str(s) for s in target.strides)
+    shape = ",".join(str(s) for s in target.shape)
+    print(shm.name, array.nbytes, array.dtype.str, shape, strides, flush=True)
+    del target
+    wait_for_stdin_to_close()
+    shm.close()
+    shm.unlink()
+
+
+def main(argv):
+    command, args = argv[1], argv[2:]
+    if command == "read-ipc":
+        read_ipc(args[0], int(args[1]), int(args[2]))
+    elif command == "write-ipc":
+        write_ipc()
+    elif command == "read-array":
+        read_array(args[0], int(args[1]), int(args[2]), args[3], csv_ints(args[4]), csv_ints(args[5]), int(args[6]))
+    elif command == "write-array":
+        write_array()
+    else:
+        raise SystemExit(f"unknown command {command}")
+
+
+if __name__ == "__main__":
+    main(sys.argv)

@@ -1,0 +1,265 @@
+//! Interoperability with the reference implementations: pyarrow and numpy read what shm wrote
+//! into shared memory, and shm reads what they wrote. `cargo xtask test` provides the Python
+//! environment (target/pyenv, from tests/python/requirements.txt) and sets `SHM_PYTHON`.
+
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, AsArray, DictionaryArray, Float64Array, Int64Array, RecordBatch, StringArray,
+};
+use arrow::datatypes::{Float64Type, Int32Type, Int64Type};
+use ndarray::{Array2, Ix2, IxDyn};
+use shm_arrow::{read_ipc_block, write_ipc_block};
+use shm_codec::{Decoder, Encoder, Payload, ShmArray};
+use shm_core::{ShmPool, ShmRef};
+use shm_tests::{ChildProcess, CleanShm};
+
+const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/python/interop.py");
+
+/// The Python interpreter of the test environment; `None` (the test is skipped, saying so)
+/// only when the tests run outside `cargo xtask test`, which always provides it.
+fn python() -> Option<String> {
+    match std::env::var("SHM_PYTHON") {
+        Ok(python) => Some(python),
+        Err(_) if std::env::var_os("SHM_REQUIRE_PYTHON").is_some() => {
+            panic!("SHM_PYTHON is not set although SHM_REQUIRE_PYTHON is")
+        }
+        Err(_) => {
+            eprintln!("skipped: no Python environment (cargo xtask test provides one)");
+            None
+        }
+    }
+}
+
+fn run(python: &str, args: &[&str]) -> String {
+    let output = Command::new(python)
+        .arg(SCRIPT)
+        .args(args)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("python runs");
+    assert!(
+        output.status.success(),
+        "python {args:?} failed: {}",
+        output.status
+    );
+    String::from_utf8(output.stdout).expect("utf-8 output")
+}
+
+fn python_segments() -> Vec<String> {
+    std::fs::read_dir("/dev/shm")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("psm_"))
+        .collect()
+}
+
+#[test]
+fn pyarrow_reads_an_ipc_block_written_by_rust() {
+    let Some(python) = python() else { return };
+    let clean = CleanShm::begin();
+    let pool = ShmPool::new().unwrap();
+    let kind: DictionaryArray<Int32Type> = vec!["u", "v", "u"].into_iter().collect();
+    let batch = RecordBatch::try_from_iter([
+        (
+            "id",
+            Arc::new(Int64Array::from(vec![Some(1), None, Some(3)])) as Arc<dyn Array>,
+        ),
+        (
+            "name",
+            Arc::new(StringArray::from(vec![Some("a"), None, Some("None")])) as _,
+        ),
+        (
+            "score",
+            Arc::new(Float64Array::from(vec![0.5, 1.5, 2.5])) as _,
+        ),
+        ("kind", Arc::new(kind) as _),
+    ])
+    .unwrap();
+    let block = write_ipc_block(&pool, &batch.schema(), &[batch]).unwrap();
+    let r = block.to_ref();
+    let out = run(
+        &python,
+        &[
+            "read-ipc",
+            &r.name[1..],
+            &r.offset.to_string(),
+            &r.content_size.to_string(),
+        ],
+    );
+    assert_eq!(
+        out,
+        "3\n['id', 'name', 'score', 'kind']\n\
+         {'id': [1, None, 3], 'name': ['a', None, 'None'], 'score': [0.5, 1.5, 2.5], 'kind': ['u', 'v', 'u']}\n"
+    );
+    drop((block, pool));
+    clean.end();
+}
+
+#[test]
+fn rust_reads_an_ipc_stream_that_pyarrow_wrote() {
+    let Some(python) = python() else { return };
+    let clean = CleanShm::begin();
+    let before = python_segments();
+    let pool = ShmPool::new().unwrap();
+    let mut writer = ChildProcess::spawn(&python, &[SCRIPT, "write-ipc"]);
+    let line = writer.read_line();
+    let (name, size) = line.split_once(' ').unwrap();
+    let size: u64 = size.parse().unwrap();
+    let r = ShmRef {
+        name: format!("/{name}"),
+        size,
+        offset: 0,
+        content_size: size,
+        temporary: false,
+    };
+    let block = Arc::new(pool.attach(&r).unwrap());
+    let batches = read_ipc_block(&block).unwrap();
+    assert_eq!(batches.len(), 1);
+    let b = &batches[0];
+    assert_eq!(b.num_rows(), 4);
+    let id = b.column_by_name("id").unwrap().as_primitive::<Int64Type>();
+    assert_eq!((id.value(0), id.is_null(2), id.value(3)), (1, true, 4));
+    let names = b.column_by_name("name").unwrap().as_string::<i32>();
+    assert_eq!((names.value(0), names.is_null(1)), ("alpha", true));
+    let score = b
+        .column_by_name("score")
+        .unwrap()
+        .as_primitive::<Float64Type>();
+    assert_eq!((score.value(2), score.is_null(3)), (2.5, true));
+    let kind = b
+        .column_by_name("kind")
+        .unwrap()
+        .as_dictionary::<Int32Type>();
+    let values = kind.values().as_string::<i32>();
+    assert_eq!(values.value(kind.keys().value(1) as usize), "v");
+    let ok = b.column_by_name("ok").unwrap().as_boolean();
+    assert_eq!(
+        (ok.value(0), ok.value(1), ok.is_null(2)),
+        (true, false, true)
+    );
+    drop((batches, block));
+    writer.finish();
+    assert_eq!(python_segments(), before, "Python unlinked its segment");
+    drop(pool);
+    clean.end();
+}
+
+/// The array metadata of shm-codec, as another implementation reads it (docs/format.md).
+#[derive(serde::Deserialize)]
+struct ArrayMeta {
+    typestr: String,
+    shape: Vec<u64>,
+    strides: Vec<i64>,
+    origin: u64,
+}
+
+fn joined(values: impl IntoIterator<Item = impl ToString>) -> String {
+    values
+        .into_iter()
+        .map(|v| v.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[test]
+fn numpy_maps_arrays_that_rust_wrote_in_every_layout() {
+    let Some(python) = python() else { return };
+    let clean = CleanShm::begin();
+    let mut encoder = Encoder::new(ShmPool::new().unwrap());
+    encoder.inline_threshold = 0; // small arrays too go to shared memory here
+    let a = Array2::from_shape_fn((3, 4), |(i, j)| (i * 10 + j) as i32);
+    let decoder = Decoder::new(ShmPool::new().unwrap());
+    let received: ShmArray<i32, Ix2> = decoder.decode(&encoder.encode(&a.t()).unwrap()).unwrap();
+    let negative = received.slice(ndarray::s![..;-2, 1..]);
+    let cases: Vec<(Payload, String)> = vec![
+        (
+            encoder.encode(&a).unwrap(),
+            "(3, 4) <i4\n[[0, 1, 2, 3], [10, 11, 12, 13], [20, 21, 22, 23]]\n".into(),
+        ),
+        (
+            encoder.encode(&a.t()).unwrap(),
+            "(4, 3) <i4\n[[0, 10, 20], [1, 11, 21], [2, 12, 22], [3, 13, 23]]\n".into(),
+        ),
+        (
+            encoder.encode(&negative).unwrap(),
+            "(2, 2) <i4\n[[13, 23], [11, 21]]\n".into(),
+        ),
+    ];
+    for (payload, expected) in cases {
+        let meta: ArrayMeta = postcard::from_bytes(&payload.meta).unwrap();
+        let r = &payload.buffers[0];
+        let out = run(
+            &python,
+            &[
+                "read-array",
+                &r.name[1..],
+                &r.offset.to_string(),
+                &r.content_size.to_string(),
+                &meta.typestr,
+                &joined(meta.shape),
+                &joined(meta.strides),
+                &meta.origin.to_string(),
+            ],
+        );
+        assert_eq!(out, expected);
+    }
+    drop((received, negative, encoder, decoder));
+    clean.end();
+}
+
+#[test]
+fn rust_decodes_an_array_that_numpy_wrote() {
+    let Some(python) = python() else { return };
+    let clean = CleanShm::begin();
+    let before = python_segments();
+    let pool = ShmPool::new().unwrap();
+    let mut writer = ChildProcess::spawn(&python, &[SCRIPT, "write-array"]);
+    let line = writer.read_line();
+    let fields: Vec<&str> = line.split(' ').collect();
+    let [name, size, typestr, shape, strides] = fields[..] else {
+        panic!("{line}")
+    };
+    let size: u64 = size.parse().unwrap();
+    let numbers = |s: &str| {
+        s.split(',')
+            .map(|x| x.parse::<i64>().unwrap())
+            .collect::<Vec<_>>()
+    };
+    #[derive(serde::Serialize)]
+    struct Meta {
+        typestr: String,
+        shape: Vec<u64>,
+        strides: Vec<i64>,
+        origin: u64,
+    }
+    let meta = Meta {
+        typestr: typestr.to_owned(),
+        shape: numbers(shape).into_iter().map(|n| n as u64).collect(),
+        strides: numbers(strides),
+        origin: 0,
+    };
+    let r = ShmRef {
+        name: format!("/{name}"),
+        size,
+        offset: 0,
+        content_size: size,
+        temporary: false,
+    };
+    let payload = Payload::new(
+        "ndarray",
+        postcard::to_stdvec(&meta).unwrap(),
+        vec![r],
+        Vec::new(),
+    );
+    let array: ShmArray<f64, IxDyn> = Decoder::new(pool.clone()).decode(&payload).unwrap();
+    let expected = Array2::from_shape_fn((3, 4), |(i, j)| (i * 4 + j) as f64 * 1.5);
+    assert_eq!(array.view(), expected.into_dyn().view());
+    assert_eq!(array.order(), shm_codec::Order::F);
+    drop(array);
+    writer.finish();
+    assert_eq!(python_segments(), before, "Python unlinked its segment");
+    drop(pool);
+    clean.end();
+}
