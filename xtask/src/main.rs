@@ -189,7 +189,7 @@ fn demo(args: &[String]) -> Result {
         "--release",
         "--quiet",
         "-p",
-        "shm-core",
+        "shm-transport",
         "--example",
         "demo",
         "--",

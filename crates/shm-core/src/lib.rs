@@ -69,8 +69,3 @@ pub fn shm_available() -> Result<u64> {
         source,
     })
 }
-
-/// The README's examples, compiled and run as doc tests so that they stay true.
-#[cfg(doctest)]
-#[doc = include_str!("../../../README.md")]
-struct ReadmeDoctests;

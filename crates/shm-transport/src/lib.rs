@@ -56,3 +56,8 @@ pub use channel::PROTOCOL_VERSION;
 pub use error::{RemoteError, RemoteErrorKind, Result, TransportError};
 pub use serve::{CHANNEL_ENV, Context, Router, is_worker, serve};
 pub use worker::{StderrSink, Worker, WorkerConfig};
+
+/// The README's example, compiled as a doc test so that it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeDoctests;

@@ -21,6 +21,8 @@ use crate::serve::CHANNEL_ENV;
 const STDERR_TAIL: usize = 20;
 /// How long a thread waiting for a reply sleeps before it looks around again.
 const CHECK_EVERY: Duration = Duration::from_millis(20);
+/// How often the janitor returns released results to the worker while nobody calls.
+const JANITOR_EVERY: Duration = Duration::from_millis(50);
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
@@ -287,6 +289,7 @@ impl Conn {
             .transpose()
             .and_then(|forwarder| {
                 threads.extend(forwarder);
+                threads.push(janitor(Arc::downgrade(&conn))?);
                 reap(&mut child, Arc::downgrade(&conn))
             });
         match started {
@@ -651,6 +654,28 @@ fn reap(child: &mut Child, conn: Weak<Conn>) -> std::io::Result<JoinHandle<()>> 
             }
             // SAFETY: as above; this call reaps the child that the first one reported.
             unsafe { libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, libc::WEXITED) };
+        })
+}
+
+/// Between calls, tells the worker about results the caller has dropped and reads what the
+/// worker sent meanwhile (arguments it no longer views), so that blocks on both sides are
+/// recycled even when nobody calls.
+fn janitor(conn: Weak<Conn>) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("shm-worker-janitor".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(JANITOR_EVERY);
+                let Some(conn) = conn.upgrade() else { return };
+                if conn.dead.load(Ordering::Acquire) {
+                    return;
+                }
+                // Errors here surface at the next call, which meets the same condition.
+                let _ = conn.release_borrowed();
+                if let Ok(_reading) = conn.reading.try_lock() {
+                    let _ = conn.drain();
+                }
+            }
         })
 }
 
