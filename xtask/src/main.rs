@@ -207,19 +207,22 @@ fn bench(args: &[String]) -> Result {
         ("shm-arrow", "arrow_bench", "arrow.md"),
         ("shm-transport", "transport_bench", "transport.md"),
     ];
+    let python = python_env()?;
     for (package, example, _) in sections {
-        let mut command = vec![
-            "run",
-            "--release",
-            "--quiet",
-            "-p",
-            package,
-            "--example",
-            example,
-        ];
-        command.push("--");
-        command.extend(args.iter().map(String::as_str));
-        cargo(&command)?;
+        run(Command::new(cargo_bin())
+            .args([
+                "run",
+                "--release",
+                "--quiet",
+                "-p",
+                package,
+                "--example",
+                example,
+                "--",
+            ])
+            .args(args)
+            .current_dir(root())
+            .env("SHM_PYTHON", &python))?;
     }
     let dir = root().join("target/bench");
     let mut report = format!("# shm benchmarks\n\nMachine: {}\n\n", machine());

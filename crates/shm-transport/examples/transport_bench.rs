@@ -1,123 +1,71 @@
-//! Transport benchmark: small-call round trips against a Unix-socket ping-pong, and the cost of
-//! sending arrays that already live in shared memory, by size. Writes
-//! `target/bench/transport.md`.
+//! The benchmark of shm against what users would pick instead, in one run: large arrays (B1),
+//! small calls (B2), Arrow batches (B3), steady state (B4), and resident memory. Writes
+//! `target/bench/transport.md` and `target/bench/b1.svg`.
 //!
-//! `cargo xtask bench [--quick]` runs it in release mode. The same executable is the worker.
+//! `cargo xtask bench [--quick]` runs it in release mode, with `SHM_PYTHON` pointing at the
+//! Python environment of the Python baselines. The same executable is the worker and the
+//! socket peer.
 
 use std::fmt::Write as _;
-use std::io::{Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::process::{Child, Command};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ndarray::{Array1, Ix1};
-use shm_codec::{Serde, ShmArray, ShmArrayMut};
+use arrow::array::{
+    ArrayRef, BooleanArray, DictionaryArray, Float64Array, Int64Array, RecordBatch, StringArray,
+    TimestampMicrosecondArray,
+};
+use arrow::datatypes::Int32Type;
+use arrow::ipc::reader::StreamReader;
+use arrow::ipc::writer::StreamWriter;
+use ndarray::{Array1, Ix1, IxDyn};
+use shm_arrow::ColumnFrame;
+use shm_codec::{Decoder, Encoder, Serde, ShmArray, ShmArrayMut};
 use shm_transport::{Router, Worker, WorkerConfig, is_worker, serve};
 
 type Error = Box<dyn std::error::Error>;
 
+fn router() -> Router {
+    Router::new()
+        .handle("echo", |Serde(x): Serde<u64>, _| Ok::<_, String>(Serde(x)))
+        .handle("sum", |a: ShmArray<f64, Ix1>, _| {
+            let start = Instant::now();
+            let sum = a.view().sum();
+            Ok::<_, String>(Serde((sum, start.elapsed().as_nanos() as u64)))
+        })
+        .handle("len", |a: ShmArray<f64, Ix1>, _| {
+            Ok::<_, String>(Serde(a.len()))
+        })
+        .handle("double", |a: ShmArray<f64, IxDyn>, ctx| {
+            let mut out = ShmArrayMut::<f64, IxDyn>::zeros(ctx.pool(), a.shape())
+                .map_err(|e| e.to_string())?;
+            out.view_mut().zip_mut_with(&a.view(), |o, x| *o = 2.0 * x);
+            Ok::<_, String>(out.freeze())
+        })
+        .handle("rows", |ColumnFrame(batch): ColumnFrame, _| {
+            Ok::<_, String>(Serde(batch.num_rows()))
+        })
+}
+
 fn main() -> Result<(), Error> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if is_worker() {
-        let router = Router::new()
-            .handle("echo", |Serde(x): Serde<u64>, _| Ok::<_, String>(Serde(x)))
-            .handle("len", |a: ShmArray<f64, Ix1>, _| {
-                Ok::<_, String>(Serde(a.len()))
-            });
-        return Ok(serve(router)?);
+        return Ok(serve(router())?);
     }
-    if let [flag, path] = args.as_slice()
-        && flag == "--socket-echo"
-    {
-        return socket_echo(path);
+    match args.as_slice() {
+        [flag, path] if flag == "--socket-echo" => return socket_echo(path),
+        [flag, path] if flag == "--socket-server" => return socket_server(path),
+        _ => {}
     }
     let quick = args.iter().any(|a| a == "--quick");
-    let calls = if quick { 20_000 } else { 100_000 };
-
-    let worker = Worker::spawn(WorkerConfig::current_exe()?)?;
-    let median = |v: &[Duration]| v[v.len() / 2];
-    let p99 = |v: &[Duration]| v[v.len() * 99 / 100];
-
-    eprintln!("... {calls} small calls");
-    let shm = sample(calls, || {
-        let Serde(x): Serde<u64> = worker.call("echo", &Serde(7u64))?;
-        std::hint::black_box(x);
-        Ok(())
-    })?;
-
-    let mut arrays = String::new();
-    writeln!(
-        arrays,
-        "\n## shm-transport: arrays already in shared memory (B1, zero-copy part)\n"
-    )?;
-    writeln!(
-        arrays,
-        "A call whose argument is an array produced in place (`ShmArrayMut`) and whose handler \
-         only reads its length: what the transport costs, apart from any compute. `one copy` \
-         sends the same data from the heap.\n"
-    )?;
-    writeln!(
-        arrays,
-        "| size | zero-copy call | one-copy call | one-copy GB/s |"
-    )?;
-    writeln!(arrays, "| ---: | ---: | ---: | ---: |")?;
-    let sizes: &[usize] = if quick {
-        &[1 << 20, 64 << 20]
-    } else {
-        &[1 << 20, 64 << 20, 1 << 30]
-    };
-    for &size in sizes {
-        let runs = if size >= 1 << 30 { 5 } else { 31 };
-        eprintln!("... {} MiB arrays", size >> 20);
-        let mut produced = ShmArrayMut::<f64, Ix1>::zeros(worker.pool(), size / 8)?;
-        produced.view_mut().fill(1.0);
-        let shared = produced.freeze();
-        let zero_copy = sample(runs, || {
-            let Serde(n): Serde<usize> = worker.call("len", &shared)?;
-            std::hint::black_box(n);
-            Ok(())
-        })?;
-        let heap = Array1::from_elem(size / 8, 1.0f64);
-        let one_copy = sample(runs, || {
-            let Serde(n): Serde<usize> = worker.call("len", &heap)?;
-            std::hint::black_box(n);
-            Ok(())
-        })?;
-        writeln!(
-            arrays,
-            "| {} MiB | {:.1} µs | {:.2} ms | {:.1} |",
-            size >> 20,
-            median(&zero_copy).as_secs_f64() * 1e6,
-            median(&one_copy).as_secs_f64() * 1e3,
-            size as f64 / median(&one_copy).as_secs_f64() / 1e9,
-        )?;
-    }
-
-    eprintln!("... {calls} socket round trips");
-    let socket = socket_round_trips(calls)?;
     let mut report = String::new();
-    writeln!(report, "## shm-transport: small calls (B2)\n")?;
-    writeln!(
-        report,
-        "Round trip of a call with an 8-byte argument and result, {calls} calls after warm-up, \
-         against a ping-pong of 8 bytes over a Unix socket between two processes.\n"
-    )?;
-    writeln!(
-        report,
-        "| channel | median | p99 | ratio to socket (median) |"
-    )?;
-    writeln!(report, "| --- | ---: | ---: | ---: |")?;
-    for (name, times) in [("shm channel", &shm), ("Unix socket", &socket)] {
-        writeln!(
-            report,
-            "| {name} | {:.1} µs | {:.1} µs | {:.1}x |",
-            median(times).as_secs_f64() * 1e6,
-            p99(times).as_secs_f64() * 1e6,
-            median(&socket).as_secs_f64() / median(times).as_secs_f64(),
-        )?;
-    }
-    report.push_str(&arrays);
-    worker.shutdown();
-
+    rss(&mut report, quick)?;
+    b1(&mut report, quick)?;
+    b2(&mut report, quick)?;
+    b3(&mut report, quick)?;
+    b4(&mut report, quick)?;
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/bench");
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("transport.md"), &report)?;
@@ -125,25 +73,87 @@ fn main() -> Result<(), Error> {
     Ok(())
 }
 
-/// Times `runs` calls after a tenth as many (at least 50) for warm-up; sorted times.
+// ---------------------------------------------------------------------------------------------
+// Measuring
+
+/// Times `runs` runs after `warmup` more; the times come back sorted.
 fn sample(
+    warmup: usize,
     runs: usize,
-    mut call: impl FnMut() -> Result<(), Error>,
+    mut run: impl FnMut() -> Result<(), Error>,
 ) -> Result<Vec<Duration>, Error> {
-    for _ in 0..(runs / 10).max(50) {
-        call()?;
+    for _ in 0..warmup {
+        run()?;
     }
     let mut times = Vec::with_capacity(runs);
     for _ in 0..runs {
         let start = Instant::now();
-        call()?;
+        run()?;
         times.push(start.elapsed());
     }
     times.sort();
     Ok(times)
 }
 
-/// The peer of the socket baseline: echoes 8-byte messages until the socket closes.
+fn median(times: &[Duration]) -> Duration {
+    times[times.len() / 2]
+}
+
+fn gbs(bytes: usize, time: Duration) -> f64 {
+    bytes as f64 / time.as_secs_f64() / 1e9
+}
+
+fn human(bytes: usize) -> String {
+    match bytes {
+        b if b >= 1 << 30 => format!("{} GiB", b >> 30),
+        b if b >= 1 << 20 => format!("{} MiB", b >> 20),
+        b => format!("{} KiB", b >> 10),
+    }
+}
+
+fn ms(time: Duration) -> String {
+    let ms = time.as_secs_f64() * 1e3;
+    if ms < 1.0 {
+        format!("{:.1} µs", ms * 1e3)
+    } else {
+        format!("{ms:.1} ms")
+    }
+}
+
+/// Fields of /proc/PID/status, in KiB.
+fn status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+        .unwrap_or(0)
+}
+
+fn python() -> Option<String> {
+    std::env::var("SHM_PYTHON").ok()
+}
+
+/// Runs a Python baseline; its median round trip.
+fn python_baseline(python: &str, args: &[String]) -> Result<Duration, Error> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/python/bench.py");
+    let output = Command::new(python).arg(script).args(args).output()?;
+    if !output.status.success() {
+        return Err(format!(
+            "python bench {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+        .into());
+    }
+    Ok(Duration::from_secs_f64(
+        String::from_utf8(output.stdout)?.trim().parse()?,
+    ))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The socket peer: 8-byte ping-pong for B2; framed arrays (postcard) and batches (Arrow IPC)
+// for B1 and B3.
+
 fn socket_echo(path: &str) -> Result<(), Error> {
     let mut stream = UnixStream::connect(path)?;
     let mut buf = [0u8; 8];
@@ -153,23 +163,613 @@ fn socket_echo(path: &str) -> Result<(), Error> {
     Ok(())
 }
 
-fn socket_round_trips(calls: usize) -> Result<Vec<Duration>, Error> {
-    let path = std::env::temp_dir().join(format!("shm-bench-{}.sock", std::process::id()));
-    let _ = std::fs::remove_file(&path);
-    let listener = UnixListener::bind(&path)?;
-    let mut child = std::process::Command::new(std::env::current_exe()?)
-        .arg("--socket-echo")
-        .arg(&path)
-        .spawn()?;
-    let (mut stream, _) = listener.accept()?;
-    let times = sample(calls, || {
-        stream.write_all(&7u64.to_le_bytes())?;
-        let mut buf = [0u8; 8];
-        stream.read_exact(&mut buf)?;
+fn socket_server(path: &str) -> Result<(), Error> {
+    let mut stream = BufReader::new(UnixStream::connect(path)?);
+    loop {
+        let mut header = [0u8; 9];
+        if stream.read_exact(&mut header).is_err() {
+            return Ok(());
+        }
+        let len = u64::from_le_bytes(header[1..].try_into()?) as usize;
+        let mut message = vec![0u8; len];
+        stream.read_exact(&mut message)?;
+        let answer = match header[0] {
+            b'A' => postcard::from_bytes::<Vec<f64>>(&message)?
+                .iter()
+                .sum::<f64>()
+                .to_le_bytes(),
+            b'B' => {
+                let reader = StreamReader::try_new(message.as_slice(), None)?;
+                let rows: usize = reader
+                    .map(|b| b.map(|b| b.num_rows()))
+                    .sum::<Result<_, _>>()?;
+                (rows as u64).to_le_bytes()
+            }
+            other => return Err(format!("unknown message type {other}").into()),
+        };
+        stream.get_mut().write_all(&answer)?;
+    }
+}
+
+/// A socket peer process and the stream to it.
+struct SocketPeer {
+    child: Child,
+    stream: UnixStream,
+    path: std::path::PathBuf,
+}
+
+impl SocketPeer {
+    fn start(mode: &str) -> Result<Self, Error> {
+        let path =
+            std::env::temp_dir().join(format!("shm-bench-{}-{mode}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path)?;
+        let child = Command::new(std::env::current_exe()?)
+            .arg(mode)
+            .arg(&path)
+            .spawn()?;
+        let (stream, _) = listener.accept()?;
+        Ok(SocketPeer {
+            child,
+            stream,
+            path,
+        })
+    }
+
+    fn round_trip(&mut self, kind: u8, message: &[u8]) -> Result<[u8; 8], Error> {
+        self.stream.write_all(&[kind])?;
+        self.stream
+            .write_all(&(message.len() as u64).to_le_bytes())?;
+        self.stream.write_all(message)?;
+        let mut answer = [0u8; 8];
+        self.stream.read_exact(&mut answer)?;
+        Ok(answer)
+    }
+
+    fn stop(mut self) -> Result<(), Error> {
+        self.stream.shutdown(std::net::Shutdown::Both)?;
+        self.child.wait()?;
+        let _ = std::fs::remove_file(&self.path);
         Ok(())
-    });
-    drop(stream);
-    child.wait()?;
-    let _ = std::fs::remove_file(&path);
-    times
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The sections
+
+/// Resident memory of both processes when a 1 GiB array goes to the worker zero-copy.
+fn rss(report: &mut String, quick: bool) -> Result<(), Error> {
+    let size: usize = if quick { 256 << 20 } else { 1 << 30 };
+    eprintln!("... resident memory, {} zero-copy", human(size));
+    let worker = Worker::spawn(WorkerConfig::current_exe()?)?;
+    let mut x = ShmArrayMut::<f64, Ix1>::zeros(worker.pool(), size / 8)?;
+    x.view_mut().fill(1.0);
+    let x = x.freeze();
+    let Serde((sum, _)): Serde<(f64, u64)> = worker.call("sum", &x)?;
+    if sum != (size / 8) as f64 {
+        return Err("wrong sum".into());
+    }
+    let (me, it) = (std::process::id(), worker.pid());
+    writeln!(
+        report,
+        "## Resident memory: {} sent zero-copy\n",
+        human(size)
+    )?;
+    writeln!(
+        report,
+        "Peak resident set (VmHWM) and its parts now, in MiB, after the parent produced a {} \
+         f64 array in shared memory and the worker summed it. Shared pages count in both \
+         processes' RSS but exist once; `RssAnon` is private memory, which a copy would grow.\n",
+        human(size)
+    )?;
+    writeln!(report, "| process | VmHWM | RssAnon | RssShmem |")?;
+    writeln!(report, "| --- | ---: | ---: | ---: |")?;
+    for (name, pid) in [("parent", me), ("worker", it)] {
+        writeln!(
+            report,
+            "| {name} | {} | {} | {} |",
+            status_kib(pid, "VmHWM") >> 10,
+            status_kib(pid, "RssAnon") >> 10,
+            status_kib(pid, "RssShmem") >> 10
+        )?;
+    }
+    drop(x);
+    worker.shutdown();
+    Ok(())
+}
+
+/// Results of B1 for the chart: (method, size, GB/s).
+type Points = Vec<(&'static str, usize, f64)>;
+
+fn b1(report: &mut String, quick: bool) -> Result<(), Error> {
+    let sizes: &[usize] = if quick {
+        &[1 << 20, 64 << 20]
+    } else {
+        &[1 << 20, 64 << 20, 1 << 30]
+    };
+    let worker = Worker::spawn(WorkerConfig::current_exe()?)?;
+    let mut peer = SocketPeer::start("--socket-server")?;
+    writeln!(report, "\n## B1: large array round trip\n")?;
+    writeln!(
+        report,
+        "Parent sends an f64 array, the worker sums it, the sum comes back. GB/s counts the \
+         array's bytes per round trip; `/ memcpy` divides by the memcpy bandwidth measured at the \
+         same size in this run. For shm, `overhead` is the round trip minus the worker's own \
+         summing time; the length-only row is the transport's own cost. A one-copy round trip \
+         also moves the fresh data from the writing core's cache to the reading core's, which \
+         dominates at 1 MiB.\n"
+    )?;
+    writeln!(
+        report,
+        "| size | method | round trip | GB/s | / memcpy | overhead |"
+    )?;
+    writeln!(report, "| ---: | --- | ---: | ---: | ---: | ---: |")?;
+    let mut points: Points = Vec::new();
+    // Per size: transport cost, zero-copy overhead over compute, one-copy's copy / memcpy.
+    let mut targets: Vec<(usize, Duration, Duration, f64)> = Vec::new();
+    for &size in sizes {
+        let runs = if size >= 1 << 30 {
+            5
+        } else if size >= 64 << 20 {
+            15
+        } else {
+            101
+        };
+        let warmup = (runs / 5).max(2);
+        eprintln!("... B1 {}", human(size));
+        let n = size / 8;
+        let heap = Array1::from_elem(n, 1.0f64);
+        let mut copy = vec![0.0f64; n];
+        let memcpy = median(&sample(warmup, runs, || {
+            copy.copy_from_slice(heap.as_slice().ok_or("contiguous")?);
+            Ok(())
+        })?);
+        let mut rows: Vec<(&'static str, Duration, Option<Duration>)> = Vec::new();
+
+        let mut produced = ShmArrayMut::<f64, Ix1>::zeros(worker.pool(), n)?;
+        produced.view_mut().fill(1.0);
+        let shared = produced.freeze();
+        let mut compute = Vec::new();
+        let zero = median(&sample(warmup, runs, || {
+            let Serde((_, ns)): Serde<(f64, u64)> = worker.call("sum", &shared)?;
+            compute.push(Duration::from_nanos(ns));
+            Ok(())
+        })?);
+        compute.sort();
+        let zero_overhead = zero.saturating_sub(median(&compute));
+        rows.push(("shm zero-copy", zero, Some(zero_overhead)));
+        let transport = median(&sample(warmup, runs, || {
+            let Serde(len): Serde<usize> = worker.call("len", &shared)?;
+            std::hint::black_box(len);
+            Ok(())
+        })?);
+        rows.push((
+            "shm zero-copy, handler reads only the length",
+            transport,
+            Some(transport),
+        ));
+        drop(shared);
+
+        let mut compute = Vec::new();
+        let one = median(&sample(warmup, runs, || {
+            let Serde((_, ns)): Serde<(f64, u64)> = worker.call("sum", &heap)?;
+            compute.push(Duration::from_nanos(ns));
+            Ok(())
+        })?);
+        compute.sort();
+        rows.push((
+            "shm one-copy",
+            one,
+            Some(one.saturating_sub(median(&compute))),
+        ));
+        // The copy's own cost: what one-copy adds to the zero-copy round trip.
+        let copy = one.saturating_sub(zero);
+        targets.push((
+            size,
+            transport,
+            zero_overhead,
+            gbs(size, copy) / gbs(size, memcpy),
+        ));
+
+        let vector = heap.to_vec();
+        let socket = median(&sample(warmup.min(3), runs.min(15), || {
+            let message = postcard::to_stdvec(&vector)?;
+            peer.round_trip(b'A', &message)?;
+            Ok(())
+        })?);
+        rows.push(("postcard over a Unix socket", socket, None));
+        drop(vector);
+
+        if let Some(python) = python() {
+            let runs = runs.min(15).to_string();
+            for (method, command) in [
+                ("Python Pipe (pickle 5)", "pipe-array"),
+                ("Python shared_memory + numpy", "shm-array"),
+            ] {
+                eprintln!("... B1 {} {method}", human(size));
+                let time =
+                    python_baseline(&python, &[command.into(), size.to_string(), runs.clone()])?;
+                rows.push((method, time, None));
+            }
+        }
+        for (method, time, overhead) in rows {
+            points.push((method, size, gbs(size, time)));
+            writeln!(
+                report,
+                "| {} | {method} | {} | {:.1} | {:.2} | {} |",
+                human(size),
+                ms(time),
+                gbs(size, time),
+                memcpy.as_secs_f64() / time.as_secs_f64(),
+                overhead.map(ms).unwrap_or_default()
+            )?;
+        }
+        writeln!(
+            report,
+            "| {} | memcpy (baseline) | {} | {:.1} | 1.00 | |",
+            human(size),
+            ms(memcpy),
+            gbs(size, memcpy)
+        )?;
+        points.push(("memcpy", size, gbs(size, memcpy)));
+    }
+    peer.stop()?;
+    worker.shutdown();
+    chart(&points, sizes)?;
+    writeln!(report, "\n![B1 chart](b1.svg)\n")?;
+    writeln!(
+        report,
+        "| size | transport cost (length only) | zero-copy overhead over compute | one-copy's copy / memcpy |"
+    )?;
+    writeln!(report, "| ---: | ---: | ---: | ---: |")?;
+    for (size, transport, overhead, copy) in &targets {
+        writeln!(
+            report,
+            "| {} | {} | {} | {copy:.2} |",
+            human(*size),
+            ms(*transport),
+            ms(*overhead)
+        )?;
+    }
+    if let (Some(first), Some(last)) = (targets.first(), targets.last()) {
+        let ratio = last.1.as_secs_f64() / first.1.as_secs_f64();
+        let worst_overhead = targets.iter().map(|t| t.2).max().unwrap_or_default();
+        let largest_copy = last.3;
+        writeln!(
+            report,
+            "\nTargets: zero-copy cost independent of size — {} is {ratio:.2}x {} ({}); \
+             under 1 ms above the worker's compute — worst {} ({}); one-copy at least 0.8x \
+             memcpy — {largest_copy:.2} at {} ({}).",
+            human(last.0),
+            human(first.0),
+            if ratio <= 2.0 { "met" } else { "missed" },
+            ms(worst_overhead),
+            if worst_overhead < Duration::from_millis(1) {
+                "met"
+            } else {
+                "missed"
+            },
+            human(last.0),
+            if largest_copy >= 0.8 {
+                "met"
+            } else {
+                "missed: at this size the copy runs at the speed of moving freshly written cache lines to the other core, not of memcpy within one core"
+            },
+        )?;
+    }
+    Ok(())
+}
+
+/// A bar chart of B1: GB/s per method and size, on a log scale.
+fn chart(points: &Points, sizes: &[usize]) -> Result<(), Error> {
+    let mut methods: Vec<&str> = Vec::new();
+    for (m, _, _) in points {
+        if !methods.contains(m) {
+            methods.push(m);
+        }
+    }
+    let colors = [
+        "#1b7837", "#5aae61", "#9970ab", "#e08214", "#b35806", "#878787",
+    ];
+    let (width, height, left, bottom, top) = (900.0, 420.0, 70.0, 60.0, 40.0);
+    let plot_h = height - bottom - top;
+    let group_w = (width - left - 20.0) / sizes.len() as f64;
+    let bar_w = group_w * 0.8 / methods.len() as f64;
+    let y = |gbs: f64| {
+        let (lo, hi) = (0.01f64.log10(), 100f64.log10());
+        top + plot_h * (1.0 - (gbs.max(0.01).log10() - lo) / (hi - lo))
+    };
+    let mut svg = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">"#
+    );
+    write!(
+        svg,
+        r#"<text x="{left}" y="20" font-size="15">B1: array round trip, GB/s (log scale)</text>"#
+    )?;
+    for tick in [0.01, 0.1, 1.0, 10.0, 100.0] {
+        write!(
+            svg,
+            r##"<line x1="{left}" x2="{}" y1="{y}" y2="{y}" stroke="#ddd"/><text x="{}" y="{}" text-anchor="end">{tick}</text>"##,
+            width - 20.0,
+            left - 6.0,
+            y(tick) + 4.0,
+            y = y(tick)
+        )?;
+    }
+    for (g, &size) in sizes.iter().enumerate() {
+        let x0 = left + g as f64 * group_w + group_w * 0.1;
+        write!(
+            svg,
+            r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
+            x0 + group_w * 0.4,
+            height - bottom + 18.0,
+            human(size)
+        )?;
+        for (i, method) in methods.iter().enumerate() {
+            if let Some((_, _, v)) = points.iter().find(|(m, s, _)| m == method && *s == size) {
+                let x = x0 + i as f64 * bar_w;
+                write!(
+                    svg,
+                    r#"<rect x="{x:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{}"><title>{method}: {v:.2} GB/s</title></rect>"#,
+                    y(*v),
+                    bar_w * 0.9,
+                    (top + plot_h - y(*v)).max(0.0),
+                    colors[i % colors.len()]
+                )?;
+            }
+        }
+    }
+    for (i, method) in methods.iter().enumerate() {
+        let x = left + (i % 3) as f64 * 260.0;
+        let ly = height - 22.0 + (i / 3) as f64 * 14.0 - 8.0;
+        write!(
+            svg,
+            r#"<rect x="{x}" y="{}" width="10" height="10" fill="{}"/><text x="{}" y="{}">{method}</text>"#,
+            ly - 9.0,
+            colors[i % colors.len()],
+            x + 14.0,
+            ly
+        )?;
+    }
+    svg.push_str("</svg>\n");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/bench");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("b1.svg"), svg)?;
+    Ok(())
+}
+
+fn b2(report: &mut String, quick: bool) -> Result<(), Error> {
+    let calls = if quick { 20_000 } else { 100_000 };
+    eprintln!("... B2 {calls} small calls");
+    let worker = Worker::spawn(WorkerConfig::current_exe()?)?;
+    let shm = sample(calls / 10, calls, || {
+        let Serde(x): Serde<u64> = worker.call("echo", &Serde(7u64))?;
+        std::hint::black_box(x);
+        Ok(())
+    })?;
+    worker.shutdown();
+    let mut peer = SocketPeer::start("--socket-echo")?;
+    let socket = sample(calls / 10, calls, || {
+        peer.stream.write_all(&7u64.to_le_bytes())?;
+        let mut buf = [0u8; 8];
+        peer.stream.read_exact(&mut buf)?;
+        Ok(())
+    })?;
+    peer.stop()?;
+    writeln!(report, "\n## B2: small call round trip\n")?;
+    writeln!(
+        report,
+        "A call with an 8-byte argument and result, {calls} calls after warm-up, against an \
+         8-byte ping-pong over a Unix socket between two processes, in the same run.\n"
+    )?;
+    writeln!(
+        report,
+        "| channel | median | p99 | socket / this (median) |"
+    )?;
+    writeln!(report, "| --- | ---: | ---: | ---: |")?;
+    let p99 = |v: &[Duration]| v[v.len() * 99 / 100];
+    for (name, times) in [("shm channel", &shm), ("Unix socket", &socket)] {
+        writeln!(
+            report,
+            "| {name} | {} | {} | {:.1}x |",
+            ms(median(times)),
+            ms(p99(times)),
+            median(&socket).as_secs_f64() / median(times).as_secs_f64()
+        )?;
+    }
+    let speedup = median(&socket).as_secs_f64() / median(&shm).as_secs_f64();
+    writeln!(
+        report,
+        "\nTargets: at most 5 µs median — {} ({}); at least 8x faster than the socket — {speedup:.1}x ({}).",
+        ms(median(&shm)),
+        if median(&shm) <= Duration::from_micros(5) {
+            "met"
+        } else {
+            "missed"
+        },
+        if speedup >= 8.0 { "met" } else { "missed" },
+    )?;
+    Ok(())
+}
+
+fn batch(rows: usize) -> Result<RecordBatch, Error> {
+    let words = ["alpha", "beta", "gamma", "delta", "epsilon"];
+    let columns: Vec<(&str, ArrayRef)> = vec![
+        (
+            "f64",
+            Arc::new(Float64Array::from_iter_values(
+                (0..rows).map(|i| i as f64 * 0.5),
+            )),
+        ),
+        (
+            "i64",
+            Arc::new(Int64Array::from_iter_values(
+                (0..rows).map(|i| i as i64 * 3),
+            )),
+        ),
+        (
+            "utf8",
+            Arc::new(StringArray::from_iter_values(
+                (0..rows).map(|i| format!("row-{i:07}")),
+            )),
+        ),
+        (
+            "dict",
+            Arc::new(
+                (0..rows)
+                    .map(|i| words[i % words.len()])
+                    .collect::<DictionaryArray<Int32Type>>(),
+            ),
+        ),
+        (
+            "ts_tz",
+            Arc::new(
+                TimestampMicrosecondArray::from_iter_values(
+                    (0..rows).map(|i| i as i64 * 1_000_000),
+                )
+                .with_timezone("Europe/Zurich"),
+            ),
+        ),
+        (
+            "bool",
+            Arc::new(
+                (0..rows)
+                    .map(|i| (i % 11 != 0).then_some(i % 2 == 0))
+                    .collect::<BooleanArray>(),
+            ),
+        ),
+    ];
+    Ok(RecordBatch::try_from_iter(columns)?)
+}
+
+fn b3(report: &mut String, quick: bool) -> Result<(), Error> {
+    let rows = if quick { 1_000_000 } else { 10_000_000 };
+    let runs = if quick { 9 } else { 5 };
+    eprintln!("... B3 {rows} rows");
+    let data = batch(rows)?;
+    let worker = Worker::spawn(WorkerConfig::current_exe()?)?;
+    let check = |n: usize| {
+        if n == rows {
+            Ok(())
+        } else {
+            Err(Error::from(format!("{n} rows came back")))
+        }
+    };
+    let one_copy = median(&sample(2, runs, || {
+        let Serde(n): Serde<usize> = worker.call("rows", &ColumnFrame(data.clone()))?;
+        check(n)
+    })?);
+    let payload = Encoder::new(worker.pool().clone()).encode(&ColumnFrame(data.clone()))?;
+    let ColumnFrame(shared) = Decoder::new(worker.pool().clone()).decode(&payload)?;
+    let zero_copy = median(&sample(2, runs, || {
+        let Serde(n): Serde<usize> = worker.call("rows", &ColumnFrame(shared.clone()))?;
+        check(n)
+    })?);
+    drop((shared, payload));
+    worker.shutdown();
+    let mut peer = SocketPeer::start("--socket-server")?;
+    let ipc = median(&sample(1, runs, || {
+        let mut writer = StreamWriter::try_new(Vec::new(), &data.schema())?;
+        writer.write(&data)?;
+        let bytes = writer.into_inner()?;
+        let n = u64::from_le_bytes(peer.round_trip(b'B', &bytes)?);
+        check(n as usize)
+    })?);
+    peer.stop()?;
+    let pyarrow = match python() {
+        Some(python) => Some(python_baseline(
+            &python,
+            &["pipe-ipc".into(), rows.to_string(), runs.to_string()],
+        )?),
+        None => None,
+    };
+    writeln!(report, "\n## B3: RecordBatch round trip\n")?;
+    writeln!(
+        report,
+        "{rows} rows of six columns (f64, i64, utf8, dictionary, timestamp with time zone, bool \
+         with nulls) to the worker, which reads the batch (Arrow's validation included) and \
+         returns its row count. Medians of {runs}.\n"
+    )?;
+    writeln!(report, "| method | round trip | IPC over socket / this |")?;
+    writeln!(report, "| --- | ---: | ---: |")?;
+    let mut rows_out = vec![
+        ("shm per-column, batch on the heap (one copy)", one_copy),
+        (
+            "shm per-column, batch in shared memory (zero-copy)",
+            zero_copy,
+        ),
+        ("Arrow IPC over a Unix socket", ipc),
+    ];
+    if let Some(time) = pyarrow {
+        rows_out.push(("pyarrow IPC over a Pipe", time));
+    }
+    for (method, time) in rows_out {
+        writeln!(
+            report,
+            "| {method} | {} | {:.1}x |",
+            ms(time),
+            ipc.as_secs_f64() / time.as_secs_f64()
+        )?;
+    }
+    let speedup = ipc.as_secs_f64() / one_copy.as_secs_f64();
+    writeln!(
+        report,
+        "\nTarget: at least 5x faster than Arrow IPC over a socket — {speedup:.1}x with one copy ({}).",
+        if speedup >= 5.0 { "met" } else { "missed" }
+    )?;
+    Ok(())
+}
+
+fn b4(report: &mut String, quick: bool) -> Result<(), Error> {
+    let calls = if quick { 2_000 } else { 10_000 };
+    eprintln!("... B4 {calls} calls with 1 MiB payloads");
+    let worker = Worker::spawn(WorkerConfig::current_exe()?)?;
+    let args = Array1::from_elem(1 << 17, 1.0f64);
+    let call = || -> Result<(), Error> {
+        let doubled: ShmArray<f64, IxDyn> = worker.call("double", &args)?;
+        if doubled.view()[[0]] != 2.0 {
+            return Err("wrong result".into());
+        }
+        Ok(())
+    };
+    for _ in 0..200 {
+        call()?;
+    }
+    let segments_before = shm_core::list_segments()?.len();
+    let rss_before = (
+        status_kib(std::process::id(), "VmRSS"),
+        status_kib(worker.pid(), "VmRSS"),
+    );
+    let start = Instant::now();
+    for _ in 0..calls {
+        call()?;
+    }
+    let elapsed = start.elapsed();
+    let segments_after = shm_core::list_segments()?.len();
+    let rss_after = (
+        status_kib(std::process::id(), "VmRSS"),
+        status_kib(worker.pid(), "VmRSS"),
+    );
+    worker.shutdown();
+    writeln!(report, "\n## B4: steady state\n")?;
+    writeln!(
+        report,
+        "{calls} calls, each with a 1 MiB f64 array argument (one copy) and a 1 MiB result \
+         produced in the worker's shared memory, after 200 calls of warm-up.\n"
+    )?;
+    writeln!(
+        report,
+        "| calls/s | segments before | segments after | parent RSS before → after | worker RSS before → after |"
+    )?;
+    writeln!(report, "| ---: | ---: | ---: | ---: | ---: |")?;
+    writeln!(
+        report,
+        "| {:.0} | {segments_before} | {segments_after} | {} → {} MiB | {} → {} MiB |",
+        calls as f64 / elapsed.as_secs_f64(),
+        rss_before.0 >> 10,
+        rss_after.0 >> 10,
+        rss_before.1 >> 10,
+        rss_after.1 >> 10
+    )?;
+    Ok(())
 }
