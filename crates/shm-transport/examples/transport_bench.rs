@@ -35,6 +35,10 @@ fn router() -> Router {
             let sum = a.view().sum();
             Ok::<_, String>(Serde((sum, start.elapsed().as_nanos() as u64)))
         })
+        .handle("sleep", |Serde(ms): Serde<u64>, _| {
+            std::thread::sleep(Duration::from_millis(ms));
+            Ok::<_, String>(())
+        })
         .handle("len", |a: ShmArray<f64, Ix1>, _| {
             Ok::<_, String>(Serde(a.len()))
         })
@@ -66,6 +70,7 @@ fn main() -> Result<(), Error> {
     b2(&mut report, quick)?;
     b3(&mut report, quick)?;
     b4(&mut report, quick)?;
+    faults(&mut report)?;
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/bench");
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("transport.md"), &report)?;
@@ -393,14 +398,23 @@ fn b1(report: &mut String, quick: bool) -> Result<(), Error> {
             }
         }
         for (method, time, overhead) in rows {
-            points.push((method, size, gbs(size, time)));
+            let reads_data = !method.contains("only the length");
+            if reads_data {
+                points.push((method, size, gbs(size, time)));
+            }
+            let (rate, share) = if reads_data {
+                (
+                    format!("{:.1}", gbs(size, time)),
+                    format!("{:.2}", memcpy.as_secs_f64() / time.as_secs_f64()),
+                )
+            } else {
+                (String::new(), String::new())
+            };
             writeln!(
                 report,
-                "| {} | {method} | {} | {:.1} | {:.2} | {} |",
+                "| {} | {method} | {} | {rate} | {share} | {} |",
                 human(size),
                 ms(time),
-                gbs(size, time),
-                memcpy.as_secs_f64() / time.as_secs_f64(),
                 overhead.map(ms).unwrap_or_default()
             )?;
         }
@@ -770,6 +784,59 @@ fn b4(report: &mut String, quick: bool) -> Result<(), Error> {
         rss_after.0 >> 10,
         rss_before.1 >> 10,
         rss_after.1 >> 10
+    )?;
+    Ok(())
+}
+
+/// How long a caller waits to learn that its worker died, and how long a restart takes.
+fn faults(report: &mut String) -> Result<(), Error> {
+    eprintln!("... faults");
+    let mut worker = Worker::spawn(WorkerConfig::current_exe()?)?;
+    let mut detections = Vec::new();
+    let mut restarts = Vec::new();
+    for _ in 0..5 {
+        let pid = worker.pid();
+        let killed = std::thread::scope(|scope| {
+            let call = scope.spawn(|| worker.call::<_, ()>("sleep", &Serde(60_000u64)));
+            std::thread::sleep(Duration::from_millis(100));
+            let start = Instant::now();
+            // SAFETY: kill has no memory preconditions; `pid` is our live worker.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            let result = call.join().map_err(|_| "the calling thread panicked")?;
+            match result {
+                Err(shm_transport::TransportError::WorkerDied { .. }) => {
+                    Ok::<_, Error>(start.elapsed())
+                }
+                other => Err(format!("expected WorkerDied, got {other:?}").into()),
+            }
+        })?;
+        detections.push(killed);
+        let start = Instant::now();
+        worker.restart()?;
+        restarts.push(start.elapsed());
+    }
+    worker.shutdown();
+    detections.sort();
+    restarts.sort();
+    writeln!(report, "\n## Faults\n")?;
+    writeln!(
+        report,
+        "A worker is killed with SIGKILL while a call waits on it (5 times): the time until the \
+         call returns `WorkerDied`, and the time `restart()` takes to have a new worker serving.\n"
+    )?;
+    writeln!(report, "| what | median | worst |")?;
+    writeln!(report, "| --- | ---: | ---: |")?;
+    writeln!(
+        report,
+        "| SIGKILL to `WorkerDied` | {} | {} |",
+        ms(median(&detections)),
+        ms(detections[detections.len() - 1])
+    )?;
+    writeln!(
+        report,
+        "| `restart()` | {} | {} |",
+        ms(median(&restarts)),
+        ms(restarts[restarts.len() - 1])
     )?;
     Ok(())
 }
