@@ -459,37 +459,61 @@ fn any_shape() -> impl Strategy<Value = Vec<usize>> {
     prop::collection::vec(0usize..6, 0..5)
 }
 
+/// Builds an array of `shape` (C or F order) from `element(i)`, steps and reverses its axes,
+/// sends it, checks what arrives; then sends a slice of what arrived and checks that too.
+fn check_layouts<T: shm_codec::Element + PartialEq>(
+    shape: &[usize],
+    fortran: bool,
+    steps: &[(isize, bool)],
+    element: impl Fn(usize) -> T,
+) -> Result<(), TestCaseError> {
+    let c = codecs();
+    let n: usize = shape.iter().product();
+    let a = Array::from_shape_vec(IxDyn(shape), (0..n).map(&element).collect()).unwrap();
+    let a = if fortran { a.reversed_axes() } else { a };
+    let mut view = a.view();
+    for (axis, (step, reverse)) in steps.iter().enumerate().take(view.ndim()) {
+        let step = if *reverse { -step } else { *step };
+        view.slice_axis_inplace(Axis(axis), ndarray::Slice::new(0, None, step));
+    }
+    let b: ShmArray<T, IxDyn> = round_trip(&c, &view);
+    prop_assert_eq!(b.view(), view.view());
+    if array_order(&view) == Order::F {
+        prop_assert_eq!(b.order(), Order::F);
+    }
+    let every_other: Vec<SliceInfoElem> = (0..b.shape().len())
+        .map(|_| SliceInfoElem::Slice {
+            start: 0,
+            end: None,
+            step: 2,
+        })
+        .collect();
+    let half = b.slice(every_other.as_slice());
+    let back: ShmArray<T, IxDyn> = round_trip(&c, &half);
+    prop_assert_eq!(back.view(), half.view());
+    Ok(())
+}
+
 proptest! {
     #[test]
-    fn random_arrays_orders_and_slices_round_trip(
+    fn random_arrays_of_every_dtype_round_trip_in_any_layout(
         shape in any_shape(),
         fortran in any::<bool>(),
         steps in prop::collection::vec((1isize..3, any::<bool>()), 5),
         big in any::<bool>(),
+        dtype in 0usize..6,
     ) {
-        let c = codecs();
-        let scale = if big { 3000 } else { 1 };
-        let mut full_shape = shape.clone();
-        if let Some(first) = full_shape.first_mut() { *first *= scale; }
-        let n: usize = full_shape.iter().product();
-        let data: Vec<i64> = (0..n as i64).collect();
-        let a = Array::from_shape_vec(IxDyn(&full_shape), data).unwrap();
-        let a = if fortran { a.reversed_axes() } else { a };
-        let mut view = a.view();
-        for (axis, (step, reverse)) in steps.iter().enumerate().take(view.ndim()) {
-            view.slice_axis_inplace(Axis(axis), ndarray::Slice::new(0, None, if *reverse { -step } else { *step }));
+        let mut shape = shape;
+        if let (true, Some(first)) = (big, shape.first_mut()) {
+            *first *= 3000;
         }
-        let b: ShmArray<i64, IxDyn> = round_trip(&c, &view);
-        prop_assert_eq!(b.view(), view.view());
-        if array_order(&view) == Order::F {
-            prop_assert_eq!(b.order(), Order::F);
+        match dtype {
+            0 => check_layouts(&shape, fortran, &steps, |i| i as i64)?,
+            1 => check_layouts(&shape, fortran, &steps, |i| i as f32 * 0.5)?,
+            2 => check_layouts(&shape, fortran, &steps, |i| i as u8)?,
+            3 => check_layouts(&shape, fortran, &steps, |i| i % 3 == 0)?,
+            4 => check_layouts(&shape, fortran, &steps, |i| Complex::new(i as f64, -(i as f64)))?,
+            _ => check_layouts(&shape, fortran, &steps, |i| i as i16)?,
         }
-        // And a slice of the decoded array, re-sent by reference.
-        let every_other: Vec<SliceInfoElem> = (0..b.shape().len())
-            .map(|_| SliceInfoElem::Slice { start: 0, end: None, step: 2 })
-            .collect();
-        let half = b.slice(every_other.as_slice());
-        let back: ShmArray<i64, IxDyn> = round_trip(&c, &half);
-        prop_assert_eq!(back.view(), half.view());
     }
 }

@@ -804,6 +804,27 @@ mod tests {
     }
 
     #[test]
+    fn segments_are_private_to_their_user_and_named_for_macos() {
+        use std::os::unix::fs::PermissionsExt;
+        leaves_shm_clean(|| {
+            let pool = quiet_pool(PoolConfig::default());
+            for size in [10, 1 << 20] {
+                let block = pool.alloc(size, false).unwrap();
+                assert!(
+                    block.name().len() <= 30,
+                    "{} is too long for macOS",
+                    block.name()
+                );
+                let mode = std::fs::metadata(sys::segment_path(block.name()))
+                    .unwrap()
+                    .permissions()
+                    .mode();
+                assert_eq!(mode & 0o777, 0o600, "{}", block.name());
+            }
+        });
+    }
+
+    #[test]
     fn zero_size_blocks_are_valid() {
         leaves_shm_clean(|| {
             let pool = quiet_pool(PoolConfig::default());
