@@ -202,9 +202,9 @@ fn demo(args: &[String]) -> Result {
 /// sections into `target/bench/report.md` under a line that names the machine.
 fn bench(args: &[String]) -> Result {
     let sections = [
-        ("shm-core", "core_bench", "core.md"),
-        ("shm-codec", "codec_bench", "codec.md"),
-        ("shm-arrow", "arrow_bench", "arrow.md"),
+        ("shm-transport", "core_bench", "core.md"),
+        ("shm-transport", "codec_bench", "codec.md"),
+        ("shm-transport", "arrow_bench", "arrow.md"),
         ("shm-transport", "transport_bench", "transport.md"),
     ];
     let python = python_env()?;

@@ -13,19 +13,15 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arrow::array::{
-    Array, ArrayRef, AsArray, BooleanArray, DictionaryArray, Float64Array, Int64Array, RecordBatch,
-    StringArray, TimestampMicrosecondArray,
-};
+use arrow::array::{Array, ArrayRef, AsArray, Float64Array, Int64Array, RecordBatch, StringArray};
 use arrow::datatypes::{Float64Type, Int32Type, Int64Type};
 use ndarray::Ix1;
 use shm_arrow::ColumnFrame;
 use shm_codec::{Decoder, Encoder, Serde, ShmArray, ShmArrayMut};
 use shm_transport::{Router, Worker, WorkerConfig, is_worker, serve};
 
-type Error = Box<dyn std::error::Error>;
-
-const KINDS: [&str; 5] = ["alpha", "beta", "gamma", "delta", "epsilon"];
+mod common;
+use common::{Error, KINDS, buffers, human, mixed_batch};
 
 fn main() {
     let result = if is_worker() {
@@ -76,10 +72,10 @@ fn summarize(batch: &RecordBatch) -> Result<RecordBatch, String> {
             .column_by_name(name)
             .ok_or(format!("no column {name}"))
     };
-    let kind = column("kind")?.as_dictionary::<Int32Type>();
+    let kind = column("dict")?.as_dictionary::<Int32Type>();
     let names = kind.values().as_string::<i32>();
-    let value = column("value")?.as_primitive::<Float64Type>();
-    let flag = column("flag")?.as_boolean();
+    let value = column("f64")?.as_primitive::<Float64Type>();
+    let flag = column("bool")?.as_boolean();
     let mut rows = vec![0i64; names.len()];
     let mut sums = vec![0.0f64; names.len()];
     let mut flagged = vec![0i64; names.len()];
@@ -109,64 +105,6 @@ fn summarize(batch: &RecordBatch) -> Result<RecordBatch, String> {
         ("flagged", Arc::new(Int64Array::from(flagged)) as ArrayRef),
     ])
     .map_err(|e| e.to_string())
-}
-
-/// A batch of six mixed columns.
-fn make_batch(rows: usize) -> Result<RecordBatch, Error> {
-    let columns: Vec<(&str, ArrayRef)> = vec![
-        ("id", Arc::new(Int64Array::from_iter_values(0..rows as i64))),
-        (
-            "value",
-            Arc::new(Float64Array::from_iter_values(
-                (0..rows).map(|i| (i % 100) as f64),
-            )),
-        ),
-        (
-            "name",
-            Arc::new(StringArray::from_iter_values(
-                (0..rows).map(|i| format!("item-{:06}", i % 1_000_000)),
-            )),
-        ),
-        (
-            "kind",
-            Arc::new(
-                (0..rows)
-                    .map(|i| KINDS[i % KINDS.len()])
-                    .collect::<DictionaryArray<Int32Type>>(),
-            ),
-        ),
-        (
-            "ts",
-            Arc::new(
-                TimestampMicrosecondArray::from_iter_values(
-                    (0..rows).map(|i| 1_700_000_000_000_000 + i as i64),
-                )
-                .with_timezone("Europe/Zurich"),
-            ),
-        ),
-        (
-            "flag",
-            Arc::new(
-                (0..rows)
-                    .map(|i| (i % 7 != 0).then_some(i % 3 == 0))
-                    .collect::<BooleanArray>(),
-            ),
-        ),
-    ];
-    Ok(RecordBatch::try_from_iter(columns)?)
-}
-
-fn buffer_bytes(batch: &RecordBatch) -> usize {
-    fn data_bytes(data: &arrow::array::ArrayData) -> usize {
-        data.buffers().iter().map(|b| b.len()).sum::<usize>()
-            + data.nulls().map_or(0, |n| n.buffer().len())
-            + data.child_data().iter().map(data_bytes).sum::<usize>()
-    }
-    batch
-        .columns()
-        .iter()
-        .map(|c| data_bytes(&c.to_data()))
-        .sum()
 }
 
 struct Report {
@@ -305,9 +243,9 @@ fn parent() -> Result<(), Error> {
         let batch = report.step(
             &format!("parent: build a {rows}-row batch of six columns"),
             0,
-            || make_batch(rows),
+            || mixed_batch(rows),
         )?;
-        let batch_bytes = buffer_bytes(&batch);
+        let batch_bytes: usize = buffers(&batch).iter().map(|b| b.len()).sum();
         if let Some((_, bytes, _)) = report.rows.last_mut() {
             *bytes = batch_bytes;
         }
@@ -408,12 +346,4 @@ fn parse_size(text: &str) -> Result<usize, Error> {
     number
         .checked_mul(scale)
         .ok_or_else(|| format!("size {text} is too large").into())
-}
-
-fn human(bytes: usize) -> String {
-    match bytes {
-        b if b >= 1 << 30 => format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64),
-        b if b >= 1 << 20 => format!("{:.0} MiB", b as f64 / (1u64 << 20) as f64),
-        b => format!("{:.0} KiB", b as f64 / 1024.0),
-    }
 }

@@ -10,14 +10,8 @@ use std::fmt::Write as _;
 use std::io::{BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::{Child, Command};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arrow::array::{
-    ArrayRef, BooleanArray, DictionaryArray, Float64Array, Int64Array, RecordBatch, StringArray,
-    TimestampMicrosecondArray,
-};
-use arrow::datatypes::Int32Type;
 use arrow::ipc::reader::StreamReader;
 use arrow::ipc::writer::StreamWriter;
 use ndarray::{Array1, Ix1, IxDyn};
@@ -25,7 +19,8 @@ use shm_arrow::ColumnFrame;
 use shm_codec::{Decoder, Encoder, Serde, ShmArray, ShmArrayMut};
 use shm_transport::{Router, Worker, WorkerConfig, is_worker, serve};
 
-type Error = Box<dyn std::error::Error>;
+mod common;
+use common::{Error, gbs, human, median, mixed_batch as batch, ms, sample, write_section};
 
 fn router() -> Router {
     Router::new()
@@ -71,59 +66,11 @@ fn main() -> Result<(), Error> {
     b3(&mut report, quick)?;
     b4(&mut report, quick)?;
     faults(&mut report)?;
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/bench");
-    std::fs::create_dir_all(&dir)?;
-    std::fs::write(dir.join("transport.md"), &report)?;
-    print!("{report}");
-    Ok(())
+    write_section("transport.md", &report)
 }
 
 // ---------------------------------------------------------------------------------------------
 // Measuring
-
-/// Times `runs` runs after `warmup` more; the times come back sorted.
-fn sample(
-    warmup: usize,
-    runs: usize,
-    mut run: impl FnMut() -> Result<(), Error>,
-) -> Result<Vec<Duration>, Error> {
-    for _ in 0..warmup {
-        run()?;
-    }
-    let mut times = Vec::with_capacity(runs);
-    for _ in 0..runs {
-        let start = Instant::now();
-        run()?;
-        times.push(start.elapsed());
-    }
-    times.sort();
-    Ok(times)
-}
-
-fn median(times: &[Duration]) -> Duration {
-    times[times.len() / 2]
-}
-
-fn gbs(bytes: usize, time: Duration) -> f64 {
-    bytes as f64 / time.as_secs_f64() / 1e9
-}
-
-fn human(bytes: usize) -> String {
-    match bytes {
-        b if b >= 1 << 30 => format!("{} GiB", b >> 30),
-        b if b >= 1 << 20 => format!("{} MiB", b >> 20),
-        b => format!("{} KiB", b >> 10),
-    }
-}
-
-fn ms(time: Duration) -> String {
-    let ms = time.as_secs_f64() * 1e3;
-    if ms < 1.0 {
-        format!("{:.1} µs", ms * 1e3)
-    } else {
-        format!("{ms:.1} ms")
-    }
-}
 
 /// Fields of /proc/PID/status, in KiB.
 fn status_kib(pid: u32, field: &str) -> u64 {
@@ -604,56 +551,6 @@ fn b2(report: &mut String, quick: bool) -> Result<(), Error> {
         if speedup >= 8.0 { "met" } else { "missed" },
     )?;
     Ok(())
-}
-
-fn batch(rows: usize) -> Result<RecordBatch, Error> {
-    let words = ["alpha", "beta", "gamma", "delta", "epsilon"];
-    let columns: Vec<(&str, ArrayRef)> = vec![
-        (
-            "f64",
-            Arc::new(Float64Array::from_iter_values(
-                (0..rows).map(|i| i as f64 * 0.5),
-            )),
-        ),
-        (
-            "i64",
-            Arc::new(Int64Array::from_iter_values(
-                (0..rows).map(|i| i as i64 * 3),
-            )),
-        ),
-        (
-            "utf8",
-            Arc::new(StringArray::from_iter_values(
-                (0..rows).map(|i| format!("row-{i:07}")),
-            )),
-        ),
-        (
-            "dict",
-            Arc::new(
-                (0..rows)
-                    .map(|i| words[i % words.len()])
-                    .collect::<DictionaryArray<Int32Type>>(),
-            ),
-        ),
-        (
-            "ts_tz",
-            Arc::new(
-                TimestampMicrosecondArray::from_iter_values(
-                    (0..rows).map(|i| i as i64 * 1_000_000),
-                )
-                .with_timezone("Europe/Zurich"),
-            ),
-        ),
-        (
-            "bool",
-            Arc::new(
-                (0..rows)
-                    .map(|i| (i % 11 != 0).then_some(i % 2 == 0))
-                    .collect::<BooleanArray>(),
-            ),
-        ),
-    ];
-    Ok(RecordBatch::try_from_iter(columns)?)
 }
 
 fn b3(report: &mut String, quick: bool) -> Result<(), Error> {

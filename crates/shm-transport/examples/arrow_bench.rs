@@ -5,93 +5,14 @@
 //! `cargo xtask bench [--quick]` runs it in release mode.
 
 use std::fmt::Write as _;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arrow::array::{
-    ArrayRef, BooleanArray, DictionaryArray, Float64Array, Int64Array, RecordBatch, StringArray,
-    TimestampMicrosecondArray,
-};
-use arrow::datatypes::Int32Type;
 use shm_arrow::{ColumnFrame, decode_trusted};
 use shm_codec::{Decoder, Encoder, Payload};
 use shm_core::ShmPool;
 
-type Error = Box<dyn std::error::Error>;
-
-fn batch(rows: usize) -> Result<RecordBatch, Error> {
-    let words = ["alpha", "beta", "gamma", "delta", "epsilon"];
-    let columns: Vec<(&str, ArrayRef)> = vec![
-        (
-            "f64",
-            Arc::new(Float64Array::from_iter_values(
-                (0..rows).map(|i| i as f64 * 0.5),
-            )),
-        ),
-        (
-            "i64",
-            Arc::new(Int64Array::from_iter_values(
-                (0..rows).map(|i| i as i64 * 3),
-            )),
-        ),
-        (
-            "utf8",
-            Arc::new(StringArray::from_iter_values(
-                (0..rows).map(|i| format!("row-{:07}", i % 10_000_000)),
-            )),
-        ),
-        (
-            "dict",
-            Arc::new(
-                (0..rows)
-                    .map(|i| words[i % words.len()])
-                    .collect::<DictionaryArray<Int32Type>>(),
-            ),
-        ),
-        (
-            "ts_tz",
-            Arc::new(
-                TimestampMicrosecondArray::from_iter_values(
-                    (0..rows).map(|i| i as i64 * 1_000_000),
-                )
-                .with_timezone("Europe/Zurich"),
-            ),
-        ),
-        (
-            "bool",
-            Arc::new(
-                (0..rows)
-                    .map(|i| (i % 11 != 0).then_some(i % 2 == 0))
-                    .collect::<BooleanArray>(),
-            ),
-        ),
-    ];
-    Ok(RecordBatch::try_from_iter(columns)?)
-}
-
-/// Every buffer of a batch: what an encoder must copy.
-fn buffers(batch: &RecordBatch) -> Vec<arrow::buffer::Buffer> {
-    fn collect(data: &arrow::array::ArrayData, into: &mut Vec<arrow::buffer::Buffer>) {
-        into.extend(data.nulls().map(|n| n.buffer().clone()));
-        into.extend(data.buffers().iter().cloned());
-        data.child_data().iter().for_each(|c| collect(c, into));
-    }
-    let mut all = Vec::new();
-    batch
-        .columns()
-        .iter()
-        .for_each(|c| collect(&c.to_data(), &mut all));
-    all
-}
-
-fn median(
-    runs: usize,
-    mut run: impl FnMut() -> Result<Duration, Error>,
-) -> Result<Duration, Error> {
-    let mut times = (0..runs).map(|_| run()).collect::<Result<Vec<_>, _>>()?;
-    times.sort();
-    Ok(times[runs / 2])
-}
+mod common;
+use common::{Error, buffers, median_of as median, mixed_batch as batch, write_section};
 
 fn main() -> Result<(), Error> {
     let quick = std::env::args().any(|a| a == "--quick");
@@ -183,9 +104,5 @@ fn main() -> Result<(), Error> {
         }
     }
 
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/bench");
-    std::fs::create_dir_all(&dir)?;
-    std::fs::write(dir.join("arrow.md"), &report)?;
-    print!("{report}");
-    Ok(())
+    write_section("arrow.md", &report)
 }

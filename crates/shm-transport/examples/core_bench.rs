@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use shm_core::{PoolConfig, ShmPool};
 
-type Error = Box<dyn std::error::Error>;
+mod common;
+use common::{Error, human, median_of as median, write_section};
 
 fn main() -> Result<(), Error> {
     let quick = std::env::args().any(|a| a == "--quick");
@@ -72,8 +73,8 @@ fn main() -> Result<(), Error> {
         let rate = |t: Duration| size as f64 / t.as_secs_f64() / 1e9;
         writeln!(
             report,
-            "| {} MiB | {runs} | {:.1} | {:.1} | {:.1} | {:.2} | {:.1}x |",
-            size >> 20,
+            "| {} | {runs} | {:.1} | {:.1} | {:.1} | {:.2} | {:.1}x |",
+            human(size),
             rate(memcpy),
             rate(fresh),
             rate(recycled),
@@ -84,18 +85,5 @@ fn main() -> Result<(), Error> {
     drop(fresh_pool);
     drop(recycling_pool);
 
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/bench");
-    std::fs::create_dir_all(&dir)?;
-    std::fs::write(dir.join("core.md"), &report)?;
-    print!("{report}");
-    Ok(())
-}
-
-fn median(
-    runs: usize,
-    mut run: impl FnMut() -> Result<Duration, Error>,
-) -> Result<Duration, Error> {
-    let mut times = (0..runs).map(|_| run()).collect::<Result<Vec<_>, _>>()?;
-    times.sort();
-    Ok(times[runs / 2])
+    write_section("core.md", &report)
 }

@@ -10,7 +10,8 @@ use ndarray::{Array1, Ix1};
 use shm_codec::{Decoder, Encoder, Payload, ShmArray};
 use shm_core::ShmPool;
 
-type Error = Box<dyn std::error::Error>;
+mod common;
+use common::{Error, human, median_of as median, write_section};
 
 fn main() -> Result<(), Error> {
     let quick = std::env::args().any(|a| a == "--quick");
@@ -77,29 +78,4 @@ fn main() -> Result<(), Error> {
         )?;
     }
     write_section("codec.md", &report)
-}
-
-fn median(
-    runs: usize,
-    mut run: impl FnMut() -> Result<Duration, Error>,
-) -> Result<Duration, Error> {
-    let mut times = (0..runs).map(|_| run()).collect::<Result<Vec<_>, _>>()?;
-    times.sort();
-    Ok(times[runs / 2])
-}
-
-fn human(bytes: usize) -> String {
-    match bytes {
-        b if b >= 1 << 30 => format!("{} GiB", b >> 30),
-        b if b >= 1 << 20 => format!("{} MiB", b >> 20),
-        b => format!("{} KiB", b >> 10),
-    }
-}
-
-fn write_section(name: &str, text: &str) -> Result<(), Error> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/bench");
-    std::fs::create_dir_all(&dir)?;
-    std::fs::write(dir.join(name), text)?;
-    print!("{text}");
-    Ok(())
 }
