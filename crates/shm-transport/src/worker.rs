@@ -377,9 +377,11 @@ impl Conn {
         if self.dead.load(Ordering::Acquire) {
             return Err(self.died());
         }
-        frame.send(&self.channel.ring(Direction::ToWorker), &self.pool, || {
-            !self.dead.load(Ordering::Acquire)
-        })
+        let alive = || !self.dead.load(Ordering::Acquire);
+        frame
+            .send(&self.channel.ring(Direction::ToWorker), &self.pool, alive)
+            // A full ring that never drains means the worker died while we waited.
+            .map_err(|err| if alive() { err } else { self.died() })
     }
 
     fn call<A: Encode + ?Sized, R: Decode>(
