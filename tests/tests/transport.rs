@@ -233,6 +233,26 @@ fn held_results_are_never_recycled_under_the_caller() {
         "a held result was overwritten"
     );
     drop(held);
+
+    // The same for results that are tuples of arrays.
+    let (a, b): (ShmArray<f64, Ix1>, ShmArray<f64, Ix1>) = worker
+        .call("fill_pair", &Serde((1usize << 17, 3.0f64)))
+        .unwrap();
+    for i in 0..300 {
+        let (x, _): (ShmArray<f64, Ix1>, ShmArray<f64, Ix1>) = worker
+            .call("fill_pair", &Serde((1usize << 17, i as f64)))
+            .unwrap();
+        assert_eq!(x.view()[0], i as f64);
+    }
+    assert!(
+        a.view().iter().all(|&v| v == 3.0),
+        "a held tuple member was overwritten"
+    );
+    assert!(
+        b.view().iter().all(|&v| v == -3.0),
+        "a held tuple member was overwritten"
+    );
+    drop((a, b));
     worker.shutdown();
     clean.end();
 }

@@ -193,7 +193,9 @@ pub fn serve(router: Router) -> Result<()> {
                 if args_kept {
                     kept_args.push((id, views));
                 }
-                let has_blocks = matches!(&outcome, Ok(payload) if !payload.buffers.is_empty());
+                // A tuple's blocks are its members': look at what the payload keeps alive.
+                let has_blocks = matches!(&outcome, Ok(payload)
+                    if !payload.buffers.is_empty() || !payload.kept_blocks().is_empty());
                 let mut reply = Frame::Reply {
                     id,
                     outcome,

@@ -57,6 +57,18 @@ fn router() -> Router {
             Ok::<_, String>(out.freeze())
         })
         .handle(
+            "fill_pair",
+            |Serde((n, value)): Serde<(usize, f64)>, ctx| {
+                let mut a =
+                    ShmArrayMut::<f64, Ix1>::zeros(ctx.pool(), n).map_err(|e| e.to_string())?;
+                let mut b =
+                    ShmArrayMut::<f64, Ix1>::zeros(ctx.pool(), n).map_err(|e| e.to_string())?;
+                a.view_mut().fill(value);
+                b.view_mut().fill(-value);
+                Ok::<_, String>((a.freeze(), b.freeze()))
+            },
+        )
+        .handle(
             "axpy",
             |(Serde(a), x, y): (Serde<f64>, ShmArray<f64, Ix1>, ShmArray<f64, Ix1>), _| {
                 Ok::<_, String>(&x.view() * a + y.view())
