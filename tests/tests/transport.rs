@@ -26,6 +26,13 @@ fn values_arrays_tuples_and_frames_round_trip() {
     let Serde(x): Serde<u64> = worker.call("echo", &Serde(42u64)).unwrap();
     assert_eq!(x, 42);
 
+    // Frames too large for a ring slot travel in blocks, both ways, call after call.
+    let text = "0123456789".repeat(2_000);
+    for times in [1, 5, 50] {
+        let Serde(long): Serde<String> = worker.call("repeat", &Serde((&text, times))).unwrap();
+        assert_eq!(long.len(), text.len() * times);
+    }
+
     let a = Array2::from_shape_fn((700, 300), |(i, j)| (i * 300 + j) as f64);
     let Serde(sum): Serde<f64> = worker.call("sum", &a.t()).unwrap();
     assert_eq!(sum, a.sum());

@@ -25,8 +25,9 @@ pub(crate) enum Frame {
         /// The worker still holds views of the arguments; the parent must not recycle them
         /// until `ArgsReleased { id }`.
         args_kept: bool,
-        /// The worker keeps blocks alive for this reply (its result, a spilled frame) until
-        /// the parent sends `Release { id }`.
+        /// The worker keeps the result's blocks alive until the parent sends
+        /// `Release { id }`. A reply that arrives spilled is released the same way, whatever
+        /// this says: the worker keeps the spill block until then.
         needs_release: bool,
     },
     /// Parent → worker: nothing of reply `id` is used any more.
@@ -72,13 +73,14 @@ impl Frame {
         Ok(spill)
     }
 
-    /// Whether the frame is too large for a slot and will travel in a block.
-    pub(crate) fn spills(&self) -> bool {
-        postcard::to_stdvec(self).map_or(true, |bytes| bytes.len() > SLOT_LEN - 4)
-    }
-
     /// Reads a frame popped from a ring, following a spill into its block.
     pub(crate) fn read(bytes: &[u8], pool: &ShmPool) -> Result<Frame> {
+        Self::read_marked(bytes, pool).map(|(frame, _)| frame)
+    }
+
+    /// [`read`](Self::read), also saying whether the frame travelled in a block (whose sender
+    /// keeps it until the call or reply it belongs to is released).
+    pub(crate) fn read_marked(bytes: &[u8], pool: &ShmPool) -> Result<(Frame, bool)> {
         let frame: Frame = postcard::from_bytes(bytes)
             .map_err(|e| malformed(format!("frame of {} bytes: {e}", bytes.len())))?;
         match frame {
@@ -90,9 +92,9 @@ impl Frame {
                 if matches!(inner, Frame::Spilled(_)) {
                     return Err(malformed("a spilled frame points to another spill"));
                 }
-                Ok(inner)
+                Ok((inner, true))
             }
-            frame => Ok(frame),
+            frame => Ok((frame, false)),
         }
     }
 }

@@ -196,22 +196,14 @@ pub fn serve(router: Router) -> Result<()> {
                 // A tuple's blocks are its members': look at what the payload keeps alive.
                 let has_blocks = matches!(&outcome, Ok(payload)
                     if !payload.buffers.is_empty() || !payload.kept_blocks().is_empty());
-                let mut reply = Frame::Reply {
+                let reply = Frame::Reply {
                     id,
                     outcome,
                     args_kept,
-                    needs_release: true,
+                    needs_release: has_blocks,
                 };
-                let needs_release = has_blocks || reply.spills();
-                if let Frame::Reply {
-                    needs_release: flag,
-                    ..
-                } = &mut reply
-                {
-                    *flag = needs_release;
-                }
                 let spill = send(&reply)?;
-                if needs_release {
+                if has_blocks || spill.is_some() {
                     let result = match reply {
                         Frame::Reply {
                             outcome: Ok(payload),

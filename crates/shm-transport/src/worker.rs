@@ -524,13 +524,15 @@ impl Conn {
     fn drain(&self) -> Result<()> {
         let ring = self.channel.ring(Direction::ToParent);
         while let Some(bytes) = ring.pop()? {
-            match Frame::read(&bytes, &self.pool)? {
+            let (frame, spilled) = Frame::read_marked(&bytes, &self.pool)?;
+            match frame {
                 Frame::Reply {
                     id,
                     outcome,
                     args_kept,
                     needs_release,
                 } => {
+                    let needs_release = needs_release || spilled;
                     let slot = lock(&self.calls).get(&id).cloned();
                     match slot {
                         Some(slot) => {

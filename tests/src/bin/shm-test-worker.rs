@@ -38,6 +38,12 @@ fn main() {
 fn router() -> Router {
     Router::new()
         .handle("echo", |Serde(x): Serde<u64>, _| Ok::<_, String>(Serde(x)))
+        .handle(
+            "repeat",
+            |Serde((text, times)): Serde<(String, usize)>, _| {
+                Ok::<_, String>(Serde(text.repeat(times)))
+            },
+        )
         .handle("pid", |(): (), _| {
             Ok::<_, String>(Serde(std::process::id()))
         })
