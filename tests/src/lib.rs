@@ -1,6 +1,8 @@
 //! Helpers for the multi-process tests of shm: the child process they drive and a check that
 //! `/dev/shm` is left as it was found.
 
+pub mod model;
+
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};

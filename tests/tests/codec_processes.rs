@@ -56,7 +56,7 @@ fn a_child_reads_a_slice_of_an_array_it_sent_back_without_a_copy() {
     // Re-send a slice of it to a third process: a reference into the maker's segment.
     let slice = received.slice(s![100..;-5, 10..20]);
     let resent = Encoder::new(pool.clone()).encode(&slice).unwrap();
-    assert_eq!(resent.buffers[0].name, payload.buffers[0].name);
+    assert_eq!(resent.buffers()[0].name, payload.buffers()[0].name);
     let expected = format!("{:?} {}", slice.shape(), weighted_sum(slice.view().iter()));
     assert_eq!(child_reads(&resent), expected);
 

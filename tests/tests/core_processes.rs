@@ -10,7 +10,7 @@ fn a_child_reads_what_the_parent_wrote() {
     let clean = CleanShm::begin();
     let pool = ShmPool::new().unwrap();
     for size in [0, 1, 1000, 64 << 10, (64 << 10) + 1, 32 << 20] {
-        let mut block = pool.alloc(size, false).unwrap();
+        let mut block = pool.alloc(size).unwrap();
         fill_pattern(block.as_mut_slice().unwrap(), 7);
         let mut child = ChildProcess::spawn(CHILD, &["read", &block.to_ref().to_hex(), "7"]);
         assert_eq!(child.read_line(), format!("ok {size}"), "size {size}");
@@ -47,7 +47,7 @@ fn the_parent_reads_what_a_child_wrote() {
 fn the_segments_of_a_killed_child_are_swept_and_live_ones_are_not() {
     let clean = CleanShm::begin();
     let pool = ShmPool::new().unwrap();
-    let mine = pool.alloc(2 << 20, false).unwrap();
+    let mine = pool.alloc(2 << 20).unwrap();
 
     let mut victim = ChildProcess::spawn(CHILD, &["hold", "3000000"]);
     let victim_session = victim.read_line();

@@ -112,7 +112,6 @@ fn rust_reads_an_ipc_stream_that_pyarrow_wrote() {
         size,
         offset: 0,
         content_size: size,
-        temporary: false,
     };
     let block = Arc::new(pool.attach(&r).unwrap());
     let batches = read_ipc_block(&block).unwrap();
@@ -189,7 +188,7 @@ fn numpy_maps_arrays_that_rust_wrote_in_every_layout() {
     ];
     for (payload, expected) in cases {
         let meta: ArrayMeta = postcard::from_bytes(&payload.meta).unwrap();
-        let r = &payload.buffers[0];
+        let r = &payload.buffers()[0];
         let out = run(
             &python,
             &[
@@ -245,9 +244,8 @@ fn rust_decodes_an_array_that_numpy_wrote() {
         size,
         offset: 0,
         content_size: size,
-        temporary: false,
     };
-    let payload = Payload::new(
+    let payload = Payload::from_refs(
         "ndarray",
         postcard::to_stdvec(&meta).unwrap(),
         vec![r],

@@ -15,10 +15,7 @@ use arrow::array::{
 use arrow::buffer::{BooleanBuffer, Buffer, NullBuffer};
 use arrow::datatypes::{DataType, Schema};
 use serde::{Deserialize, Serialize};
-use shm_codec::{
-    AnyValue, Codec, CodecError, Decode, Decoder, Encode, Encoder, Payload, find_live_block,
-    register_live_block,
-};
+use shm_codec::{AnyValue, Codec, CodecError, Decode, Decoder, Encode, Encoder, Payload};
 use shm_core::{BLOCK_ALIGN, ShmBlock};
 
 use crate::buffer::block_buffer;
@@ -86,8 +83,8 @@ struct Plan {
 impl Plan {
     /// Where `buffer` will be: in the live block it already lies in, or at the next aligned
     /// offset of the column's new block (marked [`NEW_BLOCK`] until it has an index).
-    fn place(&mut self, buffer: &Buffer) -> BufRef {
-        if let Some(block) = find_live_block(buffer.as_ptr(), buffer.len()) {
+    fn place(&mut self, encoder: &Encoder, buffer: &Buffer) -> BufRef {
+        if let Some(block) = encoder.block_holding(buffer.as_ptr(), buffer.len()) {
             let index = match self.blocks.iter().position(|b| Arc::ptr_eq(b, &block)) {
                 Some(index) => index,
                 None => {
@@ -111,9 +108,9 @@ impl Plan {
         }
     }
 
-    fn node(&mut self, data: &ArrayData) -> Node {
+    fn node(&mut self, encoder: &Encoder, data: &ArrayData) -> Node {
         let nulls = data.nulls().map(|nulls| Nulls {
-            bits: self.place(nulls.inner().inner()),
+            bits: self.place(encoder, nulls.inner().inner()),
             bit_offset: nulls.offset() as u64,
             null_count: nulls.null_count() as u64,
         });
@@ -121,8 +118,16 @@ impl Plan {
             len: data.len() as u64,
             offset: data.offset() as u64,
             nulls,
-            buffers: data.buffers().iter().map(|b| self.place(b)).collect(),
-            children: data.child_data().iter().map(|c| self.node(c)).collect(),
+            buffers: data
+                .buffers()
+                .iter()
+                .map(|b| self.place(encoder, b))
+                .collect(),
+            children: data
+                .child_data()
+                .iter()
+                .map(|c| self.node(encoder, c))
+                .collect(),
         }
     }
 }
@@ -142,17 +147,15 @@ impl Encode for ColumnFrame {
         for column in batch.columns() {
             let start = plan.copies.len();
             plan.cursor = 0;
-            let mut node = plan.node(&column.to_data());
+            let mut node = plan.node(encoder, &column.to_data());
             if plan.copies.len() > start {
-                let mut block = encoder.pool().alloc(plan.cursor as usize, false)?;
+                let mut block = encoder.pool().alloc(plan.cursor as usize)?;
                 let bytes = block.as_mut_slice()?;
                 for (buffer, offset) in &plan.copies[start..] {
                     let offset = *offset as usize;
                     bytes[offset..offset + buffer.len()].copy_from_slice(buffer.as_slice());
                 }
-                let block = Arc::new(block);
-                register_live_block(&block);
-                plan.blocks.push(block);
+                plan.blocks.push(encoder.freeze(block));
                 retarget(&mut node, NEW_BLOCK, plan.blocks.len() as u32 - 1);
             }
             columns.push(node);
@@ -162,11 +165,7 @@ impl Encode for ColumnFrame {
             rows: batch.num_rows() as u64,
             columns,
         })?;
-        let refs = plan.blocks.iter().map(|b| b.to_ref()).collect();
-        Ok(plan.blocks.into_iter().fold(
-            Payload::new(COLUMNS_CODEC, meta, refs, Vec::new()),
-            Payload::keeping,
-        ))
+        Ok(Payload::new(COLUMNS_CODEC, meta, plan.blocks, Vec::new()))
     }
 }
 
@@ -236,7 +235,7 @@ fn decode_batch(
         Some(p) => p.to_vec(),
         None => (0..meta.columns.len()).collect(),
     };
-    let mut blocks: Vec<Option<Arc<ShmBlock>>> = vec![None; payload.buffers.len()];
+    let mut blocks: Vec<Option<Arc<ShmBlock>>> = vec![None; payload.buffers().len()];
     let mut fields = Vec::with_capacity(chosen.len());
     let mut columns: Vec<ArrayRef> = Vec::with_capacity(chosen.len());
     for &i in &chosen {
@@ -276,14 +275,13 @@ impl BuildContext<'_> {
         let Some(slot) = self.blocks.get_mut(index) else {
             return Err(invalid(format!(
                 "buffer in block {index} of {}",
-                self.payload.buffers.len()
+                self.payload.buffers().len()
             )));
         };
         let block = match slot {
             Some(block) => Arc::clone(block),
             None => {
-                let block = self.decoder.attach(&self.payload.buffers[index])?;
-                register_live_block(&block);
+                let block = self.decoder.attach(&self.payload.buffers()[index])?;
                 *slot = Some(Arc::clone(&block));
                 block
             }

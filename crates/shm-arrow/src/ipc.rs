@@ -38,7 +38,7 @@ pub fn write_ipc_block(
         writer.write(batch).map_err(|e| invalid(e.to_string()))?;
     }
     let bytes = writer.into_inner().map_err(|e| invalid(e.to_string()))?;
-    let mut block = pool.alloc(bytes.len(), false)?;
+    let mut block = pool.alloc(bytes.len())?;
     block.as_mut_slice()?.copy_from_slice(&bytes);
     Ok(block)
 }

@@ -530,7 +530,7 @@ fn decoded_buffers_point_into_shared_memory() {
     let ColumnFrame(back) = c.1.decode(&payload).unwrap();
     let values = back.column(0).to_data().buffers()[0].clone();
     assert!(
-        shm_codec::find_live_block(values.as_ptr(), values.len()).is_some(),
+        c.0.block_holding(values.as_ptr(), values.len()).is_some(),
         "the decoded values are a view of a block, not a copy"
     );
     assert_eq!(values.as_ptr() as usize % 64, 0, "64-byte aligned");
@@ -625,7 +625,7 @@ fn resent_batches_reference_their_blocks_and_carry_only_current_columns() {
         "nothing was copied"
     );
     let names = |p: &Payload| {
-        p.buffers
+        p.buffers()
             .iter()
             .map(|r| r.name.clone())
             .collect::<std::collections::BTreeSet<_>>()

@@ -108,20 +108,15 @@ impl Storage {
 /// `ArrayView` into one of them and send a reference instead of a copy.
 static LIVE_BLOCKS: Mutex<BTreeMap<usize, (usize, Weak<ShmBlock>)>> = Mutex::new(BTreeMap::new());
 
-/// Records that `block` backs values of this process, so that encoders recognise memory inside
-/// it ([`find_live_block`]) and send a reference instead of a copy. Decoders of other crates
-/// (shm-arrow) call this for the blocks they attach.
-pub fn register_live_block(block: &Arc<ShmBlock>) {
-    register_live(block);
-}
-
 /// The live block that holds `len` bytes at `ptr`, if a registered block does.
-pub fn find_live_block(ptr: *const u8, len: usize) -> Option<Arc<ShmBlock>> {
+pub(crate) fn find_live_block(ptr: *const u8, len: usize) -> Option<Arc<ShmBlock>> {
     let low = ptr as usize;
     find_live(low, low.checked_add(len)?)
 }
 
-fn register_live(block: &Arc<ShmBlock>) {
+/// Records that `block` backs values of this process, so that encoders recognise memory inside
+/// it and send a reference instead of a copy. Every attached and every frozen block is here.
+pub(crate) fn register_live(block: &Arc<ShmBlock>) {
     let start = block.as_ptr() as usize;
     let end = start + block.len();
     let mut live = LIVE_BLOCKS.lock().unwrap_or_else(PoisonError::into_inner);
@@ -468,10 +463,14 @@ impl<S: Data<Elem = T>, T: Element, D: Dimension> Encode for ArrayBase<S, D> {
             write(&mut inline);
             return Ok(Payload::new(ARRAY_CODEC, meta, Vec::new(), inline));
         }
-        let mut block = encoder.pool().alloc(nbytes, false)?;
+        let mut block = encoder.pool().alloc(nbytes)?;
         write(block.as_mut_slice()?);
-        let block = Arc::new(block);
-        Ok(Payload::new(ARRAY_CODEC, meta, vec![block.to_ref()], Vec::new()).keeping(block))
+        Ok(Payload::new(
+            ARRAY_CODEC,
+            meta,
+            vec![Arc::new(block)],
+            Vec::new(),
+        ))
     }
 }
 
@@ -496,7 +495,7 @@ fn encode_if_shared<T: Element, D: Dimension>(view: &ArrayView<'_, T, D>) -> Opt
         origin: (first - block.as_ptr() as usize) as u64,
     };
     let meta = Payload::encode_meta(&meta).ok()?;
-    Some(Payload::new(ARRAY_CODEC, meta, vec![block.to_ref()], Vec::new()).keeping(block))
+    Some(Payload::new(ARRAY_CODEC, meta, vec![block], Vec::new()))
 }
 
 impl<T: Element, D: Dimension> Encode for ShmArray<T, D> {
@@ -504,10 +503,12 @@ impl<T: Element, D: Dimension> Encode for ShmArray<T, D> {
         match &self.storage {
             Storage::Block(block) => {
                 let meta = Payload::encode_meta(&self.meta())?;
-                Ok(
-                    Payload::new(ARRAY_CODEC, meta, vec![block.to_ref()], Vec::new())
-                        .keeping(Arc::clone(block)),
-                )
+                Ok(Payload::new(
+                    ARRAY_CODEC,
+                    meta,
+                    vec![Arc::clone(block)],
+                    Vec::new(),
+                ))
             }
             Storage::Heap(_) => self.view().encode(encoder),
         }
@@ -563,13 +564,9 @@ pub(crate) fn storage_of(
     decoder: &Decoder,
     codec: &'static str,
 ) -> Result<Storage> {
-    match payload.buffers.as_slice() {
+    match payload.buffers() {
         [] => Ok(Storage::Heap(Arc::new(HeapBytes::copy_of(&payload.inline)))),
-        [r] => {
-            let block = decoder.attach(r)?;
-            register_live(&block);
-            Ok(Storage::Block(block))
-        }
+        [r] => Ok(Storage::Block(decoder.attach(r)?)),
         more => Err(CodecError::BufferCount {
             codec,
             expected: 1,
@@ -613,7 +610,7 @@ impl<T: Element, D: Dimension> ShmArrayMut<T, D> {
         let dim = shape.into_dimension();
         // Checks the order before allocating.
         contiguous_strides(dim.slice(), order, size_of::<T>())?;
-        let mut block = pool.alloc(byte_len::<T>(dim.slice())?, false)?;
+        let mut block = pool.alloc(byte_len::<T>(dim.slice())?)?;
         block.as_mut_slice()?.fill(0);
         Ok(ShmArrayMut {
             block,

@@ -2,11 +2,11 @@
 //! ordered registry for values whose type is known only at run time.
 
 use std::any::Any;
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::Arc;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use shm_core::{ShmBlock, ShmPool};
+use shm_core::{ShmBlock, ShmPool, ShmRef};
 
 use crate::error::{CodecError, Result};
 use crate::payload::Payload;
@@ -45,16 +45,47 @@ impl Encoder {
     pub fn encode<V: Encode + ?Sized>(&self, value: &V) -> Result<Payload> {
         value.encode(self)
     }
+
+    /// A block this encoder's codec has filled, frozen for sending: from now on, encoding a
+    /// view into it (an `ArrayView`, an Arrow buffer) sends a reference to it, not a copy.
+    pub fn freeze(&self, block: ShmBlock) -> Arc<ShmBlock> {
+        let block = Arc::new(block);
+        crate::array::register_live(&block);
+        block
+    }
+
+    /// The live block of this process that holds the `len` bytes at `ptr`, if one does: a
+    /// block decoded from a peer or frozen here, which a codec can reference instead of
+    /// copying the bytes.
+    pub fn block_holding(&self, ptr: *const u8, len: usize) -> Option<Arc<ShmBlock>> {
+        crate::array::find_live_block(ptr, len)
+    }
 }
 
-/// Where decoded values come from: the pool that attaches their blocks.
-///
-/// A decoder can also record every block it attaches ([`tracking`](Self::tracking)), so that
-/// the transport learns when the values built on them have all been dropped.
-#[derive(Clone, Debug)]
+/// Where decoded values come from: the pool that attaches their blocks, and optionally an
+/// [`Attacher`] that decides how (a transport attaches through one, to learn when each block
+/// is released).
+#[derive(Clone)]
 pub struct Decoder {
     pool: ShmPool,
-    attached: Option<Arc<Mutex<Vec<Weak<ShmBlock>>>>>,
+    attacher: Option<Arc<dyn Attacher>>,
+}
+
+impl std::fmt::Debug for Decoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Decoder")
+            .field("pool", &self.pool)
+            .field("attacher", &self.attacher.is_some())
+            .finish()
+    }
+}
+
+/// How a [`Decoder`] turns references into blocks. The default attaches through the pool;
+/// a transport supplies its own, which marks each block so that the peer that lent it learns
+/// when it is dropped, and hands out one block for a reference that a payload names twice.
+pub trait Attacher: Send + Sync {
+    /// The block `r` names, attached through `pool`.
+    fn attach(&self, pool: &ShmPool, r: &ShmRef) -> shm_core::Result<Arc<ShmBlock>>;
 }
 
 impl Decoder {
@@ -62,16 +93,15 @@ impl Decoder {
     pub fn new(pool: ShmPool) -> Self {
         Decoder {
             pool,
-            attached: None,
+            attacher: None,
         }
     }
 
-    /// A decoder that records the blocks it attaches; [`take_attached`](Self::take_attached)
-    /// returns them.
-    pub fn tracking(pool: ShmPool) -> Self {
+    /// A decoder that attaches through `attacher`.
+    pub fn with_attacher(pool: ShmPool, attacher: Arc<dyn Attacher>) -> Self {
         Decoder {
             pool,
-            attached: Some(Arc::default()),
+            attacher: Some(attacher),
         }
     }
 
@@ -80,24 +110,15 @@ impl Decoder {
         &self.pool
     }
 
-    /// Attaches the block a reference names, recording it when tracking.
-    pub fn attach(&self, r: &shm_core::ShmRef) -> Result<Arc<ShmBlock>> {
-        let block = Arc::new(self.pool.attach(r)?);
-        if let Some(attached) = &self.attached {
-            attached
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push(Arc::downgrade(&block));
-        }
+    /// Attaches the block a reference names. The block is remembered as backing live values,
+    /// so that encoding a view into it sends a reference instead of a copy.
+    pub fn attach(&self, r: &ShmRef) -> Result<Arc<ShmBlock>> {
+        let block = match &self.attacher {
+            Some(attacher) => attacher.attach(&self.pool, r)?,
+            None => Arc::new(self.pool.attach(r)?),
+        };
+        crate::array::register_live(&block);
         Ok(block)
-    }
-
-    /// The blocks attached since the last call (empty when not tracking). A block whose `Weak`
-    /// no longer upgrades is no longer used by any decoded value.
-    pub fn take_attached(&self) -> Vec<Weak<ShmBlock>> {
-        self.attached.as_ref().map_or_else(Vec::new, |attached| {
-            std::mem::take(&mut *attached.lock().unwrap_or_else(PoisonError::into_inner))
-        })
     }
 
     /// Decodes a value of type `V`.
@@ -133,12 +154,12 @@ impl<T: Serialize> Encode for Serde<T> {
         if bytes.len() <= encoder.serde_inline_limit {
             return Ok(Payload::new(SERDE_CODEC, Vec::new(), Vec::new(), bytes));
         }
-        let mut block = encoder.pool().alloc(bytes.len(), true)?;
+        let mut block = encoder.pool().alloc(bytes.len())?;
         block.as_mut_slice()?.copy_from_slice(&bytes);
         Ok(Payload::new(
             SERDE_CODEC,
             Vec::new(),
-            vec![block.to_ref()],
+            vec![Arc::new(block)],
             Vec::new(),
         ))
     }
@@ -160,7 +181,7 @@ fn decode_serde<T: DeserializeOwned>(payload: &Payload, decoder: &Decoder) -> Re
             source,
         }
     };
-    match payload.buffers.as_slice() {
+    match payload.buffers() {
         [] => postcard::from_bytes(&payload.inline).map_err(malformed(payload.inline.len())),
         [r] => {
             let block = decoder.attach(r)?;

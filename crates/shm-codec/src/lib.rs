@@ -38,7 +38,7 @@
 //! // A slice of the received array goes back with no copy: the same block, another origin.
 //! let column = b.slice(s![.., 7]);
 //! let back = encoder.encode(&column)?;
-//! assert_eq!(back.buffers[0].name, payload.buffers[0].name);
+//! assert_eq!(back.buffers()[0].name, payload.buffers()[0].name);
 //! # drop((b, column, back, payload));
 //! # Ok(())
 //! # }
@@ -52,12 +52,10 @@ mod frame;
 mod payload;
 mod tuple;
 
-pub use array::{
-    ARRAY_CODEC, Order, ShmArray, ShmArrayMut, array_order, find_live_block, register_live_block,
-};
+pub use array::{ARRAY_CODEC, Order, ShmArray, ShmArrayMut, array_order};
 pub use codec::{
-    AnyValue, Codec, DEFAULT_INLINE_THRESHOLD, DEFAULT_SERDE_INLINE_LIMIT, Decode, Decoder, Encode,
-    Encoder, Registry, SERDE_CODEC, Serde, SerdeCodec,
+    AnyValue, Attacher, Codec, DEFAULT_INLINE_THRESHOLD, DEFAULT_SERDE_INLINE_LIMIT, Decode,
+    Decoder, Encode, Encoder, Registry, SERDE_CODEC, Serde, SerdeCodec,
 };
 pub use element::{DType, Element};
 pub use error::{CodecError, Result};

@@ -14,9 +14,15 @@ pub const FORMAT_VERSION: u16 = 1;
 /// An encoded value. Its large data lives in shared memory (`buffers`); everything else is
 /// small and travels in the message itself.
 ///
-/// On the sending side a payload also holds the blocks its references point to, so that they
-/// cannot be recycled while the payload is in flight: drop the payload when the receiver is
-/// done with it. That part does not travel and is ignored by `==`.
+/// # A payload holds what it names
+///
+/// A payload built to be sent ([`Payload::new`]) is built from the blocks themselves, not from
+/// references to them: it holds each block (an `Arc<ShmBlock>`) for as long as it lives, and
+/// its references are derived from those blocks, so no codec can send a reference to a block
+/// that may be recycled underneath it. A transport that sends the payload takes its blocks
+/// ([`blocks`](Self::blocks)) and keeps them until the receiver has let go. A payload read
+/// from the wire ([`from_bytes`](Self::from_bytes), [`from_refs`](Self::from_refs)) names
+/// blocks of the sender and holds none; it is for decoding.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Payload {
     /// The format version of the writer; a reader of another version refuses the payload.
@@ -26,12 +32,12 @@ pub struct Payload {
     /// The codec's metadata, postcard-encoded (shape, dtype, labels, …).
     pub meta: Vec<u8>,
     /// The shared-memory blocks holding the data.
-    pub buffers: Vec<ShmRef>,
+    buffers: Vec<ShmRef>,
     /// Data small enough to travel inline instead of in a block.
     pub inline: Vec<u8>,
-    /// The blocks `buffers` point to, kept alive on the sending side.
+    /// The blocks `buffers` name, in the same order (sending side only).
     #[serde(skip)]
-    keep_alive: Vec<Arc<ShmBlock>>,
+    blocks: Vec<Arc<ShmBlock>>,
 }
 
 impl PartialEq for Payload {
@@ -55,32 +61,61 @@ impl PartialEq for Payload {
 impl Eq for Payload {}
 
 impl Payload {
-    /// A payload of the current format version.
+    /// A payload of the current format version over `blocks`, which it holds.
     pub fn new(
         codec: impl Into<String>,
         meta: Vec<u8>,
-        buffers: Vec<ShmRef>,
+        blocks: Vec<Arc<ShmBlock>>,
         inline: Vec<u8>,
     ) -> Self {
         Payload {
             version: FORMAT_VERSION,
             codec: codec.into(),
             meta,
-            buffers,
+            buffers: blocks.iter().map(|b| b.to_ref()).collect(),
             inline,
-            keep_alive: Vec::new(),
+            blocks,
         }
     }
 
-    /// The payload, holding `block` alive for as long as it lives.
-    pub fn keeping(mut self, block: Arc<ShmBlock>) -> Self {
-        self.keep_alive.push(block);
-        self
+    /// A payload as a peer sent it: references to blocks this process does not hold, for
+    /// decoding only (a transport refuses to send it, see [`is_backed`](Self::is_backed)).
+    pub fn from_refs(
+        codec: impl Into<String>,
+        meta: Vec<u8>,
+        refs: Vec<ShmRef>,
+        inline: Vec<u8>,
+    ) -> Self {
+        Payload {
+            version: FORMAT_VERSION,
+            codec: codec.into(),
+            meta,
+            buffers: refs,
+            inline,
+            blocks: Vec::new(),
+        }
     }
 
-    /// The blocks this payload keeps alive.
-    pub fn kept_blocks(&self) -> &[Arc<ShmBlock>] {
-        &self.keep_alive
+    /// The references to the payload's blocks, as they travel.
+    pub fn buffers(&self) -> &[ShmRef] {
+        &self.buffers
+    }
+
+    /// The blocks this payload holds, in the order of [`buffers`](Self::buffers) (empty for
+    /// a payload read from the wire).
+    pub fn blocks(&self) -> &[Arc<ShmBlock>] {
+        &self.blocks
+    }
+
+    /// Whether the payload holds every block it names, so that it can be sent.
+    pub fn is_backed(&self) -> bool {
+        self.blocks.len() == self.buffers.len()
+    }
+
+    /// The payload with its blocks taken out: the sender keeps them while the payload's
+    /// wire form travels.
+    pub fn take_blocks(&mut self) -> Vec<Arc<ShmBlock>> {
+        std::mem::take(&mut self.blocks)
     }
 
     /// The payload in its wire form (postcard).
@@ -141,6 +176,7 @@ mod tests {
     #[test]
     fn round_trips_and_refuses_other_versions() {
         let payload = Payload::new("ndarray", vec![1, 2, 3], Vec::new(), vec![9; 10]);
+        assert!(payload.is_backed());
         let bytes = payload.to_bytes();
         assert_eq!(Payload::from_bytes(&bytes).unwrap(), payload);
 

@@ -6,24 +6,51 @@ use crate::codec::{Decode, Decoder, Encode, Encoder};
 use crate::error::{CodecError, Result};
 use crate::payload::Payload;
 
-/// The codec name of tuples: the metadata is the sequence of the members' payloads.
+/// The codec name of tuples. The tuple's buffers are its members' buffers, in member order;
+/// the metadata lists each member's codec, metadata, inline bytes and number of buffers.
 pub const TUPLE_CODEC: &str = "tuple";
 
 #[derive(Serialize, Deserialize)]
 struct TupleMeta {
-    members: Vec<Payload>,
+    members: Vec<Member>,
+}
+
+/// One member of a tuple: a payload whose buffers are the next `buffers` of the tuple's.
+#[derive(Serialize, Deserialize)]
+struct Member {
+    codec: String,
+    meta: Vec<u8>,
+    inline: Vec<u8>,
+    buffers: u32,
 }
 
 fn encode_members(members: Vec<Payload>) -> Result<Payload> {
-    let kept: Vec<_> = members
-        .iter()
-        .flat_map(|m| m.kept_blocks().iter().cloned())
-        .collect();
-    let meta = Payload::encode_meta(&TupleMeta { members })?;
-    Ok(kept.into_iter().fold(
-        Payload::new(TUPLE_CODEC, meta, Vec::new(), Vec::new()),
-        Payload::keeping,
-    ))
+    let mut blocks = Vec::new();
+    let mut meta = TupleMeta {
+        members: Vec::with_capacity(members.len()),
+    };
+    for mut member in members {
+        let held = member.take_blocks();
+        if held.len() != member.buffers().len() {
+            return Err(CodecError::Layout {
+                reason: format!(
+                    "a tuple member of codec {} names {} blocks but holds {}",
+                    member.codec,
+                    member.buffers().len(),
+                    held.len()
+                ),
+            });
+        }
+        meta.members.push(Member {
+            codec: member.codec,
+            meta: member.meta,
+            inline: member.inline,
+            buffers: held.len() as u32,
+        });
+        blocks.extend(held);
+    }
+    let meta = Payload::encode_meta(&meta)?;
+    Ok(Payload::new(TUPLE_CODEC, meta, blocks, Vec::new()))
 }
 
 fn decode_members(payload: &Payload, arity: usize) -> Result<Vec<Payload>> {
@@ -37,7 +64,34 @@ fn decode_members(payload: &Payload, arity: usize) -> Result<Vec<Payload>> {
             ),
         });
     }
-    Ok(meta.members)
+    let mut refs = payload.buffers();
+    let mut members = Vec::with_capacity(arity);
+    for member in meta.members {
+        let count = member.buffers as usize;
+        if count > refs.len() {
+            return Err(CodecError::Layout {
+                reason: format!(
+                    "a tuple member claims {count} buffers, {} are left of the tuple's {}",
+                    refs.len(),
+                    payload.buffers().len()
+                ),
+            });
+        }
+        let (mine, rest) = refs.split_at(count);
+        refs = rest;
+        members.push(Payload::from_refs(
+            member.codec,
+            member.meta,
+            mine.to_vec(),
+            member.inline,
+        ));
+    }
+    if !refs.is_empty() {
+        return Err(CodecError::Layout {
+            reason: format!("{} buffers of a tuple belong to no member", refs.len()),
+        });
+    }
+    Ok(members)
 }
 
 macro_rules! tuple {

@@ -124,9 +124,10 @@ fn slices_of_decoded_arrays_are_resent_without_a_copy() {
             plain_view.into_dyn().to_owned(),
         ),
     ] {
-        assert_eq!(resent.buffers.len(), 1);
+        assert_eq!(resent.buffers().len(), 1);
         assert_eq!(
-            resent.buffers[0].name, payload.buffers[0].name,
+            resent.buffers()[0].name,
+            payload.buffers()[0].name,
             "sent by reference"
         );
         assert!(resent.inline.is_empty());
@@ -155,7 +156,7 @@ fn arrays_produced_in_place_are_sent_without_a_copy() {
         .for_each(|((i, j), v)| *v = (i + j) as f32);
     let frozen = producing.freeze();
     let payload = c.0.encode(&frozen).unwrap();
-    assert_eq!(payload.buffers[0].name, frozen.block().unwrap().name());
+    assert_eq!(payload.buffers()[0].name, frozen.block().unwrap().name());
     let b: ShmArray<f32, Ix2> = c.1.decode(&payload).unwrap();
     assert_eq!(b.view()[[499, 399]], 898.0);
     assert_eq!(b.view(), frozen.view());
@@ -179,14 +180,14 @@ fn small_arrays_travel_inline_and_large_ones_in_a_block() {
     let c = codecs();
     let small = Array1::from_elem(100, 1.0f64);
     let payload = c.0.encode(&small).unwrap();
-    assert!(payload.buffers.is_empty());
+    assert!(payload.buffers().is_empty());
     assert_eq!(payload.inline.len(), 800);
     let large = Array1::from_elem(100_000, 1.0f64);
     let payload = c.0.encode(&large).unwrap();
-    assert_eq!(payload.buffers.len(), 1);
+    assert_eq!(payload.buffers().len(), 1);
     assert!(payload.inline.is_empty());
     assert_eq!(
-        payload.kept_blocks().len(),
+        payload.blocks().len(),
         1,
         "the payload keeps its block alive"
     );
@@ -195,7 +196,7 @@ fn small_arrays_travel_inline_and_large_ones_in_a_block() {
 #[test]
 fn arrays_from_blocks_check_their_size() {
     let pool = pool();
-    let mut block = pool.alloc(8 * 12, false).unwrap();
+    let mut block = pool.alloc(8 * 12).unwrap();
     block.as_mut_slice().unwrap().fill(0);
     let block = Arc::new(block);
     let a = ShmArray::<f64, Ix2>::from_block(Arc::clone(&block), (3, 4), Order::F).unwrap();
@@ -257,16 +258,38 @@ fn serde_values_travel_inline_or_in_a_temporary_block() {
     let c = codecs();
     let small: BTreeMap<String, Vec<i32>> = [("a".into(), vec![1, 2]), ("b".into(), vec![])].into();
     let payload = c.0.encode(&Serde(&small)).unwrap();
-    assert!(payload.buffers.is_empty());
+    assert!(payload.buffers().is_empty());
     let Serde(back): Serde<BTreeMap<String, Vec<i32>>> = c.1.decode(&payload).unwrap();
     assert_eq!(back, small);
 
     let large = "x".repeat(3 << 20);
     let payload = c.0.encode(&Serde(&large)).unwrap();
-    assert_eq!(payload.buffers.len(), 1);
-    assert!(payload.buffers[0].temporary);
+    assert_eq!(payload.buffers().len(), 1);
+    assert!(payload.is_backed(), "the payload holds the block it names");
     let Serde(back): Serde<String> = c.1.decode(&payload).unwrap();
     assert_eq!(back, large);
+}
+
+#[test]
+fn large_serde_values_in_one_tuple_keep_their_own_blocks() {
+    // A pool that keeps no idle segment: a block nobody holds is unlinked at once.
+    for cache_bytes in [2 << 30, 0] {
+        let pool = ShmPool::with_config(PoolConfig {
+            cache_bytes,
+            sweep_orphans: false,
+            ..PoolConfig::default()
+        })
+        .unwrap();
+        let encoder = Encoder::new(pool.clone());
+        let payload = encoder
+            .encode(&(Serde(vec![1u8; 2 << 20]), Serde(vec![2u8; 2 << 20])))
+            .unwrap();
+        assert_eq!(payload.blocks().len(), 2, "the tuple holds both blocks");
+        let (Serde(a), Serde(b)): (Serde<Vec<u8>>, Serde<Vec<u8>>) =
+            Decoder::new(pool).decode(&payload).unwrap();
+        assert!(a.iter().all(|&x| x == 1), "the first value was overwritten");
+        assert!(b.iter().all(|&x| x == 2));
+    }
 }
 
 #[test]
@@ -386,8 +409,12 @@ fn lying_metadata_is_a_typed_error() {
         let result = c.1.decode::<ShmArray<f64, IxDyn>>(&bad);
         assert!(result.is_err(), "{what}: accepted");
     }
-    let mut two_buffers = payload.clone();
-    two_buffers.buffers.push(payload.buffers[0].clone());
+    let two_buffers = Payload::from_refs(
+        shm_codec::ARRAY_CODEC,
+        payload.meta.clone(),
+        vec![payload.buffers()[0].clone(); 2],
+        Vec::new(),
+    );
     assert!(matches!(
         c.1.decode::<ShmArray<f64, IxDyn>>(&two_buffers),
         Err(CodecError::BufferCount {

@@ -34,10 +34,16 @@ pub struct ShmBlock {
     offset: usize,
     capacity: usize,
     len: usize,
-    temporary: bool,
     /// `Some` for blocks allocated here: the pool takes the region back on drop.
     lease: Option<Lease>,
+    /// Run once when the block is dropped: how a transport learns that nothing in this
+    /// process views a peer's block any more (see [`ShmBlock::on_drop`]).
+    on_drop: Option<DropHook>,
 }
+
+/// What [`ShmBlock::on_drop`] runs. `RefUnwindSafe` because Arrow requires it of a buffer's
+/// owner, and a block is one.
+pub type DropHook = Box<dyn FnOnce() + Send + Sync + std::panic::RefUnwindSafe>;
 
 impl std::fmt::Debug for ShmBlock {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -46,7 +52,6 @@ impl std::fmt::Debug for ShmBlock {
             .field("offset", &self.offset)
             .field("capacity", &self.capacity)
             .field("len", &self.len)
-            .field("temporary", &self.temporary)
             .field("writable", &self.is_writable())
             .finish()
     }
@@ -60,7 +65,6 @@ impl ShmBlock {
         offset: usize,
         capacity: usize,
         len: usize,
-        temporary: bool,
         lease: Option<Lease>,
     ) -> Self {
         debug_assert!(len <= capacity && offset + capacity <= segment.len());
@@ -69,8 +73,8 @@ impl ShmBlock {
             offset,
             capacity,
             len,
-            temporary,
             lease,
+            on_drop: None,
         }
     }
 
@@ -97,11 +101,6 @@ impl ShmBlock {
     /// Bytes the block can hold: its content can grow to this with [`set_len`](Self::set_len).
     pub fn capacity(&self) -> usize {
         self.capacity
-    }
-
-    /// Whether the receiver of this block's ref may release it right after decoding.
-    pub fn is_temporary(&self) -> bool {
-        self.temporary
     }
 
     /// Whether this process may write the block (it allocated it).
@@ -170,8 +169,21 @@ impl ShmBlock {
             size: self.capacity as u64,
             offset: self.offset as u64,
             content_size: self.len as u64,
-            temporary: self.temporary,
         }
+    }
+
+    /// Runs `hook` when this block is dropped, after any hook set before. A transport sets
+    /// one on each block it attaches for a peer, so that the peer learns — without polling —
+    /// the moment the last value built on the block is gone and the block can be reused.
+    /// Share the block in an `Arc` to keep one hook for all its views.
+    pub fn on_drop(&mut self, hook: DropHook) {
+        self.on_drop = Some(match self.on_drop.take() {
+            None => hook,
+            Some(earlier) => Box::new(move || {
+                earlier();
+                hook();
+            }),
+        });
     }
 
     fn start(&self) -> *mut u8 {
@@ -184,6 +196,9 @@ impl Drop for ShmBlock {
     fn drop(&mut self) {
         if let Some(lease) = self.lease.take() {
             lease.release(&self.segment);
+        }
+        if let Some(hook) = self.on_drop.take() {
+            hook();
         }
     }
 }

@@ -38,6 +38,9 @@ pub struct SweepReport {
     pub segments: usize,
     /// Bytes those segments held.
     pub bytes: u64,
+    /// Entries left alone because this process may not open or remove them (another user's
+    /// files, for instance), each with the reason.
+    pub skipped: Vec<String>,
 }
 
 /// Every segment of this project in `/dev/shm`, of live and dead sessions alike (session
@@ -53,54 +56,73 @@ pub fn list_segments() -> Result<Vec<SegmentEntry>> {
 ///
 /// Safe to call at any time from any process: a live session's lock cannot be taken, so its
 /// segments are never touched, and a lock the kernel released cannot belong to a live process
-/// (unlike a pid, which a new process may reuse).
+/// (unlike a pid, which a new process may reuse). Entries this process may not remove (another
+/// user's, say) are skipped and listed in the report, never an error.
 pub fn sweep_orphans() -> Result<SweepReport> {
     let mut report = SweepReport::default();
     for (session, found) in scan()? {
-        // The listing is not atomic: look at the lock itself, now, before deciding.
-        let lock_path = sys::segment_path(&session.lock_name());
-        let lock = match File::options().read(true).write(true).open(&lock_path) {
-            Ok(file) => Some(file),
-            Err(err) if err.kind() == io::ErrorKind::NotFound => None,
-            Err(source) => {
-                return Err(ShmError::Os {
-                    op: "open session lock",
-                    name: session.lock_name(),
-                    source,
-                });
-            }
-        };
-        if let Some(lock) = &lock {
-            if lock.try_lock().is_err() || is_being_created(lock) {
-                continue;
-            }
-        } else if found.segments.is_empty() {
-            continue;
-        }
-        // Either we hold the dead session's lock, or the session has no lock at all (its owner
-        // removed the lock but died before its segments were gone).
-        for segment in &found.segments {
-            match std::fs::remove_file(sys::segment_path(&segment.name)) {
-                Ok(()) => {
-                    report.segments += 1;
-                    report.bytes += segment.len;
-                }
-                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-                Err(source) => {
-                    return Err(ShmError::Os {
-                        op: "unlink orphaned",
-                        name: segment.name.clone(),
-                        source,
-                    });
-                }
-            }
-        }
-        if lock.is_some() {
-            let _ = std::fs::remove_file(&lock_path);
-        }
-        report.sessions.push(session);
+        sweep_one(session, &found.segments, &mut report);
     }
     Ok(report)
+}
+
+/// Unlinks the segments of one session once its owner is dead, waiting up to `wait` for the
+/// kernel to release the owner's lock: a process that learns of a peer's death (from a pidfd
+/// or `waitid`) may look before the peer's files are closed. Returns an empty report when the
+/// session is still alive after `wait`.
+pub fn sweep_session(session: SessionId, wait: Duration) -> Result<SweepReport> {
+    let deadline = std::time::Instant::now() + wait;
+    let mut report = SweepReport::default();
+    loop {
+        let segments: Vec<SegmentEntry> = scan()?
+            .remove(&session)
+            .map(|found| found.segments)
+            .unwrap_or_default();
+        if sweep_one(session, &segments, &mut report) || std::time::Instant::now() >= deadline {
+            return Ok(report);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Removes a session's segments and lock if its owner is dead; returns whether it was.
+fn sweep_one(session: SessionId, segments: &[SegmentEntry], report: &mut SweepReport) -> bool {
+    // The listing is not atomic: look at the lock itself, now, before deciding.
+    let lock_path = sys::segment_path(&session.lock_name());
+    let lock = match File::options().read(true).write(true).open(&lock_path) {
+        Ok(file) => Some(file),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => None,
+        Err(err) => {
+            report
+                .skipped
+                .push(format!("{}: {err}", session.lock_name()));
+            return false;
+        }
+    };
+    if let Some(lock) = &lock {
+        if lock.try_lock().is_err() || is_being_created(lock) {
+            return false;
+        }
+    } else if segments.is_empty() {
+        return false;
+    }
+    // Either we hold the dead session's lock, or the session has no lock at all (its owner
+    // removed the lock but died before its segments were gone).
+    for segment in segments {
+        match std::fs::remove_file(sys::segment_path(&segment.name)) {
+            Ok(()) => {
+                report.segments += 1;
+                report.bytes += segment.len;
+            }
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(err) => report.skipped.push(format!("{}: {err}", segment.name)),
+        }
+    }
+    if lock.is_some() {
+        let _ = std::fs::remove_file(&lock_path);
+    }
+    report.sessions.push(session);
+    true
 }
 
 /// An empty, young lock file: its creator has not yet locked it and written its pid.

@@ -106,6 +106,15 @@ pub enum ShmError {
         name: String,
     },
 
+    /// [`end_session`](crate::end_session) was called while pools of the session are open.
+    #[error("session {session} still has {open_pools} open pool(s); close them before ending it")]
+    SessionInUse {
+        /// The session.
+        session: crate::SessionId,
+        /// How many of its pools are open.
+        open_pools: usize,
+    },
+
     /// The pool was closed with [`ShmPool::close_all`](crate::ShmPool::close_all).
     #[error("the shared-memory pool is closed")]
     PoolClosed,

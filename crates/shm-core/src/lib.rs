@@ -26,7 +26,7 @@
 //!
 //! # fn main() -> Result<(), shm_core::ShmError> {
 //! let pool = ShmPool::new()?;
-//! let mut block = pool.alloc(1 << 20, false)?;
+//! let mut block = pool.alloc(1 << 20)?;
 //! block.as_mut_slice()?.fill(7);
 //!
 //! // The reference is all another process needs; here it travels as bytes.
@@ -53,11 +53,11 @@ mod segment;
 mod session;
 mod sys;
 
-pub use block::ShmBlock;
-pub use cleanup::{SegmentEntry, SweepReport, list_segments, sweep_orphans};
+pub use block::{DropHook, ShmBlock};
+pub use cleanup::{SegmentEntry, SweepReport, list_segments, sweep_orphans, sweep_session};
 pub use error::{Result, ShmError};
 pub use name::{NAME_PREFIX, SessionId, validate_name};
-pub use pool::{BLOCK_ALIGN, PoolConfig, PoolStats, ShmPool};
+pub use pool::{BLOCK_ALIGN, PoolConfig, PoolStats, Reclaim, ShmPool};
 pub use reference::ShmRef;
 pub use session::end_session;
 

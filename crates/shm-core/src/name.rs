@@ -32,6 +32,14 @@ impl fmt::Debug for SessionId {
 }
 
 impl SessionId {
+    /// The session that created a segment of this project, from the segment's name (with or
+    /// without its leading slash); `None` for names this project did not make.
+    pub fn of_segment(name: &str) -> Option<SessionId> {
+        match parse_name(name.strip_prefix('/').unwrap_or(name))? {
+            NameKind::Segment(session) | NameKind::Lock(session) => Some(session),
+        }
+    }
+
     /// The name of the shared-memory object whose lock marks this session as alive.
     pub(crate) fn lock_name(self) -> String {
         format!("/{NAME_PREFIX}{self}-lock")

@@ -110,6 +110,20 @@ struct PoolShared {
     config: PoolConfig,
     state: Mutex<State>,
     session: Arc<Session>,
+    /// Holders of this pool's blocks that can give some back on request (see
+    /// [`ShmPool::add_reclaimer`]). Called without `state` held, since giving a block back
+    /// takes that lock.
+    reclaimers: Mutex<Vec<Weak<dyn Reclaim>>>,
+}
+
+/// Something that holds blocks of a pool on behalf of others and can return those they are
+/// done with — a transport holding blocks it lent to a peer until the peer says it released
+/// them. The pool asks before every allocation, so memory released by a peer is reused
+/// without any thread having to poll for it.
+pub trait Reclaim: Send + Sync {
+    /// Drops every held block whose holders have let go of it. Must not allocate from the
+    /// pool and must not block.
+    fn reclaim(&self);
 }
 
 /// Where a block allocated by the pool came from, so that dropping it can give it back.
@@ -183,6 +197,7 @@ impl ShmPool {
             cleanup::sweep_orphans()?;
         }
         let session = Session::current()?;
+        session.pool_opened();
         let mut slabs = Vec::new();
         let mut slot_len = BLOCK_ALIGN;
         while slot_len <= config.slab_threshold.next_power_of_two() && slot_len <= SLAB_LEN / 2 {
@@ -197,8 +212,28 @@ impl ShmPool {
                     ..State::default()
                 }),
                 session,
+                reclaimers: Mutex::new(Vec::new()),
             }),
         })
+    }
+
+    /// Registers a holder of this pool's blocks that [`alloc`](Self::alloc) asks to give
+    /// back what it no longer needs, before every allocation. The pool keeps only a weak
+    /// reference: a dropped holder is forgotten.
+    pub fn add_reclaimer(&self, reclaimer: Weak<dyn Reclaim>) {
+        let mut reclaimers = self
+            .shared
+            .reclaimers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        reclaimers.retain(|r| r.strong_count() > 0);
+        reclaimers.push(reclaimer);
+    }
+
+    /// Asks every registered holder to give back the blocks it is done with (see
+    /// [`add_reclaimer`](Self::add_reclaimer)); `alloc` does this by itself.
+    pub fn reclaim(&self) {
+        self.shared.reclaim();
     }
 
     /// The session whose id every segment of this pool carries in its name.
@@ -218,11 +253,12 @@ impl ShmPool {
     /// created and its memory reserved, so that a full `/dev/shm` is reported here as
     /// [`ShmError::OutOfSharedMemory`] rather than as a SIGBUS on first write. A recycled
     /// block holds stale bytes.
-    pub fn alloc(&self, size: usize, temporary: bool) -> Result<ShmBlock> {
+    pub fn alloc(&self, size: usize) -> Result<ShmBlock> {
+        self.shared.reclaim();
         if size <= self.shared.config.slab_threshold {
-            self.shared.alloc_slot(size, temporary)
+            self.shared.alloc_slot(size)
         } else {
-            self.shared.alloc_whole(size, temporary)
+            self.shared.alloc_whole(size)
         }
     }
 
@@ -260,7 +296,6 @@ impl ShmPool {
             r.offset as usize,
             r.size as usize,
             r.content_size as usize,
-            r.temporary,
             None,
         ))
     }
@@ -309,6 +344,19 @@ impl ShmPool {
 }
 
 impl PoolShared {
+    fn reclaim(&self) {
+        let reclaimers: Vec<Arc<dyn Reclaim>> = self
+            .reclaimers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for reclaimer in reclaimers {
+            reclaimer.reclaim();
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // Every critical section leaves `State` consistent before it can panic, so a poisoned
         // lock holds usable data.
@@ -322,7 +370,7 @@ impl PoolShared {
         })
     }
 
-    fn alloc_whole(self: &Arc<Self>, size: usize, temporary: bool) -> Result<ShmBlock> {
+    fn alloc_whole(self: &Arc<Self>, size: usize) -> Result<ShmBlock> {
         let len = size
             .checked_next_multiple_of(PAGE)
             .ok_or(ShmError::OutOfSharedMemory {
@@ -347,7 +395,6 @@ impl PoolShared {
                     0,
                     capacity,
                     size,
-                    temporary,
                     self.lease(Slot::Whole),
                 ));
             }
@@ -379,12 +426,11 @@ impl PoolShared {
             0,
             len,
             size,
-            temporary,
             self.lease(Slot::Whole),
         ))
     }
 
-    fn alloc_slot(self: &Arc<Self>, size: usize, temporary: bool) -> Result<ShmBlock> {
+    fn alloc_slot(self: &Arc<Self>, size: usize) -> Result<ShmBlock> {
         let slot_len = size.max(BLOCK_ALIGN).next_power_of_two();
         let class = slot_len.trailing_zeros() as usize - BLOCK_ALIGN.trailing_zeros() as usize;
         loop {
@@ -409,7 +455,6 @@ impl PoolShared {
                         index as usize * slot_len,
                         slot_len,
                         size,
-                        temporary,
                         self.lease(Slot::Slab { class, slab, index }),
                     ));
                 }
@@ -586,6 +631,9 @@ impl PoolShared {
     fn close(&self) {
         let released = {
             let mut state = self.lock();
+            if !state.closed {
+                self.session.pool_closed();
+            }
             state.closed = true;
             let mut released: Vec<Arc<Segment>> = state
                 .live
@@ -759,10 +807,10 @@ mod tests {
         leaves_shm_clean(|| {
             let pool = quiet_pool(PoolConfig::default());
             let size = 8 << 20;
-            drop(pool.alloc(size, false).unwrap());
+            drop(pool.alloc(size).unwrap());
             let warm = pool.stats().segments_created;
             for i in 0..1000 {
-                let mut block = pool.alloc(size - (i % 7) * 4096, false).unwrap();
+                let mut block = pool.alloc(size - (i % 7) * 4096).unwrap();
                 block.as_mut_slice().unwrap()[0] = i as u8;
             }
             let stats = pool.stats();
@@ -778,7 +826,7 @@ mod tests {
             let pool = quiet_pool(PoolConfig::default());
             let blocks: Vec<ShmBlock> = (0..10_000)
                 .map(|i| {
-                    let mut block = pool.alloc(1 + i % 200, false).unwrap();
+                    let mut block = pool.alloc(1 + i % 200).unwrap();
                     block.as_mut_slice().unwrap().fill((i % 251) as u8);
                     block
                 })
@@ -809,7 +857,7 @@ mod tests {
         leaves_shm_clean(|| {
             let pool = quiet_pool(PoolConfig::default());
             for size in [10, 1 << 20] {
-                let block = pool.alloc(size, false).unwrap();
+                let block = pool.alloc(size).unwrap();
                 assert!(
                     block.name().len() <= 30,
                     "{} is too long for macOS",
@@ -828,13 +876,12 @@ mod tests {
     fn zero_size_blocks_are_valid() {
         leaves_shm_clean(|| {
             let pool = quiet_pool(PoolConfig::default());
-            let block = pool.alloc(0, true).unwrap();
+            let block = pool.alloc(0).unwrap();
             assert!(block.is_empty());
             let r = block.to_ref();
             assert_eq!(r.content_size, 0);
             let view = pool.attach(&r).unwrap();
             assert_eq!(view.as_slice(), &[] as &[u8]);
-            assert!(view.is_temporary());
         });
     }
 
@@ -843,7 +890,7 @@ mod tests {
         leaves_shm_clean(|| {
             let owner = quiet_pool(PoolConfig::default());
             let reader = quiet_pool(PoolConfig::default());
-            let mut block = owner.alloc(3 << 20, false).unwrap();
+            let mut block = owner.alloc(3 << 20).unwrap();
             block.as_mut_slice().unwrap().fill(0xab);
             let a = reader.attach(&block.to_ref()).unwrap();
             let b = reader.attach(&block.to_ref()).unwrap();
@@ -858,7 +905,7 @@ mod tests {
         leaves_shm_clean(|| {
             let owner = quiet_pool(PoolConfig::default());
             let reader = quiet_pool(PoolConfig::default());
-            let first = owner.alloc(2 << 20, false).unwrap();
+            let first = owner.alloc(2 << 20).unwrap();
             drop(reader.attach(&first.to_ref()).unwrap());
             assert_eq!(
                 reader.stats().segments_attached,
@@ -867,7 +914,7 @@ mod tests {
             );
             drop(first);
             owner.trim();
-            let second = owner.alloc(5 << 20, false).unwrap();
+            let second = owner.alloc(5 << 20).unwrap();
             let _view = reader.attach(&second.to_ref()).unwrap();
             let stats = reader.stats();
             assert_eq!(
@@ -882,7 +929,7 @@ mod tests {
     fn attached_blocks_are_read_only() {
         leaves_shm_clean(|| {
             let pool = quiet_pool(PoolConfig::default());
-            let block = pool.alloc(100_000, false).unwrap();
+            let block = pool.alloc(100_000).unwrap();
             let mut view = pool.attach(&block.to_ref()).unwrap();
             match view.as_mut_slice() {
                 Err(ShmError::ReadOnly { name }) => assert_eq!(name, block.name()),
@@ -895,7 +942,7 @@ mod tests {
     fn bad_refs_are_typed_errors() {
         leaves_shm_clean(|| {
             let pool = quiet_pool(PoolConfig::default());
-            let block = pool.alloc(1 << 20, false).unwrap();
+            let block = pool.alloc(1 << 20).unwrap();
             let good = block.to_ref();
             let segment_len = (1u64 << 20).next_multiple_of(PAGE as u64);
 
@@ -970,8 +1017,8 @@ mod tests {
                 capacity: Some(10 << 20),
                 ..PoolConfig::default()
             });
-            let held = pool.alloc(6 << 20, false).unwrap();
-            match pool.alloc(6 << 20, false) {
+            let held = pool.alloc(6 << 20).unwrap();
+            match pool.alloc(6 << 20) {
                 Err(ShmError::CapacityExceeded {
                     requested,
                     in_use,
@@ -983,7 +1030,7 @@ mod tests {
             }
             drop(held);
             // The cached segment is evicted to make room for a different size.
-            let _ = pool.alloc(9 << 20, false).unwrap();
+            let _ = pool.alloc(9 << 20).unwrap();
             assert!(pool.stats().bytes_mapped <= 10 << 20);
         });
     }
@@ -994,7 +1041,7 @@ mod tests {
             let pool = quiet_pool(PoolConfig::default());
             let available = crate::shm_available().unwrap();
             let request = available + (1 << 30);
-            match pool.alloc(request as usize, false) {
+            match pool.alloc(request as usize) {
                 Err(ShmError::OutOfSharedMemory {
                     requested,
                     available: reported,
@@ -1004,7 +1051,7 @@ mod tests {
                 }
                 other => panic!("expected OutOfSharedMemory, got {other:?}"),
             }
-            let mut block = pool.alloc(1 << 20, false).unwrap();
+            let mut block = pool.alloc(1 << 20).unwrap();
             block.as_mut_slice().unwrap().fill(1);
             assert_eq!(pool.stats().live_blocks, 1);
         });
@@ -1014,11 +1061,11 @@ mod tests {
     fn close_all_unlinks_live_blocks_which_stay_readable() {
         leaves_shm_clean(|| {
             let pool = quiet_pool(PoolConfig::default());
-            let mut big = pool.alloc(1 << 20, false).unwrap();
+            let mut big = pool.alloc(1 << 20).unwrap();
             big.as_mut_slice().unwrap().fill(9);
-            let mut small = pool.alloc(10, false).unwrap();
+            let mut small = pool.alloc(10).unwrap();
             small.as_mut_slice().unwrap().fill(3);
-            drop(pool.alloc(2 << 20, false).unwrap());
+            drop(pool.alloc(2 << 20).unwrap());
             let names = [big.name().to_owned(), small.name().to_owned()];
             pool.close_all();
             for name in &names {
@@ -1026,7 +1073,7 @@ mod tests {
             }
             assert!(big.as_slice().iter().all(|&b| b == 9));
             assert!(small.as_slice().iter().all(|&b| b == 3));
-            assert!(matches!(pool.alloc(1, false), Err(ShmError::PoolClosed)));
+            assert!(matches!(pool.alloc(1), Err(ShmError::PoolClosed)));
             assert!(matches!(
                 pool.attach(&big.to_ref()),
                 Err(ShmError::PoolClosed)
@@ -1044,7 +1091,7 @@ mod tests {
                     scope.spawn(move || {
                         for i in 0..300usize {
                             let size = [17, 4000, 70_000, 300_000, 2 << 20][i % 5];
-                            let mut block = pool.alloc(size, false).unwrap();
+                            let mut block = pool.alloc(size).unwrap();
                             block.as_mut_slice().unwrap().fill(thread);
                             std::thread::yield_now();
                             assert!(

@@ -19,9 +19,6 @@ pub struct ShmRef {
     pub offset: u64,
     /// Bytes of the block that hold content (at most `size`); decoders read only these.
     pub content_size: u64,
-    /// Whether the receiver may release the block as soon as it has decoded it, rather than
-    /// keep it alive together with the value built on it.
-    pub temporary: bool,
 }
 
 impl ShmRef {
@@ -74,7 +71,6 @@ mod tests {
             size: 1 << 30,
             offset: 4096,
             content_size: (1 << 30) - 7,
-            temporary: true,
         }
     }
 

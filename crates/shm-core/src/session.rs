@@ -10,6 +10,7 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use crate::error::{Result, ShmError};
@@ -27,6 +28,8 @@ pub(crate) struct Session {
     path: PathBuf,
     /// Holds the `flock` for as long as the session lives.
     _lock: File,
+    /// Pools of this session not yet closed: while there is one, the lock must stay.
+    open_pools: AtomicUsize,
 }
 
 impl Session {
@@ -43,6 +46,14 @@ impl Session {
 
     pub(crate) fn id(&self) -> SessionId {
         self.id
+    }
+
+    pub(crate) fn pool_opened(&self) {
+        self.open_pools.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub(crate) fn pool_closed(&self) {
+        self.open_pools.fetch_sub(1, Ordering::AcqRel);
     }
 
     fn create() -> Result<Session> {
@@ -79,6 +90,13 @@ impl Session {
                 .and_then(|()| write!(file, "{}", std::process::id()));
             if let Err(source) = locked {
                 let _ = std::fs::remove_file(&path);
+                // The pid did not fit: `/dev/shm` is full.
+                if source.raw_os_error() == Some(libc::ENOSPC) {
+                    return Err(ShmError::OutOfSharedMemory {
+                        requested: std::process::id().to_string().len() as u64,
+                        available: sys::shm_available().unwrap_or(0),
+                    });
+                }
                 return Err(ShmError::Os {
                     op: "lock session",
                     name,
@@ -89,6 +107,7 @@ impl Session {
                 id,
                 path,
                 _lock: file,
+                open_pools: AtomicUsize::new(0),
             });
         }
     }
@@ -98,11 +117,22 @@ impl Session {
 /// destructors (`std::process::exit` from a watchdog, say) after closing its pools with
 /// [`ShmPool::close_all`](crate::ShmPool::close_all). Without it, the lock would stay in
 /// `/dev/shm` until the next orphan sweep.
-pub fn end_session() {
+///
+/// Refuses with [`ShmError::SessionInUse`] while a pool of the session is open: without its
+/// lock, a live pool's segments would look orphaned to every other process's sweep.
+pub fn end_session() -> Result<()> {
     let current = CURRENT.lock().unwrap_or_else(PoisonError::into_inner);
     if let Some(session) = current.upgrade() {
+        let open_pools = session.open_pools.load(Ordering::Acquire);
+        if open_pools > 0 {
+            return Err(ShmError::SessionInUse {
+                session: session.id,
+                open_pools,
+            });
+        }
         let _ = std::fs::remove_file(&session.path);
     }
+    Ok(())
 }
 
 impl Drop for Session {

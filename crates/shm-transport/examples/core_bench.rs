@@ -53,17 +53,17 @@ fn main() -> Result<(), Error> {
         })?;
         let fresh = median(runs, || {
             let start = Instant::now();
-            let mut block = fresh_pool.alloc(size, false)?;
+            let mut block = fresh_pool.alloc(size)?;
             block.as_mut_slice()?.copy_from_slice(&src);
             let time = start.elapsed();
             drop(block);
             Ok(time)
         })?;
-        drop(recycling_pool.alloc(size, false)?);
+        drop(recycling_pool.alloc(size)?);
         let created = recycling_pool.stats().segments_created;
         let recycled = median(runs, || {
             let start = Instant::now();
-            let mut block = recycling_pool.alloc(size, false)?;
+            let mut block = recycling_pool.alloc(size)?;
             block.as_mut_slice()?.copy_from_slice(&src);
             Ok(start.elapsed())
         })?;

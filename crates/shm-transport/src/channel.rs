@@ -1,28 +1,40 @@
-//! The control channel: two single-producer, single-consumer rings of fixed slots in one
-//! shared-memory block, with a futex doorbell each.
+//! The control channel: one shared-memory block with two frame rings (calls and replies), two
+//! release rings (blocks given back), and one doorbell per side.
 //!
-//! Layout (every field on its own 64-byte line, offsets from the block start):
+//! Layout (offsets from the block start; every group on its own 64-byte line):
 //!
 //! ```text
-//!   0  header: magic u64, version u32, slot_len u32, slots u32, parent_pid u32
-//!  64  ring 0 (parent -> worker): head u64 | 128 tail u64 | 192 sleeping u32, bell u32
-//! 256  ring 1 (worker -> parent): head u64 | 320 tail u64 | 384 sleeping u32, bell u32
-//! 448  ring 0 slots, then ring 1 slots; a slot is a u32 length and the frame's bytes
+//!    0  header: magic u64, version u32, slot_len u32, slots u32, parent_pid u32, releases u32
+//!   64  bell of the parent: seq u32, sleepers u32
+//!  128  bell of the worker: seq u32, sleepers u32
+//!  192  frame ring to the worker: head u64 | 256 tail u64 | 320 producer_waiting u32
+//!  384  frame ring to the parent: head u64 | 448 tail u64 | 512 producer_waiting u32
+//!  576  release ring to the worker: head u64 | 640 tail u64
+//!  704  release ring to the parent: head u64 | 768 tail u64
+//! 1024  frame slots to the worker, then to the parent: `slots` × `slot_len` bytes each, a slot
+//!       being a u32 length and the frame's bytes; then release slots to the worker, then to
+//!       the parent: `releases` × u64 each
 //! ```
 //!
-//! A consumer that finds its ring empty spins for a short while (a reply usually comes within
-//! microseconds), then announces that it sleeps and waits on the futex word `bell`; a producer
-//! rings the bell only when the consumer sleeps, so a busy channel makes no system calls.
+//! Every ring has one producer and one consumer (one thread at a time on each side; the
+//! owners of the rings serialise their threads). A side that must wait — for a frame, or for
+//! room in a full ring — spins for a short while, then sleeps on its own doorbell: it counts
+//! itself in `sleepers`, reads `seq`, checks its condition once more, and waits on the futex
+//! `seq`. The other side, after it publishes a frame (or frees a slot of a ring whose producer
+//! said it waits), increments `seq` and wakes the sleepers — only when there are any, so a busy
+//! channel makes no system calls. Release rings have no doorbell: their consumer drains them
+//! when it needs memory, never on a timer.
 //!
 //! Why a futex and not `raw_sync::Event`: the event guards its state with a process-shared
 //! mutex that is not robust, so a peer killed while holding it leaves the survivor blocked
-//! forever in `set()`, with no timeout; and its timed waits fail with EINVAL for some
-//! deadlines (upstream issue 39). A futex word holds no lock — a dead peer cannot block us — and
-//! `FUTEX_WAIT` takes a relative timeout that the kernel handles.
+//! forever, with no timeout; its timed waits fail with EINVAL for some deadlines (upstream
+//! issue 39). A futex word holds no lock: a dead peer cannot block us.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 use std::time::{Duration, Instant};
 
+use rustix::thread::futex;
 use shm_core::ShmBlock;
 
 use crate::error::{Result, TransportError, malformed};
@@ -30,17 +42,21 @@ use crate::error::{Result, TransportError, malformed};
 /// Identifies a channel block.
 const MAGIC: u64 = 0x7368_6d2d_6368_616e; // "shm-chan"
 /// The version of the channel layout and of the frames.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 const LINE: usize = 64;
-const HEADER: usize = 0;
-const RINGS: usize = LINE;
-const RING_CONTROL: usize = 3 * LINE;
-const SLOTS: usize = RINGS + 2 * RING_CONTROL;
+const BELLS: usize = LINE;
+const FRAME_RINGS: usize = 3 * LINE;
+const FRAME_RING_LEN: usize = 3 * LINE;
+const RELEASE_RINGS: usize = FRAME_RINGS + 2 * FRAME_RING_LEN;
+const RELEASE_RING_LEN: usize = 2 * LINE;
+const SLOTS: usize = 1024;
 /// Bytes of one slot, its length word included.
 pub(crate) const SLOT_LEN: usize = 4096;
-/// Slots per ring.
+/// Slots per frame ring.
 pub(crate) const SLOT_COUNT: usize = 64;
+/// Entries per release ring.
+pub(crate) const RELEASE_COUNT: usize = 4096;
 
 /// How long a waiter spins before it sleeps: longer than a small call's round trip, short
 /// enough that an idle side uses no CPU to speak of.
@@ -48,7 +64,7 @@ const SPIN: Duration = Duration::from_micros(50);
 
 /// Bytes of a channel block.
 pub(crate) fn channel_len() -> usize {
-    SLOTS + 2 * SLOT_COUNT * SLOT_LEN
+    SLOTS + 2 * SLOT_COUNT * SLOT_LEN + 2 * RELEASE_COUNT * 8
 }
 
 /// One direction of the channel.
@@ -58,16 +74,68 @@ pub(crate) enum Direction {
     ToParent = 1,
 }
 
-/// A view of a channel block. The block is kept alive by the owner of this value.
+/// One end of the channel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Side {
+    Parent = 0,
+    Worker = 1,
+}
+
+impl Side {
+    /// The direction in which this side receives.
+    pub(crate) fn inbound(self) -> Direction {
+        match self {
+            Side::Parent => Direction::ToParent,
+            Side::Worker => Direction::ToWorker,
+        }
+    }
+
+    /// The direction in which this side sends.
+    pub(crate) fn outbound(self) -> Direction {
+        match self {
+            Side::Parent => Direction::ToWorker,
+            Side::Worker => Direction::ToParent,
+        }
+    }
+}
+
+impl Direction {
+    fn consumer(self) -> Side {
+        match self {
+            Direction::ToWorker => Side::Worker,
+            Direction::ToParent => Side::Parent,
+        }
+    }
+
+    fn producer(self) -> Side {
+        match self {
+            Direction::ToWorker => Side::Parent,
+            Direction::ToParent => Side::Worker,
+        }
+    }
+}
+
+/// What a wait ended with.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Wake {
+    /// The condition holds.
+    Ready,
+    /// The deadline passed.
+    TimedOut,
+    /// `stop()` said to give up.
+    Stopped,
+}
+
+/// A view of a channel block, shared by everything that uses the channel.
 #[derive(Debug)]
 pub(crate) struct Channel {
-    block: std::sync::Arc<ShmBlock>,
+    block: ShmBlock,
 }
 
 impl Channel {
     /// Lays out a fresh channel in `block` (allocated by the parent, at least
     /// [`channel_len`] bytes, not yet shared).
-    pub(crate) fn create(mut block: ShmBlock, parent_pid: u32) -> Result<Self> {
+    pub(crate) fn create(mut block: ShmBlock, parent_pid: u32) -> Result<Arc<Self>> {
         let bytes = block.as_mut_slice()?;
         bytes[..SLOTS].fill(0);
         bytes[0..8].copy_from_slice(&MAGIC.to_le_bytes());
@@ -75,13 +143,12 @@ impl Channel {
         bytes[12..16].copy_from_slice(&(SLOT_LEN as u32).to_le_bytes());
         bytes[16..20].copy_from_slice(&(SLOT_COUNT as u32).to_le_bytes());
         bytes[20..24].copy_from_slice(&parent_pid.to_le_bytes());
-        Ok(Channel {
-            block: std::sync::Arc::new(block),
-        })
+        bytes[24..28].copy_from_slice(&(RELEASE_COUNT as u32).to_le_bytes());
+        Ok(Arc::new(Channel { block }))
     }
 
     /// A channel the parent laid out, as the worker attached it; checks the header.
-    pub(crate) fn open(block: ShmBlock) -> Result<Self> {
+    pub(crate) fn open(block: ShmBlock) -> Result<Arc<Self>> {
         if block.len() < channel_len() {
             return Err(malformed(format!(
                 "channel block of {} bytes, at least {} expected",
@@ -89,7 +156,7 @@ impl Channel {
                 channel_len()
             )));
         }
-        let header = &block.as_slice()[HEADER..HEADER + 24];
+        let header = &block.as_slice()[..28];
         let word = |at: usize| {
             u32::from_le_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
         };
@@ -103,16 +170,15 @@ impl Channel {
                 theirs: word(8),
             });
         }
-        if (word(12), word(16)) != (SLOT_LEN as u32, SLOT_COUNT as u32) {
+        let geometry = (word(12), word(16), word(24));
+        if geometry != (SLOT_LEN as u32, SLOT_COUNT as u32, RELEASE_COUNT as u32) {
             return Err(malformed(format!(
-                "channel of {} slots of {} bytes, this build uses {SLOT_COUNT} of {SLOT_LEN}",
-                word(16),
-                word(12)
+                "channel of {} slots of {} bytes and {} release entries, this build uses \
+                 {SLOT_COUNT} of {SLOT_LEN} and {RELEASE_COUNT}",
+                geometry.1, geometry.0, geometry.2
             )));
         }
-        Ok(Channel {
-            block: std::sync::Arc::new(block),
-        })
+        Ok(Arc::new(Channel { block }))
     }
 
     /// The parent's pid, as the parent wrote it.
@@ -121,23 +187,36 @@ impl Channel {
         u32::from_le_bytes([header[0], header[1], header[2], header[3]])
     }
 
+    /// The name of the segment the channel lives in (the parent's session is in it).
+    pub(crate) fn segment_name(&self) -> &str {
+        self.block.name()
+    }
+
     /// The reference the worker attaches the channel by.
     pub(crate) fn to_ref(&self) -> shm_core::ShmRef {
         self.block.to_ref()
     }
 
-    pub(crate) fn ring(&self, direction: Direction) -> Ring<'_> {
-        Ring {
+    pub(crate) fn frames(&self, direction: Direction) -> FrameRing<'_> {
+        FrameRing {
+            channel: self,
+            direction,
+        }
+    }
+
+    pub(crate) fn releases(&self, direction: Direction) -> ReleaseRing<'_> {
+        ReleaseRing {
             channel: self,
             index: direction as usize,
         }
     }
 
     fn atomic_u64(&self, offset: usize) -> &AtomicU64 {
-        debug_assert!(offset.is_multiple_of(8) && offset + 8 <= SLOTS);
-        // SAFETY: `offset` lies in the control area of the block, which the channel keeps
-        // mapped for `&self`'s lifetime; the block starts 64-byte aligned, so the address is
-        // aligned for u64. Both processes touch these words only through atomics.
+        debug_assert!(offset.is_multiple_of(8) && offset + 8 <= channel_len());
+        // SAFETY: `offset` lies inside the block (the control area or the release slots),
+        // which `self` keeps mapped for the lifetime of the borrow; the block starts 64-byte
+        // aligned and `offset` is a multiple of 8, so the address is aligned for u64. Both
+        // processes touch these words only through atomics.
         unsafe { &*self.block.as_shared_ptr().add(offset).cast::<AtomicU64>() }
     }
 
@@ -147,34 +226,108 @@ impl Channel {
         unsafe { &*self.block.as_shared_ptr().add(offset).cast::<AtomicU32>() }
     }
 
-    fn slot_ptr(&self, ring: usize, slot: usize) -> *mut u8 {
-        let offset = SLOTS + (ring * SLOT_COUNT + slot % SLOT_COUNT) * SLOT_LEN;
-        // In bounds: `ring < 2` and `slot % SLOT_COUNT < SLOT_COUNT`.
-        self.block.as_shared_ptr().wrapping_add(offset)
+    fn bell_seq(&self, side: Side) -> &AtomicU32 {
+        self.atomic_u32(BELLS + side as usize * LINE)
+    }
+
+    fn bell_sleepers(&self, side: Side) -> &AtomicU32 {
+        self.atomic_u32(BELLS + side as usize * LINE + 4)
+    }
+
+    /// Wakes every thread of `side` that sleeps on its bell, if any does. The caller has
+    /// published what the sleepers wait for, before this call.
+    pub(crate) fn ring(&self, side: Side) {
+        // Pairs with the fence in `wait`: either the sleeper sees what we published, or we see
+        // that it sleeps and wake it.
+        fence(Ordering::SeqCst);
+        if self.bell_sleepers(side).load(Ordering::SeqCst) != 0 {
+            self.bell_seq(side).fetch_add(1, Ordering::SeqCst);
+            // Every sleeper (the kernel reads the count as an int). A failed wake leaves the
+            // sleeper to its own deadline; nothing to report here.
+            let _ = futex::wake(self.bell_seq(side), futex::Flags::empty(), i32::MAX as u32);
+        }
+    }
+
+    /// Waits on `side`'s bell until `ready()` holds, `deadline` passes, or `stop()` holds.
+    /// Spins first, then sleeps with no timeout other than the deadline: whoever changes what
+    /// `ready` or `stop` looks at rings the bell.
+    pub(crate) fn wait(
+        &self,
+        side: Side,
+        deadline: Option<Instant>,
+        ready: impl Fn() -> bool,
+        stop: impl Fn() -> bool,
+    ) -> Wake {
+        let spin_until = Instant::now() + SPIN;
+        let mut spins = 0u32;
+        loop {
+            if ready() {
+                return Wake::Ready;
+            }
+            if Instant::now() >= spin_until {
+                break;
+            }
+            // After a few hundred nanoseconds, give the core away between looks: on a small
+            // machine the peer we wait for may be queued behind us on this very core.
+            if spins < 64 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+            spins += 1;
+        }
+        let sleepers = self.bell_sleepers(side);
+        loop {
+            if stop() {
+                return Wake::Stopped;
+            }
+            let remaining = match deadline {
+                Some(deadline) => match deadline.checked_duration_since(Instant::now()) {
+                    Some(left) if !left.is_zero() => Some(left),
+                    _ => return Wake::TimedOut,
+                },
+                None => None,
+            };
+            sleepers.fetch_add(1, Ordering::SeqCst);
+            let seq = self.bell_seq(side).load(Ordering::SeqCst);
+            fence(Ordering::SeqCst);
+            if ready() {
+                sleepers.fetch_sub(1, Ordering::SeqCst);
+                return Wake::Ready;
+            }
+            if stop() {
+                sleepers.fetch_sub(1, Ordering::SeqCst);
+                return Wake::Stopped;
+            }
+            let timeout = remaining.map(|left| futex::Timespec {
+                tv_sec: left.as_secs().min(i64::MAX as u64) as i64,
+                tv_nsec: i64::from(left.subsec_nanos()),
+            });
+            // Returns on a wake, a change of `seq`, a signal or the timeout; the loop checks.
+            let _ = futex::wait(
+                self.bell_seq(side),
+                futex::Flags::empty(),
+                seq,
+                timeout.as_ref(),
+            );
+            sleepers.fetch_sub(1, Ordering::SeqCst);
+            if ready() {
+                return Wake::Ready;
+            }
+        }
     }
 }
 
-/// One ring of a channel: the producer pushes frames, the consumer pops them.
+/// One frame ring: the producer pushes frames, the consumer pops them.
 #[derive(Debug)]
-pub(crate) struct Ring<'a> {
+pub(crate) struct FrameRing<'a> {
     channel: &'a Channel,
-    index: usize,
+    direction: Direction,
 }
 
-/// What a wait for a frame ended with.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Wake {
-    /// The ring holds a frame.
-    Ready,
-    /// The deadline passed.
-    TimedOut,
-    /// `stop()` said to give up.
-    Stopped,
-}
-
-impl Ring<'_> {
+impl FrameRing<'_> {
     fn base(&self) -> usize {
-        RINGS + self.index * RING_CONTROL
+        FRAME_RINGS + self.direction as usize * FRAME_RING_LEN
     }
     fn head(&self) -> &AtomicU64 {
         self.channel.atomic_u64(self.base())
@@ -182,15 +335,30 @@ impl Ring<'_> {
     fn tail(&self) -> &AtomicU64 {
         self.channel.atomic_u64(self.base() + LINE)
     }
-    fn sleeping(&self) -> &AtomicU32 {
+    fn producer_waiting(&self) -> &AtomicU32 {
         self.channel.atomic_u32(self.base() + 2 * LINE)
     }
-    fn bell(&self) -> &AtomicU32 {
-        self.channel.atomic_u32(self.base() + 2 * LINE + 4)
+
+    fn slot_ptr(&self, position: u64) -> *mut u8 {
+        let slot = (position % SLOT_COUNT as u64) as usize;
+        let offset = SLOTS + (self.direction as usize * SLOT_COUNT + slot) * SLOT_LEN;
+        // In bounds: `direction < 2` and `slot < SLOT_COUNT`.
+        self.channel.block.as_shared_ptr().wrapping_add(offset)
     }
 
-    /// Appends a frame; `Ok(false)` when the ring is full. Only one thread of one process
-    /// produces into a ring at a time (the caller holds the producer lock).
+    /// Whether every slot holds an unread frame.
+    pub(crate) fn is_full(&self) -> bool {
+        let tail = self.tail().load(Ordering::Relaxed);
+        tail.wrapping_sub(self.head().load(Ordering::Acquire)) >= SLOT_COUNT as u64
+    }
+
+    /// Whether the ring holds no frame.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.head().load(Ordering::Relaxed) == self.tail().load(Ordering::Acquire)
+    }
+
+    /// Appends a frame and wakes the consumer if it sleeps; `Ok(false)` when the ring is full.
+    /// Only one thread of one process produces into a ring at a time.
     pub(crate) fn push(&self, frame: &[u8]) -> Result<bool> {
         if frame.len() > SLOT_LEN - 4 {
             return Err(malformed(format!(
@@ -199,38 +367,25 @@ impl Ring<'_> {
                 SLOT_LEN - 4
             )));
         }
-        let tail = self.tail().load(Ordering::Relaxed);
-        let head = self.head().load(Ordering::Acquire);
-        if tail.wrapping_sub(head) >= SLOT_COUNT as u64 {
+        if self.is_full() {
             return Ok(false);
         }
-        let slot = self.channel.slot_ptr(self.index, tail as usize);
+        let tail = self.tail().load(Ordering::Relaxed);
+        let slot = self.slot_ptr(tail);
         // SAFETY: the slot lies inside the block (see `slot_ptr`) and belongs to the producer:
         // the consumer reads it only after `tail` is published below, and has released it
-        // (`head` passed it, loaded with Acquire above). Only this thread produces.
+        // (`head` passed it, loaded with Acquire in `is_full`). Only this thread produces.
         unsafe {
             std::ptr::copy_nonoverlapping((frame.len() as u32).to_le_bytes().as_ptr(), slot, 4);
             std::ptr::copy_nonoverlapping(frame.as_ptr(), slot.add(4), frame.len());
         }
         self.tail().store(tail.wrapping_add(1), Ordering::Release);
-        // Pairs with the consumer's fence in `wait`: either it sees the new tail, or we see
-        // that it sleeps and wake it.
-        fence(Ordering::SeqCst);
-        if self.sleeping().load(Ordering::SeqCst) != 0 {
-            self.bell().fetch_add(1, Ordering::SeqCst);
-            futex_wake(self.bell());
-        }
+        self.channel.ring(self.direction.consumer());
         Ok(true)
     }
 
-    /// Wakes a consumer sleeping on this ring without producing anything (used when the peer
-    /// died, so that waiters look at the news).
-    pub(crate) fn ring_bell(&self) {
-        self.bell().fetch_add(1, Ordering::SeqCst);
-        futex_wake(self.bell());
-    }
-
-    /// Takes the next frame, if any. Only one thread of one process consumes a ring at a time.
+    /// Takes the next frame, if any, and wakes the producer if it waits for room. Only one
+    /// thread of one process consumes a ring at a time.
     pub(crate) fn pop(&self) -> Result<Option<Vec<u8>>> {
         let head = self.head().load(Ordering::Relaxed);
         let tail = self.tail().load(Ordering::Acquire);
@@ -242,7 +397,7 @@ impl Ring<'_> {
                 "ring positions head {head} and tail {tail} are more than {SLOT_COUNT} apart"
             )));
         }
-        let slot = self.channel.slot_ptr(self.index, head as usize);
+        let slot = self.slot_ptr(head);
         let mut len = [0u8; 4];
         // SAFETY: the slot lies inside the block; the producer published it with a Release
         // store of `tail`, which the Acquire load above synchronises with, and will not touch
@@ -259,90 +414,88 @@ impl Ring<'_> {
         // SAFETY: as above; `4 + len <= SLOT_LEN` was just checked.
         unsafe { std::ptr::copy_nonoverlapping(slot.add(4), frame.as_mut_ptr(), len) };
         self.head().store(head.wrapping_add(1), Ordering::Release);
+        fence(Ordering::SeqCst);
+        if self.producer_waiting().load(Ordering::SeqCst) != 0 {
+            self.channel.ring(self.direction.producer());
+        }
         Ok(Some(frame))
     }
 
-    fn is_empty(&self) -> bool {
-        self.head().load(Ordering::Relaxed) == self.tail().load(Ordering::Acquire)
+    /// Waits, as the producer, until the ring has room, `deadline` passes or `stop()` holds.
+    pub(crate) fn wait_for_room(&self, deadline: Option<Instant>, stop: impl Fn() -> bool) -> Wake {
+        self.producer_waiting().store(1, Ordering::SeqCst);
+        let wake = self.channel.wait(
+            self.direction.producer(),
+            deadline,
+            || !self.is_full(),
+            stop,
+        );
+        self.producer_waiting().store(0, Ordering::SeqCst);
+        wake
     }
 
-    /// Waits until the ring holds a frame, `deadline` passes, or `stop()` returns true (checked
-    /// at least every `check_every`). Spins first, then sleeps on the bell.
-    pub(crate) fn wait(
+    /// Waits, as the consumer, until the ring holds a frame, `deadline` passes or `stop()`
+    /// holds.
+    pub(crate) fn wait_for_frame(
         &self,
         deadline: Option<Instant>,
-        check_every: Duration,
         stop: impl Fn() -> bool,
     ) -> Wake {
-        let spin_until = Instant::now() + SPIN;
-        let mut spins = 0u32;
-        loop {
-            if !self.is_empty() {
-                return Wake::Ready;
-            }
-            if Instant::now() >= spin_until {
-                break;
-            }
-            // After a few hundred nanoseconds, give the core away between looks: on a small
-            // machine the peer we wait for may be queued behind us on this very core.
-            if spins < 64 {
-                std::hint::spin_loop();
-            } else {
-                std::thread::yield_now();
-            }
-            spins += 1;
-        }
-        loop {
-            if stop() {
-                return Wake::Stopped;
-            }
-            let now = Instant::now();
-            if deadline.is_some_and(|d| now >= d) {
-                return Wake::TimedOut;
-            }
-            let slice = deadline.map_or(check_every, |d| (d - now).min(check_every));
-            self.sleeping().store(1, Ordering::SeqCst);
-            let bell = self.bell().load(Ordering::SeqCst);
-            fence(Ordering::SeqCst);
-            if !self.is_empty() {
-                self.sleeping().store(0, Ordering::SeqCst);
-                return Wake::Ready;
-            }
-            futex_wait(self.bell(), bell, slice);
-            self.sleeping().store(0, Ordering::SeqCst);
-            if !self.is_empty() {
-                return Wake::Ready;
-            }
-        }
+        self.channel.wait(
+            self.direction.consumer(),
+            deadline,
+            || !self.is_empty(),
+            stop,
+        )
     }
 }
 
-/// Sleeps while `word` holds `expected`, for at most `timeout`. Returns early on a wake, a
-/// change of the word, a signal, or the timeout: the caller always re-checks its condition.
-fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
-    let timeout = libc::timespec {
-        tv_sec: timeout.as_secs().min(i64::MAX as u64) as libc::time_t,
-        tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
-    };
-    // SAFETY: FUTEX_WAIT reads the aligned u32 at `word`, which lives as long as the borrow,
-    // and the timespec on our stack; it writes nothing. Not FUTEX_PRIVATE: the word is in
-    // memory shared with another process.
-    unsafe {
-        libc::syscall(
-            libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAIT,
-            expected,
-            &timeout as *const libc::timespec,
-        );
-    }
+/// One release ring: loan ids on their way back to the owner of the blocks.
+#[derive(Debug)]
+pub(crate) struct ReleaseRing<'a> {
+    channel: &'a Channel,
+    index: usize,
 }
 
-/// Wakes every thread, in any process, sleeping on `word`.
-fn futex_wake(word: &AtomicU32) {
-    // SAFETY: FUTEX_WAKE only uses the address of `word` as a key; it reads and writes no memory.
-    unsafe {
-        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, i32::MAX);
+impl ReleaseRing<'_> {
+    fn base(&self) -> usize {
+        RELEASE_RINGS + self.index * RELEASE_RING_LEN
+    }
+    fn head(&self) -> &AtomicU64 {
+        self.channel.atomic_u64(self.base())
+    }
+    fn tail(&self) -> &AtomicU64 {
+        self.channel.atomic_u64(self.base() + LINE)
+    }
+    fn entry(&self, position: u64) -> &AtomicU64 {
+        let slot = (position % RELEASE_COUNT as u64) as usize;
+        let slots = SLOTS + 2 * SLOT_COUNT * SLOT_LEN;
+        self.channel
+            .atomic_u64(slots + (self.index * RELEASE_COUNT + slot) * 8)
+    }
+
+    /// Appends a loan id; `false` when the ring is full. One producer at a time.
+    pub(crate) fn push(&self, id: u64) -> bool {
+        let tail = self.tail().load(Ordering::Relaxed);
+        if tail.wrapping_sub(self.head().load(Ordering::Acquire)) >= RELEASE_COUNT as u64 {
+            return false;
+        }
+        self.entry(tail).store(id, Ordering::Relaxed);
+        self.tail().store(tail.wrapping_add(1), Ordering::Release);
+        true
+    }
+
+    /// Takes the next loan id, if any. One consumer at a time. A corrupt pair of positions
+    /// reads as empty: the worst a peer can do is keep its own blocks from being returned.
+    pub(crate) fn pop(&self) -> Option<u64> {
+        let head = self.head().load(Ordering::Relaxed);
+        let tail = self.tail().load(Ordering::Acquire);
+        if head == tail || tail.wrapping_sub(head) > RELEASE_COUNT as u64 {
+            return None;
+        }
+        let id = self.entry(head).load(Ordering::Relaxed);
+        self.head().store(head.wrapping_add(1), Ordering::Release);
+        Some(id)
     }
 }
 
@@ -351,7 +504,6 @@ mod tests {
     use shm_core::{PoolConfig, ShmPool};
 
     use super::*;
-    use crate::frame::Frame;
 
     fn pool() -> ShmPool {
         ShmPool::with_config(PoolConfig {
@@ -364,12 +516,13 @@ mod tests {
     #[test]
     fn frames_cross_the_ring_in_order_and_a_full_ring_says_so() {
         let pool = pool();
-        let channel = Channel::create(pool.alloc(channel_len(), false).unwrap(), 1).unwrap();
-        let ring = channel.ring(Direction::ToWorker);
+        let channel = Channel::create(pool.alloc(channel_len()).unwrap(), 1).unwrap();
+        let ring = channel.frames(Direction::ToWorker);
         for i in 0..SLOT_COUNT {
             assert!(ring.push(&[i as u8; 100]).unwrap());
         }
         assert!(!ring.push(&[0; 10]).unwrap(), "a full ring refuses");
+        assert!(ring.is_full());
         for i in 0..SLOT_COUNT {
             assert_eq!(ring.pop().unwrap().unwrap(), vec![i as u8; 100]);
         }
@@ -381,14 +534,63 @@ mod tests {
     }
 
     #[test]
+    fn release_rings_carry_ids_in_order_and_refuse_when_full() {
+        let pool = pool();
+        let channel = Channel::create(pool.alloc(channel_len()).unwrap(), 1).unwrap();
+        let ring = channel.releases(Direction::ToParent);
+        for id in 0..RELEASE_COUNT as u64 {
+            assert!(ring.push(id * 3));
+        }
+        assert!(!ring.push(1), "a full ring refuses");
+        for id in 0..RELEASE_COUNT as u64 {
+            assert_eq!(ring.pop(), Some(id * 3));
+        }
+        assert_eq!(ring.pop(), None);
+        assert_eq!(channel.releases(Direction::ToWorker).pop(), None);
+    }
+
+    #[test]
+    fn a_producer_waiting_for_room_is_woken_by_the_consumer() {
+        let pool = pool();
+        let channel = Channel::create(pool.alloc(channel_len()).unwrap(), 1).unwrap();
+        let ring = channel.frames(Direction::ToParent);
+        while ring.push(&[7; 8]).unwrap() {}
+        std::thread::scope(|scope| {
+            let consumer = scope.spawn(|| {
+                // Long enough for the producer to be asleep, past its spin.
+                std::thread::sleep(Duration::from_millis(50));
+                channel.frames(Direction::ToParent).pop().unwrap()
+            });
+            let deadline = Instant::now() + Duration::from_secs(20);
+            assert_eq!(ring.wait_for_room(Some(deadline), || false), Wake::Ready);
+            assert!(consumer.join().unwrap().is_some());
+        });
+        assert!(ring.push(&[8; 8]).unwrap());
+    }
+
+    #[test]
+    fn waits_end_at_their_deadline_and_when_told_to_stop() {
+        let pool = pool();
+        let channel = Channel::create(pool.alloc(channel_len()).unwrap(), 1).unwrap();
+        let ring = channel.frames(Direction::ToWorker);
+        let deadline = Instant::now() + Duration::from_millis(20);
+        assert_eq!(
+            ring.wait_for_frame(Some(deadline), || false),
+            Wake::TimedOut
+        );
+        assert!(Instant::now() >= deadline);
+        assert_eq!(ring.wait_for_frame(None, || true), Wake::Stopped);
+    }
+
+    #[test]
     fn a_peer_attaching_checks_the_header() {
         let pool = pool();
-        let channel = Channel::create(pool.alloc(channel_len(), false).unwrap(), 42).unwrap();
+        let channel = Channel::create(pool.alloc(channel_len()).unwrap(), 42).unwrap();
         let reader = pool.attach(&channel.to_ref()).unwrap();
         let opened = Channel::open(reader).unwrap();
         assert_eq!(opened.parent_pid(), 42);
 
-        let mut block = pool.alloc(channel_len(), false).unwrap();
+        let mut block = pool.alloc(channel_len()).unwrap();
         block.as_mut_slice().unwrap()[..64].fill(0);
         let garbage = pool.attach(&block.to_ref()).unwrap();
         assert!(matches!(
@@ -396,7 +598,7 @@ mod tests {
             Err(TransportError::Malformed { .. })
         ));
 
-        let mut newer = pool.alloc(channel_len(), false).unwrap();
+        let mut newer = pool.alloc(channel_len()).unwrap();
         let bytes = newer.as_mut_slice().unwrap();
         bytes[0..8].copy_from_slice(&MAGIC.to_le_bytes());
         bytes[8..12].copy_from_slice(&(PROTOCOL_VERSION + 1).to_le_bytes());
@@ -406,7 +608,7 @@ mod tests {
             Err(TransportError::ProtocolMismatch { theirs, .. }) if theirs == PROTOCOL_VERSION + 1
         ));
 
-        let small = pool.alloc(1000, false).unwrap();
+        let small = pool.alloc(1000).unwrap();
         let small = pool.attach(&small.to_ref()).unwrap();
         assert!(matches!(
             Channel::open(small),
@@ -417,22 +619,14 @@ mod tests {
     #[test]
     fn corrupt_slots_and_positions_are_errors_not_crashes() {
         let pool = pool();
-        let channel = Channel::create(pool.alloc(channel_len(), false).unwrap(), 1).unwrap();
-        let ring = channel.ring(Direction::ToParent);
-
-        // Garbage that is not a frame.
-        assert!(ring.push(&[0xff; 37]).unwrap());
-        let bytes = ring.pop().unwrap().unwrap();
-        assert!(matches!(
-            Frame::read(&bytes, &pool),
-            Err(TransportError::Malformed { .. })
-        ));
+        let channel = Channel::create(pool.alloc(channel_len()).unwrap(), 1).unwrap();
+        let ring = channel.frames(Direction::ToParent);
 
         // A length word larger than the slot.
         assert!(ring.push(&[1, 2, 3]).unwrap());
         // SAFETY: the test owns the channel; the slot was published and is not being read.
         unsafe {
-            let slot = channel.slot_ptr(1, 1);
+            let slot = ring.slot_ptr(0);
             std::ptr::copy_nonoverlapping(u32::MAX.to_le_bytes().as_ptr(), slot, 4);
         }
         assert!(matches!(ring.pop(), Err(TransportError::Malformed { .. })));
@@ -444,46 +638,12 @@ mod tests {
         );
         assert!(matches!(ring.pop(), Err(TransportError::Malformed { .. })));
 
-        // A spill that points at a segment that does not exist.
-        let spill = Frame::Spilled(shm_core::ShmRef {
-            name: "/shm-00000000-0000000000000000".into(),
-            size: 10,
-            offset: 0,
-            content_size: 10,
-            temporary: true,
-        });
-        let bytes = postcard::to_stdvec(&spill).unwrap();
-        assert!(matches!(
-            Frame::read(&bytes, &pool),
-            Err(TransportError::Shm(
-                shm_core::ShmError::SegmentNotFound { .. }
-            ))
-        ));
-    }
-
-    #[test]
-    fn a_frame_too_large_for_a_slot_travels_in_a_block() {
-        let pool = pool();
-        let channel = Channel::create(pool.alloc(channel_len(), false).unwrap(), 1).unwrap();
-        let ring = channel.ring(Direction::ToWorker);
-        let method = "m".repeat(3 * SLOT_LEN);
-        let frame = Frame::Call {
-            id: 9,
-            method: method.clone(),
-            args: shm_codec::Payload::new("serde", Vec::new(), Vec::new(), vec![1, 2, 3]),
-        };
-        let spill = frame.send(&ring, &pool, || true).unwrap();
-        assert!(spill.is_some(), "the sender keeps the spill block");
-        let bytes = ring.pop().unwrap().unwrap();
-        match Frame::read(&bytes, &pool).unwrap() {
-            Frame::Call {
-                id,
-                method: m,
-                args,
-            } => {
-                assert_eq!((id, m.len(), args.inline), (9, method.len(), vec![1, 2, 3]));
-            }
-            other => panic!("expected the call back, got {other:?}"),
-        }
+        let releases = channel.releases(Direction::ToWorker);
+        releases.tail().store(1 << 40, Ordering::Release);
+        assert_eq!(
+            releases.pop(),
+            None,
+            "a corrupt release ring reads as empty"
+        );
     }
 }

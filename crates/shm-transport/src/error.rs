@@ -8,6 +8,7 @@ use shm_core::ShmError;
 
 /// What went wrong inside the worker while it handled a call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub enum RemoteErrorKind {
     /// The handler returned an error.
     Handler,
@@ -19,6 +20,14 @@ pub enum RemoteErrorKind {
     BadArguments,
     /// The handler's result could not be encoded.
     BadResult,
+    /// The worker's `/dev/shm` could not hold the result (or the reply that carries it). The
+    /// caller sees this as [`ShmError::OutOfSharedMemory`]; the worker goes on.
+    OutOfSharedMemory {
+        /// Bytes the worker asked for.
+        requested: u64,
+        /// Bytes `/dev/shm` had free.
+        available: u64,
+    },
 }
 
 /// An error that happened in the worker, as the caller receives it.

@@ -1,11 +1,17 @@
-//! The messages of the channel, and how one too large for a slot travels in a block.
+//! The messages of the channel, and the endpoint through which one side sends and receives
+//! them: lending the blocks a message names, spilling a message too large for a slot into a
+//! block, and waiting for room in a full ring.
+
+use std::sync::{Arc, Weak};
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use shm_codec::Payload;
-use shm_core::{ShmBlock, ShmPool, ShmRef};
+use shm_codec::{Decoder, Payload};
+use shm_core::{Reclaim, ShmBlock, ShmPool, ShmRef};
 
-use crate::channel::{Ring, SLOT_LEN};
+use crate::channel::{Channel, SLOT_LEN, Side, Wake};
 use crate::error::{RemoteError, Result, malformed};
+use crate::loans::{Lender, LoanAttacher, Returner};
 
 /// A control message. Payloads inside travel as references; the frames themselves are small.
 #[derive(Debug, Serialize, Deserialize)]
@@ -13,88 +19,352 @@ pub(crate) enum Frame {
     /// Worker → parent, once, first: the worker is ready.
     Hello { version: u32, pid: u32 },
     /// Parent → worker: call `method` with `args`; the reply carries the same `id`.
+    /// `loans[i]` is the loan id of `args.buffers()[i]`.
     Call {
         id: u64,
         method: String,
         args: Payload,
+        loans: Vec<u64>,
     },
-    /// Worker → parent: the outcome of call `id`.
+    /// Worker → parent: the outcome of call `id`, its blocks lent under `loans`.
     Reply {
         id: u64,
         outcome: std::result::Result<Payload, RemoteError>,
-        /// The worker still holds views of the arguments; the parent must not recycle them
-        /// until `ArgsReleased { id }`.
-        args_kept: bool,
-        /// The worker keeps the result's blocks alive until the parent sends
-        /// `Release { id }`. A reply that arrives spilled is released the same way, whatever
-        /// this says: the worker keeps the spill block until then.
-        needs_release: bool,
+        loans: Vec<u64>,
     },
-    /// Parent → worker: nothing of reply `id` is used any more.
-    Release { id: u64 },
-    /// Worker → parent: the arguments of call `id` are no longer viewed.
-    ArgsReleased { id: u64 },
     /// Parent → worker: finish and exit.
     Shutdown,
-    /// Either way: the real frame is in this block, which the sender keeps alive as part of the
-    /// call or reply it belongs to.
-    Spilled(ShmRef),
+    /// Either way: the real frame is in this block, lent under `loan`; the receiver returns
+    /// it as soon as it has read the frame.
+    Spilled { frame: ShmRef, loan: u64 },
 }
 
 impl Frame {
-    /// Pushes the frame into `ring`, waiting while it is full. A frame too large for a slot is
-    /// written to a block of `pool`, which is returned: the caller keeps it alive until the
-    /// peer is done with the call or reply.
+    /// The loan ids of the frame's payload, for filling in before sending.
+    fn loans_mut(&mut self) -> Option<&mut Vec<u64>> {
+        match self {
+            Frame::Call { loans, .. } | Frame::Reply { loans, .. } => Some(loans),
+            _ => None,
+        }
+    }
+}
+
+/// Why a send did not happen.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Stall {
+    /// The ring stayed full until the deadline.
+    TimedOut,
+    /// `stop()` said the peer is gone.
+    Stopped,
+}
+
+/// One side's end of a channel.
+#[derive(Debug)]
+pub(crate) struct Endpoint {
+    channel: Arc<Channel>,
+    side: Side,
+    pool: ShmPool,
+    /// Our blocks the peer holds.
+    lender: Arc<Lender>,
+    /// Gives the peer's blocks back.
+    returner: Arc<Returner>,
+}
+
+impl Endpoint {
+    /// `side`'s end of `channel`; blocks are allocated from, and attached through, `pool`.
+    pub(crate) fn new(channel: Arc<Channel>, side: Side, pool: ShmPool) -> Self {
+        let lender = Arc::new(Lender::new(Arc::clone(&channel), side.inbound()));
+        let reclaimer: Weak<dyn Reclaim> = Arc::downgrade(&lender) as Weak<dyn Reclaim>;
+        pool.add_reclaimer(reclaimer);
+        let returner = Returner::new(Arc::clone(&channel), side.outbound());
+        Endpoint {
+            channel,
+            side,
+            pool,
+            lender,
+            returner,
+        }
+    }
+
+    pub(crate) fn channel(&self) -> &Arc<Channel> {
+        &self.channel
+    }
+
+    /// Sends `frame`, lending `blocks` (the blocks of its payload, in order). Waits while the
+    /// ring is full — calling `while_full` first each time, and giving up at `deadline` or
+    /// when `stop()` holds. A frame that was not sent lends nothing.
     pub(crate) fn send(
         &self,
-        ring: &Ring<'_>,
-        pool: &ShmPool,
-        mut peer_alive: impl FnMut() -> bool,
-    ) -> Result<Option<ShmBlock>> {
-        let bytes = postcard::to_stdvec(self)
-            .map_err(|e| malformed(format!("cannot encode frame: {e}")))?;
-        let (bytes, spill) = if bytes.len() > SLOT_LEN - 4 {
-            let mut block = pool.alloc(bytes.len(), true)?;
-            block.as_mut_slice()?.copy_from_slice(&bytes);
-            let pointer = postcard::to_stdvec(&Frame::Spilled(block.to_ref()))
-                .map_err(|e| malformed(format!("cannot encode frame: {e}")))?;
-            (pointer, Some(block))
-        } else {
-            (bytes, None)
+        mut frame: Frame,
+        blocks: Vec<Arc<ShmBlock>>,
+        deadline: Option<Instant>,
+        stop: &dyn Fn() -> bool,
+        while_full: &dyn Fn(),
+    ) -> Result<std::result::Result<(), Stall>> {
+        self.returner.flush();
+        let mut ids = self.lender.lend(blocks);
+        if let Some(loans) = frame.loans_mut() {
+            loans.clone_from(&ids);
+        }
+        let bytes = match self.wire_form(&frame) {
+            Ok((bytes, spill)) => {
+                ids.extend(spill);
+                bytes
+            }
+            Err(err) => {
+                self.lender.cancel(&ids);
+                return Err(err);
+            }
         };
-        let mut backoff = 0u32;
-        while !ring.push(&bytes)? {
-            if !peer_alive() {
-                return Err(malformed("the peer stopped reading its ring"));
-            }
-            backoff = (backoff + 1).min(10);
-            std::thread::sleep(std::time::Duration::from_micros(1 << backoff));
-        }
-        Ok(spill)
-    }
-
-    /// Reads a frame popped from a ring, following a spill into its block.
-    pub(crate) fn read(bytes: &[u8], pool: &ShmPool) -> Result<Frame> {
-        Self::read_marked(bytes, pool).map(|(frame, _)| frame)
-    }
-
-    /// [`read`](Self::read), also saying whether the frame travelled in a block (whose sender
-    /// keeps it until the call or reply it belongs to is released).
-    pub(crate) fn read_marked(bytes: &[u8], pool: &ShmPool) -> Result<(Frame, bool)> {
-        let frame: Frame = postcard::from_bytes(bytes)
-            .map_err(|e| malformed(format!("frame of {} bytes: {e}", bytes.len())))?;
-        match frame {
-            Frame::Spilled(r) => {
-                let block = pool.attach(&r)?;
-                let inner: Frame = postcard::from_bytes(block.as_slice()).map_err(|e| {
-                    malformed(format!("spilled frame of {} bytes: {e}", block.len()))
-                })?;
-                if matches!(inner, Frame::Spilled(_)) {
-                    return Err(malformed("a spilled frame points to another spill"));
+        let ring = self.channel.frames(self.side.outbound());
+        loop {
+            match ring.push(&bytes) {
+                Ok(true) => return Ok(Ok(())),
+                Ok(false) => {}
+                Err(err) => {
+                    self.lender.cancel(&ids);
+                    return Err(err);
                 }
-                Ok((inner, true))
             }
-            frame => Ok((frame, false)),
+            while_full();
+            let stall = match ring.wait_for_room(deadline, stop) {
+                Wake::Ready => continue,
+                Wake::TimedOut => Stall::TimedOut,
+                Wake::Stopped => Stall::Stopped,
+            };
+            self.lender.cancel(&ids);
+            return Ok(Err(stall));
         }
+    }
+
+    /// The bytes that go into the ring: the frame itself, or a pointer to a lent block that
+    /// holds it (and that block's loan id).
+    fn wire_form(&self, frame: &Frame) -> Result<(Vec<u8>, Option<u64>)> {
+        let bytes = postcard::to_stdvec(frame)
+            .map_err(|e| malformed(format!("cannot encode frame: {e}")))?;
+        if bytes.len() <= SLOT_LEN - 4 {
+            return Ok((bytes, None));
+        }
+        let mut block = self.pool.alloc(bytes.len())?;
+        block.as_mut_slice()?.copy_from_slice(&bytes);
+        let frame_ref = block.to_ref();
+        let loan = self.lender.lend(vec![Arc::new(block)]);
+        let pointer = Frame::Spilled {
+            frame: frame_ref,
+            loan: loan[0],
+        };
+        match postcard::to_stdvec(&pointer) {
+            Ok(bytes) => Ok((bytes, Some(loan[0]))),
+            Err(e) => {
+                self.lender.cancel(&loan);
+                Err(malformed(format!("cannot encode frame: {e}")))
+            }
+        }
+    }
+
+    /// The next frame from the peer, if one is waiting; a spilled frame is read from its block,
+    /// which is returned at once. Takes back what the peer returned meanwhile, so that an
+    /// answer reports the blocks it freed.
+    pub(crate) fn receive(&self) -> Result<Option<Frame>> {
+        self.lender.reclaim();
+        let Some(bytes) = self.channel.frames(self.side.inbound()).pop()? else {
+            return Ok(None);
+        };
+        let frame: Frame = postcard::from_bytes(&bytes)
+            .map_err(|e| malformed(format!("frame of {} bytes: {e}", bytes.len())))?;
+        let Frame::Spilled { frame, loan } = frame else {
+            return Ok(Some(frame));
+        };
+        let inner = self
+            .pool
+            .attach(&frame)
+            .map_err(Into::into)
+            .and_then(|block| {
+                postcard::from_bytes::<Frame>(block.as_slice())
+                    .map_err(|e| malformed(format!("spilled frame of {} bytes: {e}", block.len())))
+            });
+        self.returner.release(&[loan]);
+        match inner? {
+            Frame::Spilled { .. } => Err(malformed("a spilled frame points to another spill")),
+            inner => Ok(Some(inner)),
+        }
+    }
+
+    /// A decoder for a payload received with `loans`: each block it attaches is returned to the
+    /// peer when the last value built on it is dropped. Call
+    /// [`LoanAttacher::release_unclaimed`] once decoding is over.
+    pub(crate) fn decoder(
+        &self,
+        payload: &Payload,
+        loans: &[u64],
+    ) -> Result<(Decoder, Arc<LoanAttacher>)> {
+        if payload.buffers().len() != loans.len() {
+            self.release(loans);
+            return Err(malformed(format!(
+                "a payload of {} blocks came with {} loans",
+                payload.buffers().len(),
+                loans.len()
+            )));
+        }
+        let attacher = LoanAttacher::new(
+            Arc::clone(&self.returner),
+            Arc::clone(&self.lender),
+            payload.buffers(),
+            loans,
+        );
+        let decoder = Decoder::with_attacher(self.pool.clone(), attacher.clone());
+        Ok((decoder, attacher))
+    }
+
+    /// Returns the peer's loans unread (a reply nobody waits for any more).
+    pub(crate) fn release(&self, loans: &[u64]) {
+        if !loans.is_empty() {
+            self.returner.release(loans);
+        }
+    }
+
+    /// The peer is dead: nothing we lent it is in use any more.
+    pub(crate) fn forget_loans(&self) {
+        self.lender.forget_all();
+    }
+
+    /// Blocks lent to the peer and not yet returned.
+    #[cfg(test)]
+    pub(crate) fn outstanding_loans(&self) -> usize {
+        self.lender.outstanding()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use shm_core::PoolConfig;
+
+    use super::*;
+    use crate::channel::channel_len;
+
+    fn pool() -> ShmPool {
+        ShmPool::with_config(PoolConfig {
+            sweep_orphans: false,
+            ..PoolConfig::default()
+        })
+        .unwrap()
+    }
+
+    fn pair(pool: &ShmPool) -> (Endpoint, Endpoint) {
+        let channel = Channel::create(pool.alloc(channel_len()).unwrap(), 1).unwrap();
+        let worker_channel = Channel::open(pool.attach(&channel.to_ref()).unwrap()).unwrap();
+        (
+            Endpoint::new(channel, Side::Parent, pool.clone()),
+            Endpoint::new(worker_channel, Side::Worker, pool.clone()),
+        )
+    }
+
+    fn never() -> bool {
+        false
+    }
+
+    #[test]
+    fn a_frame_too_large_for_a_slot_travels_in_a_lent_block_that_comes_back() {
+        let pool = pool();
+        let (parent, worker) = pair(&pool);
+        let method = "m".repeat(3 * SLOT_LEN);
+        let frame = Frame::Call {
+            id: 9,
+            method: method.clone(),
+            args: Payload::new("serde", Vec::new(), Vec::new(), vec![1, 2, 3]),
+            loans: Vec::new(),
+        };
+        parent
+            .send(frame, Vec::new(), None, &never, &|| {})
+            .unwrap()
+            .unwrap();
+        assert_eq!(parent.outstanding_loans(), 1, "the spill block is lent");
+        match worker.receive().unwrap().unwrap() {
+            Frame::Call {
+                id,
+                method: m,
+                args,
+                loans,
+            } => {
+                assert_eq!((id, m.len(), args.inline), (9, method.len(), vec![1, 2, 3]));
+                assert!(loans.is_empty());
+            }
+            other => panic!("expected the call back, got {other:?}"),
+        }
+        parent.lender.reclaim();
+        assert_eq!(parent.outstanding_loans(), 0, "the spill block came back");
+    }
+
+    #[test]
+    fn blocks_come_back_when_the_last_view_is_dropped_and_unread_ones_at_once() {
+        let pool = pool();
+        let (parent, worker) = pair(&pool);
+        let mut a = pool.alloc(100_000).unwrap();
+        a.as_mut_slice().unwrap().fill(1);
+        let b = pool.alloc(200_000).unwrap();
+        let blocks = vec![Arc::new(a), Arc::new(b)];
+        let args = Payload::new("two", Vec::new(), blocks.clone(), Vec::new());
+        let mut sent = args.clone();
+        let frame = Frame::Call {
+            id: 1,
+            method: "m".into(),
+            args,
+            loans: Vec::new(),
+        };
+        parent
+            .send(frame, sent.take_blocks(), None, &never, &|| {})
+            .unwrap()
+            .unwrap();
+        drop((blocks, sent));
+        let Some(Frame::Call { args, loans, .. }) = worker.receive().unwrap() else {
+            panic!("expected a call");
+        };
+        let (decoder, attacher) = worker.decoder(&args, &loans).unwrap();
+        let view = decoder.attach(&args.buffers()[0]).unwrap();
+        let again = decoder.attach(&args.buffers()[0]).unwrap();
+        assert!(Arc::ptr_eq(&view, &again), "one block for one reference");
+        attacher.release_unclaimed();
+        drop((decoder, attacher, again));
+        parent.lender.reclaim();
+        assert_eq!(
+            parent.outstanding_loans(),
+            1,
+            "the unread block came back at once"
+        );
+        assert!(view.as_slice().iter().all(|&x| x == 1));
+        drop(view);
+        parent.lender.reclaim();
+        assert_eq!(
+            parent.outstanding_loans(),
+            0,
+            "the viewed block came back on drop"
+        );
+        assert_eq!(pool.stats().live_blocks, 1, "only the channel is live");
+    }
+
+    #[test]
+    fn a_send_on_a_full_ring_gives_up_at_its_deadline_and_lends_nothing() {
+        let pool = pool();
+        let (parent, _worker) = pair(&pool);
+        let small = || Frame::Hello { version: 0, pid: 0 };
+        while parent
+            .send(small(), Vec::new(), Some(Instant::now()), &never, &|| {})
+            .unwrap()
+            .is_ok()
+        {}
+        let block = Arc::new(pool.alloc(10).unwrap());
+        let deadline = Instant::now() + Duration::from_millis(20);
+        let stall = parent
+            .send(small(), vec![block], Some(deadline), &never, &|| {})
+            .unwrap();
+        assert_eq!(stall, Err(Stall::TimedOut));
+        assert!(Instant::now() >= deadline);
+        assert_eq!(parent.outstanding_loans(), 0);
+        let stall = parent
+            .send(small(), Vec::new(), None, &|| true, &|| {})
+            .unwrap();
+        assert_eq!(stall, Err(Stall::Stopped));
     }
 }

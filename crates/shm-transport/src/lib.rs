@@ -47,8 +47,10 @@
 //! ```
 
 mod channel;
+mod conn;
 mod error;
 mod frame;
+mod loans;
 mod serve;
 mod worker;
 

@@ -4,21 +4,36 @@ use std::collections::HashMap;
 use std::fmt::Display;
 use std::io::Write;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::Weak;
 use std::time::Duration;
 
-use shm_codec::{Decode, Decoder, Encode, Encoder, Payload};
-use shm_core::{ShmBlock, ShmPool, ShmRef};
+use shm_codec::{CodecError, Decode, Decoder, Encode, Encoder, Payload};
+use shm_core::{SessionId, ShmError, ShmPool, ShmRef};
 
-use crate::channel::{Channel, Direction, PROTOCOL_VERSION, Wake};
-use crate::error::{RemoteError, RemoteErrorKind, Result, TransportError};
-use crate::frame::Frame;
+use crate::channel::{Channel, Direction, PROTOCOL_VERSION, Side};
+use crate::error::{RemoteError, RemoteErrorKind, Result, TransportError, malformed};
+use crate::frame::{Endpoint, Frame};
 
 /// The environment variable through which a worker finds its channel.
 pub const CHANNEL_ENV: &str = "SHM_TRANSPORT_CHANNEL";
 
-/// How often an idle worker looks at the views of arguments it still holds.
-const IDLE_CHECK: Duration = Duration::from_millis(100);
+/// How long a worker whose parent died waits for the kernel to release the parent's session
+/// lock before it sweeps the parent's segments.
+const PARENT_LOCK_WAIT: Duration = Duration::from_secs(1);
+
+/// The kind of a failure to encode a handler's result: running out of shared memory is worth
+/// its own kind, so that the caller gets the numbers.
+fn result_error_kind(err: &CodecError) -> RemoteErrorKind {
+    match err {
+        CodecError::Shm(ShmError::OutOfSharedMemory {
+            requested,
+            available,
+        }) => RemoteErrorKind::OutOfSharedMemory {
+            requested: *requested,
+            available: *available,
+        },
+        _ => RemoteErrorKind::BadResult,
+    }
+}
 
 /// What a handler can use besides its arguments: the worker's pool, to produce results in
 /// shared memory (`ShmArrayMut::zeros(ctx.pool(), …)`).
@@ -89,7 +104,7 @@ impl Router {
                 .map_err(|e| remote(RemoteErrorKind::Handler, e.to_string()))?;
             result
                 .encode(encoder)
-                .map_err(|e| remote(RemoteErrorKind::BadResult, e.to_string()))
+                .map_err(|e| remote(result_error_kind(&e), e.to_string()))
         };
         self.handlers.insert(method.to_owned(), Box::new(erased));
         self
@@ -132,7 +147,7 @@ pub fn is_worker() -> bool {
 }
 
 /// Serves the parent until it asks for shutdown, then returns. If the parent dies, the worker
-/// removes the parent's orphaned segments and its own, and exits.
+/// removes the parent's orphaned segments and its own, and exits at once.
 pub fn serve(router: Router) -> Result<()> {
     let channel_ref = std::env::var(CHANNEL_ENV).map_err(|_| TransportError::NotAWorker {
         variable: CHANNEL_ENV,
@@ -140,36 +155,31 @@ pub fn serve(router: Router) -> Result<()> {
     let channel_ref = ShmRef::from_hex(&channel_ref)?;
     let pool = ShmPool::new()?;
     let channel = Channel::open(pool.attach(&channel_ref)?)?;
-    watch_parent(channel.parent_pid(), pool.clone());
-
+    watch_parent(
+        channel.parent_pid(),
+        SessionId::of_segment(channel.segment_name()),
+        pool.clone(),
+    )?;
+    let endpoint = Endpoint::new(channel, Side::Worker, pool.clone());
     let encoder = Encoder::new(pool.clone());
-    let requests = channel.ring(Direction::ToWorker);
-    let replies = channel.ring(Direction::ToParent);
-    let send = |frame: &Frame| frame.send(&replies, &pool, || true);
-    send(&Frame::Hello {
-        version: PROTOCOL_VERSION,
-        pid: std::process::id(),
-    })?;
-
-    // Results and spilled replies kept alive until the parent releases them, by reply id.
-    let mut held: HashMap<u64, (Option<Payload>, Option<ShmBlock>)> = HashMap::new();
-    // Arguments a handler kept views of, by call id.
-    let mut kept_args: Vec<(u64, Vec<Weak<ShmBlock>>)> = Vec::new();
+    let requests = endpoint.channel().frames(Direction::ToWorker);
+    send(
+        &endpoint,
+        Frame::Hello {
+            version: PROTOCOL_VERSION,
+            pid: std::process::id(),
+        },
+        Vec::new(),
+    )?;
     loop {
-        let mut still_kept = Vec::with_capacity(kept_args.len());
-        for (id, views) in kept_args.drain(..) {
-            if views.iter().any(|view| view.strong_count() > 0) {
-                still_kept.push((id, views));
-            } else {
-                send(&Frame::ArgsReleased { id })?;
+        let frame = match endpoint.receive() {
+            Ok(Some(frame)) => frame,
+            Ok(None) => {
+                // No deadline: the parent rings when it sends, and if it dies the watcher
+                // thread ends this process.
+                requests.wait_for_frame(None, || false);
+                continue;
             }
-        }
-        kept_args = still_kept;
-        let Some(bytes) = next_request(&requests, !kept_args.is_empty())? else {
-            continue;
-        };
-        let frame = match Frame::read(&bytes, &pool) {
-            Ok(frame) => frame,
             Err(err) => {
                 // Without an id there is nobody to answer; say so and serve on.
                 let _ = writeln!(
@@ -180,95 +190,156 @@ pub fn serve(router: Router) -> Result<()> {
             }
         };
         match frame {
-            Frame::Call { id, method, args } => {
-                let decoder = Decoder::tracking(pool.clone());
-                let outcome = router.run(&method, &args, &decoder, &encoder);
-                drop(args);
-                let views: Vec<_> = decoder
-                    .take_attached()
-                    .into_iter()
-                    .filter(|view| view.strong_count() > 0)
-                    .collect();
-                let args_kept = !views.is_empty();
-                if args_kept {
-                    kept_args.push((id, views));
-                }
-                // A tuple's blocks are its members': look at what the payload keeps alive.
-                let has_blocks = matches!(&outcome, Ok(payload)
-                    if !payload.buffers.is_empty() || !payload.kept_blocks().is_empty());
-                let reply = Frame::Reply {
-                    id,
-                    outcome,
-                    args_kept,
-                    needs_release: has_blocks,
+            Frame::Call {
+                id,
+                method,
+                args,
+                loans,
+            } => {
+                let outcome = match endpoint.decoder(&args, &loans) {
+                    Ok((decoder, attacher)) => {
+                        let outcome = router.run(&method, &args, &decoder, &encoder);
+                        attacher.release_unclaimed();
+                        outcome
+                    }
+                    Err(err) => Err(RemoteError {
+                        method: method.clone(),
+                        kind: RemoteErrorKind::BadArguments,
+                        message: err.to_string(),
+                    }),
                 };
-                let spill = send(&reply)?;
-                if has_blocks || spill.is_some() {
-                    let result = match reply {
-                        Frame::Reply {
-                            outcome: Ok(payload),
-                            ..
-                        } => Some(payload),
-                        _ => None,
-                    };
-                    held.insert(id, (result, spill));
-                }
-            }
-            Frame::Release { id } => {
-                held.remove(&id);
+                drop(args);
+                reply(&endpoint, id, &method, outcome)?;
             }
             Frame::Shutdown => return Ok(()),
             other => {
-                return Err(crate::error::malformed(format!(
-                    "unexpected frame from the parent: {other:?}"
-                )));
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "dropped an unexpected message from the parent: {other:?}"
+                );
             }
         }
     }
 }
 
-/// Waits for the next request. With views of arguments outstanding, returns `None` after an
-/// idle interval, so that their release is noticed and reported.
-fn next_request(
-    requests: &crate::channel::Ring<'_>,
-    views_outstanding: bool,
-) -> Result<Option<Vec<u8>>> {
-    loop {
-        if let Some(bytes) = requests.pop()? {
-            return Ok(Some(bytes));
+/// Sends the outcome of call `id`. A reply that cannot be sent for want of shared memory (a
+/// spilled frame) becomes an error reply that needs none.
+fn reply(
+    endpoint: &Endpoint,
+    id: u64,
+    method: &str,
+    outcome: std::result::Result<Payload, RemoteError>,
+) -> Result<()> {
+    let outcome = outcome.and_then(|mut payload| {
+        if payload.is_backed() {
+            Ok(payload)
+        } else {
+            Err(RemoteError {
+                method: method.to_owned(),
+                kind: RemoteErrorKind::BadResult,
+                message: format!(
+                    "the result names {} blocks but holds {}: a payload read from a peer \
+                     cannot be sent on as it is",
+                    payload.buffers().len(),
+                    payload.take_blocks().len()
+                ),
+            })
         }
-        let woke = requests.wait(None, IDLE_CHECK, || false);
-        if woke != Wake::Ready && views_outstanding {
-            return Ok(None);
+    });
+    let (outcome, blocks) = match outcome {
+        Ok(mut payload) => {
+            let blocks = payload.take_blocks();
+            (Ok(payload), blocks)
         }
+        Err(err) => (Err(err), Vec::new()),
+    };
+    let frame = Frame::Reply {
+        id,
+        outcome,
+        loans: Vec::new(),
+    };
+    match send(endpoint, frame, blocks) {
+        Err(TransportError::Shm(ShmError::OutOfSharedMemory {
+            requested,
+            available,
+        })) => {
+            let err = RemoteError {
+                method: method.to_owned(),
+                kind: RemoteErrorKind::OutOfSharedMemory {
+                    requested,
+                    available,
+                },
+                message: format!(
+                    "the reply needs {requested} bytes of shared memory, {available} are free"
+                ),
+            };
+            let frame = Frame::Reply {
+                id,
+                outcome: Err(err),
+                loans: Vec::new(),
+            };
+            send(endpoint, frame, Vec::new())
+        }
+        other => other,
     }
 }
 
-/// Exits the worker, after removing the parent's orphaned segments and its own, as soon as the
-/// parent process is gone (the worker is then re-parented, so `getppid` changes).
-fn watch_parent(parent: u32, pool: ShmPool) {
+/// Sends a frame to the parent, waiting as long as the reply ring is full: the parent drains
+/// it whenever any of its threads waits for a reply or to send, and if it dies, the watcher
+/// ends this process.
+fn send(
+    endpoint: &Endpoint,
+    frame: Frame,
+    blocks: Vec<std::sync::Arc<shm_core::ShmBlock>>,
+) -> Result<()> {
+    match endpoint.send(frame, blocks, None, &|| false, &|| {})? {
+        Ok(()) => Ok(()),
+        Err(stall) => Err(malformed(format!(
+            "sending to the parent stalled: {stall:?}"
+        ))),
+    }
+}
+
+/// Ends the worker as soon as the parent process is gone: a thread waits on a pidfd of the
+/// parent (no timer), then removes the parent's segments — once the kernel has released its
+/// session lock — and this process's own, and exits.
+fn watch_parent(parent: u32, parent_session: Option<SessionId>, pool: ShmPool) -> Result<()> {
+    use rustix::process::{Pid, PidfdFlags, getppid, pidfd_open};
+    let gone = |what: &str| {
+        malformed(format!(
+            "parent process {parent} {what}; the worker does not start"
+        ))
+    };
+    let pid = i32::try_from(parent)
+        .ok()
+        .and_then(Pid::from_raw)
+        .ok_or_else(|| gone("has no valid pid"))?;
+    let pidfd = pidfd_open(pid, PidfdFlags::empty()).map_err(|_| gone("is gone"))?;
+    // The pidfd names whatever process has that pid now; if we were re-parented, the parent
+    // died before we opened it and the pid may be another process's.
+    if getppid() != Some(pid) {
+        return Err(gone("is gone"));
+    }
     std::thread::Builder::new()
         .name("shm-parent-watch".into())
         .spawn(move || {
-            loop {
-                std::thread::sleep(IDLE_CHECK);
-                // SAFETY: getppid has no preconditions and cannot fail.
-                let current = unsafe { libc::getppid() } as u32;
-                if current != parent {
-                    // The parent read our stderr: writing may fail now, and must not panic.
-                    let _ = writeln!(
-                        std::io::stderr(),
-                        "parent process {parent} is gone; worker exits"
-                    );
-                    let _ = shm_core::sweep_orphans();
-                    pool.close_all();
-                    shm_core::end_session();
-                    std::process::exit(70);
-                }
+            let mut fds = [rustix::event::PollFd::new(
+                &pidfd,
+                rustix::event::PollFlags::IN,
+            )];
+            while rustix::event::poll(&mut fds, None).is_err() {}
+            // The parent read our stderr: writing may fail now, and must not panic.
+            let _ = writeln!(
+                std::io::stderr(),
+                "parent process {parent} is gone; worker exits"
+            );
+            if let Some(session) = parent_session {
+                let _ = shm_core::sweep_session(session, PARENT_LOCK_WAIT);
             }
+            pool.close_all();
+            let _ = shm_core::end_session();
+            std::process::exit(70);
         })
         .map(drop)
-        .unwrap_or_else(|e| {
-            let _ = writeln!(std::io::stderr(), "cannot watch the parent process: {e}");
-        });
+        .map_err(|e| malformed(format!("cannot watch the parent process: {e}")))
 }

@@ -38,7 +38,7 @@ fn run(args: &[&str]) -> Result<(), Box<dyn std::error::Error>> {
             }
         }
         ["write", size, seed] => {
-            let mut block = pool.alloc(size.parse()?, false)?;
+            let mut block = pool.alloc(size.parse()?)?;
             fill_pattern(block.as_mut_slice()?, seed.parse()?);
             writeln!(out, "{}", block.to_ref().to_hex())?;
             out.flush()?;
@@ -63,7 +63,7 @@ fn run(args: &[&str]) -> Result<(), Box<dyn std::error::Error>> {
             }
         }
         ["hold", size] => {
-            let mut block = pool.alloc(size.parse()?, false)?;
+            let mut block = pool.alloc(size.parse()?)?;
             fill_pattern(block.as_mut_slice()?, 1);
             writeln!(out, "{}", pool.session())?;
             writeln!(out, "{}", block.to_ref().to_hex())?;

@@ -36,7 +36,7 @@ fn main() {
 }
 
 fn router() -> Router {
-    Router::new()
+    shm_tests::model::handlers(Router::new())
         .handle("echo", |Serde(x): Serde<u64>, _| Ok::<_, String>(Serde(x)))
         .handle(
             "repeat",

@@ -1,0 +1,247 @@
+//! Who keeps a block alive across processes: loans, and their return through release rings.
+//!
+//! The invariants, in one paragraph. A block is recycled by its pool only when the last
+//! `Arc<ShmBlock>` of it is dropped in the process that allocated it. When a side sends a
+//! payload, it *lends* the payload's blocks: each gets a loan id, and the [`Lender`] keeps an
+//! `Arc` of it under that id, so the block outlives the payload. The receiving side attaches
+//! each block through a [`LoanAttacher`], which puts a drop hook on the attached block: when
+//! the last value built on it is gone — however many copies, slices or re-sends of it existed
+//! — the hook writes the loan id into the release ring towards the owner (a [`Returner`]; no
+//! system call, never blocking). The owner's pool drains that ring before it allocates (the
+//! lender is the pool's [`Reclaim`]er) and drops the `Arc`s whose ids came back. A block the
+//! receiver never attached is returned as soon as decoding ends; a frame too large for a ring
+//! slot travels in a lent block that the receiver returns once it has read the frame. When the
+//! peer dies, every loan to it is dropped at once; when the receiver re-sends a block it holds,
+//! it lends its own attached block, whose hook returns the first loan only after the second
+//! comes back — so a block stays alive across any number of hops. A peer that returns ids it
+//! was never lent, or returns them early, can only cause its own reads to see recycled bytes;
+//! the owner's memory is never freed while the owner itself still uses it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use shm_codec::Attacher;
+use shm_core::{Reclaim, ShmBlock, ShmPool, ShmRef};
+
+use crate::channel::{Channel, Direction};
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The blocks one side has lent to its peer, by loan id, and the ring through which the peer
+/// gives them back.
+#[derive(Debug)]
+pub(crate) struct Lender {
+    channel: Arc<Channel>,
+    /// The ring the peer returns our loans through (this side is its consumer).
+    returns: Direction,
+    next: AtomicU64,
+    /// Held while draining `returns`, which has a single consumer.
+    lent: Mutex<HashMap<u64, Arc<ShmBlock>>>,
+}
+
+impl Lender {
+    /// A lender whose loans come back through the release ring in direction `returns`.
+    pub(crate) fn new(channel: Arc<Channel>, returns: Direction) -> Self {
+        Lender {
+            channel,
+            returns,
+            next: AtomicU64::new(1),
+            lent: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Lends `blocks` to the peer; the ids go into the frame, one per block, in order.
+    pub(crate) fn lend(&self, blocks: Vec<Arc<ShmBlock>>) -> Vec<u64> {
+        if blocks.is_empty() {
+            return Vec::new();
+        }
+        let first = self.next.fetch_add(blocks.len() as u64, Ordering::Relaxed);
+        let ids: Vec<u64> = (first..first + blocks.len() as u64).collect();
+        lock(&self.lent).extend(ids.iter().copied().zip(blocks));
+        ids
+    }
+
+    /// Takes back loans the peer never saw (the frame that carried them was not sent).
+    pub(crate) fn cancel(&self, ids: &[u64]) {
+        let dropped: Vec<Arc<ShmBlock>> = {
+            let mut lent = lock(&self.lent);
+            ids.iter().filter_map(|id| lent.remove(id)).collect()
+        };
+        drop(dropped);
+    }
+
+    /// Forgets every loan: the peer is dead, and nothing of ours is in use there any more.
+    pub(crate) fn forget_all(&self) {
+        let dropped: Vec<Arc<ShmBlock>> = lock(&self.lent).drain().map(|(_, b)| b).collect();
+        drop(dropped);
+    }
+
+    /// The lent block that holds all of `r`'s range, if `r` names one of our own blocks: a
+    /// peer sending our block back to us, one hop later.
+    fn holding(&self, r: &ShmRef) -> Option<Arc<ShmBlock>> {
+        let end = r.offset.checked_add(r.size)?;
+        lock(&self.lent)
+            .values()
+            .find(|b| {
+                b.name() == r.name
+                    && b.offset() as u64 <= r.offset
+                    && end <= (b.offset() + b.capacity()) as u64
+            })
+            .cloned()
+    }
+
+    /// Blocks currently lent.
+    #[cfg(test)]
+    pub(crate) fn outstanding(&self) -> usize {
+        lock(&self.lent).len()
+    }
+}
+
+impl Reclaim for Lender {
+    fn reclaim(&self) {
+        let returned: Vec<Arc<ShmBlock>> = {
+            let mut lent = lock(&self.lent);
+            let ring = self.channel.releases(self.returns);
+            std::iter::from_fn(|| ring.pop())
+                .filter_map(|id| lent.remove(&id))
+                .collect()
+        };
+        // Dropped outside the lock: returning a block to the pool takes the pool's lock.
+        drop(returned);
+    }
+}
+
+/// Gives the peer's blocks back: writes loan ids into the release ring towards the peer.
+/// Never blocks; ids that find the ring full wait here and go first next time.
+#[derive(Debug)]
+pub(crate) struct Returner {
+    channel: Arc<Channel>,
+    ring: Direction,
+    /// Ids not yet written; held while producing into the ring, which has a single producer.
+    waiting: Mutex<Vec<u64>>,
+}
+
+impl Returner {
+    /// A returner writing into the release ring in direction `ring`.
+    pub(crate) fn new(channel: Arc<Channel>, ring: Direction) -> Arc<Self> {
+        Arc::new(Returner {
+            channel,
+            ring,
+            waiting: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Returns loans to the peer.
+    pub(crate) fn release(&self, ids: &[u64]) {
+        let mut waiting = lock(&self.waiting);
+        waiting.extend_from_slice(ids);
+        let ring = self.channel.releases(self.ring);
+        let written = waiting.iter().take_while(|&&id| ring.push(id)).count();
+        waiting.drain(..written);
+    }
+
+    /// Writes ids that found the ring full earlier.
+    pub(crate) fn flush(&self) {
+        self.release(&[]);
+    }
+}
+
+/// Attaches the blocks of one received payload, marking each so that its loan goes back to
+/// the peer when the last value built on it is dropped.
+pub(crate) struct LoanAttacher {
+    returner: Arc<Returner>,
+    /// Our own loans: a reference to one of our blocks keeps that block alive, even if the
+    /// peer dies and its loans are forgotten.
+    lender: Arc<Lender>,
+    state: Mutex<AttachState>,
+}
+
+struct AttachState {
+    /// The payload's references with their loan ids; `None` once claimed by an attach.
+    loans: Vec<(ShmRef, Option<u64>)>,
+    /// Blocks attached so far, so that a reference named twice gives one block (held until
+    /// decoding ends, so that a later attach of the same reference finds it).
+    attached: Vec<(ShmRef, Arc<ShmBlock>)>,
+}
+
+impl std::fmt::Debug for LoanAttacher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoanAttacher").finish_non_exhaustive()
+    }
+}
+
+impl LoanAttacher {
+    /// An attacher for a payload whose references are `refs`, lent under `loans` (one each).
+    pub(crate) fn new(
+        returner: Arc<Returner>,
+        lender: Arc<Lender>,
+        refs: &[ShmRef],
+        loans: &[u64],
+    ) -> Arc<Self> {
+        Arc::new(LoanAttacher {
+            returner,
+            lender,
+            state: Mutex::new(AttachState {
+                loans: refs
+                    .iter()
+                    .cloned()
+                    .zip(loans.iter().copied().map(Some))
+                    .collect(),
+                attached: Vec::new(),
+            }),
+        })
+    }
+
+    /// Ends decoding: lets go of the attacher's own hold on the attached blocks, and returns
+    /// the loans of every reference that decoding did not attach.
+    pub(crate) fn release_unclaimed(&self) {
+        let (unclaimed, attached): (Vec<u64>, Vec<_>) = {
+            let mut state = lock(&self.state);
+            let unclaimed = state
+                .loans
+                .iter_mut()
+                .filter_map(|(_, id)| id.take())
+                .collect();
+            (unclaimed, std::mem::take(&mut state.attached))
+        };
+        drop(attached);
+        if !unclaimed.is_empty() {
+            self.returner.release(&unclaimed);
+        }
+    }
+}
+
+impl Attacher for LoanAttacher {
+    fn attach(&self, pool: &ShmPool, r: &ShmRef) -> shm_core::Result<Arc<ShmBlock>> {
+        let mut state = lock(&self.state);
+        if let Some((_, block)) = state.attached.iter().find(|(seen, _)| seen == r) {
+            return Ok(Arc::clone(block));
+        }
+        let mut block = pool.attach(r)?;
+        let ids: Vec<u64> = state
+            .loans
+            .iter_mut()
+            .filter(|(named, _)| named == r)
+            .filter_map(|(_, id)| id.take())
+            .collect();
+        if !ids.is_empty() {
+            let returner = Arc::clone(&self.returner);
+            block.on_drop(Box::new(move || returner.release(&ids)));
+        }
+        if let Some(own) = self.lender.holding(r) {
+            block.on_drop(Box::new(move || drop(own)));
+        }
+        let block = Arc::new(block);
+        state.attached.push((r.clone(), Arc::clone(&block)));
+        Ok(block)
+    }
+}
+
+impl Drop for LoanAttacher {
+    fn drop(&mut self) {
+        self.release_unclaimed();
+    }
+}
