@@ -338,6 +338,110 @@ fn ten_thousand_calls_with_megabyte_payloads_keep_segments_and_memory_flat() {
 }
 
 #[test]
+fn large_serde_arguments_in_one_call_each_keep_their_block() {
+    let clean = CleanShm::begin();
+    let worker = spawn();
+    for _ in 0..5 {
+        let Serde(firsts): Serde<(Option<u8>, Option<u8>, usize, usize)> = worker
+            .call(
+                "firsts",
+                &(Serde(vec![1u8; 2 << 20]), Serde(vec![2u8; 2 << 20])),
+            )
+            .unwrap();
+        assert_eq!(
+            firsts,
+            (Some(1), Some(2), 2 << 20, 2 << 20),
+            "the worker read another value than was sent"
+        );
+    }
+    worker.shutdown();
+    clean.end();
+}
+
+/// Time a call with a timeout may take beyond it here: generous, since the point is that it
+/// returns at all (before the fix, the 65th call blocked until the worker died).
+const TIMEOUT_SLACK: Duration = Duration::from_secs(2);
+
+#[test]
+fn call_timeout_bounds_the_call_even_when_the_request_ring_is_full() {
+    let clean = CleanShm::begin();
+    let worker = spawn();
+    let busy = std::thread::scope(|scope| {
+        let busy = scope.spawn(|| worker.call::<_, ()>("sleep", &Serde(3_000u64)));
+        std::thread::sleep(Duration::from_millis(100));
+        // More calls than the request ring has slots, while the handler is busy.
+        for i in 0..100u64 {
+            let timeout = Duration::from_millis(10);
+            let start = Instant::now();
+            let outcome = worker.call_timeout::<_, Serde<u64>>("echo", &Serde(i), timeout);
+            assert!(
+                matches!(outcome, Err(TransportError::Timeout { .. })),
+                "call {i}: {outcome:?}"
+            );
+            assert!(
+                start.elapsed() < timeout + TIMEOUT_SLACK,
+                "call {i} with a {timeout:?} timeout took {:?}",
+                start.elapsed()
+            );
+        }
+        busy.join().unwrap()
+    });
+    busy.unwrap();
+    // The late replies were drained and their blocks returned; the worker serves on.
+    let Serde(x): Serde<u64> = worker.call("echo", &Serde(5u64)).unwrap();
+    assert_eq!(x, 5);
+    worker.pool().reclaim();
+    assert_eq!(
+        worker.pool().stats().live_blocks,
+        1,
+        "only the channel is live"
+    );
+    worker.shutdown();
+    clean.end();
+}
+
+#[test]
+fn timeouts_racing_late_replies_from_eight_threads_neither_hang_nor_leak() {
+    let clean = CleanShm::begin();
+    let worker = spawn();
+    std::thread::scope(|scope| {
+        for t in 0..8u64 {
+            let worker = &worker;
+            scope.spawn(move || {
+                let args = Array1::from_elem(20_000, t as f64);
+                for i in 0..150u64 {
+                    let timeout = Duration::from_micros(300 + (t * 131 + i * 71) % 1500);
+                    let start = Instant::now();
+                    let outcome: Result<Serde<f64>, _> = if i % 3 == 0 {
+                        worker.call_timeout("sum", &args, timeout)
+                    } else {
+                        worker
+                            .call_timeout::<_, Serde<u64>>("sleep_us", &Serde(800u64), timeout)
+                            .map(|Serde(us)| Serde(us as f64))
+                    };
+                    match outcome {
+                        Ok(Serde(v)) => assert!(v == 800.0 || v == t as f64 * 20_000.0),
+                        Err(TransportError::Timeout { .. }) => {}
+                        Err(err) => panic!("thread {t}, call {i}: {err}"),
+                    }
+                    assert!(start.elapsed() < timeout + TIMEOUT_SLACK);
+                }
+            });
+        }
+    });
+    let Serde(x): Serde<u64> = worker.call("echo", &Serde(9u64)).unwrap();
+    assert_eq!(x, 9);
+    worker.pool().reclaim();
+    assert_eq!(
+        worker.pool().stats().live_blocks,
+        1,
+        "argument blocks were left lent after their calls timed out"
+    );
+    worker.shutdown();
+    clean.end();
+}
+
+#[test]
 fn a_worker_whose_parent_is_killed_exits_and_cleans_up() {
     let clean = CleanShm::begin();
     let mut parent = ChildProcess::spawn(WORKER, &["--parent"]);

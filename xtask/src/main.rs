@@ -5,6 +5,8 @@
 //! - `lint`  — formatting and clippy only.
 //! - `demo`  — the main job, in release mode (`--size 256MiB` scales it down).
 //! - `bench` — the benchmark suite; writes `target/bench/report.md` (`--quick` for a short run).
+//! - `soak`  — the model-based test of the transport, long (`--steps N`, default 1,000,000;
+//!   `--threads T`; `--seed S` to replay a run), in release mode.
 //! - `ci`    — what CI runs: `test`, then a scaled-down `demo`.
 
 use std::collections::BTreeSet;
@@ -24,10 +26,14 @@ fn main() -> ExitCode {
         "lint" => lint(),
         "demo" => demo(rest),
         "bench" => bench(rest),
+        "soak" => soak(rest),
         "ci" => test().and_then(|()| demo(&["--size".into(), "256MiB".into()])),
         "valgrind" => valgrind(),
         _ => {
-            eprintln!("usage: cargo xtask <test | lint | demo [--size N] | bench [--quick] | ci>");
+            eprintln!(
+                "usage: cargo xtask <test | lint | demo [--size N] | bench [--quick] | \
+                 soak [--steps N] [--threads T] [--seed S] | ci>"
+            );
             return if task == "help" {
                 ExitCode::SUCCESS
             } else {
@@ -183,6 +189,48 @@ fn test_binary(package: &str, target: &[&str]) -> Result<PathBuf> {
         .ok_or_else(|| format!("no test binary found for {package} {}", target.join(" ")))
 }
 
+/// Runs the model-based test (`tests/tests/model.rs`) for many steps, in release mode.
+fn soak(args: &[String]) -> Result {
+    let mut command = Command::new(cargo_bin());
+    command
+        .args([
+            "test",
+            "--release",
+            "-p",
+            "shm-tests",
+            "--test",
+            "model",
+            "--",
+            "--nocapture",
+        ])
+        .current_dir(root())
+        .env("SHM_MODEL_STEPS", "1000000");
+    let mut rest = args.iter();
+    while let Some(flag) = rest.next() {
+        let variable = match flag.as_str() {
+            "--steps" => "SHM_MODEL_STEPS",
+            "--threads" => "SHM_MODEL_THREADS",
+            "--seed" => "SHM_MODEL_SEED",
+            other => return Err(format!("soak: unknown option {other}")),
+        };
+        let value = rest
+            .next()
+            .filter(|v| v.parse::<u64>().is_ok())
+            .ok_or_else(|| format!("soak: {flag} takes a whole number"))?;
+        command.env(variable, value);
+    }
+    let before = shm_listing()?;
+    run(&mut command)?;
+    let after = shm_listing()?;
+    if after != before {
+        return Err(format!(
+            "/dev/shm changed during the soak: left behind {:?}",
+            after.difference(&before).collect::<Vec<_>>()
+        ));
+    }
+    Ok(())
+}
+
 fn demo(args: &[String]) -> Result {
     let mut command = vec![
         "run",
@@ -206,6 +254,7 @@ fn bench(args: &[String]) -> Result {
         ("shm-transport", "codec_bench", "codec.md"),
         ("shm-transport", "arrow_bench", "arrow.md"),
         ("shm-transport", "transport_bench", "transport.md"),
+        ("shm-transport", "channel_bench", "channel.md"),
     ];
     let python = python_env()?;
     for (package, example, _) in sections {

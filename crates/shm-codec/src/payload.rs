@@ -9,7 +9,7 @@ use shm_core::{ShmBlock, ShmRef};
 use crate::error::{CodecError, Result};
 
 /// The wire format version this build writes and reads.
-pub const FORMAT_VERSION: u16 = 1;
+pub const FORMAT_VERSION: u16 = 2;
 
 /// An encoded value. Its large data lives in shared memory (`buffers`); everything else is
 /// small and travels in the message itself.

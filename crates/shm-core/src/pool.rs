@@ -1082,6 +1082,44 @@ mod tests {
     }
 
     #[test]
+    fn a_session_cannot_be_ended_while_a_pool_of_it_is_open() {
+        leaves_shm_clean(|| {
+            let pool = quiet_pool(PoolConfig::default());
+            let lock = sys::segment_path(&pool.session().lock_name());
+            match crate::end_session() {
+                Err(ShmError::SessionInUse { open_pools, .. }) => assert_eq!(open_pools, 1),
+                other => panic!("expected SessionInUse, got {other:?}"),
+            }
+            assert!(lock.exists(), "the live pool's lock was removed");
+            pool.close_all();
+            crate::end_session().unwrap();
+            assert!(!lock.exists());
+        });
+    }
+
+    #[test]
+    fn reclaimers_are_asked_before_every_allocation() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        struct Counting(AtomicUsize);
+        impl Reclaim for Counting {
+            fn reclaim(&self) {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        leaves_shm_clean(|| {
+            let pool = quiet_pool(PoolConfig::default());
+            let counting = Arc::new(Counting(AtomicUsize::new(0)));
+            let weak: Weak<dyn Reclaim> = Arc::downgrade(&counting) as Weak<dyn Reclaim>;
+            pool.add_reclaimer(weak);
+            drop(pool.alloc(10).unwrap());
+            drop(pool.alloc(1 << 20).unwrap());
+            assert_eq!(counting.0.load(Ordering::Relaxed), 2);
+            drop(counting);
+            drop(pool.alloc(10).unwrap());
+        });
+    }
+
+    #[test]
     fn many_threads_share_one_pool() {
         leaves_shm_clean(|| {
             let pool = quiet_pool(PoolConfig::default());

@@ -1,5 +1,6 @@
 //! The benchmark of shm against what users would pick instead, in one run: large arrays (B1),
-//! small calls (B2), Arrow batches (B3), steady state (B4), and resident memory. Writes
+//! Arrow batches (B3), resident memory and faults (small calls and steady state are in
+//! `channel_bench`). Writes
 //! `target/bench/transport.md` and `target/bench/b1.svg`.
 //!
 //! `cargo xtask bench [--quick]` runs it in release mode, with `SHM_PYTHON` pointing at the
@@ -54,7 +55,6 @@ fn main() -> Result<(), Error> {
         return Ok(serve(router())?);
     }
     match args.as_slice() {
-        [flag, path] if flag == "--socket-echo" => return socket_echo(path),
         [flag, path] if flag == "--socket-server" => return socket_server(path),
         _ => {}
     }
@@ -62,9 +62,7 @@ fn main() -> Result<(), Error> {
     let mut report = String::new();
     rss(&mut report, quick)?;
     b1(&mut report, quick)?;
-    b2(&mut report, quick)?;
     b3(&mut report, quick)?;
-    b4(&mut report, quick)?;
     faults(&mut report)?;
     write_section("transport.md", &report)
 }
@@ -103,17 +101,7 @@ fn python_baseline(python: &str, args: &[String]) -> Result<Duration, Error> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The socket peer: 8-byte ping-pong for B2; framed arrays (postcard) and batches (Arrow IPC)
-// for B1 and B3.
-
-fn socket_echo(path: &str) -> Result<(), Error> {
-    let mut stream = UnixStream::connect(path)?;
-    let mut buf = [0u8; 8];
-    while stream.read_exact(&mut buf).is_ok() {
-        stream.write_all(&buf)?;
-    }
-    Ok(())
-}
+// The socket peer: framed arrays (postcard) and batches (Arrow IPC) for B1 and B3.
 
 fn socket_server(path: &str) -> Result<(), Error> {
     let mut stream = BufReader::new(UnixStream::connect(path)?);
@@ -499,60 +487,6 @@ fn chart(points: &Points, sizes: &[usize]) -> Result<(), Error> {
     Ok(())
 }
 
-fn b2(report: &mut String, quick: bool) -> Result<(), Error> {
-    let calls = if quick { 20_000 } else { 100_000 };
-    eprintln!("... B2 {calls} small calls");
-    let worker = Worker::spawn(WorkerConfig::current_exe()?)?;
-    let shm = sample(calls / 10, calls, || {
-        let Serde(x): Serde<u64> = worker.call("echo", &Serde(7u64))?;
-        std::hint::black_box(x);
-        Ok(())
-    })?;
-    worker.shutdown();
-    let mut peer = SocketPeer::start("--socket-echo")?;
-    let socket = sample(calls / 10, calls, || {
-        peer.stream.write_all(&7u64.to_le_bytes())?;
-        let mut buf = [0u8; 8];
-        peer.stream.read_exact(&mut buf)?;
-        Ok(())
-    })?;
-    peer.stop()?;
-    writeln!(report, "\n## B2: small call round trip\n")?;
-    writeln!(
-        report,
-        "A call with an 8-byte argument and result, {calls} calls after warm-up, against an \
-         8-byte ping-pong over a Unix socket between two processes, in the same run.\n"
-    )?;
-    writeln!(
-        report,
-        "| channel | median | p99 | socket / this (median) |"
-    )?;
-    writeln!(report, "| --- | ---: | ---: | ---: |")?;
-    let p99 = |v: &[Duration]| v[v.len() * 99 / 100];
-    for (name, times) in [("shm channel", &shm), ("Unix socket", &socket)] {
-        writeln!(
-            report,
-            "| {name} | {} | {} | {:.1}x |",
-            ms(median(times)),
-            ms(p99(times)),
-            median(&socket).as_secs_f64() / median(times).as_secs_f64()
-        )?;
-    }
-    let speedup = median(&socket).as_secs_f64() / median(&shm).as_secs_f64();
-    writeln!(
-        report,
-        "\nTargets: at most 5 µs median — {} ({}); at least 8x faster than the socket — {speedup:.1}x ({}).",
-        ms(median(&shm)),
-        if median(&shm) <= Duration::from_micros(5) {
-            "met"
-        } else {
-            "missed"
-        },
-        if speedup >= 8.0 { "met" } else { "missed" },
-    )?;
-    Ok(())
-}
-
 fn b3(report: &mut String, quick: bool) -> Result<(), Error> {
     let rows = if quick { 1_000_000 } else { 10_000_000 };
     let runs = if quick { 9 } else { 5 };
@@ -627,60 +561,6 @@ fn b3(report: &mut String, quick: bool) -> Result<(), Error> {
         report,
         "\nTarget: at least 5x faster than Arrow IPC over a socket — {speedup:.1}x with one copy ({}).",
         if speedup >= 5.0 { "met" } else { "missed" }
-    )?;
-    Ok(())
-}
-
-fn b4(report: &mut String, quick: bool) -> Result<(), Error> {
-    let calls = if quick { 2_000 } else { 10_000 };
-    eprintln!("... B4 {calls} calls with 1 MiB payloads");
-    let worker = Worker::spawn(WorkerConfig::current_exe()?)?;
-    let args = Array1::from_elem(1 << 17, 1.0f64);
-    let call = || -> Result<(), Error> {
-        let doubled: ShmArray<f64, IxDyn> = worker.call("double", &args)?;
-        if doubled.view()[[0]] != 2.0 {
-            return Err("wrong result".into());
-        }
-        Ok(())
-    };
-    for _ in 0..200 {
-        call()?;
-    }
-    let segments_before = shm_core::list_segments()?.len();
-    let rss_before = (
-        status_kib(std::process::id(), "VmRSS"),
-        status_kib(worker.pid(), "VmRSS"),
-    );
-    let start = Instant::now();
-    for _ in 0..calls {
-        call()?;
-    }
-    let elapsed = start.elapsed();
-    let segments_after = shm_core::list_segments()?.len();
-    let rss_after = (
-        status_kib(std::process::id(), "VmRSS"),
-        status_kib(worker.pid(), "VmRSS"),
-    );
-    worker.shutdown();
-    writeln!(report, "\n## B4: steady state\n")?;
-    writeln!(
-        report,
-        "{calls} calls, each with a 1 MiB f64 array argument (one copy) and a 1 MiB result \
-         produced in the worker's shared memory, after 200 calls of warm-up.\n"
-    )?;
-    writeln!(
-        report,
-        "| calls/s | segments before | segments after | parent RSS before → after | worker RSS before → after |"
-    )?;
-    writeln!(report, "| ---: | ---: | ---: | ---: | ---: |")?;
-    writeln!(
-        report,
-        "| {:.0} | {segments_before} | {segments_after} | {} → {} MiB | {} → {} MiB |",
-        calls as f64 / elapsed.as_secs_f64(),
-        rss_before.0 >> 10,
-        rss_after.0 >> 10,
-        rss_before.1 >> 10,
-        rss_after.1 >> 10
     )?;
     Ok(())
 }

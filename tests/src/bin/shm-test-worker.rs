@@ -44,6 +44,17 @@ fn router() -> Router {
                 Ok::<_, String>(Serde(text.repeat(times)))
             },
         )
+        .handle(
+            "firsts",
+            |(Serde(a), Serde(b)): (Serde<Vec<u8>>, Serde<Vec<u8>>), _| {
+                Ok::<_, String>(Serde((
+                    a.first().copied(),
+                    b.first().copied(),
+                    a.len(),
+                    b.len(),
+                )))
+            },
+        )
         .handle("pid", |(): (), _| {
             Ok::<_, String>(Serde(std::process::id()))
         })
@@ -103,6 +114,10 @@ fn router() -> Router {
         .handle("sleep", |Serde(ms): Serde<u64>, _| {
             std::thread::sleep(Duration::from_millis(ms));
             Ok::<_, String>(())
+        })
+        .handle("sleep_us", |Serde(us): Serde<u64>, _| {
+            std::thread::sleep(Duration::from_micros(us));
+            Ok::<_, String>(Serde(us))
         })
         .handle("stderr", |Serde(line): Serde<String>, _| {
             eprintln!("{line}");

@@ -1,0 +1,307 @@
+//! The benchmark of the channel itself: small calls (B2), steady state (B4), what an idle
+//! parent and worker cost, and how late calls with a timeout return when replies race them.
+//! Writes `target/bench/channel.md`.
+//!
+//! `cargo xtask bench [--quick]` runs it in release mode. The same executable is the worker and
+//! the socket peer of B2.
+
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ndarray::{Array1, IxDyn};
+use shm_codec::{Serde, ShmArray, ShmArrayMut};
+use shm_transport::{Router, TransportError, Worker, WorkerConfig, is_worker, serve};
+
+mod common;
+use common::{Error, median, ms, sample, write_section};
+
+fn router() -> Router {
+    Router::new()
+        .handle("echo", |Serde(x): Serde<u64>, _| Ok::<_, String>(Serde(x)))
+        .handle("sleep", |Serde(us): Serde<u64>, _| {
+            std::thread::sleep(Duration::from_micros(us));
+            Ok::<_, String>(())
+        })
+        .handle("double", |a: ShmArray<f64, IxDyn>, ctx| {
+            let mut out = ShmArrayMut::<f64, IxDyn>::zeros(ctx.pool(), a.shape())
+                .map_err(|e| e.to_string())?;
+            out.view_mut().zip_mut_with(&a.view(), |o, x| *o = 2.0 * x);
+            Ok::<_, String>(out.freeze())
+        })
+}
+
+fn main() -> Result<(), Error> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if is_worker() {
+        return Ok(serve(router())?);
+    }
+    if let [flag, path] = args.as_slice()
+        && flag == "--socket-echo"
+    {
+        return socket_echo(path);
+    }
+    let quick = args.iter().any(|a| a == "--quick");
+    let mut report = String::new();
+    b2(&mut report, quick)?;
+    b4(&mut report, quick)?;
+    idle(&mut report, quick)?;
+    lateness(&mut report, quick)?;
+    write_section("channel.md", &report)
+}
+
+fn socket_echo(path: &str) -> Result<(), Error> {
+    let mut stream = UnixStream::connect(path)?;
+    let mut buf = [0u8; 8];
+    while stream.read_exact(&mut buf).is_ok() {
+        stream.write_all(&buf)?;
+    }
+    Ok(())
+}
+
+fn p99(times: &[Duration]) -> Duration {
+    times[times.len() * 99 / 100]
+}
+
+fn b2(report: &mut String, quick: bool) -> Result<(), Error> {
+    let calls = if quick { 20_000 } else { 100_000 };
+    eprintln!("... B2 {calls} small calls");
+    let worker = Worker::spawn(WorkerConfig::current_exe()?)?;
+    let shm = sample(calls / 10, calls, || {
+        let Serde(x): Serde<u64> = worker.call("echo", &Serde(7u64))?;
+        std::hint::black_box(x);
+        Ok(())
+    })?;
+    worker.shutdown();
+
+    let path = std::env::temp_dir().join(format!("shm-bench-{}-echo.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path)?;
+    let mut peer = Command::new(std::env::current_exe()?)
+        .arg("--socket-echo")
+        .arg(&path)
+        .spawn()?;
+    let (mut stream, _) = listener.accept()?;
+    let socket = sample(calls / 10, calls, || {
+        stream.write_all(&7u64.to_le_bytes())?;
+        let mut buf = [0u8; 8];
+        stream.read_exact(&mut buf)?;
+        Ok(())
+    })?;
+    stream.shutdown(std::net::Shutdown::Both)?;
+    peer.wait()?;
+    let _ = std::fs::remove_file(&path);
+
+    writeln!(report, "\n## B2: small call round trip\n")?;
+    writeln!(
+        report,
+        "A call with an 8-byte argument and result, {calls} calls after warm-up, against an \
+         8-byte ping-pong over a Unix socket between two processes, in the same run.\n"
+    )?;
+    writeln!(
+        report,
+        "| channel | median | p99 | socket / this (median) |"
+    )?;
+    writeln!(report, "| --- | ---: | ---: | ---: |")?;
+    for (name, times) in [("shm channel", &shm), ("Unix socket", &socket)] {
+        writeln!(
+            report,
+            "| {name} | {} | {} | {:.1}x |",
+            ms(median(times)),
+            ms(p99(times)),
+            median(&socket).as_secs_f64() / median(times).as_secs_f64()
+        )?;
+    }
+    Ok(())
+}
+
+fn b4(report: &mut String, quick: bool) -> Result<(), Error> {
+    let calls = if quick { 2_000 } else { 10_000 };
+    eprintln!("... B4 {calls} calls with 1 MiB payloads");
+    let worker = Worker::spawn(WorkerConfig::current_exe()?)?;
+    let args = Array1::from_elem(1 << 17, 1.0f64);
+    let call = || -> Result<(), Error> {
+        let doubled: ShmArray<f64, IxDyn> = worker.call("double", &args)?;
+        if doubled.view()[[0]] != 2.0 {
+            return Err("wrong result".into());
+        }
+        Ok(())
+    };
+    for _ in 0..200 {
+        call()?;
+    }
+    let segments_before = shm_core::list_segments()?.len();
+    let rss_before = (rss_kib(std::process::id()), rss_kib(worker.pid()));
+    let start = Instant::now();
+    for _ in 0..calls {
+        call()?;
+    }
+    let elapsed = start.elapsed();
+    let segments_after = shm_core::list_segments()?.len();
+    let rss_after = (rss_kib(std::process::id()), rss_kib(worker.pid()));
+    worker.shutdown();
+    writeln!(report, "\n## B4: steady state\n")?;
+    writeln!(
+        report,
+        "{calls} calls, each with a 1 MiB f64 array argument (one copy) and a 1 MiB result \
+         produced in the worker's shared memory, after 200 calls of warm-up.\n"
+    )?;
+    writeln!(
+        report,
+        "| calls/s | segments before | segments after | parent RSS before → after | worker RSS before → after |"
+    )?;
+    writeln!(report, "| ---: | ---: | ---: | ---: | ---: |")?;
+    writeln!(
+        report,
+        "| {:.0} | {segments_before} | {segments_after} | {} → {} MiB | {} → {} MiB |",
+        calls as f64 / elapsed.as_secs_f64(),
+        rss_before.0 >> 10,
+        rss_after.0 >> 10,
+        rss_before.1 >> 10,
+        rss_after.1 >> 10
+    )?;
+    Ok(())
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+        .unwrap_or(0)
+}
+
+/// Context switches of every thread of a process, and its CPU time in clock ticks, from /proc.
+fn activity(pid: u32) -> (u64, u64) {
+    let mut switches = 0;
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for task in tasks.flatten() {
+            let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+            switches += status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches"))
+                .filter_map(|l| l.split(':').nth(1)?.trim().parse::<u64>().ok())
+                .sum::<u64>();
+        }
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let ticks = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| {
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+            [11, 12]
+                .iter()
+                .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
+                .sum()
+        })
+        .unwrap_or(0);
+    (switches, ticks)
+}
+
+/// What a parent and its worker cost while nobody calls: wake-ups (context switches of all
+/// their threads) per second and CPU, over an idle interval after a burst of calls.
+fn idle(report: &mut String, quick: bool) -> Result<(), Error> {
+    let seconds = if quick { 3 } else { 10 };
+    eprintln!("... idle for {seconds} s");
+    let worker = Worker::spawn(WorkerConfig::current_exe()?)?;
+    let args = Array1::from_elem(1 << 17, 1.0f64);
+    for _ in 0..100 {
+        let _: ShmArray<f64, IxDyn> = worker.call("double", &args)?;
+    }
+    // Past every spin, and past one more scheduling round.
+    std::thread::sleep(Duration::from_millis(200));
+    let pids = [std::process::id(), worker.pid()];
+    let before = pids.map(activity);
+    let start = Instant::now();
+    std::thread::sleep(Duration::from_secs(seconds));
+    let elapsed = start.elapsed().as_secs_f64();
+    let after = pids.map(activity);
+    worker.shutdown();
+    // SAFETY: sysconf has no memory preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    writeln!(report, "\n## Idle\n")?;
+    writeln!(
+        report,
+        "A parent and a worker after 100 calls with 1 MiB arrays, then {seconds} s with no \
+         call: context switches of all their threads per second, and CPU time (from /proc). \
+         The parent's count includes this benchmark's own sleeping thread (one switch).\n"
+    )?;
+    writeln!(report, "| process | wake-ups/s | CPU |")?;
+    writeln!(report, "| --- | ---: | ---: |")?;
+    for (i, name) in ["parent", "worker"].iter().enumerate() {
+        let switches = after[i].0.saturating_sub(before[i].0) as f64;
+        let ticks = after[i].1.saturating_sub(before[i].1) as f64;
+        writeln!(
+            report,
+            "| {name} | {:.1} | {:.2} % |",
+            switches / elapsed,
+            100.0 * ticks / hz / elapsed
+        )?;
+    }
+    Ok(())
+}
+
+/// How late calls with a timeout return when the handler is slower than the timeout, so that
+/// timeouts race late replies: 8 threads, each call sleeping 2 ms in the worker with a timeout
+/// of 0.5 to 3 ms.
+fn lateness(report: &mut String, quick: bool) -> Result<(), Error> {
+    let per_thread = if quick { 100 } else { 500 };
+    eprintln!("... timeout lateness, 8 threads x {per_thread} calls");
+    let worker = Worker::spawn(WorkerConfig::current_exe()?)?;
+    let results: Vec<Result<(Vec<Duration>, usize), String>> = std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..8u64)
+            .map(|t| {
+                let worker = &worker;
+                scope.spawn(move || {
+                    let mut late = Vec::with_capacity(per_thread);
+                    let mut timeouts = 0;
+                    for i in 0..per_thread as u64 {
+                        let timeout = Duration::from_micros(500 + (t * 311 + i * 97) % 2500);
+                        let start = Instant::now();
+                        match worker.call_timeout::<_, ()>("sleep", &Serde(2000u64), timeout) {
+                            Ok(()) => {}
+                            Err(TransportError::Timeout { .. }) => timeouts += 1,
+                            Err(err) => return Err(err.to_string()),
+                        }
+                        late.push(start.elapsed().saturating_sub(timeout));
+                    }
+                    Ok((late, timeouts))
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| t.join().unwrap_or_else(|_| Err("a thread panicked".into())))
+            .collect()
+    });
+    worker.shutdown();
+    let mut late = Vec::new();
+    let mut timeouts = 0;
+    for result in results {
+        let (times, n) = result?;
+        late.extend(times);
+        timeouts += n;
+    }
+    late.sort();
+    writeln!(report, "\n## Timeouts under load\n")?;
+    writeln!(
+        report,
+        "8 threads × {per_thread} calls to a handler that sleeps 2 ms, each with a timeout of \
+         0.5–3 ms ({timeouts} of {} timed out): how long after its timeout a call returned.\n",
+        late.len()
+    )?;
+    writeln!(report, "| median | p99 | worst |")?;
+    writeln!(report, "| ---: | ---: | ---: |")?;
+    writeln!(
+        report,
+        "| {} | {} | {} |",
+        ms(median(&late)),
+        ms(p99(&late)),
+        ms(late[late.len() - 1])
+    )?;
+    Ok(())
+}
