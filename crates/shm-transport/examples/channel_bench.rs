@@ -43,12 +43,16 @@ fn main() -> Result<(), Error> {
     {
         return socket_echo(path);
     }
+    if args.iter().any(|a| a == "--parent") {
+        return parent_of_a_worker();
+    }
     let quick = args.iter().any(|a| a == "--quick");
     let mut report = String::new();
     b2(&mut report, quick)?;
     b4(&mut report, quick)?;
     idle(&mut report, quick)?;
     lateness(&mut report, quick)?;
+    parent_death(&mut report)?;
     write_section("channel.md", &report)
 }
 
@@ -302,6 +306,70 @@ fn lateness(report: &mut String, quick: bool) -> Result<(), Error> {
         ms(median(&late)),
         ms(p99(&late)),
         ms(late[late.len() - 1])
+    )?;
+    Ok(())
+}
+
+/// The parent of the parent-death row: spawns a worker, says its pid, waits to be killed.
+fn parent_of_a_worker() -> Result<(), Error> {
+    let worker = Worker::spawn(WorkerConfig::current_exe()?)?;
+    let _: Serde<u64> = worker.call("echo", &Serde(1u64))?;
+    println!("{}", worker.pid());
+    std::io::stdout().flush()?;
+    loop {
+        std::thread::park();
+    }
+}
+
+/// Whether a process runs (exists and is not a zombie).
+fn runs(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next());
+        !matches!(state, Some("Z") | Some("X") | None)
+    })
+}
+
+/// How long a worker lives on after its parent is killed with SIGKILL.
+fn parent_death(report: &mut String) -> Result<(), Error> {
+    eprintln!("... parent death, 5 times");
+    let mut exits = Vec::new();
+    for _ in 0..5 {
+        let mut parent = Command::new(std::env::current_exe()?)
+            .arg("--parent")
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(parent.stdout.take().ok_or("no stdout")?),
+            &mut line,
+        )?;
+        let worker: u32 = line.trim().parse()?;
+        let start = Instant::now();
+        parent.kill()?;
+        while runs(worker) && start.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        exits.push(start.elapsed());
+        parent.wait()?;
+    }
+    // The workers swept their parents' segments and their own; a new pool sweeps the rest.
+    shm_core::sweep_orphans()?;
+    exits.sort();
+    writeln!(report, "\n## Parent death\n")?;
+    writeln!(
+        report,
+        "A parent with a live worker is killed with SIGKILL (5 times): the time until the worker \
+         has removed what both left in /dev/shm and exited.\n"
+    )?;
+    writeln!(report, "| median | worst |")?;
+    writeln!(report, "| ---: | ---: |")?;
+    writeln!(
+        report,
+        "| {} | {} |",
+        ms(median(&exits)),
+        ms(exits[exits.len() - 1])
     )?;
     Ok(())
 }

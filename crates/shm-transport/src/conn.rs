@@ -46,8 +46,24 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// The outcome of one call, filled in by whoever reads its reply.
 #[derive(Default)]
 struct CallSlot {
-    outcome: Mutex<Option<Delivered>>,
+    state: Mutex<SlotState>,
     ready: Condvar,
+}
+
+#[derive(Default)]
+struct SlotState {
+    outcome: Option<Delivered>,
+    /// Whether the caller sleeps on `ready`: only then is it worth a system call to wake it.
+    sleeping: bool,
+}
+
+impl CallSlot {
+    /// Wakes the caller if it sleeps; `state` is this slot's, locked.
+    fn wake(&self, state: &SlotState) {
+        if state.sleeping {
+            self.ready.notify_all();
+        }
+    }
 }
 
 /// A reply as delivered to its caller: the outcome and the loans of its blocks.
@@ -266,7 +282,7 @@ impl Conn {
         // Once the call is out of the table, no reader can deliver to it: whatever it holds
         // now is all it will ever get, even if it came after the deadline.
         lock(&self.calls).remove(&id);
-        let delivered = lock(&slot.outcome).take();
+        let delivered = lock(&slot.state).outcome.take();
         let Some(Delivered { outcome, loans }) = delivered else {
             return Err(match waited {
                 Err(TransportError::Timeout { .. }) => timed_out(),
@@ -317,7 +333,7 @@ impl Conn {
     /// when no other thread does, or sleeps until the thread that does hands the reply over.
     fn wait(&self, slot: &CallSlot, deadline: Option<Instant>) -> Result<()> {
         loop {
-            if lock(&slot.outcome).is_some() {
+            if lock(&slot.state).outcome.is_some() {
                 return Ok(());
             }
             if self.is_dead() {
@@ -331,7 +347,7 @@ impl Conn {
             }
             if let Ok(reading) = self.reading.try_lock() {
                 let read = self.drain().and_then(|()| {
-                    if lock(&slot.outcome).is_none() {
+                    if lock(&slot.state).outcome.is_none() {
                         let ring = self.endpoint.channel().frames(Direction::ToParent);
                         ring.wait_for_frame(deadline, || self.is_dead());
                         self.drain()?;
@@ -342,17 +358,22 @@ impl Conn {
                 self.hand_over();
                 read?;
             } else {
-                let outcome = lock(&slot.outcome);
+                let mut state = lock(&slot.state);
                 // Checked under our slot's lock: a leader that leaves after this point wakes
                 // us (it frees `reading` first, then takes this lock to notify).
-                if outcome.is_some() || self.is_dead() || self.reading.try_lock().is_ok() {
+                if state.outcome.is_some() || self.is_dead() || self.reading.try_lock().is_ok() {
                     continue;
                 }
                 let sleep = deadline.map_or(FOLLOWER_CHECK, |d| {
                     d.saturating_duration_since(Instant::now())
                         .min(FOLLOWER_CHECK)
                 });
-                drop(slot.ready.wait_timeout(outcome, sleep));
+                state.sleeping = true;
+                let (mut state, _) = slot
+                    .ready
+                    .wait_timeout(state, sleep)
+                    .unwrap_or_else(PoisonError::into_inner);
+                state.sleeping = false;
             }
         }
     }
@@ -360,8 +381,7 @@ impl Conn {
     /// Wakes every waiting caller, one of which takes over reading the reply ring.
     fn hand_over(&self) {
         for slot in lock(&self.calls).values() {
-            let _outcome = lock(&slot.outcome);
-            slot.ready.notify_all();
+            slot.wake(&lock(&slot.state));
         }
     }
 
@@ -374,8 +394,9 @@ impl Conn {
                     let calls = lock(&self.calls);
                     match calls.get(&id) {
                         Some(slot) => {
-                            *lock(&slot.outcome) = Some(Delivered { outcome, loans });
-                            slot.ready.notify_all();
+                            let mut state = lock(&slot.state);
+                            state.outcome = Some(Delivered { outcome, loans });
+                            slot.wake(&state);
                         }
                         None => {
                             drop(calls);
