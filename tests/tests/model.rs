@@ -461,7 +461,10 @@ fn random_interleavings_keep_every_value_intact_and_every_deadline() {
     let mut worker_blocks = u64::MAX;
     for _ in 0..16 {
         worker.pool().reclaim();
-        worker_blocks = worker.call::<_, Serde<u64>>("model_live_blocks", &()).unwrap().0;
+        worker_blocks = worker
+            .call::<_, Serde<u64>>("model_live_blocks", &())
+            .unwrap()
+            .0;
         if worker_blocks == 0 {
             break;
         }

@@ -220,7 +220,16 @@ impl<T: Element, D: Dimension> ShmArray<T, D> {
                 shape.len()
             )));
         }
-        let count = byte_len::<T>(shape)? / itemsize.max(1);
+        let nbytes = byte_len::<T>(shape)?;
+        let count = nbytes / itemsize.max(1);
+        // An axis of length 0 or 1 never steps: its stride is never used, whatever the peer
+        // wrote (i64::MIN included), so it is kept as 0.
+        let strides_bytes: Vec<i64> = strides_bytes
+            .iter()
+            .zip(shape)
+            .map(|(&stride, &len)| if len <= 1 { 0 } else { stride })
+            .collect();
+        let strides_bytes = strides_bytes.as_slice();
         let mut strides = Vec::with_capacity(shape.len());
         for &stride in strides_bytes {
             if stride % itemsize as i64 != 0 {
@@ -245,6 +254,15 @@ impl<T: Element, D: Dimension> ShmArray<T, D> {
             return Ok(array(0));
         }
         let bytes = storage.bytes();
+        // Strides that alias elements (zero, or overlapping) could make a few bytes stand for
+        // more elements than memory can hold once copied: no array has more elements than its
+        // data has room for.
+        if nbytes > bytes.len() {
+            return Err(layout(format!(
+                "{count} elements of {itemsize} bytes in data of {} bytes",
+                bytes.len()
+            )));
+        }
         let (low, high) = extent(shape, strides_bytes, origin, itemsize);
         if low < 0 || high > bytes.len() as i128 {
             return Err(layout(format!(
@@ -379,16 +397,22 @@ fn byte_len<T: Element>(shape: &[usize]) -> Result<usize> {
             shape.len()
         )));
     }
-    shape
-        .iter()
-        .try_fold(size_of::<T>(), |acc, &n| acc.checked_mul(n))
-        .filter(|&bytes| bytes <= isize::MAX as usize)
-        .ok_or_else(|| {
-            layout(format!(
-                "shape {shape:?} of {} overflows",
-                T::DTYPE.typestr()
-            ))
-        })
+    let product = |skip_zeros: bool| {
+        shape
+            .iter()
+            .filter(|&&n| !(skip_zeros && n == 0))
+            .try_fold(size_of::<T>(), |acc, &n| acc.checked_mul(n))
+            .filter(|&bytes| bytes <= isize::MAX as usize)
+    };
+    // ndarray also needs the product of the non-zero lengths to fit, even when another axis
+    // is empty: a shape like [0, 2^62] holds no element but cannot be viewed.
+    match (product(false), product(true)) {
+        (Some(bytes), Some(_)) => Ok(bytes),
+        _ => Err(layout(format!(
+            "shape {shape:?} of {} overflows",
+            T::DTYPE.typestr()
+        ))),
+    }
 }
 
 /// The strides, in bytes, of a contiguous array in C or F order.
@@ -487,6 +511,11 @@ fn encode_if_shared<T: Element, D: Dimension>(view: &ArrayView<'_, T, D>) -> Opt
         .collect();
     let first = view.as_ptr() as usize;
     let (low, high) = extent(view.shape(), &strides, first as u64, itemsize as usize);
+    // A view whose strides alias elements (a broadcast) is copied: a reader refuses arrays
+    // with more elements than their data holds.
+    if (view.len() as i128).saturating_mul(itemsize as i128) > high - low {
+        return None;
+    }
     let block = find_live(usize::try_from(low).ok()?, usize::try_from(high).ok()?)?;
     let meta = ArrayMeta {
         typestr: T::DTYPE.typestr().to_owned(),

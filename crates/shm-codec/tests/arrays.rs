@@ -403,6 +403,24 @@ fn lying_metadata_is_a_typed_error() {
         ("origin past the end", with(&|m| m.origin = 80_000)),
         ("unknown dtype", with(&|m| m.typestr = "<f16".into())),
         ("strides of another rank", with(&|m| m.strides = vec![8])),
+        (
+            "an empty axis beside a huge one",
+            with(&|m| m.shape = vec![0, 1 << 62]),
+        ),
+        (
+            "zero strides: 8 bytes as 2^40 elements",
+            with(&|m| {
+                m.shape = vec![1 << 20, 1 << 20];
+                m.strides = vec![0, 0];
+            }),
+        ),
+        (
+            "overlapping strides",
+            with(&|m| {
+                m.shape = vec![10_000, 100];
+                m.strides = vec![8, 8];
+            }),
+        ),
     ];
     assert_eq!(base.shape, vec![100, 100]);
     for (what, bad) in cases {
@@ -423,6 +441,40 @@ fn lying_metadata_is_a_typed_error() {
             ..
         })
     ));
+}
+
+#[test]
+fn strides_of_axes_that_never_step_are_ignored_even_when_extreme() {
+    let c = codecs();
+    let a = Array2::from_shape_fn((1, 9000), |(_, j)| j as f64);
+    let payload = c.0.encode(&a).unwrap();
+    let mut meta: wire::Meta = postcard::from_bytes(&payload.meta).unwrap();
+    for stride in [i64::MIN, i64::MAX, 0, -8] {
+        meta.strides[0] = stride;
+        let mut odd = payload.clone();
+        odd.meta = postcard::to_stdvec(&meta).unwrap();
+        let back: ShmArray<f64, IxDyn> = c.1.decode(&odd).unwrap();
+        assert_eq!(back.view(), a.view().into_dyn(), "stride {stride}");
+        assert_eq!(back.to_owned(), a.clone().into_dyn());
+    }
+}
+
+#[test]
+fn a_broadcast_view_is_copied_rather_than_sent_as_aliasing_strides() {
+    let c = codecs();
+    let base = ShmArrayMut::<f64, ndarray::Ix1>::zeros(c.0.pool(), 10_000)
+        .unwrap()
+        .freeze();
+    let row = base.view();
+    let broadcast = row.broadcast((50, 10_000)).unwrap();
+    let payload = c.0.encode(&broadcast).unwrap();
+    assert_ne!(
+        payload.buffers()[0].name,
+        base.block().unwrap().name(),
+        "a broadcast view went out as a reference to its block"
+    );
+    let back: ShmArray<f64, IxDyn> = c.1.decode(&payload).unwrap();
+    assert_eq!(back.view(), broadcast.into_dyn());
 }
 
 #[test]
