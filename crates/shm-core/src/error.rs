@@ -77,6 +77,17 @@ pub enum ShmError {
         segment_len: u64,
     },
 
+    /// A reference whose offset is not aligned as every block is.
+    #[error("reference to {name} starts at offset {offset}, which is not a multiple of {align}")]
+    MisalignedRef {
+        /// The segment name.
+        name: String,
+        /// The offset the reference gives.
+        offset: u64,
+        /// The alignment every block has.
+        align: usize,
+    },
+
     /// A reference claims more content than its block holds.
     #[error("reference to {name} claims {content_size} content bytes in a block of {size} bytes")]
     ContentExceedsSize {

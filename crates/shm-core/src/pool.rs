@@ -263,11 +263,20 @@ impl ShmPool {
     }
 
     /// Maps the block a peer's reference names, after checking the reference against the
-    /// segment: the name's form, `offset + size` without overflow and inside the segment,
-    /// `content_size <= size`. The block is read-only. Attaching a segment that is already
-    /// mapped reuses the mapping.
+    /// segment: the name's form, an offset aligned to [`BLOCK_ALIGN`], `offset + size` without
+    /// overflow and inside the segment, `content_size <= size`. The block is read-only.
+    /// Attaching a segment that is already mapped reuses the mapping.
     pub fn attach(&self, r: &ShmRef) -> Result<ShmBlock> {
         validate_name(&r.name)?;
+        // Every block starts 64-byte aligned, and readers rely on it (atomics in the channel,
+        // Arrow buffers): a reference that says otherwise is refused, not trusted.
+        if !r.offset.is_multiple_of(BLOCK_ALIGN as u64) {
+            return Err(ShmError::MisalignedRef {
+                name: r.name.clone(),
+                offset: r.offset,
+                align: BLOCK_ALIGN,
+            });
+        }
         let end = r.offset.checked_add(r.size).ok_or(ShmError::RefOverflow {
             name: r.name.clone(),
             offset: r.offset,
@@ -987,14 +996,29 @@ mod tests {
             ));
 
             let overflowing = ShmRef {
-                offset: u64::MAX - 10,
+                offset: u64::MAX - 63,
                 size: 64,
                 content_size: 0,
                 ..good.clone()
             };
             assert!(matches!(
                 pool.attach(&overflowing),
-                Err(ShmError::RefOverflow { offset, size: 64, .. }) if offset == u64::MAX - 10
+                Err(ShmError::RefOverflow { offset, size: 64, .. }) if offset == u64::MAX - 63
+            ));
+
+            let misaligned = ShmRef {
+                offset: 8,
+                size: 64,
+                content_size: 64,
+                ..good.clone()
+            };
+            assert!(matches!(
+                pool.attach(&misaligned),
+                Err(ShmError::MisalignedRef {
+                    offset: 8,
+                    align: 64,
+                    ..
+                })
             ));
 
             let content_too_long = ShmRef {
