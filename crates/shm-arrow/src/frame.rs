@@ -220,6 +220,15 @@ fn decode_batch(
     projection: Option<&[usize]>,
     validate: bool,
 ) -> shm_codec::Result<RecordBatch> {
+    crate::contain(|| decode_unguarded(payload, decoder, projection, validate))
+}
+
+fn decode_unguarded(
+    payload: &Payload,
+    decoder: &Decoder,
+    projection: Option<&[usize]>,
+    validate: bool,
+) -> shm_codec::Result<RecordBatch> {
     payload.expect_codec(COLUMNS_CODEC)?;
     let meta: FrameMeta = payload.decode_meta()?;
     let schema = arrow::ipc::convert::try_schema_from_flatbuffer_bytes(&meta.schema)
@@ -385,8 +394,14 @@ impl BuildContext<'_> {
             builder.build().map_err(|e| invalid(e.to_string()))
         } else {
             // SAFETY: the caller of `decode_trusted` vouches that the peer wrote valid Arrow
-            // data; the buffer ranges themselves were checked against their blocks.
-            Ok(unsafe { builder.build_unchecked() })
+            // content; the structure is checked right below.
+            let data = unsafe { builder.build_unchecked() };
+            // The O(1) structural checks (buffer counts and sizes against length and offset,
+            // children) run even for trusted peers: only the O(data) content checks are
+            // skipped, so a truncated or mislabelled buffer is an error, not a read out of
+            // bounds.
+            data.validate().map_err(|e| invalid(e.to_string()))?;
+            Ok(data)
         }
     }
 }

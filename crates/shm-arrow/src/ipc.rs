@@ -46,6 +46,10 @@ pub fn write_ipc_block(
 /// Reads every batch of the IPC stream in `block`, zero-copy: the batches' buffers point into
 /// the block, which they keep alive.
 pub fn read_ipc_block(block: &Arc<ShmBlock>) -> Result<Vec<RecordBatch>, CodecError> {
+    crate::contain(|| read_unguarded(block))
+}
+
+fn read_unguarded(block: &Arc<ShmBlock>) -> Result<Vec<RecordBatch>, CodecError> {
     let mut buffer = block_buffer(block, 0, block.len() as u64)?;
     let mut decoder = StreamDecoder::new().with_require_alignment(true);
     let mut batches = Vec::new();

@@ -46,3 +46,22 @@ mod ipc;
 
 pub use frame::{COLUMNS_CODEC, ColumnFrame, ColumnsCodec, decode_projection, decode_trusted};
 pub use ipc::{read_ipc_block, write_ipc_block};
+
+/// Runs a decoder of foreign bytes, turning a panic inside arrow — whose readers and builders
+/// assert on some hostile inputs (slice bounds, alignment, offset overflow) — into an error:
+/// bytes from another process can fail their own decode, never the process.
+fn contain<T>(
+    decode: impl FnOnce() -> Result<T, shm_codec::CodecError>,
+) -> Result<T, shm_codec::CodecError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(decode)).unwrap_or_else(|panic| {
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".to_owned());
+        Err(shm_codec::CodecError::InvalidData {
+            codec: frame::COLUMNS_CODEC,
+            reason: format!("arrow refused the data: {message}"),
+        })
+    })
+}

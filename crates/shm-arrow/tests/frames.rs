@@ -843,6 +843,52 @@ mod wire {
 }
 
 #[test]
+fn thousands_of_mutated_ipc_streams_give_batches_or_errors() {
+    let pool = pool();
+    let batch = every_type();
+    let block = write_ipc_block(&pool, &batch.schema(), std::slice::from_ref(&batch)).unwrap();
+    let bytes = block.as_slice().to_vec();
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let rounds: usize = std::env::var("SHM_FUZZ_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3000);
+    let (mut decoded, mut refused) = (0, 0);
+    for _ in 0..rounds {
+        let mut target = pool.alloc(bytes.len()).unwrap();
+        let mutated = target.as_mut_slice().unwrap();
+        mutated.copy_from_slice(&bytes);
+        for _ in 0..1 + next() % 3 {
+            let at = (next() % mutated.len() as u64) as usize;
+            mutated[at] = next() as u8;
+        }
+        match read_ipc_block(&Arc::new(target)) {
+            Ok(batches) => {
+                decoded += 1;
+                for batch in batches {
+                    // What arrow's reader accepted passed its validation: it reads safely.
+                    for column in batch.columns() {
+                        column.to_data().validate_full().unwrap();
+                    }
+                }
+            }
+            Err(CodecError::InvalidData { .. }) => refused += 1,
+            Err(other) => panic!("a mutated stream gave {other:?}"),
+        }
+    }
+    assert!(
+        decoded > 0 && refused > 0,
+        "{decoded} read, {refused} refused"
+    );
+}
+
+#[test]
 fn thousands_of_mutated_frames_give_batches_or_errors() {
     let (encoder, decoder) = codecs();
     let batch = every_type();
