@@ -58,11 +58,11 @@ pub struct Report {
     pub digests: [u64; 4],
 }
 
-/// The arguments of a model call.
+/// The arguments of a model call; the third member is itself a tuple (tuples nest).
 pub type Bundle = (
     Serde<Command>,
     ShmArray<f64, IxDyn>,
-    ShmArray<i32, IxDyn>,
+    (Serde<u64>, ShmArray<i32, IxDyn>),
     Serde<Vec<u8>>,
     SimpleFrame<f64>,
     ColumnFrame,
@@ -98,6 +98,11 @@ pub fn digest_f64<'a>(shape: &[usize], values: impl Iterator<Item = &'a f64>) ->
 pub fn digest_i32<'a>(shape: &[usize], values: impl Iterator<Item = &'a i32>) -> u64 {
     let acc = shape.iter().fold(2, |acc, &n| mix(acc, n as u64));
     values.fold(acc, |acc, &v| mix(acc, v as u32 as u64))
+}
+
+/// Digest of the nested member: a tag and an i32 array.
+pub fn digest_tagged<'a>(tag: u64, shape: &[usize], values: impl Iterator<Item = &'a i32>) -> u64 {
+    mix(digest_i32(shape, values), tag)
 }
 
 /// Digest of a byte vector.
@@ -252,12 +257,12 @@ fn held() -> &'static Mutex<Held> {
 
 /// The digests of what a bundle holds now.
 pub fn digests_of(bundle: &Bundle) -> Digests {
-    let (_, a, b, Serde(c), d, ColumnFrame(e)) = bundle;
+    let (_, a, (Serde(tag), b), Serde(c), d, ColumnFrame(e)) = bundle;
     let a = a.view();
     let b = b.view();
     Digests([
         digest_f64(a.shape(), a.iter()),
-        digest_i32(b.shape(), b.iter()),
+        digest_tagged(*tag, b.shape(), b.iter()),
         digest_bytes(c),
         digest_frame(d),
         digest_batch(e),

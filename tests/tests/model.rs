@@ -17,7 +17,7 @@ use shm_codec::{Encode, Encoder, Payload, Serde, ShmArray};
 use shm_tests::CleanShm;
 use shm_tests::model::{
     Answer, Command, Digests, Reply, Rng, batch, bytes, digest_batch, digest_bytes, digest_f64,
-    digest_frame, digest_i32, f64_array, frame, i32_array, length,
+    digest_frame, digest_tagged, f64_array, frame, i32_array, length,
 };
 use shm_transport::{TransportError, Worker, WorkerConfig};
 
@@ -272,7 +272,7 @@ fn call(shared: &Shared, rng: &mut Rng, kept: &mut Vec<Kept>, keys: &mut Vec<u64
     };
     let expect = Digests([
         f64_arg.digest(),
-        digest_i32(i32s.shape(), i32s.iter()),
+        digest_tagged(seed, i32s.shape(), i32s.iter()),
         digest_bytes(&serde_bytes),
         digest_frame(&simple),
         digest_batch(&columns.0),
@@ -299,7 +299,7 @@ fn call(shared: &Shared, rng: &mut Rng, kept: &mut Vec<Kept>, keys: &mut Vec<u64
     let args = (
         Serde(command),
         &f64_arg,
-        &i32s,
+        (Serde(seed), &i32s),
         Serde(serde_bytes),
         &simple,
         &columns,

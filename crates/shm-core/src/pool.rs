@@ -48,8 +48,8 @@ pub struct PoolConfig {
     /// Bytes of idle attached mappings kept, so that a peer's recycled segment is not mapped
     /// afresh. Default 4 GiB.
     pub attach_cache_bytes: u64,
-    /// Requests of at most this many bytes share slab segments. Default 64 KiB, at most
-    /// 512 KiB.
+    /// Requests of at most this many bytes share slab segments. Default 64 KiB; at least 64
+    /// bytes (the smallest slot), at most 512 KiB.
     pub slab_threshold: usize,
     /// Whether creating the pool first removes the segments of dead sessions
     /// ([`sweep_orphans`](crate::sweep_orphans)). Default `true`.
@@ -192,7 +192,7 @@ impl ShmPool {
 
     /// A pool with the given configuration.
     pub fn with_config(mut config: PoolConfig) -> Result<Self> {
-        config.slab_threshold = config.slab_threshold.min(SLAB_LEN / 2);
+        config.slab_threshold = config.slab_threshold.clamp(BLOCK_ALIGN, SLAB_LEN / 2);
         if config.sweep_orphans {
             cleanup::sweep_orphans()?;
         }
@@ -264,49 +264,25 @@ impl ShmPool {
 
     /// Maps the block a peer's reference names, after checking the reference against the
     /// segment: the name's form, an offset aligned to [`BLOCK_ALIGN`], `offset + size` without
-    /// overflow and inside the segment, `content_size <= size`. The block is read-only.
-    /// Attaching a segment that is already mapped reuses the mapping.
+    /// overflow and inside the segment, `content_size <= size`. The block is read-only, and so
+    /// is the mapping: nothing in this process can write a peer's memory. Attaching a segment
+    /// that is already mapped reuses the mapping.
     pub fn attach(&self, r: &ShmRef) -> Result<ShmBlock> {
-        validate_name(&r.name)?;
-        // Every block starts 64-byte aligned, and readers rely on it (atomics in the channel,
-        // Arrow buffers): a reference that says otherwise is refused, not trusted.
-        if !r.offset.is_multiple_of(BLOCK_ALIGN as u64) {
-            return Err(ShmError::MisalignedRef {
-                name: r.name.clone(),
-                offset: r.offset,
-                align: BLOCK_ALIGN,
-            });
-        }
-        let end = r.offset.checked_add(r.size).ok_or(ShmError::RefOverflow {
-            name: r.name.clone(),
-            offset: r.offset,
-            size: r.size,
-        })?;
-        if r.content_size > r.size {
-            return Err(ShmError::ContentExceedsSize {
-                name: r.name.clone(),
-                content_size: r.content_size,
-                size: r.size,
-            });
-        }
+        let end = check_ref(r)?;
         let segment = self.shared.mapping(&r.name)?;
-        let segment_len = segment.len() as u64;
-        if end > segment_len {
-            return Err(ShmError::RefOutOfBounds {
-                name: r.name.clone(),
-                offset: r.offset,
-                size: r.size,
-                segment_len,
-            });
+        block_of(segment, r, end)
+    }
+
+    /// Maps the block a reference names read-write, for structures that both processes update
+    /// through atomics or a publication protocol (the transport's channel), with the checks of
+    /// [`attach`](Self::attach). The mapping is the block's own, not shared with other blocks.
+    /// Plain data is never attached this way: `as_slice` views of it would race the peer.
+    pub fn attach_shared(&self, r: &ShmRef) -> Result<ShmBlock> {
+        let end = check_ref(r)?;
+        if self.shared.lock().closed {
+            return Err(ShmError::PoolClosed);
         }
-        // All three are at most the segment length, which is a usize.
-        Ok(ShmBlock::new(
-            segment,
-            r.offset as usize,
-            r.size as usize,
-            r.content_size as usize,
-            None,
-        ))
+        block_of(Arc::new(Segment::open(&r.name, true)?), r, end)
     }
 
     /// Unlinks every segment this pool created, drops its caches, and refuses further
@@ -350,6 +326,54 @@ impl ShmPool {
             segments_attached: state.attached.len(),
         }
     }
+}
+
+/// Checks the numbers of a reference that need no segment; returns `offset + size`.
+fn check_ref(r: &ShmRef) -> Result<u64> {
+    validate_name(&r.name)?;
+    // Every block starts 64-byte aligned, and readers rely on it (atomics in the channel,
+    // Arrow buffers): a reference that says otherwise is refused, not trusted.
+    if !r.offset.is_multiple_of(BLOCK_ALIGN as u64) {
+        return Err(ShmError::MisalignedRef {
+            name: r.name.clone(),
+            offset: r.offset,
+            align: BLOCK_ALIGN,
+        });
+    }
+    let end = r.offset.checked_add(r.size).ok_or(ShmError::RefOverflow {
+        name: r.name.clone(),
+        offset: r.offset,
+        size: r.size,
+    })?;
+    if r.content_size > r.size {
+        return Err(ShmError::ContentExceedsSize {
+            name: r.name.clone(),
+            content_size: r.content_size,
+            size: r.size,
+        });
+    }
+    Ok(end)
+}
+
+/// The block `r` names in `segment`, once the segment is known to be long enough.
+fn block_of(segment: Arc<Segment>, r: &ShmRef, end: u64) -> Result<ShmBlock> {
+    let segment_len = segment.len() as u64;
+    if end > segment_len {
+        return Err(ShmError::RefOutOfBounds {
+            name: r.name.clone(),
+            offset: r.offset,
+            size: r.size,
+            segment_len,
+        });
+    }
+    // All three are at most the segment length, which is a usize.
+    Ok(ShmBlock::new(
+        segment,
+        r.offset as usize,
+        r.size as usize,
+        r.content_size as usize,
+        None,
+    ))
 }
 
 impl PoolShared {
@@ -610,7 +634,7 @@ impl PoolShared {
                 return Ok(Arc::clone(segment));
             }
         }
-        let segment = Arc::new(Segment::open(name)?);
+        let segment = Arc::new(Segment::open(name, false)?);
         let (segment, evicted) = {
             let mut state = self.lock();
             let tick = state.tick;
@@ -944,6 +968,20 @@ mod tests {
                 Err(ShmError::ReadOnly { name }) => assert_eq!(name, block.name()),
                 other => panic!("expected ReadOnly, got {other:?}"),
             }
+            // Not only by convention: the mapping itself is read-only.
+            let address = view.as_ptr() as usize;
+            let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+            let mapping = maps
+                .lines()
+                .find(|line| {
+                    let (range, _) = line.split_once(' ').unwrap();
+                    let (start, end) = range.split_once('-').unwrap();
+                    let start = usize::from_str_radix(start, 16).unwrap();
+                    let end = usize::from_str_radix(end, 16).unwrap();
+                    (start..end).contains(&address)
+                })
+                .unwrap();
+            assert!(mapping.contains(" r--s "), "attached mapping: {mapping}");
         });
     }
 

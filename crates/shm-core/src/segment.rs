@@ -1,36 +1,35 @@
 //! `Segment`: one mapped POSIX shared-memory object, the only place that holds raw pointers.
 //!
-//! `shared_memory::Shmem` does the `shm_open` and `mmap`, but it is neither `Send` nor `Sync`,
-//! it sizes new objects with `ftruncate` only, and it unlinks on drop whatever it created. This
-//! wrapper adds what is missing: it reserves the memory of a new segment (see [`crate::sys`]),
-//! it can be shared between threads, and it unlinks at the moment the pool decides — at most
-//! once — rather than when the last mapping goes away.
+//! A segment this process creates is reserved (see [`crate::sys`]) and mapped read-write; a
+//! segment of another process is mapped read-only, so a view of a peer's memory cannot write
+//! it even by mistake. Either way the file descriptor is closed as soon as the memory is
+//! mapped: a mapping costs no descriptor. The segment is unlinked at the moment the pool
+//! decides — at most once — rather than when the last mapping goes away.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use shared_memory::{Shmem, ShmemConf, ShmemError};
-
 use crate::error::{Result, ShmError};
 use crate::sys;
 
-/// One mapping of a shared-memory object, read-write, for as long as this value lives.
+/// One mapping of a shared-memory object, for as long as this value lives.
 pub(crate) struct Segment {
-    shmem: Shmem,
+    ptr: *mut u8,
+    len: usize,
     name: String,
     /// Whether this process created the object and must unlink it.
     owned: bool,
     unlinked: AtomicBool,
 }
 
-// SAFETY: `Shmem` holds a pointer to a `MAP_SHARED` mapping, its length, a file descriptor and
-// a name. None of these is tied to the thread that made them: the mapping is valid in every
-// thread of the process until `munmap`, which only `Shmem`'s drop calls, and `Segment` calls no
-// `&mut self` method of `Shmem`. Moving it to another thread is therefore sound.
+// SAFETY: `Segment` holds the address and length of a MAP_SHARED mapping and a name. The
+// mapping is valid in every thread of the process until `munmap`, which only `Drop` calls;
+// nothing about it is tied to the thread that made it.
 unsafe impl Send for Segment {}
-// SAFETY: the only methods called through `&Segment` read the pointer, length and name, which
+// SAFETY: the only methods called through `&Segment` read the address, length and name, which
 // never change after construction. Access to the mapped bytes themselves is governed by
-// `ShmBlock`, which hands out `&mut [u8]` only through a unique `&mut ShmBlock`.
+// `ShmBlock`, which hands out `&mut [u8]` only through a unique `&mut ShmBlock` of a segment
+// mapped writable.
 unsafe impl Sync for Segment {}
 
 impl std::fmt::Debug for Segment {
@@ -53,55 +52,90 @@ pub(crate) enum CreateError {
 }
 
 impl Segment {
-    /// Creates, reserves and maps a new object of `len` bytes (`len > 0`).
+    /// Creates, reserves and maps (read-write) a new object of `len` bytes.
     pub(crate) fn create(name: &str, len: usize) -> Result<Self, CreateError> {
-        let mut shmem = match ShmemConf::new().os_id(name).size(len).create() {
-            Ok(shmem) => shmem,
-            Err(ShmemError::MappingIdExists) => return Err(CreateError::NameTaken),
-            Err(err) => return Err(CreateError::Failed(os_error("create", name, err))),
+        let fd = match sys::create(name) {
+            Ok(fd) => fd,
+            Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {
+                return Err(CreateError::NameTaken);
+            }
+            Err(source) => {
+                return Err(CreateError::Failed(ShmError::Os {
+                    op: "create",
+                    name: name.to_owned(),
+                    source,
+                }));
+            }
         };
-        shmem.set_owner(false);
-        let segment = Segment {
-            shmem,
+        let mapped = sys::reserve(&fd, len)
+            .map_err(|err| {
+                if err.raw_os_error() == Some(libc::ENOSPC) {
+                    ShmError::OutOfSharedMemory {
+                        requested: len as u64,
+                        available: sys::shm_available().unwrap_or(0),
+                    }
+                } else {
+                    ShmError::Os {
+                        op: "reserve",
+                        name: name.to_owned(),
+                        source: err,
+                    }
+                }
+            })
+            .and_then(|()| {
+                sys::map(&fd, len, true).map_err(|source| ShmError::Os {
+                    op: "map",
+                    name: name.to_owned(),
+                    source,
+                })
+            });
+        drop(fd);
+        let ptr = match mapped {
+            Ok(ptr) => ptr,
+            Err(err) => {
+                let _ = sys::unlink(name);
+                return Err(CreateError::Failed(err));
+            }
+        };
+        sys::populate(ptr, len);
+        Ok(Segment {
+            ptr,
+            len,
             name: name.to_owned(),
             owned: true,
             unlinked: AtomicBool::new(false),
-        };
-        // On failure `segment` is dropped here, which unmaps and unlinks the object.
-        sys::reserve(name, len).map_err(|err| {
-            CreateError::Failed(if err.raw_os_error() == Some(libc::ENOSPC) {
-                ShmError::OutOfSharedMemory {
-                    requested: len as u64,
-                    available: sys::shm_available().unwrap_or(0),
-                }
-            } else {
-                ShmError::Os {
-                    op: "reserve",
-                    name: name.to_owned(),
-                    source: err,
-                }
-            })
-        })?;
-        sys::populate(segment.as_ptr(), len);
-        Ok(segment)
+        })
     }
 
-    /// Maps an existing object, whatever its length.
-    pub(crate) fn open(name: &str) -> Result<Self> {
-        let mut shmem = ShmemConf::new()
-            .os_id(name)
-            .open()
-            .map_err(|err| match err {
-                ShmemError::MapOpenFailed(errno) if errno == libc::ENOENT as u32 => {
+    /// Maps an existing object, whatever its length: read-only, or read-write for structures
+    /// that both processes update (the transport's channel).
+    pub(crate) fn open(name: &str, writable: bool) -> Result<Self> {
+        let os = |op| {
+            move |source: io::Error| {
+                if source.kind() == io::ErrorKind::NotFound {
                     ShmError::SegmentNotFound {
                         name: name.to_owned(),
                     }
+                } else {
+                    ShmError::Os {
+                        op,
+                        name: name.to_owned(),
+                        source,
+                    }
                 }
-                other => os_error("map", name, other),
-            })?;
-        shmem.set_owner(false);
+            }
+        };
+        let fd = sys::open(name, writable).map_err(os("open"))?;
+        let len = sys::len_of(&fd).map_err(os("stat"))?;
+        let len = usize::try_from(len).map_err(|_| ShmError::Os {
+            op: "map",
+            name: name.to_owned(),
+            source: io::Error::new(io::ErrorKind::InvalidData, "segment larger than memory"),
+        })?;
+        let ptr = sys::map(&fd, len, writable).map_err(os("map"))?;
         Ok(Segment {
-            shmem,
+            ptr,
+            len,
             name: name.to_owned(),
             owned: false,
             unlinked: AtomicBool::new(false),
@@ -113,12 +147,13 @@ impl Segment {
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.shmem.len()
+        self.len
     }
 
-    /// The first byte of the mapping. Valid for `len()` bytes while `self` lives.
+    /// The first byte of the mapping. Valid for `len()` bytes while `self` lives; writable
+    /// only for segments this process created or opened writable.
     pub(crate) fn as_ptr(&self) -> *mut u8 {
-        self.shmem.as_ptr()
+        self.ptr
     }
 
     /// Removes the object's name so that nobody can attach it any more. Mappings, ours and our
@@ -128,7 +163,7 @@ impl Segment {
         if self.owned && !self.unlinked.swap(true, Ordering::AcqRel) {
             // A segment already removed (by an orphan sweep that misjudged us, or by hand) is
             // gone either way; there is nobody to report the error to during teardown.
-            let _ = std::fs::remove_file(sys::segment_path(&self.name));
+            let _ = sys::unlink(&self.name);
         }
     }
 }
@@ -136,19 +171,8 @@ impl Segment {
 impl Drop for Segment {
     fn drop(&mut self) {
         self.unlink();
-    }
-}
-
-fn os_error(op: &'static str, name: &str, err: ShmemError) -> ShmError {
-    let source = match err {
-        ShmemError::MapCreateFailed(errno)
-        | ShmemError::MapOpenFailed(errno)
-        | ShmemError::UnknownOsError(errno) => io::Error::from_raw_os_error(errno as i32),
-        other => io::Error::other(other.to_string()),
-    };
-    ShmError::Os {
-        op,
-        name: name.to_owned(),
-        source,
+        // SAFETY: `ptr` and `len` come from `sys::map` in `create` or `open`; every block
+        // over this mapping holds an `Arc` of this segment, so none is left to use it.
+        unsafe { sys::unmap(self.ptr, self.len) };
     }
 }

@@ -1,13 +1,19 @@
-//! The operating-system calls that the `shared_memory` crate does not make for us.
+//! The operating-system calls of shm-core, through `rustix`: creating, reserving, mapping and
+//! unmapping segments, and asking `/dev/shm` how much room it has.
 //!
-//! `shared_memory` sizes a new segment with `ftruncate` alone, which on tmpfs reserves nothing:
-//! the first write to a page that `/dev/shm` cannot back kills the process with SIGBUS. The
-//! functions here reserve the memory up front and ask the file system how much is free, so that a
-//! full `/dev/shm` becomes an error value at creation time.
+//! `shared_memory` is not used for these: it sizes a new object with `ftruncate` alone (which
+//! on tmpfs reserves nothing, so a full `/dev/shm` is a SIGBUS at first write), maps every
+//! object read-write, and keeps a file descriptor open for as long as the mapping lives (so
+//! a process with the common limit of 1,024 descriptors fails at about the thousandth live
+//! segment). Here a descriptor lives only between `shm_open` and `mmap`.
 
-use std::fs::File;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::path::Path;
+
+use rustix::fs::{FallocateFlags, Mode};
+use rustix::mm::{MapFlags, ProtFlags};
+use rustix::shm;
 
 /// The directory in which Linux keeps POSIX shared-memory objects.
 pub(crate) const SHM_DIR: &str = "/dev/shm";
@@ -19,43 +25,80 @@ pub(crate) fn segment_path(name: &str) -> std::path::PathBuf {
 
 /// Bytes that an unprivileged process may still allocate in `/dev/shm`.
 pub(crate) fn shm_available() -> io::Result<u64> {
-    let path = c"/dev/shm";
-    let mut stat = std::mem::MaybeUninit::<libc::statvfs>::uninit();
-    // SAFETY: `path` is a NUL-terminated C string and `stat` points to writable memory of the
-    // right type; statvfs writes the whole struct when it returns 0.
-    let rc = unsafe { libc::statvfs(path.as_ptr(), stat.as_mut_ptr()) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: statvfs returned 0, so it initialised `stat`.
-    let stat = unsafe { stat.assume_init() };
+    let stat = rustix::fs::statvfs(SHM_DIR)?;
     Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
 }
 
-/// Allocates the pages of the first `len` bytes of a freshly created segment, so that later
+/// Creates a new object, readable and writable by this user only; `AlreadyExists` when the
+/// name is taken.
+pub(crate) fn create(name: &str) -> io::Result<OwnedFd> {
+    let flags = shm::OFlags::CREATE | shm::OFlags::EXCL | shm::OFlags::RDWR;
+    Ok(shm::open(name, flags, Mode::RUSR | Mode::WUSR)?)
+}
+
+/// Opens an existing object, for reading only or for reading and writing.
+pub(crate) fn open(name: &str, writable: bool) -> io::Result<OwnedFd> {
+    let flags = if writable {
+        shm::OFlags::RDWR
+    } else {
+        shm::OFlags::RDONLY
+    };
+    Ok(shm::open(name, flags, Mode::empty())?)
+}
+
+/// The length of an open object.
+pub(crate) fn len_of(fd: &OwnedFd) -> io::Result<u64> {
+    u64::try_from(rustix::fs::fstat(fd)?.st_size)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "negative object size"))
+}
+
+/// Sizes a freshly created object to `len` bytes and allocates its pages, so that later
 /// writes cannot fault for want of memory. Fails with `ENOSPC` when `/dev/shm` is full.
-pub(crate) fn reserve(name: &str, len: usize) -> io::Result<()> {
+pub(crate) fn reserve(fd: &OwnedFd, len: usize) -> io::Result<()> {
     if len == 0 {
         return Ok(());
     }
-    let file = File::options()
-        .read(true)
-        .write(true)
-        .open(segment_path(name))?;
-    let len = libc::off_t::try_from(len)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "segment too large"))?;
     loop {
-        // SAFETY: fallocate only reads its integer arguments; `file` keeps the descriptor open
-        // for the duration of the call.
-        let rc = unsafe { libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&file), 0, 0, len) };
-        if rc == 0 {
-            return Ok(());
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(err);
+        match rustix::fs::fallocate(fd, FallocateFlags::empty(), 0, len as u64) {
+            Ok(()) => return Ok(()),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(err) => return Err(err.into()),
         }
     }
+}
+
+/// Maps `len` bytes of an object, shared with every other mapping of it; read-only unless
+/// `writable`. The descriptor may be closed afterwards: the mapping stays.
+pub(crate) fn map(fd: &OwnedFd, len: usize, writable: bool) -> io::Result<*mut u8> {
+    if len == 0 {
+        return Ok(std::ptr::NonNull::<u64>::dangling().as_ptr().cast());
+    }
+    let prot = if writable {
+        ProtFlags::READ | ProtFlags::WRITE
+    } else {
+        ProtFlags::READ
+    };
+    // SAFETY: a null address lets the kernel choose where to map, so no existing memory of
+    // this process is replaced; `fd` is open for the duration of the call.
+    let ptr =
+        unsafe { rustix::mm::mmap(std::ptr::null_mut(), len, prot, MapFlags::SHARED, fd, 0)? };
+    Ok(ptr.cast())
+}
+
+/// Unmaps what [`map`] returned.
+///
+/// # Safety
+///
+/// `ptr` and `len` come from one call of [`map`], and nothing reads or writes the mapping
+/// afterwards.
+pub(crate) unsafe fn unmap(ptr: *mut u8, len: usize) {
+    if len == 0 {
+        return;
+    }
+    // SAFETY: the caller guarantees that the range is one whole mapping of ours that is no
+    // longer used. A failure leaves the mapping in place, which is only a leak of address
+    // space; there is nobody to report it to in a destructor.
+    let _ = unsafe { rustix::mm::munmap(ptr.cast(), len) };
 }
 
 /// Maps every page of a fresh, reserved mapping into the page table in one call, so that the
@@ -66,15 +109,27 @@ pub(crate) fn populate(ptr: *mut u8, len: usize) {
     if len == 0 {
         return;
     }
-    // SAFETY: `ptr..ptr+len` is a live MAP_SHARED mapping of a file whose pages are reserved;
-    // populating it faults pages in without changing their contents (they are zero-filled or
-    // already hold data), so no Rust-visible memory changes.
-    let _ = unsafe { libc::madvise(ptr.cast(), len, libc::MADV_POPULATE_WRITE) };
+    // SAFETY: `ptr..ptr+len` is a live, writable MAP_SHARED mapping of a file whose pages are
+    // reserved; populating it faults pages in without changing their contents (they are
+    // zero-filled or already hold data), so no Rust-visible memory changes.
+    let _ = unsafe { rustix::mm::madvise(ptr.cast(), len, rustix::mm::Advice::LinuxPopulateWrite) };
+}
+
+/// Removes an object's name.
+pub(crate) fn unlink(name: &str) -> io::Result<()> {
+    Ok(shm::unlink(name)?)
 }
 
 /// 64 bits from the kernel's random source.
 pub(crate) fn random_u64() -> io::Result<u64> {
     let mut bytes = [0u8; 8];
-    io::Read::read_exact(&mut File::open("/dev/urandom")?, &mut bytes)?;
+    let mut filled = 0;
+    while filled < bytes.len() {
+        match rustix::rand::getrandom(&mut bytes[filled..], rustix::rand::GetRandomFlags::empty()) {
+            Ok(n) => filled += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(err) => return Err(err.into()),
+        }
+    }
     Ok(u64::from_ne_bytes(bytes))
 }

@@ -586,7 +586,7 @@ mod tests {
     fn a_peer_attaching_checks_the_header() {
         let pool = pool();
         let channel = Channel::create(pool.alloc(channel_len()).unwrap(), 42).unwrap();
-        let reader = pool.attach(&channel.to_ref()).unwrap();
+        let reader = pool.attach_shared(&channel.to_ref()).unwrap();
         let opened = Channel::open(reader).unwrap();
         assert_eq!(opened.parent_pid(), 42);
 

@@ -254,7 +254,7 @@ mod tests {
 
     fn pair(pool: &ShmPool) -> (Endpoint, Endpoint) {
         let channel = Channel::create(pool.alloc(channel_len()).unwrap(), 1).unwrap();
-        let worker_channel = Channel::open(pool.attach(&channel.to_ref()).unwrap()).unwrap();
+        let worker_channel = Channel::open(pool.attach_shared(&channel.to_ref()).unwrap()).unwrap();
         (
             Endpoint::new(channel, Side::Parent, pool.clone()),
             Endpoint::new(worker_channel, Side::Worker, pool.clone()),

@@ -154,7 +154,7 @@ pub fn serve(router: Router) -> Result<()> {
     })?;
     let channel_ref = ShmRef::from_hex(&channel_ref)?;
     let pool = ShmPool::new()?;
-    let channel = Channel::open(pool.attach(&channel_ref)?)?;
+    let channel = Channel::open(pool.attach_shared(&channel_ref)?)?;
     watch_parent(
         channel.parent_pid(),
         SessionId::of_segment(channel.segment_name()),

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use rustix::process::{Pid, WaitId, WaitIdOptions, WaitIdStatus, waitid};
 use shm_codec::{Decode, Encode};
 use shm_core::ShmPool;
 
@@ -247,11 +248,13 @@ impl Conn {
     fn kill_and_reap(&self) {
         {
             let life = lock(&self.life);
-            if life.ended.is_none() {
-                // SAFETY: kill has no memory preconditions. The pid is still ours: the reaper
-                // marks the worker ended (under `life`, which we hold) before it reaps it, so
-                // the process has not been reaped and its pid cannot have been reused.
-                unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGKILL) };
+            // The pid is still ours: the reaper marks the worker ended (under `life`, which we
+            // hold) before it reaps it, so the process has not been reaped and its pid cannot
+            // have been reused. A kill that fails finds the process already gone.
+            if life.ended.is_none()
+                && let Some(pid) = i32::try_from(self.pid).ok().and_then(Pid::from_raw)
+            {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
             }
         }
         self.join_threads();
@@ -278,46 +281,43 @@ impl Conn {
     }
 }
 
-/// How a process ended, from the `siginfo_t` of `waitid`.
-fn describe(info: &libc::siginfo_t) -> String {
-    // SAFETY: `si_status` reads a field that `waitid` filled in for a child-state event.
-    let status = unsafe { info.si_status() };
-    match info.si_code {
-        libc::CLD_EXITED => format!("exit code {status}"),
-        libc::CLD_KILLED | libc::CLD_DUMPED => format!("killed by signal {status}"),
-        code => format!("ended (si_code {code}, status {status})"),
+/// How a process ended, from what `waitid` reported.
+fn describe(status: Option<WaitIdStatus>) -> String {
+    match status {
+        Some(status) => match (status.exit_status(), status.terminating_signal()) {
+            (Some(code), _) => format!("exit code {code}"),
+            (None, Some(signal)) => format!("killed by signal {signal}"),
+            (None, None) => "ended".to_owned(),
+        },
+        None => "ended (waitid reported nothing)".to_owned(),
     }
 }
 
 /// Waits for the worker process to end, marks it dead before reaping it (so that nobody can
 /// signal a reused pid), then reaps it.
 fn reap(child: &mut Child, conn: Weak<Conn>) -> std::io::Result<JoinHandle<()>> {
-    let pid = child.id();
+    let pid = i32::try_from(child.id())
+        .ok()
+        .and_then(Pid::from_raw)
+        .ok_or_else(|| std::io::Error::other("the worker has no valid pid"))?;
     std::thread::Builder::new()
         .name("shm-worker-reaper".into())
         .spawn(move || {
-            // SAFETY: an all-zero siginfo_t is a valid value for waitid to overwrite.
-            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-            loop {
-                // SAFETY: `info` is valid for writes; WNOWAIT leaves the child unreaped, so
-                // its pid stays ours until the second waitid below.
-                let rc = unsafe {
-                    libc::waitid(
-                        libc::P_PID,
-                        pid as libc::id_t,
-                        &mut info,
-                        libc::WEXITED | libc::WNOWAIT,
-                    )
-                };
-                if rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-                    break;
+            // WNOWAIT leaves the child unreaped, so its pid stays ours until the second call.
+            let ended = loop {
+                match waitid(
+                    WaitId::Pid(pid),
+                    WaitIdOptions::EXITED | WaitIdOptions::NOWAIT,
+                ) {
+                    Err(rustix::io::Errno::INTR) => continue,
+                    Ok(status) => break describe(status),
+                    Err(err) => break format!("ended (waitid failed: {err})"),
                 }
-            }
+            };
             if let Some(conn) = conn.upgrade() {
-                conn.ended(describe(&info));
+                conn.ended(ended);
             }
-            // SAFETY: as above; this call reaps the child that the first one reported.
-            unsafe { libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, libc::WEXITED) };
+            let _ = waitid(WaitId::Pid(pid), WaitIdOptions::EXITED);
         })
 }
 
