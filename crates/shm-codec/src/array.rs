@@ -301,8 +301,15 @@ impl<T: Element, D: Dimension> ShmArray<T, D> {
             .map(|(&len, &stride)| (len as isize - 1) * stride.min(0))
             .sum();
         let low = (self.origin as isize + back * itemsize as isize) as usize;
-        let whole = (bytes.len() - low) / itemsize * itemsize;
-        let elements = cast::<T>(&bytes[low..low + whole])
+        // Exactly the elements' span, which `from_parts` checked (bool bytes included): no
+        // byte past it is ever seen as a `T`.
+        let span: usize = shape
+            .iter()
+            .zip(&self.strides)
+            .map(|(&len, &stride)| (len - 1) * stride.unsigned_abs())
+            .sum::<usize>()
+            + 1;
+        let elements = cast::<T>(&bytes[low..low + span * itemsize])
             .expect("alignment and bounds checked when the array was built");
         let mut abs = D::zeros(shape.len());
         for (axis, stride) in self.strides.iter().enumerate() {

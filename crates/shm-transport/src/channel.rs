@@ -156,11 +156,11 @@ impl Channel {
                 channel_len()
             )));
         }
-        let header = &block.as_slice()[..28];
-        let word = |at: usize| {
-            u32::from_le_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
-        };
-        let magic = u64::from_le_bytes(header[0..8].try_into().unwrap_or_default());
+        let channel = Channel { block };
+        // The peer may write any word of the block at any time: read the header through
+        // atomics, never through a `&[u8]` of memory that may change under it.
+        let word = |at: usize| u32::from_le(channel.atomic_u32(at).load(Ordering::Acquire));
+        let magic = u64::from_le(channel.atomic_u64(0).load(Ordering::Acquire));
         if magic != MAGIC {
             return Err(malformed(format!("channel magic {magic:#x}")));
         }
@@ -178,13 +178,12 @@ impl Channel {
                 geometry.1, geometry.0, geometry.2
             )));
         }
-        Ok(Arc::new(Channel { block }))
+        Ok(Arc::new(channel))
     }
 
     /// The parent's pid, as the parent wrote it.
     pub(crate) fn parent_pid(&self) -> u32 {
-        let header = &self.block.as_slice()[20..24];
-        u32::from_le_bytes([header[0], header[1], header[2], header[3]])
+        u32::from_le(self.atomic_u32(20).load(Ordering::Acquire))
     }
 
     /// The name of the segment the channel lives in (the parent's session is in it).
