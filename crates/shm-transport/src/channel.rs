@@ -420,13 +420,20 @@ impl FrameRing<'_> {
         Ok(Some(frame))
     }
 
-    /// Waits, as the producer, until the ring has room, `deadline` passes or `stop()` holds.
-    pub(crate) fn wait_for_room(&self, deadline: Option<Instant>, stop: impl Fn() -> bool) -> Wake {
+    /// Waits, as the producer, until the ring has room or `also()` holds (`Ready`), `deadline`
+    /// passes or `stop()` holds. Whoever changes what `also` looks at rings the producer's
+    /// bell.
+    pub(crate) fn wait_for_room(
+        &self,
+        deadline: Option<Instant>,
+        stop: impl Fn() -> bool,
+        also: impl Fn() -> bool,
+    ) -> Wake {
         self.producer_waiting().store(1, Ordering::SeqCst);
         let wake = self.channel.wait(
             self.direction.producer(),
             deadline,
-            || !self.is_full(),
+            || !self.is_full() || also(),
             stop,
         );
         self.producer_waiting().store(0, Ordering::SeqCst);
@@ -561,7 +568,10 @@ mod tests {
                 channel.frames(Direction::ToParent).pop().unwrap()
             });
             let deadline = Instant::now() + Duration::from_secs(20);
-            assert_eq!(ring.wait_for_room(Some(deadline), || false), Wake::Ready);
+            assert_eq!(
+                ring.wait_for_room(Some(deadline), || false, || false),
+                Wake::Ready
+            );
             assert!(consumer.join().unwrap().is_some());
         });
         assert!(ring.push(&[8; 8]).unwrap());

@@ -317,6 +317,10 @@ impl Conn {
             return Ok(Err(Stall::Stopped));
         }
         let stop = || self.is_dead();
+        // Replies wait and nobody reads them: reading them lets a worker blocked on a full
+        // reply ring go on, and so read the request ring this thread waits on.
+        let replies = self.endpoint.channel().frames(Direction::ToParent);
+        let can_read = || !replies.is_empty() && self.reading.try_lock().is_ok();
         let read_replies = || {
             if let Ok(reading) = self.reading.try_lock() {
                 // A malformed reply fails the call it belongs to when that caller reads it.
@@ -326,7 +330,7 @@ impl Conn {
             }
         };
         self.endpoint
-            .send(frame, blocks, deadline, &stop, &read_replies)
+            .send(frame, blocks, deadline, &stop, &can_read, &read_replies)
     }
 
     /// Waits until the call's reply is in its slot: reads the reply ring on everyone's behalf
@@ -378,11 +382,13 @@ impl Conn {
         }
     }
 
-    /// Wakes every waiting caller, one of which takes over reading the reply ring.
+    /// Wakes every waiting caller, one of which takes over reading the reply ring, and any
+    /// sender waiting for room, which reads replies if nobody else does.
     fn hand_over(&self) {
         for slot in lock(&self.calls).values() {
             slot.wake(&lock(&slot.state));
         }
+        self.endpoint.channel().ring(Side::Parent);
     }
 
     /// Reads every frame in the reply ring and delivers it; replies nobody waits for any

@@ -91,15 +91,18 @@ impl Endpoint {
     }
 
     /// Sends `frame`, lending `blocks` (the blocks of its payload, in order). Waits while the
-    /// ring is full — calling `while_full` first each time, and giving up at `deadline` or
-    /// when `stop()` holds. A frame that was not sent lends nothing.
+    /// ring is full, giving up at `deadline` or when `stop()` holds. While it waits, it calls
+    /// `help` whenever `can_help()` says that doing so lets the peer make progress (the parent
+    /// reads replies, so that a worker blocked on a full reply ring can go on and read this
+    /// ring). A frame that was not sent lends nothing.
     pub(crate) fn send(
         &self,
         mut frame: Frame,
         blocks: Vec<Arc<ShmBlock>>,
         deadline: Option<Instant>,
         stop: &dyn Fn() -> bool,
-        while_full: &dyn Fn(),
+        can_help: &dyn Fn() -> bool,
+        help: &dyn Fn(),
     ) -> Result<std::result::Result<(), Stall>> {
         self.returner.flush();
         let mut ids = self.lender.lend(blocks);
@@ -126,8 +129,8 @@ impl Endpoint {
                     return Err(err);
                 }
             }
-            while_full();
-            let stall = match ring.wait_for_room(deadline, stop) {
+            help();
+            let stall = match ring.wait_for_room(deadline, stop, can_help) {
                 Wake::Ready => continue,
                 Wake::TimedOut => Stall::TimedOut,
                 Wake::Stopped => Stall::Stopped,
@@ -277,7 +280,7 @@ mod tests {
             loans: Vec::new(),
         };
         parent
-            .send(frame, Vec::new(), None, &never, &|| {})
+            .send(frame, Vec::new(), None, &never, &never, &|| {})
             .unwrap()
             .unwrap();
         assert_eq!(parent.outstanding_loans(), 1, "the spill block is lent");
@@ -314,7 +317,7 @@ mod tests {
             loans: Vec::new(),
         };
         parent
-            .send(frame, sent.take_blocks(), None, &never, &|| {})
+            .send(frame, sent.take_blocks(), None, &never, &never, &|| {})
             .unwrap()
             .unwrap();
         drop((blocks, sent));
@@ -350,20 +353,27 @@ mod tests {
         let (parent, _worker) = pair(&pool);
         let small = || Frame::Hello { version: 0, pid: 0 };
         while parent
-            .send(small(), Vec::new(), Some(Instant::now()), &never, &|| {})
+            .send(
+                small(),
+                Vec::new(),
+                Some(Instant::now()),
+                &never,
+                &never,
+                &|| {},
+            )
             .unwrap()
             .is_ok()
         {}
         let block = Arc::new(pool.alloc(10).unwrap());
         let deadline = Instant::now() + Duration::from_millis(20);
         let stall = parent
-            .send(small(), vec![block], Some(deadline), &never, &|| {})
+            .send(small(), vec![block], Some(deadline), &never, &never, &|| {})
             .unwrap();
         assert_eq!(stall, Err(Stall::TimedOut));
         assert!(Instant::now() >= deadline);
         assert_eq!(parent.outstanding_loans(), 0);
         let stall = parent
-            .send(small(), Vec::new(), None, &|| true, &|| {})
+            .send(small(), Vec::new(), None, &|| true, &never, &|| {})
             .unwrap();
         assert_eq!(stall, Err(Stall::Stopped));
     }

@@ -292,7 +292,7 @@ fn send(
     frame: Frame,
     blocks: Vec<std::sync::Arc<shm_core::ShmBlock>>,
 ) -> Result<()> {
-    match endpoint.send(frame, blocks, None, &|| false, &|| {})? {
+    match endpoint.send(frame, blocks, None, &|| false, &|| false, &|| {})? {
         Ok(()) => Ok(()),
         Err(stall) => Err(malformed(format!(
             "sending to the parent stalled: {stall:?}"
