@@ -68,13 +68,10 @@ impl Payload {
         blocks: Vec<Arc<ShmBlock>>,
         inline: Vec<u8>,
     ) -> Self {
+        let refs = blocks.iter().map(|b| b.to_ref()).collect();
         Payload {
-            version: FORMAT_VERSION,
-            codec: codec.into(),
-            meta,
-            buffers: blocks.iter().map(|b| b.to_ref()).collect(),
-            inline,
             blocks,
+            ..Self::from_refs(codec, meta, refs, inline)
         }
     }
 
