@@ -5,6 +5,8 @@
 //! - `lint`  — formatting and clippy only.
 //! - `demo`  — the main job, in release mode (`--size 256MiB` scales it down).
 //! - `bench` — the benchmark suite; writes `target/bench/report.md` (`--quick` for a short run).
+//! - `fuzz`  — the mutation fuzzer over every decoder of foreign bytes (`--secs N` per target,
+//!   default 60; `--target NAME`), in release mode; `test` runs each target for a second.
 //! - `soak`  — the model-based test of the transport, long (`--steps N`, default 1,000,000;
 //!   `--threads T`; `--seed S` to replay a run), in release mode.
 //! - `ci`    — what CI runs: `test`, then a scaled-down `demo`.
@@ -27,12 +29,13 @@ fn main() -> ExitCode {
         "demo" => demo(rest),
         "bench" => bench(rest),
         "soak" => soak(rest),
+        "fuzz" => fuzz(rest, "60", true),
         "ci" => test().and_then(|()| demo(&["--size".into(), "256MiB".into()])),
         "valgrind" => valgrind(),
         _ => {
             eprintln!(
                 "usage: cargo xtask <test | lint | demo [--size N] | bench [--quick] | \
-                 soak [--steps N] [--threads T] [--seed S] | ci>"
+                 soak [--steps N] [--threads T] [--seed S] | fuzz [--secs N] [--target NAME] | ci>"
             );
             return if task == "help" {
                 ExitCode::SUCCESS
@@ -71,6 +74,7 @@ fn test() -> Result {
         .current_dir(root())
         .env("SHM_PYTHON", &python)
         .env("SHM_REQUIRE_PYTHON", "1"))?;
+    fuzz(&[], "1", false)?;
     valgrind()?;
     let after = shm_listing()?;
     if after != before {
@@ -187,6 +191,21 @@ fn test_binary(package: &str, target: &[&str]) -> Result<PathBuf> {
             Some(PathBuf::from(&line[start..end]))
         })
         .ok_or_else(|| format!("no test binary found for {package} {}", target.join(" ")))
+}
+
+/// Runs the fuzzer (`crates/shm-fuzz`) over every target for `secs` seconds each (unless the
+/// arguments say otherwise); a finding fails the task.
+fn fuzz(args: &[String], secs: &str, release: bool) -> Result {
+    let mut command = Command::new(cargo_bin());
+    command.args(["run", "--quiet", "-p", "shm-fuzz"]);
+    if release {
+        command.arg("--release");
+    }
+    command
+        .args(["--", "--secs", secs])
+        .args(args)
+        .current_dir(root());
+    run(&mut command)
 }
 
 /// Runs the model-based test (`tests/tests/model.rs`) for many steps, in release mode.

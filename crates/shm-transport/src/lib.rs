@@ -59,6 +59,57 @@ pub use error::{RemoteError, RemoteErrorKind, Result, TransportError};
 pub use serve::{CHANNEL_ENV, Context, Router, is_worker, serve};
 pub use worker::{StderrSink, Worker, WorkerConfig};
 
+/// Entry points for the fuzzer (`crates/shm-fuzz`): what the worker does with bytes a peer put
+/// into its ring. Not part of the API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use shm_codec::Serde;
+    use shm_core::ShmPool;
+
+    use crate::channel::{Channel, Direction, Side, channel_len};
+    use crate::frame::{Endpoint, Frame};
+
+    /// Pushes `bytes` into a fresh channel as the parent would, and has the worker's end
+    /// receive it: frame parsing, spills, loans and the decoding of a call's arguments.
+    pub fn receive(pool: &ShmPool, bytes: &[u8]) -> crate::Result<()> {
+        let channel = Channel::create(pool.alloc(channel_len())?, std::process::id())?;
+        if !channel.frames(Direction::ToWorker).push(bytes)? {
+            return Ok(());
+        }
+        let worker = Endpoint::new(channel, Side::Worker, pool.clone());
+        if let Some(Frame::Call { args, loans, .. }) = worker.receive()? {
+            let (decoder, attacher) = worker.decoder(&args, &loans)?;
+            let _ = decoder.decode::<Serde<Vec<u8>>>(&args);
+            attacher.release_unclaimed();
+        }
+        Ok(())
+    }
+
+    /// Valid frames to start from: calls with inline and block arguments, and a hello.
+    pub fn seeds(pool: &ShmPool) -> Vec<Vec<u8>> {
+        let encoder = shm_codec::Encoder::new(pool.clone());
+        let mut frames = vec![Frame::Hello {
+            version: crate::PROTOCOL_VERSION,
+            pid: 1,
+        }];
+        for value in [vec![1u8; 10], vec![2u8; 2 << 20]] {
+            if let Ok(args) = encoder.encode(&Serde(value)) {
+                let loans = (1..=args.buffers().len() as u64).collect();
+                frames.push(Frame::Call {
+                    id: 1,
+                    method: "m".into(),
+                    args,
+                    loans,
+                });
+            }
+        }
+        frames
+            .iter()
+            .filter_map(|f| postcard::to_stdvec(f).ok())
+            .collect()
+    }
+}
+
 /// The README's example, compiled as a doc test so that it stays true.
 #[cfg(doctest)]
 #[doc = include_str!("../../../README.md")]
