@@ -13,7 +13,7 @@ use crate::payload::Payload;
 
 /// Default size under which array data travels inline rather than in a block.
 pub const DEFAULT_INLINE_THRESHOLD: usize = 64 << 10;
-/// Default size over which a serde value goes to a temporary block rather than inline.
+/// Default size over which a serde value goes to a block of its own rather than inline.
 pub const DEFAULT_SERDE_INLINE_LIMIT: usize = 1 << 20;
 
 /// Where encoded values go: the pool that holds their blocks, and the inline thresholds.
@@ -22,7 +22,7 @@ pub struct Encoder {
     pool: ShmPool,
     /// Array data of fewer bytes travels inline.
     pub inline_threshold: usize,
-    /// Serde values of more bytes go to a temporary block.
+    /// Serde values of more bytes go to a block of their own.
     pub serde_inline_limit: usize,
 }
 
@@ -140,7 +140,7 @@ pub trait Decode: Sized {
 }
 
 /// A plain serde value (numbers, strings, structs, vectors, maps) carried by the `serde` codec:
-/// postcard bytes, inline when small, in a temporary block when large.
+/// postcard bytes, inline when small, in a block of their own when large.
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Serde<T>(pub T);
 

@@ -254,7 +254,7 @@ fn simple_frames_keep_columns_duplicates_and_index() {
 }
 
 #[test]
-fn serde_values_travel_inline_or_in_a_temporary_block() {
+fn serde_values_travel_inline_or_in_a_block_of_their_own() {
     let c = codecs();
     let small: BTreeMap<String, Vec<i32>> = [("a".into(), vec![1, 2]), ("b".into(), vec![])].into();
     let payload = c.0.encode(&Serde(&small)).unwrap();
