@@ -505,19 +505,21 @@ impl ReleaseRing<'_> {
     }
 }
 
+/// A pool for this crate's unit tests: no orphan sweep, so that tests running at once do not
+/// race each other's sessions.
+#[cfg(test)]
+pub(crate) fn test_pool() -> shm_core::ShmPool {
+    shm_core::ShmPool::with_config(shm_core::PoolConfig {
+        sweep_orphans: false,
+        ..shm_core::PoolConfig::default()
+    })
+    .unwrap()
+}
+
 #[cfg(test)]
 mod tests {
-    use shm_core::{PoolConfig, ShmPool};
-
+    use super::test_pool as pool;
     use super::*;
-
-    fn pool() -> ShmPool {
-        ShmPool::with_config(PoolConfig {
-            sweep_orphans: false,
-            ..PoolConfig::default()
-        })
-        .unwrap()
-    }
 
     #[test]
     fn frames_cross_the_ring_in_order_and_a_full_ring_says_so() {

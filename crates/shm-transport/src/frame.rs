@@ -242,18 +242,8 @@ impl Endpoint {
 mod tests {
     use std::time::Duration;
 
-    use shm_core::PoolConfig;
-
     use super::*;
-    use crate::channel::channel_len;
-
-    fn pool() -> ShmPool {
-        ShmPool::with_config(PoolConfig {
-            sweep_orphans: false,
-            ..PoolConfig::default()
-        })
-        .unwrap()
-    }
+    use crate::channel::{channel_len, test_pool as pool};
 
     fn pair(pool: &ShmPool) -> (Endpoint, Endpoint) {
         let channel = Channel::create(pool.alloc(channel_len()).unwrap(), 1).unwrap();
