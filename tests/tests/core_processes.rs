@@ -113,3 +113,21 @@ fn the_segments_of_a_killed_child_are_swept_and_live_ones_are_not() {
     sweep_orphans().unwrap();
     clean.end();
 }
+
+#[test]
+fn the_truncation_guard_leaves_other_sigbus_faults_fatal() {
+    use std::os::unix::process::ExitStatusExt;
+    let clean = CleanShm::begin();
+    let output = std::process::Command::new(CHILD)
+        .arg("sigbus-elsewhere")
+        .output()
+        .unwrap();
+    assert_eq!(
+        output.status.signal(),
+        Some(libc::SIGBUS),
+        "{:?}: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    clean.end();
+}

@@ -111,13 +111,17 @@ impl Decoder {
     }
 
     /// Attaches the block a reference names. The block is remembered as backing live values,
-    /// so that encoding a view into it sends a reference instead of a copy.
+    /// so that encoding a view into it sends a reference instead of a copy (unless the
+    /// attacher returned a [private copy](shm_core::ShmBlock::private_copy)).
     pub fn attach(&self, r: &ShmRef) -> Result<Arc<ShmBlock>> {
         let block = match &self.attacher {
             Some(attacher) => attacher.attach(&self.pool, r)?,
             None => Arc::new(self.pool.attach(r)?),
         };
-        crate::array::register_live(&block);
+        // A private copy names no segment: a value built on it is copied when re-sent.
+        if !block.is_private() {
+            crate::array::register_live(&block);
+        }
         Ok(block)
     }
 

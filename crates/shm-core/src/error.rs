@@ -117,6 +117,31 @@ pub enum ShmError {
         name: String,
     },
 
+    /// Another process cut a segment short while it was mapped here. The process lives on (the
+    /// truncation guard replaced the lost pages with zeros), but the block's bytes are not
+    /// what its sender wrote.
+    #[error(
+        "segment {name} was truncated by another process while mapped here ({mapped} bytes \
+         mapped); the bytes past the cut read as zero"
+    )]
+    Truncated {
+        /// The segment name.
+        name: String,
+        /// The bytes mapped before the cut.
+        mapped: u64,
+    },
+
+    /// A peer named a segment outside the sessions it may name: neither its own nor ours. A
+    /// channel fixes those sessions at its handshake, so a worker cannot make its parent map
+    /// (and read) the memory of a third process.
+    #[error("segment {name} belongs to none of the sessions this peer may name ({allowed})")]
+    ForeignSegment {
+        /// The segment name.
+        name: String,
+        /// The sessions the peer may name, comma-separated.
+        allowed: String,
+    },
+
     /// [`end_session`](crate::end_session) was called while pools of the session are open.
     #[error("session {session} still has {open_pools} open pool(s); close them before ending it")]
     SessionInUse {

@@ -46,6 +46,7 @@
 mod block;
 mod cleanup;
 mod error;
+mod guard;
 mod name;
 mod pool;
 mod reference;

@@ -40,6 +40,14 @@ impl SessionId {
         }
     }
 
+    /// The pid written in the session's lock by the process that holds it; `None` when the
+    /// session has no lock in `/dev/shm` (ended, never started) or the lock holds no pid. A
+    /// transport uses it to check the session a peer claims against the peer's pid.
+    pub fn owner_pid(self) -> Option<u32> {
+        let text = std::fs::read_to_string(crate::sys::segment_path(&self.lock_name())).ok()?;
+        text.trim().parse().ok()
+    }
+
     /// The name of the shared-memory object whose lock marks this session as alive.
     pub(crate) fn lock_name(self) -> String {
         format!("/{NAME_PREFIX}{self}-lock")
@@ -48,6 +56,21 @@ impl SessionId {
     /// A new segment name of this session, with 64 random bits.
     pub(crate) fn segment_name(self, random: u64) -> String {
         format!("/{NAME_PREFIX}{self}-{random:016x}")
+    }
+}
+
+impl std::str::FromStr for SessionId {
+    type Err = ShmError;
+
+    /// Reads a session id as [`Display`](fmt::Display) writes it: eight hex digits.
+    fn from_str(text: &str) -> Result<Self> {
+        parse_hex(text, 8)
+            .and_then(|id| u32::try_from(id).ok())
+            .map(SessionId)
+            .ok_or_else(|| ShmError::InvalidName {
+                name: text.to_owned(),
+                reason: "a session id is eight hex digits",
+            })
     }
 }
 
@@ -132,6 +155,10 @@ mod tests {
             Some(NameKind::Lock(session))
         );
         validate_name(&name).unwrap();
+        assert_eq!(session.to_string().parse::<SessionId>().unwrap(), session);
+        for bad in ["", "deadbee", "deadbeeff", "deadbeeg", "+eadbeef"] {
+            assert!(bad.parse::<SessionId>().is_err(), "{bad:?}");
+        }
     }
 
     #[test]

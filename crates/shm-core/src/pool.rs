@@ -143,6 +143,8 @@ enum Slot {
         slab: usize,
         index: u32,
     },
+    /// The block is a whole mapping of private memory (a [`ShmPool::private_copy`]).
+    Private,
 }
 
 impl Lease {
@@ -167,6 +169,9 @@ struct State {
     free_bytes: u64,
     /// Slab classes, smallest slot first.
     slabs: Vec<SlabClass>,
+    /// Idle private mappings by length, for the next private copy.
+    private_free: BTreeMap<usize, Vec<Arc<Segment>>>,
+    private_free_bytes: u64,
     /// Mappings of other processes' segments, by name.
     attached: HashMap<String, (u64, Arc<Segment>)>,
     attached_bytes: u64,
@@ -285,6 +290,57 @@ impl ShmPool {
         block_of(Arc::new(Segment::open(&r.name, true)?), r, end)
     }
 
+    /// A copy of `block`'s content in private memory that no other process can reach, write or
+    /// truncate: what a reader of an untrusted peer validates and reads instead of the peer's
+    /// block, which the peer could change after validation. The copy is aligned like any
+    /// block; it cannot be sent (it names no segment, so encoders copy out of it), and its
+    /// memory is recycled for later copies, as blocks are. Fails with
+    /// [`ShmError::Truncated`] when the peer truncated the block during the copy.
+    pub fn private_copy(&self, block: &ShmBlock) -> Result<ShmBlock> {
+        let len = block.len().next_multiple_of(PAGE);
+        let reused = {
+            let mut state = self.shared.lock();
+            if state.closed {
+                return Err(ShmError::PoolClosed);
+            }
+            state.live_blocks += 1;
+            let upper = len.saturating_add(len / 4);
+            let found = state
+                .private_free
+                .range_mut(len..=upper)
+                .next()
+                .and_then(|(&key, list)| Some((key, list.pop()?)));
+            found.map(|(key, segment)| {
+                if state.private_free.get(&key).is_some_and(Vec::is_empty) {
+                    state.private_free.remove(&key);
+                }
+                state.private_free_bytes -= segment.len() as u64;
+                segment
+            })
+        };
+        let segment = match reused {
+            Some(segment) => segment,
+            None => match Segment::private(len) {
+                Ok(segment) => Arc::new(segment),
+                Err(err) => {
+                    self.shared.lock().live_blocks -= 1;
+                    return Err(err);
+                }
+            },
+        };
+        let capacity = segment.len();
+        let mut copy = ShmBlock::new(
+            segment,
+            0,
+            capacity,
+            block.len(),
+            self.shared.lease(Slot::Private),
+        );
+        copy.as_mut_slice()?.copy_from_slice(block.as_slice());
+        block.check_intact()?;
+        Ok(copy)
+    }
+
     /// Unlinks every segment this pool created, drops its caches, and refuses further
     /// allocations with [`ShmError::PoolClosed`]. Blocks still alive stay readable (and
     /// writable by their owner), but nobody can attach them any more.
@@ -303,6 +359,8 @@ impl ShmPool {
             }
             released.extend(state.take_empty_slabs());
             released.extend(state.evict_attached(|_| true, 0));
+            released.extend(state.private_free.split_off(&0).into_values().flatten());
+            state.private_free_bytes = 0;
             released
         };
         drop(released);
@@ -320,7 +378,7 @@ impl ShmPool {
         PoolStats {
             live_blocks: state.live_blocks,
             bytes_mapped: state.owned_bytes + state.attached_bytes,
-            bytes_cached: state.free_bytes + empty_slab_bytes,
+            bytes_cached: state.free_bytes + empty_slab_bytes + state.private_free_bytes,
             segments_created: state.segments_created,
             segments_owned: state.live.len() + free_count + slab_count,
             segments_attached: state.attached.len(),
@@ -595,7 +653,12 @@ impl PoolShared {
             match slot {
                 Slot::Whole => {
                     state.live.remove(segment.name());
-                    if state.closed || segment.len() as u64 > self.config.cache_bytes {
+                    // A segment someone truncated is not handed out again: its tail is
+                    // private zero pages now, which no peer would see.
+                    if state.closed
+                        || segment.len() as u64 > self.config.cache_bytes
+                        || segment.truncated()
+                    {
                         state.owned_bytes -= segment.len() as u64;
                         segment.unlink();
                     } else {
@@ -614,6 +677,14 @@ impl PoolShared {
                 }
                 Slot::Slab { class, slab, index } => {
                     dropped.extend(state.release_slot(class, slab, index));
+                }
+                Slot::Private => {
+                    let len = segment.len() as u64;
+                    if !state.closed && state.private_free_bytes + len <= self.config.cache_bytes {
+                        state.private_free_bytes += len;
+                        let list = state.private_free.entry(segment.len()).or_default();
+                        list.push(Arc::clone(segment));
+                    }
                 }
             }
         }
@@ -683,6 +754,8 @@ impl PoolShared {
             }
             released.extend(state.attached.drain().map(|(_, (_, segment))| segment));
             state.attached_bytes = 0;
+            released.extend(state.private_free.split_off(&0).into_values().flatten());
+            state.private_free_bytes = 0;
             released
         };
         for segment in &released {
@@ -982,6 +1055,99 @@ mod tests {
                 })
                 .unwrap();
             assert!(mapping.contains(" r--s "), "attached mapping: {mapping}");
+        });
+    }
+
+    #[test]
+    fn a_segment_truncated_under_its_readers_reads_as_zeros_instead_of_killing_them() {
+        leaves_shm_clean(|| {
+            let pool = quiet_pool(PoolConfig::default());
+            let mut block = pool.alloc(1 << 20).unwrap();
+            block.as_mut_slice().unwrap().fill(7);
+            let view = pool.attach(&block.to_ref()).unwrap();
+            assert!(!view.is_truncated());
+            // What a hostile peer of the same user can do to any segment it can name.
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(sys::segment_path(block.name()))
+                .unwrap()
+                .set_len(PAGE as u64)
+                .unwrap();
+            let bytes = view.as_slice();
+            assert_eq!(bytes[PAGE - 1], 7, "the bytes before the cut are intact");
+            assert_eq!(bytes[PAGE], 0, "past the cut: zeros, not SIGBUS");
+            assert!(bytes[PAGE..].iter().all(|&b| b == 0));
+            assert!(view.is_truncated());
+            match view.check_intact() {
+                Err(ShmError::Truncated { name, mapped }) => {
+                    assert_eq!(name, block.name());
+                    assert_eq!(mapped, 1 << 20);
+                }
+                other => panic!("expected Truncated, got {other:?}"),
+            }
+            assert!(matches!(
+                pool.private_copy(&view),
+                Err(ShmError::Truncated { .. })
+            ));
+            // The owner's own mapping survives a write past the cut just the same.
+            assert!(!block.is_truncated());
+            block.as_mut_slice().unwrap()[PAGE * 2] = 1;
+            assert!(block.is_truncated());
+            let name = block.name().to_owned();
+            drop(view);
+            let cached = pool.stats().bytes_cached;
+            drop(block);
+            assert_eq!(
+                pool.stats().bytes_cached,
+                cached,
+                "a truncated segment is not reused"
+            );
+            assert!(!sys::segment_path(&name).exists());
+        });
+    }
+
+    #[test]
+    fn private_copies_hold_the_content_and_cannot_be_named() {
+        leaves_shm_clean(|| {
+            let pool = quiet_pool(PoolConfig::default());
+            for size in [0, 100, 3 << 20] {
+                let mut block = pool.alloc(size).unwrap();
+                block
+                    .as_mut_slice()
+                    .unwrap()
+                    .iter_mut()
+                    .enumerate()
+                    .for_each(|(i, b)| *b = i as u8);
+                let view = pool.attach(&block.to_ref()).unwrap();
+                let copy = pool.private_copy(&view).unwrap();
+                assert_eq!(copy.as_slice(), view.as_slice());
+                assert!(copy.is_private() && !view.is_private());
+                assert!(copy.as_ptr().cast::<u64>().is_aligned() || size == 0);
+                assert!(matches!(
+                    pool.attach(&copy.to_ref()),
+                    Err(ShmError::InvalidName { .. })
+                ));
+                // The copy outlives the block and its segment.
+                drop(view);
+                drop(block);
+                pool.trim();
+                assert!(
+                    copy.as_slice()
+                        .iter()
+                        .enumerate()
+                        .all(|(i, &b)| b == i as u8)
+                );
+                // Its memory serves the next copy of that size.
+                drop(copy);
+                let again = pool.alloc(size).unwrap();
+                let copy = pool.private_copy(&again).unwrap();
+                assert_eq!(
+                    pool.stats().bytes_cached,
+                    0,
+                    "the cached private memory was reused"
+                );
+                drop((copy, again));
+            }
         });
     }
 

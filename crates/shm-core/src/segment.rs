@@ -10,7 +10,12 @@ use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::error::{Result, ShmError};
+use crate::guard::{self, Watch};
 use crate::sys;
+
+/// The name private memory goes by: not a valid POSIX name, so no reference to it can be
+/// attached anywhere.
+pub(crate) const PRIVATE_NAME: &str = "(private)";
 
 /// One mapping of a shared-memory object, for as long as this value lives.
 pub(crate) struct Segment {
@@ -20,6 +25,8 @@ pub(crate) struct Segment {
     /// Whether this process created the object and must unlink it.
     owned: bool,
     unlinked: AtomicBool,
+    /// Keeps a truncation of the object from killing the process (`None` for empty ones).
+    watch: Option<Watch>,
 }
 
 // SAFETY: `Segment` holds the address and length of a MAP_SHARED mapping and a name. The
@@ -97,6 +104,7 @@ impl Segment {
                 return Err(CreateError::Failed(err));
             }
         };
+        let watch = (len > 0).then(|| guard::watch(ptr, len, true));
         sys::populate(ptr, len);
         Ok(Segment {
             ptr,
@@ -104,7 +112,31 @@ impl Segment {
             name: name.to_owned(),
             owned: true,
             unlinked: AtomicBool::new(false),
+            watch,
         })
+    }
+
+    /// Private memory of `len` bytes that no other process can reach: where a block of an
+    /// untrusted peer is copied before it is read (see [`crate::ShmPool::private_copy`]).
+    pub(crate) fn private(len: usize) -> Result<Self> {
+        let ptr = sys::map_private(len).map_err(|source| ShmError::Os {
+            op: "map private memory for",
+            name: format!("a copy of {len} bytes"),
+            source,
+        })?;
+        Ok(Segment {
+            ptr,
+            len,
+            name: PRIVATE_NAME.to_owned(),
+            owned: false,
+            unlinked: AtomicBool::new(false),
+            watch: None,
+        })
+    }
+
+    /// Whether this is private memory rather than a shared object.
+    pub(crate) fn is_private(&self) -> bool {
+        self.name == PRIVATE_NAME
     }
 
     /// Maps an existing object, whatever its length: read-only, or read-write for structures
@@ -139,6 +171,7 @@ impl Segment {
             name: name.to_owned(),
             owned: false,
             unlinked: AtomicBool::new(false),
+            watch: (len > 0).then(|| guard::watch(ptr, len, writable)),
         })
     }
 
@@ -156,6 +189,13 @@ impl Segment {
         self.ptr
     }
 
+    /// Whether another process cut the object short while it was mapped here (see
+    /// [`crate::guard`]): its bytes from the cut on read as zero in this process, and writes
+    /// there reach nobody.
+    pub(crate) fn truncated(&self) -> bool {
+        self.watch.as_ref().is_some_and(Watch::truncated)
+    }
+
     /// Removes the object's name so that nobody can attach it any more. Mappings, ours and our
     /// peers', stay valid until they are unmapped. Does nothing for segments we did not create,
     /// or the second time.
@@ -171,6 +211,9 @@ impl Segment {
 impl Drop for Segment {
     fn drop(&mut self) {
         self.unlink();
+        // Unwatched before it is unmapped, so that the guard never patches an address range
+        // that the kernel may hand to someone else.
+        drop(self.watch.take());
         // SAFETY: `ptr` and `len` come from `sys::map` in `create` or `open`; every block
         // over this mapping holds an `Arc` of this segment, so none is left to use it.
         unsafe { sys::unmap(self.ptr, self.len) };

@@ -85,11 +85,29 @@ pub(crate) fn map(fd: &OwnedFd, len: usize, writable: bool) -> io::Result<*mut u
     Ok(ptr.cast())
 }
 
-/// Unmaps what [`map`] returned.
+/// Maps `len` bytes of fresh, private, zero-filled memory, its pages populated at once.
+pub(crate) fn map_private(len: usize) -> io::Result<*mut u8> {
+    if len == 0 {
+        return Ok(std::ptr::NonNull::<u64>::dangling().as_ptr().cast());
+    }
+    // SAFETY: a null address lets the kernel choose where to map, so no existing memory of
+    // this process is replaced; an anonymous mapping needs no descriptor.
+    let ptr = unsafe {
+        rustix::mm::mmap_anonymous(
+            std::ptr::null_mut(),
+            len,
+            ProtFlags::READ | ProtFlags::WRITE,
+            MapFlags::PRIVATE | MapFlags::POPULATE,
+        )?
+    };
+    Ok(ptr.cast())
+}
+
+/// Unmaps what [`map`] or [`map_private`] returned.
 ///
 /// # Safety
 ///
-/// `ptr` and `len` come from one call of [`map`], and nothing reads or writes the mapping
+/// `ptr` and `len` come from one call of [`map`] or [`map_private`], and nothing reads or writes the mapping
 /// afterwards.
 pub(crate) unsafe fn unmap(ptr: *mut u8, len: usize) {
     if len == 0 {
