@@ -1,5 +1,6 @@
 //! The benchmark of shm against what users would pick instead, in one run: large arrays (B1),
-//! Arrow batches (B3), resident memory and faults (small calls and steady state are in
+//! Arrow batches (B3), what reading an untrusted worker's replies from private copies costs,
+//! resident memory and faults (small calls and steady state are in
 //! `channel_bench`). Writes
 //! `target/bench/transport.md` and `target/bench/b1.svg`.
 //!
@@ -47,6 +48,36 @@ fn router() -> Router {
         .handle("rows", |ColumnFrame(batch): ColumnFrame, _| {
             Ok::<_, String>(Serde(batch.num_rows()))
         })
+        .handle("ones", |Serde(n): Serde<usize>, ctx| {
+            // One array per size, made once and then returned by reference.
+            static MADE: std::sync::Mutex<Vec<ShmArray<f64, Ix1>>> =
+                std::sync::Mutex::new(Vec::new());
+            let mut made = MADE.lock().map_err(|e| e.to_string())?;
+            if let Some(a) = made.iter().find(|a| a.len() == n) {
+                return Ok::<_, String>(a.clone());
+            }
+            let mut a = ShmArrayMut::<f64, Ix1>::zeros(ctx.pool(), n).map_err(|e| e.to_string())?;
+            a.view_mut().fill(1.0);
+            made.push(a.freeze());
+            Ok(made[made.len() - 1].clone())
+        })
+        .handle("batch", |Serde(rows): Serde<usize>, ctx| {
+            // Made once in shared memory, then returned by reference.
+            static MADE: std::sync::Mutex<Option<ColumnFrame>> = std::sync::Mutex::new(None);
+            let mut made = MADE.lock().map_err(|e| e.to_string())?;
+            if made.is_none() {
+                let data = batch(rows).map_err(|e| e.to_string())?;
+                let payload = Encoder::new(ctx.pool().clone())
+                    .encode(&ColumnFrame(data))
+                    .map_err(|e| e.to_string())?;
+                let decoded: ColumnFrame = Decoder::new(ctx.pool().clone())
+                    .decode(&payload)
+                    .map_err(|e| e.to_string())?;
+                *made = Some(decoded);
+            }
+            let ColumnFrame(data) = made.as_ref().ok_or("no batch")?;
+            Ok::<_, String>(ColumnFrame(data.clone()))
+        })
 }
 
 fn main() -> Result<(), Error> {
@@ -63,6 +94,7 @@ fn main() -> Result<(), Error> {
     rss(&mut report, quick)?;
     b1(&mut report, quick)?;
     b3(&mut report, quick)?;
+    untrusted(&mut report, quick)?;
     faults(&mut report)?;
     write_section("transport.md", &report)
 }
@@ -563,6 +595,101 @@ fn b3(report: &mut String, quick: bool) -> Result<(), Error> {
         if speedup >= 5.0 { "met" } else { "missed" }
     )?;
     Ok(())
+}
+
+/// Replies read in place against replies copied into private memory first
+/// (`WorkerConfig::untrusted`), in one run.
+fn untrusted(report: &mut String, quick: bool) -> Result<(), Error> {
+    let sizes: &[usize] = if quick {
+        &[1 << 20, 64 << 20]
+    } else {
+        &[1 << 20, 64 << 20, 1 << 30]
+    };
+    let rows = if quick { 1_000_000 } else { 10_000_000 };
+    let trusted = Worker::spawn(WorkerConfig::current_exe()?)?;
+    let untrusted = Worker::spawn(WorkerConfig::current_exe()?.untrusted(true))?;
+    writeln!(
+        report,
+        "\n## Untrusted workers: replies read from private copies\n"
+    )?;
+    writeln!(
+        report,
+        "The worker returns an f64 array of ones (or a batch, B3's six columns) that it holds \
+         in shared memory; the parent reads every element (sums the array; Arrow's full \
+         validation for the batch). `in place`: the default, zero-copy. `private copy`: \
+         `WorkerConfig::untrusted(true)`, which copies every reply block into private memory \
+         before decoding, so that the worker can neither rewrite nor truncate what the parent \
+         validated. Medians; `memcpy` is a copy of the same bytes between heap buffers in this \
+         run.\n"
+    )?;
+    writeln!(
+        report,
+        "| reply | in place | private copy | private / in place | memcpy |"
+    )?;
+    writeln!(report, "| --- | ---: | ---: | ---: | ---: |")?;
+    for &size in sizes {
+        let n = size / 8;
+        let runs = if size >= 1 << 30 {
+            5
+        } else if size >= 64 << 20 {
+            15
+        } else {
+            101
+        };
+        eprintln!("... untrusted {}", human(size));
+        let read = |worker: &Worker| -> Result<Duration, Error> {
+            median_call(runs, || {
+                let a: ShmArray<f64, Ix1> = worker.call("ones", &Serde(n))?;
+                let sum = a.view().sum();
+                if sum != n as f64 {
+                    return Err(format!("sum {sum} of {n} ones").into());
+                }
+                Ok(())
+            })
+        };
+        let (in_place, private) = (read(&trusted)?, read(&untrusted)?);
+        let heap = vec![1u8; size];
+        let mut copy = vec![0u8; size];
+        let memcpy = median(&sample(2, runs, || {
+            copy.copy_from_slice(&heap);
+            Ok(())
+        })?);
+        writeln!(
+            report,
+            "| {} array | {} | {} | {:.2} | {} |",
+            human(size),
+            ms(in_place),
+            ms(private),
+            private.as_secs_f64() / in_place.as_secs_f64(),
+            ms(memcpy)
+        )?;
+    }
+    eprintln!("... untrusted {rows} rows");
+    let read = |worker: &Worker| -> Result<Duration, Error> {
+        median_call(if quick { 9 } else { 5 }, || {
+            let ColumnFrame(batch) = worker.call("batch", &Serde(rows))?;
+            if batch.num_rows() != rows {
+                return Err(format!("{} rows came back", batch.num_rows()).into());
+            }
+            Ok(())
+        })
+    };
+    let (in_place, private) = (read(&trusted)?, read(&untrusted)?);
+    writeln!(
+        report,
+        "| {rows}-row batch | {} | {} | {:.2} | |",
+        ms(in_place),
+        ms(private),
+        private.as_secs_f64() / in_place.as_secs_f64()
+    )?;
+    trusted.shutdown();
+    untrusted.shutdown();
+    Ok(())
+}
+
+/// The median of `runs` timed calls of `call`, after two untimed ones.
+fn median_call(runs: usize, call: impl FnMut() -> Result<(), Error>) -> Result<Duration, Error> {
+    Ok(median(&sample(2, runs, call)?))
 }
 
 /// How long a caller waits to learn that its worker died, and how long a restart takes.

@@ -42,7 +42,7 @@ use crate::error::{Result, TransportError, malformed};
 /// Identifies a channel block.
 const MAGIC: u64 = 0x7368_6d2d_6368_616e; // "shm-chan"
 /// The version of the channel layout and of the frames.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 const LINE: usize = 64;
 const BELLS: usize = LINE;
@@ -61,6 +61,11 @@ pub(crate) const RELEASE_COUNT: usize = 4096;
 /// How long a waiter spins before it sleeps: longer than a small call's round trip, short
 /// enough that an idle side uses no CPU to speak of.
 const SPIN: Duration = Duration::from_micros(50);
+
+/// The longest a sleeper sleeps without looking again. Wakes come from the bell; this bound is
+/// for a bell that cannot ring any more — a peer that zeroed the sleeper count, or truncated
+/// the channel (after which a wake can no longer reach the sleeper's futex) and then died.
+const SLEEP_CHECK: Duration = Duration::from_secs(1);
 
 /// Bytes of a channel block.
 pub(crate) fn channel_len() -> usize {
@@ -181,6 +186,13 @@ impl Channel {
         Ok(Arc::new(channel))
     }
 
+    /// [`ShmError::Truncated`](shm_core::ShmError::Truncated) once someone has truncated the
+    /// channel's segment: the process lives on (the truncation guard mapped zeros in), but
+    /// the peer can no longer be reached through it.
+    pub(crate) fn check(&self) -> Result<()> {
+        Ok(self.block.check_intact()?)
+    }
+
     /// The parent's pid, as the parent wrote it.
     pub(crate) fn parent_pid(&self) -> u32 {
         u32::from_le(self.atomic_u32(20).load(Ordering::Acquire))
@@ -240,16 +252,23 @@ impl Channel {
         // that it sleeps and wake it.
         fence(Ordering::SeqCst);
         if self.bell_sleepers(side).load(Ordering::SeqCst) != 0 {
-            self.bell_seq(side).fetch_add(1, Ordering::SeqCst);
-            // Every sleeper (the kernel reads the count as an int). A failed wake leaves the
-            // sleeper to its own deadline; nothing to report here.
-            let _ = futex::wake(self.bell_seq(side), futex::Flags::empty(), i32::MAX as u32);
+            self.wake_all(side);
         }
     }
 
+    /// Wakes every thread of `side` that sleeps on its bell, whatever the sleeper count says
+    /// (which the peer may have overwritten): for news that does not come through the channel,
+    /// such as the peer's death.
+    pub(crate) fn wake_all(&self, side: Side) {
+        self.bell_seq(side).fetch_add(1, Ordering::SeqCst);
+        // Every sleeper (the kernel reads the count as an int). A failed wake leaves the
+        // sleeper to its next look (`SLEEP_CHECK`); nothing to report here.
+        let _ = futex::wake(self.bell_seq(side), futex::Flags::empty(), i32::MAX as u32);
+    }
+
     /// Waits on `side`'s bell until `ready()` holds, `deadline` passes, or `stop()` holds.
-    /// Spins first, then sleeps with no timeout other than the deadline: whoever changes what
-    /// `ready` or `stop` looks at rings the bell.
+    /// Spins first, then sleeps until the bell rings — whoever changes what `ready` or `stop`
+    /// looks at rings it — or the deadline, looking again at least every `SLEEP_CHECK`.
     pub(crate) fn wait(
         &self,
         side: Side,
@@ -257,6 +276,8 @@ impl Channel {
         ready: impl Fn() -> bool,
         stop: impl Fn() -> bool,
     ) -> Wake {
+        // A truncated channel is `ready` at once: what the caller does next reports it.
+        let ready = || ready() || self.block.is_truncated();
         let spin_until = Instant::now() + SPIN;
         let mut spins = 0u32;
         loop {
@@ -282,10 +303,10 @@ impl Channel {
             }
             let remaining = match deadline {
                 Some(deadline) => match deadline.checked_duration_since(Instant::now()) {
-                    Some(left) if !left.is_zero() => Some(left),
+                    Some(left) if !left.is_zero() => left.min(SLEEP_CHECK),
                     _ => return Wake::TimedOut,
                 },
-                None => None,
+                None => SLEEP_CHECK,
             };
             sleepers.fetch_add(1, Ordering::SeqCst);
             let seq = self.bell_seq(side).load(Ordering::SeqCst);
@@ -298,16 +319,16 @@ impl Channel {
                 sleepers.fetch_sub(1, Ordering::SeqCst);
                 return Wake::Stopped;
             }
-            let timeout = remaining.map(|left| futex::Timespec {
-                tv_sec: left.as_secs().min(i64::MAX as u64) as i64,
-                tv_nsec: i64::from(left.subsec_nanos()),
-            });
+            let timeout = futex::Timespec {
+                tv_sec: remaining.as_secs() as i64,
+                tv_nsec: i64::from(remaining.subsec_nanos()),
+            };
             // Returns on a wake, a change of `seq`, a signal or the timeout; the loop checks.
             let _ = futex::wait(
                 self.bell_seq(side),
                 futex::Flags::empty(),
                 seq,
-                timeout.as_ref(),
+                Some(&timeout),
             );
             sleepers.fetch_sub(1, Ordering::SeqCst);
             if ready() {
@@ -345,15 +366,33 @@ impl FrameRing<'_> {
         self.channel.block.as_shared_ptr().wrapping_add(offset)
     }
 
-    /// Whether every slot holds an unread frame.
-    pub(crate) fn is_full(&self) -> bool {
-        let tail = self.tail().load(Ordering::Relaxed);
-        tail.wrapping_sub(self.head().load(Ordering::Acquire)) >= SLOT_COUNT as u64
+    /// How many frames the ring holds; an error when the channel was truncated or its
+    /// positions are impossible (the peer wrote garbage into them). Either error stays, so a
+    /// caller that meets it gives up rather than waiting for a ring that cannot move.
+    pub(crate) fn occupied(&self) -> Result<u64> {
+        self.channel.check()?;
+        let head = self.head().load(Ordering::Acquire);
+        let tail = self.tail().load(Ordering::Acquire);
+        let occupied = tail.wrapping_sub(head);
+        if occupied > SLOT_COUNT as u64 {
+            return Err(malformed(format!(
+                "ring positions head {head} and tail {tail} are more than {SLOT_COUNT} apart"
+            )));
+        }
+        Ok(occupied)
     }
 
-    /// Whether the ring holds no frame.
+    /// Whether every slot holds an unread frame (a broken ring is not full: waiting for room
+    /// in it ends, and pushing reports what is wrong).
+    pub(crate) fn is_full(&self) -> bool {
+        self.occupied()
+            .is_ok_and(|occupied| occupied >= SLOT_COUNT as u64)
+    }
+
+    /// Whether the ring holds no frame (a broken ring is not empty: waiting for a frame ends,
+    /// and popping reports what is wrong).
     pub(crate) fn is_empty(&self) -> bool {
-        self.head().load(Ordering::Relaxed) == self.tail().load(Ordering::Acquire)
+        self.occupied().is_ok_and(|occupied| occupied == 0)
     }
 
     /// Appends a frame and wakes the consumer if it sleeps; `Ok(false)` when the ring is full.
@@ -366,14 +405,14 @@ impl FrameRing<'_> {
                 SLOT_LEN - 4
             )));
         }
-        if self.is_full() {
+        if self.occupied()? >= SLOT_COUNT as u64 {
             return Ok(false);
         }
         let tail = self.tail().load(Ordering::Relaxed);
         let slot = self.slot_ptr(tail);
         // SAFETY: the slot lies inside the block (see `slot_ptr`) and belongs to the producer:
         // the consumer reads it only after `tail` is published below, and has released it
-        // (`head` passed it, loaded with Acquire in `is_full`). Only this thread produces.
+        // (`head` passed it, loaded with Acquire in `occupied`). Only this thread produces.
         unsafe {
             std::ptr::copy_nonoverlapping((frame.len() as u32).to_le_bytes().as_ptr(), slot, 4);
             std::ptr::copy_nonoverlapping(frame.as_ptr(), slot.add(4), frame.len());
@@ -386,21 +425,15 @@ impl FrameRing<'_> {
     /// Takes the next frame, if any, and wakes the producer if it waits for room. Only one
     /// thread of one process consumes a ring at a time.
     pub(crate) fn pop(&self) -> Result<Option<Vec<u8>>> {
-        let head = self.head().load(Ordering::Relaxed);
-        let tail = self.tail().load(Ordering::Acquire);
-        if head == tail {
+        if self.occupied()? == 0 {
             return Ok(None);
         }
-        if tail.wrapping_sub(head) > SLOT_COUNT as u64 {
-            return Err(malformed(format!(
-                "ring positions head {head} and tail {tail} are more than {SLOT_COUNT} apart"
-            )));
-        }
+        let head = self.head().load(Ordering::Relaxed);
         let slot = self.slot_ptr(head);
         let mut len = [0u8; 4];
         // SAFETY: the slot lies inside the block; the producer published it with a Release
-        // store of `tail`, which the Acquire load above synchronises with, and will not touch
-        // it again until `head` moves past it below.
+        // store of `tail`, which the Acquire load in `occupied` synchronises with, and will not
+        // touch it again until `head` moves past it below.
         unsafe { std::ptr::copy_nonoverlapping(slot, len.as_mut_ptr(), 4) };
         let len = u32::from_le_bytes(len) as usize;
         if len > SLOT_LEN - 4 {

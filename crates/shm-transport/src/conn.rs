@@ -29,7 +29,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use shm_codec::{Decode, Encode, Encoder, Payload};
-use shm_core::{ShmError, ShmPool};
+use shm_core::{SessionId, ShmError, ShmPool};
 
 use crate::channel::{Direction, PROTOCOL_VERSION, Side, Wake};
 use crate::error::{RemoteError, RemoteErrorKind, Result, TransportError, malformed};
@@ -210,7 +210,11 @@ impl Conn {
         loop {
             if let Some(frame) = self.endpoint.receive()? {
                 return match frame {
-                    Frame::Hello { version, .. } if version == PROTOCOL_VERSION => Ok(()),
+                    Frame::Hello {
+                        version,
+                        pid,
+                        session,
+                    } if version == PROTOCOL_VERSION => self.admit(pid, &session),
                     Frame::Hello { version, .. } => Err(TransportError::ProtocolMismatch {
                         ours: PROTOCOL_VERSION,
                         theirs: version,
@@ -233,6 +237,24 @@ impl Conn {
         }
     }
 
+    /// Fixes the worker's session from its hello, after checking that the session's lock is
+    /// held by the worker's own process: a worker cannot claim another process's session.
+    fn admit(&self, pid: u32, session: &str) -> Result<()> {
+        let claimed: SessionId = session
+            .parse()
+            .map_err(|_| malformed(format!("the worker's hello names session {session:?}")))?;
+        let owner = claimed.owner_pid();
+        if pid != self.pid || owner != Some(self.pid) {
+            return Err(malformed(format!(
+                "the worker (pid {}) says it is pid {pid} of session {claimed}, whose lock \
+                 names pid {owner:?}",
+                self.pid
+            )));
+        }
+        self.endpoint.admission().set_peer(claimed);
+        Ok(())
+    }
+
     /// Calls `method`; every blocking step — encoding into a fresh block, waiting to send,
     /// waiting for the reply — ends by the deadline.
     pub(crate) fn call<A: Encode + ?Sized, R: Decode>(
@@ -250,7 +272,7 @@ impl Conn {
         if self.is_dead() {
             return Err(self.died());
         }
-        let mut args = self.encoder.encode(args)?;
+        let args = self.encoder.encode(args)?;
         if !args.is_backed() {
             return Err(malformed(format!(
                 "the arguments of {method} name {} blocks but hold {}: a payload read from a \
@@ -259,6 +281,7 @@ impl Conn {
                 args.blocks().len()
             )));
         }
+        let mut args = self.endpoint.localize(args)?;
         if deadline.is_some_and(|d| Instant::now() >= d) {
             return Err(timed_out());
         }
@@ -438,7 +461,8 @@ impl Conn {
             life.calls == 0
         };
         self.hand_over();
-        self.endpoint.channel().ring(Side::Parent);
+        // Whatever the dead worker left in the sleeper count.
+        self.endpoint.channel().wake_all(Side::Parent);
         // Nothing the dead worker held can be in use there any more; if calls are under way,
         // the last of them forgets the loans once it has decoded what it got.
         if idle {

@@ -12,12 +12,18 @@ use shm_core::{Reclaim, ShmBlock, ShmPool, ShmRef};
 use crate::channel::{Channel, SLOT_LEN, Side, Wake};
 use crate::error::{RemoteError, Result, malformed};
 use crate::loans::{Lender, LoanAttacher, Returner};
+use crate::trust::Admission;
 
 /// A control message. Payloads inside travel as references; the frames themselves are small.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum Frame {
-    /// Worker → parent, once, first: the worker is ready.
-    Hello { version: u32, pid: u32 },
+    /// Worker → parent, once, first: the worker is ready, and the session of its pool (eight
+    /// hex digits), whose lock holds `pid`.
+    Hello {
+        version: u32,
+        pid: u32,
+        session: String,
+    },
     /// Parent → worker: call `method` with `args`; the reply carries the same `id`.
     /// `loans[i]` is the loan id of `args.buffers()[i]`.
     Call {
@@ -68,11 +74,19 @@ pub(crate) struct Endpoint {
     lender: Arc<Lender>,
     /// Gives the peer's blocks back.
     returner: Arc<Returner>,
+    /// What the peer may name, and how its blocks are read.
+    admission: Arc<Admission>,
 }
 
 impl Endpoint {
-    /// `side`'s end of `channel`; blocks are allocated from, and attached through, `pool`.
-    pub(crate) fn new(channel: Arc<Channel>, side: Side, pool: ShmPool) -> Self {
+    /// `side`'s end of `channel`; blocks are allocated from, and attached through, `pool`, and
+    /// references are accepted as `admission` says.
+    pub(crate) fn new(
+        channel: Arc<Channel>,
+        side: Side,
+        pool: ShmPool,
+        admission: Arc<Admission>,
+    ) -> Self {
         let lender = Arc::new(Lender::new(Arc::clone(&channel), side.inbound()));
         let reclaimer: Weak<dyn Reclaim> = Arc::downgrade(&lender) as Weak<dyn Reclaim>;
         pool.add_reclaimer(reclaimer);
@@ -83,11 +97,21 @@ impl Endpoint {
             pool,
             lender,
             returner,
+            admission,
         }
     }
 
     pub(crate) fn channel(&self) -> &Arc<Channel> {
         &self.channel
+    }
+
+    pub(crate) fn admission(&self) -> &Admission {
+        &self.admission
+    }
+
+    /// `payload` ready for this peer: blocks of a third session are copied into our pool.
+    pub(crate) fn localize(&self, payload: Payload) -> shm_core::Result<Payload> {
+        self.admission.localize(payload, &self.pool)
     }
 
     /// Sends `frame`, lending `blocks` (the blocks of its payload, in order). Waits while the
@@ -179,8 +203,9 @@ impl Endpoint {
             return Ok(Some(frame));
         };
         let inner = self
-            .pool
-            .attach(&frame)
+            .admission
+            .check(&frame)
+            .and_then(|()| self.pool.attach(&frame))
             .map_err(Into::into)
             .and_then(|block| {
                 postcard::from_bytes::<Frame>(block.as_slice())
@@ -212,6 +237,7 @@ impl Endpoint {
         let attacher = LoanAttacher::new(
             Arc::clone(&self.returner),
             Arc::clone(&self.lender),
+            Arc::clone(&self.admission),
             payload.buffers(),
             loans,
         );
@@ -248,9 +274,10 @@ mod tests {
     fn pair(pool: &ShmPool) -> (Endpoint, Endpoint) {
         let channel = Channel::create(pool.alloc(channel_len()).unwrap(), 1).unwrap();
         let worker_channel = Channel::open(pool.attach_shared(&channel.to_ref()).unwrap()).unwrap();
+        let admission = || Admission::new(pool.session(), None, false);
         (
-            Endpoint::new(channel, Side::Parent, pool.clone()),
-            Endpoint::new(worker_channel, Side::Worker, pool.clone()),
+            Endpoint::new(channel, Side::Parent, pool.clone(), admission()),
+            Endpoint::new(worker_channel, Side::Worker, pool.clone(), admission()),
         )
     }
 
@@ -341,7 +368,11 @@ mod tests {
     fn a_send_on_a_full_ring_gives_up_at_its_deadline_and_lends_nothing() {
         let pool = pool();
         let (parent, _worker) = pair(&pool);
-        let small = || Frame::Hello { version: 0, pid: 0 };
+        let small = || Frame::Hello {
+            version: 0,
+            pid: 0,
+            session: String::new(),
+        };
         while parent
             .send(
                 small(),

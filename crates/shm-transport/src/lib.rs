@@ -52,6 +52,7 @@ mod error;
 mod frame;
 mod loans;
 mod serve;
+mod trust;
 mod worker;
 
 pub use channel::PROTOCOL_VERSION;
@@ -63,7 +64,7 @@ pub use worker::{StderrSink, Worker, WorkerConfig};
 /// into its ring. Not part of the API.
 #[doc(hidden)]
 pub mod fuzzing {
-    use shm_codec::Serde;
+    use shm_codec::{Payload, Serde};
     use shm_core::ShmPool;
 
     use crate::channel::{Channel, Direction, Side, channel_len};
@@ -76,7 +77,8 @@ pub mod fuzzing {
         if !channel.frames(Direction::ToWorker).push(bytes)? {
             return Ok(());
         }
-        let worker = Endpoint::new(channel, Side::Worker, pool.clone());
+        let admission = crate::trust::Admission::new(pool.session(), None, false);
+        let worker = Endpoint::new(channel, Side::Worker, pool.clone(), admission);
         if let Some(Frame::Call { args, loans, .. }) = worker.receive()? {
             let (decoder, attacher) = worker.decoder(&args, &loans)?;
             let _ = decoder.decode::<Serde<Vec<u8>>>(&args);
@@ -85,13 +87,35 @@ pub mod fuzzing {
         Ok(())
     }
 
-    /// Valid frames to start from: calls with inline and block arguments, and a hello.
+    /// Valid frames to start from: calls with inline and block arguments, a hello, a shutdown
+    /// and a spilled frame.
     pub fn seeds(pool: &ShmPool) -> Vec<Vec<u8>> {
         let encoder = shm_codec::Encoder::new(pool.clone());
         let mut frames = vec![Frame::Hello {
             version: crate::PROTOCOL_VERSION,
             pid: 1,
+            session: pool.session().to_string(),
         }];
+        frames.push(Frame::Shutdown);
+        // A call too large for a slot, spilled into a block. The block goes back to the pool
+        // when this function returns and keeps its bytes until a block of its size is
+        // allocated again, which the target does not do.
+        let spilled = Frame::Call {
+            id: 2,
+            method: "m".repeat(100_000),
+            args: Payload::new(shm_codec::SERDE_CODEC, Vec::new(), Vec::new(), vec![0]),
+            loans: Vec::new(),
+        };
+        if let Ok(bytes) = postcard::to_stdvec(&spilled)
+            && let Ok(mut block) = pool.alloc(bytes.len())
+            && let Ok(into) = block.as_mut_slice()
+        {
+            into.copy_from_slice(&bytes);
+            frames.push(Frame::Spilled {
+                frame: block.to_ref(),
+                loan: 7,
+            });
+        }
         for value in [vec![1u8; 10], vec![2u8; 2 << 20]] {
             if let Ok(args) = encoder.encode(&Serde(value)) {
                 let loans = (1..=args.buffers().len() as u64).collect();

@@ -25,6 +25,7 @@ use shm_codec::Attacher;
 use shm_core::{Reclaim, ShmBlock, ShmPool, ShmRef};
 
 use crate::channel::{Channel, Direction};
+use crate::trust::Admission;
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
@@ -156,6 +157,8 @@ pub(crate) struct LoanAttacher {
     /// Our own loans: a reference to one of our blocks keeps that block alive, even if the
     /// peer dies and its loans are forgotten.
     lender: Arc<Lender>,
+    /// Which references may be attached, and whether to copy them.
+    admission: Arc<Admission>,
     state: Mutex<AttachState>,
 }
 
@@ -178,12 +181,14 @@ impl LoanAttacher {
     pub(crate) fn new(
         returner: Arc<Returner>,
         lender: Arc<Lender>,
+        admission: Arc<Admission>,
         refs: &[ShmRef],
         loans: &[u64],
     ) -> Arc<Self> {
         Arc::new(LoanAttacher {
             returner,
             lender,
+            admission,
             state: Mutex::new(AttachState {
                 loans: refs
                     .iter()
@@ -220,6 +225,7 @@ impl Attacher for LoanAttacher {
         if let Some((_, block)) = state.attached.iter().find(|(seen, _)| seen == r) {
             return Ok(Arc::clone(block));
         }
+        self.admission.check(r)?;
         let mut block = pool.attach(r)?;
         let ids: Vec<u64> = state
             .loans
@@ -234,7 +240,13 @@ impl Attacher for LoanAttacher {
         if let Some(own) = self.lender.holding(r) {
             block.on_drop(Box::new(move || drop(own)));
         }
-        let block = Arc::new(block);
+        // For an untrusted peer, what is validated and read is a private copy; the peer's
+        // block goes back (its hooks run) as soon as it is copied.
+        let block = Arc::new(if self.admission.private_copies() {
+            pool.private_copy(&block)?
+        } else {
+            block
+        });
         state.attached.push((r.clone(), Arc::clone(&block)));
         Ok(block)
     }

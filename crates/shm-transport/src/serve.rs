@@ -12,6 +12,7 @@ use shm_core::{SessionId, ShmError, ShmPool, ShmRef};
 use crate::channel::{Channel, Direction, PROTOCOL_VERSION, Side};
 use crate::error::{RemoteError, RemoteErrorKind, Result, TransportError, malformed};
 use crate::frame::{Endpoint, Frame};
+use crate::trust::Admission;
 
 /// The environment variable through which a worker finds its channel.
 pub const CHANNEL_ENV: &str = "SHM_TRANSPORT_CHANNEL";
@@ -155,12 +156,12 @@ pub fn serve(router: Router) -> Result<()> {
     let channel_ref = ShmRef::from_hex(&channel_ref)?;
     let pool = ShmPool::new()?;
     let channel = Channel::open(pool.attach_shared(&channel_ref)?)?;
-    watch_parent(
-        channel.parent_pid(),
-        SessionId::of_segment(channel.segment_name()),
-        pool.clone(),
-    )?;
-    let endpoint = Endpoint::new(channel, Side::Worker, pool.clone());
+    let parent_session = SessionId::of_segment(channel.segment_name());
+    watch_parent(channel.parent_pid(), parent_session, pool.clone())?;
+    // The parent may name its own session (the channel's) and ours; it spawned us, so its
+    // blocks are read in place.
+    let admission = Admission::new(pool.session(), parent_session, false);
+    let endpoint = Endpoint::new(channel, Side::Worker, pool.clone(), admission);
     let encoder = Encoder::new(pool.clone());
     let requests = endpoint.channel().frames(Direction::ToWorker);
     send(
@@ -168,6 +169,7 @@ pub fn serve(router: Router) -> Result<()> {
         Frame::Hello {
             version: PROTOCOL_VERSION,
             pid: std::process::id(),
+            session: pool.session().to_string(),
         },
         Vec::new(),
     )?;
@@ -180,6 +182,9 @@ pub fn serve(router: Router) -> Result<()> {
                 requests.wait_for_frame(None, || false);
                 continue;
             }
+            // A truncated channel or impossible ring positions stay broken: nothing more can
+            // come through this channel.
+            Err(err) if requests.occupied().is_err() => return Err(err),
             Err(err) => {
                 // Without an id there is nobody to answer; say so and serve on.
                 let _ = writeln!(
@@ -246,10 +251,19 @@ fn reply(
             })
         }
     });
-    let (outcome, blocks) = match outcome {
-        Ok(mut payload) => {
+    let (outcome, blocks) = match outcome.map(|payload| endpoint.localize(payload)) {
+        Ok(Ok(mut payload)) => {
             let blocks = payload.take_blocks();
             (Ok(payload), blocks)
+        }
+        Ok(Err(err)) => {
+            let err = CodecError::Shm(err);
+            let failed = RemoteError {
+                method: method.to_owned(),
+                kind: result_error_kind(&err),
+                message: err.to_string(),
+            };
+            (Err(failed), Vec::new())
         }
         Err(err) => (Err(err), Vec::new()),
     };

@@ -18,6 +18,7 @@ use crate::conn::{Conn, lock};
 use crate::error::{Result, TransportError};
 use crate::frame::Endpoint;
 use crate::serve::CHANNEL_ENV;
+use crate::trust::Admission;
 
 /// Lines of a worker's stderr kept for start-up failure reports.
 const STDERR_TAIL: usize = 20;
@@ -60,6 +61,11 @@ pub struct WorkerConfig {
     pub grace: Duration,
     /// The pool that argument blocks are allocated from; `None` for a new pool.
     pub pool: Option<ShmPool>,
+    /// Whether the worker is untrusted: every block of its replies is copied into private
+    /// memory before it is validated and decoded, so that the worker can neither rewrite nor
+    /// truncate what the parent has checked and reads. Costs one copy of every reply byte
+    /// (`cargo xtask bench` measures it). Default `false`: replies are read in place.
+    pub untrusted: bool,
 }
 
 impl WorkerConfig {
@@ -73,6 +79,7 @@ impl WorkerConfig {
             startup_timeout: Duration::from_secs(10),
             grace: Duration::from_secs(2),
             pool: None,
+            untrusted: false,
         }
     }
 
@@ -90,6 +97,12 @@ impl WorkerConfig {
     /// Sets where stderr goes.
     pub fn stderr(mut self, sink: StderrSink) -> Self {
         self.stderr = sink;
+        self
+    }
+
+    /// Reads the worker's replies from private copies (see [`untrusted`](Self::untrusted)).
+    pub fn untrusted(mut self, untrusted: bool) -> Self {
+        self.untrusted = untrusted;
         self
     }
 }
@@ -197,7 +210,9 @@ impl Conn {
                 program: program.clone(),
                 source,
             })?;
-        let endpoint = Endpoint::new(channel, Side::Parent, pool.clone());
+        // The worker may name our session and, once its hello has said which, its own.
+        let admission = Admission::new(pool.session(), None, config.untrusted);
+        let endpoint = Endpoint::new(channel, Side::Parent, pool.clone(), admission);
         let conn = Arc::new(Conn::new(worker, child.id(), pool, endpoint));
         let mut threads = Vec::new();
         let stderr = child.stderr.take();
