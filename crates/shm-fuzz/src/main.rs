@@ -1,10 +1,12 @@
 //! A mutation fuzzer for every decoder of bytes that come from another process, on stable
 //! Rust: payloads, each codec's metadata, references, Arrow IPC blocks, channel frames.
 //!
-//! Each target starts from valid encodings (its seeds), mutates them (bit flips, interesting
-//! values, insertions, deletions, splices) and runs the decoder on each result. Any result is
-//! fine — a value or a typed error — but a panic is a finding: the input is written to
-//! `target/fuzz/findings/` and the run fails.
+//! Each target starts from valid encodings (its seeds, made by our encoders at start-up) and
+//! from the committed corpus (`crates/shm-fuzz/corpus/TARGET/`: the seeds as they were
+//! written by `--write-corpus`, and any input that once was a finding, kept as a regression
+//! case), mutates them (bit flips, interesting values, insertions, deletions, splices) and runs
+//! the decoder on each result. Any result is fine — a value or a typed error — but a panic is
+//! a finding: the input is written to `target/fuzz/findings/` and the run fails.
 //!
 //! `cargo xtask fuzz [--secs N] [--target NAME]` runs it in release mode;
 //! `cargo xtask test` runs every target for a moment.
@@ -104,8 +106,54 @@ struct Outcome {
     findings: Vec<String>,
 }
 
+/// The directory of a target's committed corpus.
+fn corpus_dir(target: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("corpus")
+        .join(target)
+}
+
+/// The committed corpus of a target, in file-name order.
+fn corpus(target: &str) -> Vec<Vec<u8>> {
+    let Ok(entries) = std::fs::read_dir(corpus_dir(target)) else {
+        return Vec::new();
+    };
+    let mut paths: Vec<_> = entries.filter_map(|e| Some(e.ok()?.path())).collect();
+    paths.sort();
+    paths
+        .iter()
+        .filter_map(|path| std::fs::read(path).ok())
+        .collect()
+}
+
+/// FNV-1a of an input: the name of its file in the corpus or the findings.
+fn input_hash(input: &[u8]) -> u64 {
+    input.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// Writes every target's start-up seeds into its corpus directory.
+fn write_corpus(harness: &Harness) -> std::io::Result<usize> {
+    let mut written = 0;
+    for target in TARGETS {
+        let dir = corpus_dir(target.name);
+        std::fs::create_dir_all(&dir)?;
+        for seed in (target.seeds)(harness) {
+            std::fs::write(dir.join(format!("seed-{:016x}", input_hash(&seed))), &seed)?;
+            written += 1;
+        }
+    }
+    Ok(written)
+}
+
 fn fuzz(target: &Target, harness: &Harness, budget: Duration, seed: u64) -> Outcome {
-    let mut seeds = (target.seeds)(harness);
+    let fresh = (target.seeds)(harness);
+    let fresh_count = fresh.len();
+    let mut seeds = fresh;
+    // Committed inputs may name segments that no longer exist: they are run and mutated, but
+    // only the fresh seeds must reach the decoder.
+    seeds.extend(corpus(target.name));
     if seeds.is_empty() {
         seeds.push(Vec::new());
     }
@@ -117,13 +165,18 @@ fn fuzz(target: &Target, harness: &Harness, budget: Duration, seed: u64) -> Outc
         findings: Vec::new(),
     };
     let start = Instant::now();
-    // The seeds themselves first, then mutants until the budget is spent.
-    let mut pending: Vec<Vec<u8>> = seeds.clone();
-    while start.elapsed() < budget && outcome.findings.len() < 10 {
-        let is_seed = !pending.is_empty();
-        let input = pending.pop().unwrap_or_else(|| {
+    // The seeds and the corpus themselves first (every one of them, whatever the budget),
+    // then mutants until the budget is spent.
+    let mut pending: Vec<(Vec<u8>, bool)> = seeds
+        .iter()
+        .enumerate()
+        .map(|(i, input)| (input.clone(), i < fresh_count))
+        .rev()
+        .collect();
+    while (!pending.is_empty() || start.elapsed() < budget) && outcome.findings.len() < 10 {
+        let (input, is_seed) = pending.pop().unwrap_or_else(|| {
             let base = &seeds[rng.below(seeds.len())];
-            mutate(&mut rng, base, &seeds)
+            (mutate(&mut rng, base, &seeds), false)
         });
         let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             (target.run)(harness, &input)
@@ -146,17 +199,15 @@ fn fuzz(target: &Target, harness: &Harness, budget: Duration, seed: u64) -> Outc
 /// Writes a finding's input where the report points, and says what it was.
 fn save_finding(target: &str, input: &[u8], message: &str) -> String {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/fuzz/findings");
-    let hash = input.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-    });
-    let path = dir.join(format!("{target}-{hash:016x}.bin"));
+    let path = dir.join(format!("{target}-{:016x}.bin", input_hash(input)));
     let saved = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, input));
     let place = match saved {
         Ok(()) => path.display().to_string(),
         Err(err) => format!("not saved: {err}"),
     };
     format!(
-        "{target}: panic \"{message}\" on {} bytes ({place})",
+        "{target}: panic \"{message}\" on {} bytes ({place}); once fixed, copy it into \
+         crates/shm-fuzz/corpus/{target}/ to keep it as a regression case",
         input.len()
     )
 }
@@ -166,7 +217,8 @@ fn main() -> ExitCode {
     let mut secs = 10.0f64;
     let mut only: Option<String> = None;
     let mut seed = 0x5eed_u64;
-    let mut rest = args.iter();
+    let write = args.iter().any(|a| a == "--write-corpus");
+    let mut rest = args.iter().filter(|a| *a != "--write-corpus");
     while let Some(flag) = rest.next() {
         let value = rest.next();
         match (flag.as_str(), value) {
@@ -175,7 +227,8 @@ fn main() -> ExitCode {
             ("--seed", Some(v)) if v.parse::<u64>().is_ok() => seed = v.parse().unwrap_or(seed),
             _ => {
                 eprintln!(
-                    "usage: shm-fuzz [--secs N] [--target NAME] [--seed S]; targets: {}",
+                    "usage: shm-fuzz [--secs N] [--target NAME] [--seed S] [--write-corpus]; \
+                     targets: {}",
                     TARGETS
                         .iter()
                         .map(|t| t.name)
@@ -201,6 +254,18 @@ fn main() -> ExitCode {
         }
     };
     let harness = Harness::new(pool);
+    if write {
+        return match write_corpus(&harness) {
+            Ok(n) => {
+                println!("wrote {n} seeds under {}", corpus_dir("").display());
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("shm-fuzz: cannot write the corpus: {err}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let budget = Duration::from_secs_f64(secs);
     let mut failed = false;
     println!("| target | executions | per second | decoded to a value | findings |");
