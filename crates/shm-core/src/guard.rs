@@ -23,16 +23,15 @@
 
 use std::cell::UnsafeCell;
 use std::collections::BTreeMap;
-use std::mem::MaybeUninit;
-use std::sync::Once;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Once, OnceLock};
 
 /// One registered mapping (its start is the key it is registered under).
 struct Watched {
     end: usize,
     writable: bool,
-    /// Set by the handler; owned by the [`Watch`], which unregisters before it is freed.
-    truncated: *const AtomicBool,
+    /// Set by the handler; shared with the [`Watch`].
+    truncated: Arc<AtomicBool>,
 }
 
 /// The registered mappings by start address, behind a spin lock that the signal handler can
@@ -44,8 +43,7 @@ struct Registry {
     ranges: UnsafeCell<BTreeMap<usize, Watched>>,
 }
 
-// SAFETY: `ranges` is only reached through `Registry::with`, which holds `busy`; the raw
-// pointers in it point to flags that outlive their entries (see `Watch`).
+// SAFETY: `ranges` is only reached through `Registry::with`, which holds `busy`.
 unsafe impl Sync for Registry {}
 
 static REGISTRY: Registry = Registry {
@@ -76,20 +74,9 @@ impl Registry {
     }
 }
 
-/// The SIGBUS action that was in place before ours, and whether it has been recorded.
-struct Previous {
-    recorded: AtomicBool,
-    action: UnsafeCell<MaybeUninit<libc::sigaction>>,
-}
-
-// SAFETY: `action` is written once, before `recorded` is set with Release, and only read after
-// `recorded` is seen set with Acquire.
-unsafe impl Sync for Previous {}
-
-static PREVIOUS: Previous = Previous {
-    recorded: AtomicBool::new(false),
-    action: UnsafeCell::new(MaybeUninit::uninit()),
-};
+/// The SIGBUS action that was in place before ours (reading a `OnceLock` that is set is one
+/// atomic load, fine in a signal handler).
+static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
 
 static PAGE_SIZE: AtomicUsize = AtomicUsize::new(4096);
 static INSTALL: Once = Once::new();
@@ -99,7 +86,7 @@ static INSTALL: Once = Once::new();
 #[derive(Debug)]
 pub(crate) struct Watch {
     start: usize,
-    truncated: Box<AtomicBool>,
+    truncated: Arc<AtomicBool>,
 }
 
 impl Watch {
@@ -120,36 +107,30 @@ impl Drop for Watch {
 /// if this is the first watch of the process.
 pub(crate) fn watch(ptr: *mut u8, len: usize, writable: bool) -> Watch {
     INSTALL.call_once(install);
-    let truncated = Box::new(AtomicBool::new(false));
+    let truncated = Arc::new(AtomicBool::new(false));
     let start = ptr as usize;
     let entry = Watched {
         end: start.saturating_add(len),
         writable,
-        truncated: &*truncated,
+        truncated: Arc::clone(&truncated),
     };
     REGISTRY.with(|ranges| ranges.insert(start, entry));
     Watch { start, truncated }
 }
 
 fn install() {
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if let Ok(page) = usize::try_from(page)
-        && page.is_power_of_two()
-    {
-        PAGE_SIZE.store(page, Ordering::Relaxed);
-    }
-    // SAFETY: a zeroed `sigaction` is a valid value (no handler, empty flags); the mask is
-    // emptied before use, and `on_sigbus` has the three-argument form SA_SIGINFO asks for.
-    // `previous` is written by the kernel before `recorded` says it can be read.
+    PAGE_SIZE.store(rustix::param::page_size(), Ordering::Relaxed);
+    // SAFETY: a zeroed `sigaction` is a valid value (no handler, empty flags, no restorer);
+    // the mask is emptied before use, and `on_sigbus` has the three-argument form SA_SIGINFO
+    // asks for. The kernel fills `previous` before we read it.
     unsafe {
         let mut action: libc::sigaction = std::mem::zeroed();
         action.sa_sigaction = on_sigbus as *const () as usize;
         action.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | libc::SA_RESTART;
         libc::sigemptyset(&mut action.sa_mask);
-        let previous = (*PREVIOUS.action.get()).as_mut_ptr();
-        if libc::sigaction(libc::SIGBUS, &action, previous) == 0 {
-            PREVIOUS.recorded.store(true, Ordering::Release);
+        let mut previous: libc::sigaction = std::mem::zeroed();
+        if libc::sigaction(libc::SIGBUS, &action, &mut previous) == 0 {
+            let _ = PREVIOUS.set(previous);
         }
     }
 }
@@ -188,8 +169,7 @@ fn repair(addr: usize) -> bool {
         if mapped == libc::MAP_FAILED {
             return false;
         }
-        // SAFETY: the flag outlives the entry (see `Watched::truncated`).
-        unsafe { (*watched.truncated).store(true, Ordering::Relaxed) };
+        watched.truncated.store(true, Ordering::Relaxed);
         true
     })
 }
@@ -210,9 +190,7 @@ extern "C" fn on_sigbus(
 
 /// Hands a SIGBUS that is not ours to the previous handler, or lets it kill the process.
 fn forward(signal: libc::c_int, info: *mut libc::siginfo_t, context: *mut libc::c_void) {
-    if PREVIOUS.recorded.load(Ordering::Acquire) {
-        // SAFETY: recorded, so written (see `Previous`).
-        let previous = unsafe { (*PREVIOUS.action.get()).assume_init_ref() };
+    if let Some(previous) = PREVIOUS.get() {
         let handler = previous.sa_sigaction;
         if handler != libc::SIG_DFL && handler != libc::SIG_IGN {
             // SAFETY: the previous handler was installed with these flags, so it has the form
