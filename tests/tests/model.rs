@@ -1,8 +1,9 @@
 //! A model-based test over two real processes: several threads make random calls to one worker
 //! — values of every codec, fresh and re-sent, held and dropped on both sides, with timeouts
-//! shorter and longer than the handler, restarts and SIGKILLs — and every value read on either
-//! side is checked against its digest, every call against its deadline, and every block and
-//! segment against the pool at the end.
+//! shorter and longer than the handler, restarts (some into workers whose replies are read from
+//! private copies) and SIGKILLs — and every value read on either side is checked against its
+//! digest, every call against its deadline, and every block and segment against the pool at
+//! the end.
 //!
 //! `SHM_MODEL_STEPS` (default 10,000), `SHM_MODEL_THREADS` (default 4) and `SHM_MODEL_SEED`
 //! (default: from the clock, printed) steer it; `cargo xtask soak --steps N` runs it long.
@@ -123,13 +124,20 @@ impl Shared {
         self.tally.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Restarts the worker if it is dead and nobody restarted it since `epoch`.
+    /// Restarts the worker if it is dead and nobody restarted it since `epoch`: with
+    /// `restart()`, or as a new worker whose replies are read from private copies, or as a new
+    /// trusted one, in turn.
     fn revive(&self, epoch: u64) {
         let mut worker = self.worker.write().unwrap_or_else(PoisonError::into_inner);
         if self.epoch.load(Ordering::Acquire) != epoch {
             return;
         }
-        if let Err(err) = worker.restart() {
+        let revived = match epoch % 3 {
+            0 => worker.restart(),
+            turn => Worker::spawn(WorkerConfig::new(WORKER).untrusted(turn == 1))
+                .map(|new| drop(std::mem::replace(&mut *worker, new))),
+        };
+        if let Err(err) = revived {
             self.fail(format!("restart failed: {err}"));
         }
         self.epoch.fetch_add(1, Ordering::AcqRel);
