@@ -62,9 +62,11 @@ pub(crate) const RELEASE_COUNT: usize = 4096;
 /// enough that an idle side uses no CPU to speak of.
 const SPIN: Duration = Duration::from_micros(50);
 
-/// The longest a sleeper sleeps without looking again. Wakes come from the bell; this bound is
-/// for a bell that cannot ring any more — a peer that zeroed the sleeper count, or truncated
-/// the channel (after which a wake can no longer reach the sleeper's futex) and then died.
+/// The longest a parent's thread sleeps without looking again. Wakes come from the bell; this
+/// bound is for a bell that cannot ring any more — a worker that zeroed the sleeper count, or
+/// truncated the channel (after which a wake can no longer reach the sleeper's futex) and then
+/// died. Only threads waiting for a call sleep on the parent's bell, so an idle parent never
+/// wakes for it; a worker sleeps without a bound (its parent's death ends the process).
 const SLEEP_CHECK: Duration = Duration::from_secs(1);
 
 /// Bytes of a channel block.
@@ -268,7 +270,8 @@ impl Channel {
 
     /// Waits on `side`'s bell until `ready()` holds, `deadline` passes, or `stop()` holds.
     /// Spins first, then sleeps until the bell rings — whoever changes what `ready` or `stop`
-    /// looks at rings it — or the deadline, looking again at least every `SLEEP_CHECK`.
+    /// looks at rings it — or the deadline; the parent looks again at least every
+    /// `SLEEP_CHECK`.
     pub(crate) fn wait(
         &self,
         side: Side,
@@ -303,10 +306,14 @@ impl Channel {
             }
             let remaining = match deadline {
                 Some(deadline) => match deadline.checked_duration_since(Instant::now()) {
-                    Some(left) if !left.is_zero() => left.min(SLEEP_CHECK),
+                    Some(left) if !left.is_zero() => Some(left),
                     _ => return Wake::TimedOut,
                 },
-                None => SLEEP_CHECK,
+                None => None,
+            };
+            let remaining = match side {
+                Side::Parent => Some(remaining.map_or(SLEEP_CHECK, |left| left.min(SLEEP_CHECK))),
+                Side::Worker => remaining,
             };
             sleepers.fetch_add(1, Ordering::SeqCst);
             let seq = self.bell_seq(side).load(Ordering::SeqCst);
@@ -319,16 +326,16 @@ impl Channel {
                 sleepers.fetch_sub(1, Ordering::SeqCst);
                 return Wake::Stopped;
             }
-            let timeout = futex::Timespec {
-                tv_sec: remaining.as_secs() as i64,
-                tv_nsec: i64::from(remaining.subsec_nanos()),
-            };
+            let timeout = remaining.map(|left| futex::Timespec {
+                tv_sec: left.as_secs().min(i64::MAX as u64) as i64,
+                tv_nsec: i64::from(left.subsec_nanos()),
+            });
             // Returns on a wake, a change of `seq`, a signal or the timeout; the loop checks.
             let _ = futex::wait(
                 self.bell_seq(side),
                 futex::Flags::empty(),
                 seq,
-                Some(&timeout),
+                timeout.as_ref(),
             );
             sleepers.fetch_sub(1, Ordering::SeqCst);
             if ready() {
