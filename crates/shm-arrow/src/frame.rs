@@ -8,12 +8,13 @@
 
 use std::sync::Arc;
 
+use arrow::array::GenericByteViewArray;
 use arrow::array::{
-    ArrayData, ArrayDataBuilder, ArrayRef, BufferSpec, RecordBatch, RecordBatchOptions, layout,
-    make_array,
+    Array, ArrayData, ArrayDataBuilder, ArrayRef, AsArray, BufferSpec, MutableArrayData,
+    RecordBatch, RecordBatchOptions, layout, make_array,
 };
 use arrow::buffer::{BooleanBuffer, Buffer, NullBuffer};
-use arrow::datatypes::{DataType, Schema};
+use arrow::datatypes::{ByteViewType, DataType, Schema};
 use serde::{Deserialize, Serialize};
 use shm_codec::{AnyValue, Codec, CodecError, Decode, Decoder, Encode, Encoder, Payload};
 use shm_core::{BLOCK_ALIGN, ShmBlock};
@@ -147,7 +148,7 @@ impl Encode for ColumnFrame {
         for column in batch.columns() {
             let start = plan.copies.len();
             plan.cursor = 0;
-            let mut node = plan.node(encoder, &column.to_data());
+            let mut node = plan.node(encoder, &compact_if_copied(encoder, column));
             if plan.copies.len() > start {
                 let mut block = encoder.pool().alloc(plan.cursor as usize)?;
                 let bytes = block.as_mut_slice()?;
@@ -167,6 +168,55 @@ impl Encode for ColumnFrame {
         })?;
         Ok(Payload::new(COLUMNS_CODEC, meta, plan.blocks, Vec::new()))
     }
+}
+
+/// The column's data as it will be placed: as it is when every buffer already lies in a live
+/// block (referenced, nothing copied); otherwise — it is copied anyway — only the slice's own
+/// range of values, offsets rebased to start at zero, when the slice uses less than its
+/// buffers hold (a 10-row slice of a 100,000-row string column carries 10 strings, not all).
+fn compact_if_copied(encoder: &Encoder, column: &ArrayRef) -> ArrayData {
+    let data = column.to_data();
+    if is_shared(encoder, &data) {
+        return data;
+    }
+    // Arrow's size arithmetic panics on invalid offsets (which a batch built unchecked may
+    // have): such a batch is sent whole, and its receiver's validation refuses it.
+    let compacted = crate::contain(|| {
+        let needed = data.get_slice_memory_size().unwrap_or(usize::MAX);
+        if needed >= data.get_buffer_memory_size() {
+            return Ok(data.clone());
+        }
+        Ok(match column.data_type() {
+            DataType::Utf8View => compact_views(column.as_string_view()),
+            DataType::BinaryView => compact_views(column.as_binary_view()),
+            _ => {
+                let mut copy = MutableArrayData::new(vec![&data], false, data.len());
+                copy.try_extend(0, 0, data.len())
+                    .map_err(|e| invalid(e.to_string()))?;
+                copy.freeze()
+            }
+        })
+    });
+    // A layout arrow cannot copy piecewise is sent whole: correct, only larger.
+    compacted.unwrap_or(data)
+}
+
+/// A view array with only the bytes its views use, and a validity bitmap of its own length:
+/// views point anywhere into their data buffers, so only garbage collection drops the rest.
+fn compact_views<T: ByteViewType + ?Sized>(array: &GenericByteViewArray<T>) -> ArrayData {
+    let (views, buffers, _) = array.gc().into_parts();
+    let nulls = array
+        .nulls()
+        .map(|nulls| NullBuffer::new(nulls.iter().collect()));
+    GenericByteViewArray::<T>::new(views, buffers, nulls).into_data()
+}
+
+/// Whether every buffer of `data` (validity, children and all) lies in a live block.
+fn is_shared(encoder: &Encoder, data: &ArrayData) -> bool {
+    let live = |b: &Buffer| encoder.block_holding(b.as_ptr(), b.len()).is_some();
+    data.nulls().is_none_or(|n| live(n.inner().inner()))
+        && data.buffers().iter().all(live)
+        && data.child_data().iter().all(|c| is_shared(encoder, c))
 }
 
 /// Points the buffers planned for the column's new block (`from`) at its index.
@@ -315,6 +365,7 @@ impl BuildContext<'_> {
             DataType::Struct(fields) => fields.iter().map(|f| f.data_type()).collect(),
             DataType::Dictionary(_, values) => vec![values.as_ref()],
             DataType::RunEndEncoded(runs, values) => vec![runs.data_type(), values.data_type()],
+            DataType::Union(fields, _) => fields.iter().map(|(_, f)| f.data_type()).collect(),
             _ => Vec::new(),
         };
         if child_types.len() != node.children.len() {
