@@ -5,6 +5,8 @@ Commands (one per run):
   read-ipc NAME OFFSET SIZE           print the table in an Arrow IPC stream block
   write-ipc                           write a known table as an IPC stream into a new segment,
                                       print "NAME SIZE", wait for stdin to close, unlink it
+  write-ipc-decimals                  the same with decimal columns after one-byte ones, so that
+                                      their buffers are 8- but not 16-byte aligned
   read-array NAME OFFSET SIZE TYPESTR SHAPE STRIDES ORIGIN
                                       view an array from shm's array metadata, print it
   write-array                         write a known Fortran-ordered array into a new segment,
@@ -60,8 +62,17 @@ def known_table():
     })
 
 
-def write_ipc():
-    table = known_table()
+def decimal_table():
+    from decimal import Decimal
+    return pa.table({
+        "flag": pa.array([1, 2, 3], type=pa.int8()),
+        "d128": pa.array([Decimal("1.23"), Decimal("-4.56"), None], type=pa.decimal128(10, 2)),
+        "tiny": pa.array([7, 8, 9], type=pa.uint8()),
+        "d256": pa.array([Decimal("12345.678"), None, Decimal("-0.001")], type=pa.decimal256(40, 3)),
+    })
+
+
+def write_ipc(table):
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
@@ -105,7 +116,9 @@ def main(argv):
     if command == "read-ipc":
         read_ipc(args[0], int(args[1]), int(args[2]))
     elif command == "write-ipc":
-        write_ipc()
+        write_ipc(known_table())
+    elif command == "write-ipc-decimals":
+        write_ipc(decimal_table())
     elif command == "read-array":
         read_array(args[0], int(args[1]), int(args[2]), args[3], csv_ints(args[4]), csv_ints(args[5]), int(args[6]))
     elif command == "write-array":

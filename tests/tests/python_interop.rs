@@ -8,7 +8,10 @@ use std::sync::Arc;
 use arrow::array::{
     Array, AsArray, DictionaryArray, Float64Array, Int64Array, RecordBatch, StringArray,
 };
-use arrow::datatypes::{Float64Type, Int32Type, Int64Type};
+use arrow::datatypes::{
+    DataType, Decimal128Type, Decimal256Type, Float64Type, Int8Type, Int32Type, Int64Type,
+    UInt8Type, i256,
+};
 use ndarray::{Array2, Ix2, IxDyn};
 use shm_arrow::{read_ipc_block, write_ipc_block};
 use shm_codec::{Decoder, Encoder, Payload, ShmArray};
@@ -94,6 +97,64 @@ fn pyarrow_reads_an_ipc_block_written_by_rust() {
          {'id': [1, None, 3], 'name': ['a', None, 'None'], 'score': [0.5, 1.5, 2.5], 'kind': ['u', 'v', 'u']}\n"
     );
     drop((block, pool));
+    clean.end();
+}
+
+#[test]
+fn rust_reads_a_pyarrow_stream_whose_decimals_are_only_8_byte_aligned() {
+    let Some(python) = python() else { return };
+    let clean = CleanShm::begin();
+    let before = python_segments();
+    let pool = ShmPool::new().unwrap();
+    let mut writer = ChildProcess::spawn(&python, &[SCRIPT, "write-ipc-decimals"]);
+    let line = writer.read_line();
+    let (name, size) = line.split_once(' ').unwrap();
+    let size: u64 = size.parse().unwrap();
+    let r = ShmRef {
+        name: format!("/{name}"),
+        size,
+        offset: 0,
+        content_size: size,
+    };
+    let block = Arc::new(pool.attach(&r).unwrap());
+    let batches = read_ipc_block(&block).unwrap();
+    let b = &batches[0];
+    let d128 = b
+        .column_by_name("d128")
+        .unwrap()
+        .as_primitive::<Decimal128Type>();
+    assert_eq!(
+        (d128.value(0), d128.value(1), d128.is_null(2)),
+        (123, -456, true)
+    );
+    assert_eq!(d128.data_type(), &DataType::Decimal128(10, 2));
+    let d256 = b
+        .column_by_name("d256")
+        .unwrap()
+        .as_primitive::<Decimal256Type>();
+    assert_eq!(
+        (d256.value(0), d256.is_null(1), d256.value(2)),
+        (i256::from(12_345_678), true, i256::from(-1))
+    );
+    let flag = b.column_by_name("flag").unwrap().as_primitive::<Int8Type>();
+    assert_eq!(flag.values().as_ref(), &[1, 2, 3]);
+    let tiny = b
+        .column_by_name("tiny")
+        .unwrap()
+        .as_primitive::<UInt8Type>();
+    assert_eq!(tiny.values().as_ref(), &[7, 8, 9]);
+    // Only the misaligned buffer was copied; the others are read where pyarrow wrote them.
+    let start = block.as_ptr() as usize;
+    let in_block = |p: *const u8| (start..start + block.len()).contains(&(p as usize));
+    assert!(in_block(flag.values().as_ptr().cast()) && in_block(tiny.values().as_ptr()));
+    assert!(
+        !in_block(d128.values().as_ptr().cast()),
+        "the decimal128 buffer was copied"
+    );
+    drop((batches, block));
+    writer.finish();
+    assert_eq!(python_segments(), before, "Python unlinked its segment");
+    drop(pool);
     clean.end();
 }
 
