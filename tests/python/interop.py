@@ -9,8 +9,11 @@ Commands (one per run):
                                       their buffers are 8- but not 16-byte aligned
   read-array NAME OFFSET SIZE TYPESTR SHAPE STRIDES ORIGIN
                                       view an array from shm's array metadata, print it
-  write-array                         write a known Fortran-ordered array into a new segment,
-                                      print "NAME SIZE TYPESTR SHAPE STRIDES", wait, unlink
+  write-arrays                        write known arrays into one new segment (Fortran order,
+                                      C order at an odd offset, a reversed view, complex), print
+                                      "NAME OFFSET TYPESTR SHAPE STRIDES" for each (strides "C"
+                                      when numpy's array interface says None), then "end", wait,
+                                      unlink
 
 Names are given as Python's SharedMemory takes them: without the leading slash.
 """
@@ -97,15 +100,30 @@ def read_array(name, offset, size, typestr, shape, strides, origin):
         shm.close()
 
 
-def write_array():
-    array = np.asfortranarray(np.arange(12, dtype=np.float64).reshape(3, 4) * 1.5)
-    shm = shared_memory.SharedMemory(create=True, size=array.nbytes)
-    target = np.ndarray(array.shape, dtype=array.dtype, buffer=shm.buf, order="F")
-    target[...] = array
-    strides = ",".join(str(s) for s in target.strides)
-    shape = ",".join(str(s) for s in target.shape)
-    print(shm.name, array.nbytes, array.dtype.str, shape, strides, flush=True)
-    del target
+def write_arrays():
+    shm = shared_memory.SharedMemory(create=True, size=4096)
+    arrays = []
+
+    def place(offset, shape, dtype, order="C"):
+        target = np.ndarray(shape, dtype=dtype, buffer=shm.buf, offset=offset, order=order)
+        arrays.append(target)
+        return target
+
+    place(0, (3, 4), np.float64, order="F")[...] = np.arange(12).reshape(3, 4) * 1.5
+    place(100, (2, 3), np.int32)[...] = np.array([[1, -2, 3], [-4, 5, -6]])
+    forward = place(256, (5,), np.uint16)
+    forward[...] = [10, 20, 30, 40, 50]
+    arrays[-1] = forward[::-2]
+    place(512, (3,), np.complex128)[...] = [1 + 2j, -3j, 4]
+    base = np.frombuffer(shm.buf, dtype=np.uint8).ctypes.data
+    for a in arrays:
+        interface = a.__array_interface__
+        strides = interface["strides"]
+        print(shm.name, a.ctypes.data - base, interface["typestr"],
+              ",".join(str(n) for n in a.shape),
+              "C" if strides is None else ",".join(str(n) for n in strides), flush=True)
+    print("end", flush=True)
+    del arrays, forward, base
     wait_for_stdin_to_close()
     shm.close()
     shm.unlink()
@@ -121,8 +139,8 @@ def main(argv):
         write_ipc(decimal_table())
     elif command == "read-array":
         read_array(args[0], int(args[1]), int(args[2]), args[3], csv_ints(args[4]), csv_ints(args[5]), int(args[6]))
-    elif command == "write-array":
-        write_array()
+    elif command == "write-arrays":
+        write_arrays()
     else:
         raise SystemExit(f"unknown command {command}")
 

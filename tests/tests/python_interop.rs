@@ -12,9 +12,9 @@ use arrow::datatypes::{
     DataType, Decimal128Type, Decimal256Type, Float64Type, Int8Type, Int32Type, Int64Type,
     UInt8Type, i256,
 };
-use ndarray::{Array2, Ix2, IxDyn};
+use ndarray::{Array2, Ix1, Ix2, IxDyn};
 use shm_arrow::{read_ipc_block, write_ipc_block};
-use shm_codec::{Decoder, Encoder, Payload, ShmArray};
+use shm_codec::{CodecError, Complex, Decoder, Encoder, ForeignArray, Payload, ShmArray};
 use shm_core::{ShmPool, ShmRef};
 use shm_tests::{ChildProcess, CleanShm};
 
@@ -270,53 +270,66 @@ fn numpy_maps_arrays_that_rust_wrote_in_every_layout() {
 }
 
 #[test]
-fn rust_decodes_an_array_that_numpy_wrote() {
+fn rust_views_arrays_that_numpy_wrote_given_name_offset_typestr_shape_strides() {
     let Some(python) = python() else { return };
     let clean = CleanShm::begin();
     let before = python_segments();
     let pool = ShmPool::new().unwrap();
-    let mut writer = ChildProcess::spawn(&python, &[SCRIPT, "write-array"]);
-    let line = writer.read_line();
-    let fields: Vec<&str> = line.split(' ').collect();
-    let [name, size, typestr, shape, strides] = fields[..] else {
-        panic!("{line}")
-    };
-    let size: u64 = size.parse().unwrap();
-    let numbers = |s: &str| {
-        s.split(',')
-            .map(|x| x.parse::<i64>().unwrap())
-            .collect::<Vec<_>>()
-    };
-    #[derive(serde::Serialize)]
-    struct Meta {
-        typestr: String,
-        shape: Vec<u64>,
-        strides: Vec<i64>,
-        origin: u64,
+    let mut writer = ChildProcess::spawn(&python, &[SCRIPT, "write-arrays"]);
+    let mut arrays = Vec::new();
+    loop {
+        let line = writer.read_line();
+        if line == "end" {
+            break;
+        }
+        let fields: Vec<&str> = line.split(' ').collect();
+        let [name, offset, typestr, shape, strides] = fields[..] else {
+            panic!("{line}")
+        };
+        let numbers = |s: &str| -> Vec<i64> { s.split(',').map(|x| x.parse().unwrap()).collect() };
+        arrays.push(ForeignArray {
+            // As Python prints it, without the leading slash.
+            name: name.to_owned(),
+            offset: offset.parse().unwrap(),
+            typestr: typestr.to_owned(),
+            shape: numbers(shape).into_iter().map(|n| n as u64).collect(),
+            strides: (strides != "C").then(|| numbers(strides)),
+        });
     }
-    let meta = Meta {
-        typestr: typestr.to_owned(),
-        shape: numbers(shape).into_iter().map(|n| n as u64).collect(),
-        strides: numbers(strides),
-        origin: 0,
+    let [fortran, odd, reversed, complex] = &arrays[..] else {
+        panic!("{arrays:?}")
     };
-    let r = ShmRef {
-        name: format!("/{name}"),
-        size,
-        offset: 0,
-        content_size: size,
-    };
-    let payload = Payload::from_refs(
-        "ndarray",
-        postcard::to_stdvec(&meta).unwrap(),
-        vec![r],
-        Vec::new(),
-    );
-    let array: ShmArray<f64, IxDyn> = Decoder::new(pool.clone()).decode(&payload).unwrap();
+    let a = ShmArray::<f64, Ix2>::from_foreign(&pool, fortran).unwrap();
     let expected = Array2::from_shape_fn((3, 4), |(i, j)| (i * 4 + j) as f64 * 1.5);
-    assert_eq!(array.view(), expected.into_dyn().view());
-    assert_eq!(array.order(), shm_codec::Order::F);
-    drop(array);
+    assert_eq!(a.view(), expected.view());
+    assert_eq!(a.order(), shm_codec::Order::F);
+    let b = ShmArray::<i32, Ix2>::from_foreign(&pool, odd).unwrap();
+    assert_eq!(odd.offset, 100);
+    assert_eq!(b.view(), ndarray::arr2(&[[1, -2, 3], [-4, 5, -6]]));
+    let c = ShmArray::<u16, IxDyn>::from_foreign(&pool, reversed).unwrap();
+    assert_eq!(reversed.strides, Some(vec![-4]));
+    assert_eq!(c.view().iter().copied().collect::<Vec<_>>(), [50, 30, 10]);
+    let d = ShmArray::<Complex<f64>, Ix1>::from_foreign(&pool, complex).unwrap();
+    assert_eq!(
+        d.view().to_vec(),
+        [
+            Complex::new(1.0, 2.0),
+            Complex::new(0.0, -3.0),
+            Complex::new(4.0, 0.0)
+        ]
+    );
+    // What does not match is refused with the numbers, not read.
+    let wrong_type = ShmArray::<f32, Ix2>::from_foreign(&pool, fortran);
+    assert!(
+        matches!(wrong_type, Err(CodecError::WrongDtype { .. })),
+        "{wrong_type:?}"
+    );
+    let past_the_end = ForeignArray {
+        offset: 4096 - 8,
+        ..fortran.clone()
+    };
+    assert!(ShmArray::<f64, Ix2>::from_foreign(&pool, &past_the_end).is_err());
+    drop((a, b, c, d));
     writer.finish();
     assert_eq!(python_segments(), before, "Python unlinked its segment");
     drop(pool);

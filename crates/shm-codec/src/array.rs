@@ -25,6 +25,29 @@ pub const ARRAY_CODEC: &str = "ndarray";
 /// Most dimensions an array may have (numpy's limit).
 const MAX_NDIM: usize = 64;
 
+/// An array that another program wrote into a shared-memory segment, described the way
+/// numpy's array interface describes it: what [`ShmArray::from_foreign`] needs to view it in
+/// place.
+///
+/// For a numpy array `a` over `SharedMemory` `shm`: `name` is `shm.name` (with or without the
+/// leading slash), `offset` is the byte offset of `a[0, 0, …]` from the start of the segment
+/// (`a.ctypes.data - address of shm.buf`, or the `offset` given to `np.ndarray`), `typestr`
+/// is `a.dtype.str`, `shape` is `a.shape` and `strides` is `a.strides`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ForeignArray {
+    /// The segment's POSIX name; the leading `/` may be left out.
+    pub name: String,
+    /// Byte offset of element `[0, 0, …]` from the first byte of the segment.
+    pub offset: u64,
+    /// numpy's type string (`<f8`, `|u1`, `<c16`, …).
+    pub typestr: String,
+    /// Elements along each axis.
+    pub shape: Vec<u64>,
+    /// Bytes between consecutive elements along each axis, negative ones included; `None`
+    /// for a C-contiguous array (numpy's `__array_interface__` says `None` then too).
+    pub strides: Option<Vec<i64>>,
+}
+
 /// How an array's elements lie in memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Order {
@@ -202,6 +225,24 @@ impl<T: Element, D: Dimension> ShmArray<T, D> {
         let strides = contiguous_strides(dim.slice(), order, size_of::<T>())?;
         register_live(&block);
         Self::from_parts(Storage::Block(block), dim, &strides, 0)
+    }
+
+    /// Views an array that another program (numpy, say) wrote into a shared-memory segment,
+    /// in place: the segment is attached read-only through `pool` and kept mapped for as long
+    /// as the array (or a view of it) lives. Every number is checked against the segment as a
+    /// peer's would be: the type string against `T`, the number of axes against `D`, and the
+    /// elements' span and alignment against the segment's length. A view into the array sent
+    /// on through a transport is copied into a block of ours (the segment is not one a peer
+    /// may name).
+    pub fn from_foreign(pool: &ShmPool, foreign: &ForeignArray) -> Result<Self> {
+        let dim = checked_dim::<T, D>(&foreign.typestr, &foreign.shape)?;
+        let strides = match &foreign.strides {
+            Some(strides) => strides.clone(),
+            None => contiguous_strides(dim.slice(), Order::C, size_of::<T>())?,
+        };
+        let block = Arc::new(pool.attach_segment(&foreign.name)?);
+        register_live(&block);
+        Self::from_parts(Storage::Block(block), dim, &strides, foreign.offset)
     }
 
     /// Checks a layout against its storage and builds the array.
@@ -566,32 +607,39 @@ impl<T: Element, D: Dimension> ShmArray<T, D> {
         decoder: &Decoder,
         codec: &'static str,
     ) -> Result<Self> {
-        let dtype = DType::from_typestr(&meta.typestr)?;
-        if dtype != T::DTYPE {
-            return Err(CodecError::WrongDtype {
-                expected: T::DTYPE.typestr().to_owned(),
-                found: meta.typestr,
-            });
-        }
-        if let Some(ndim) = D::NDIM
-            && ndim != meta.shape.len()
-        {
-            return Err(CodecError::WrongDimensions {
-                expected: ndim,
-                found: meta.shape.len(),
-            });
-        }
-        if meta.shape.len() > MAX_NDIM {
-            return Err(layout(format!("{} dimensions", meta.shape.len())));
-        }
-        let mut dim = D::zeros(meta.shape.len());
-        for (axis, &len) in meta.shape.iter().enumerate() {
-            dim[axis] = usize::try_from(len)
-                .map_err(|_| layout(format!("axis {axis} of length {len} does not fit")))?;
-        }
+        let dim = checked_dim::<T, D>(&meta.typestr, &meta.shape)?;
         let storage = storage_of(payload, decoder, codec)?;
         Self::from_parts(storage, dim, &meta.strides, meta.origin)
     }
+}
+
+/// The dimensions of an array of `T` with `typestr` and `shape`, after checking both against
+/// the array type asked for.
+fn checked_dim<T: Element, D: Dimension>(typestr: &str, shape: &[u64]) -> Result<D> {
+    let dtype = DType::from_typestr(typestr)?;
+    if dtype != T::DTYPE {
+        return Err(CodecError::WrongDtype {
+            expected: T::DTYPE.typestr().to_owned(),
+            found: typestr.to_owned(),
+        });
+    }
+    if let Some(ndim) = D::NDIM
+        && ndim != shape.len()
+    {
+        return Err(CodecError::WrongDimensions {
+            expected: ndim,
+            found: shape.len(),
+        });
+    }
+    if shape.len() > MAX_NDIM {
+        return Err(layout(format!("{} dimensions", shape.len())));
+    }
+    let mut dim = D::zeros(shape.len());
+    for (axis, &len) in shape.iter().enumerate() {
+        dim[axis] = usize::try_from(len)
+            .map_err(|_| layout(format!("axis {axis} of length {len} does not fit")))?;
+    }
+    Ok(dim)
 }
 
 /// The data of a payload with at most one buffer: its block, attached, or its inline bytes.

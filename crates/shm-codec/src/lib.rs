@@ -52,7 +52,7 @@ mod frame;
 mod payload;
 mod tuple;
 
-pub use array::{ARRAY_CODEC, Order, ShmArray, ShmArrayMut, array_order};
+pub use array::{ARRAY_CODEC, ForeignArray, Order, ShmArray, ShmArrayMut, array_order};
 pub use codec::{
     AnyValue, Attacher, Codec, DEFAULT_INLINE_THRESHOLD, DEFAULT_SERDE_INLINE_LIMIT, Decode,
     Decoder, Encode, Encoder, Registry, SERDE_CODEC, Serde, SerdeCodec,

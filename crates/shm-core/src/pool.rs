@@ -278,6 +278,28 @@ impl ShmPool {
         block_of(segment, r, end)
     }
 
+    /// Maps a whole segment, whatever its length, read-only: for segments another program made
+    /// (Python's `SharedMemory`, say), whose length no reference states. `name` may lack the
+    /// leading slash, as Python's `SharedMemory.name` does. The block starts at the segment's
+    /// first byte and holds all of it; the mapping is shared with [`attach`](Self::attach).
+    pub fn attach_segment(&self, name: &str) -> Result<ShmBlock> {
+        let name = if name.starts_with('/') {
+            name.to_owned()
+        } else {
+            format!("/{name}")
+        };
+        validate_name(&name)?;
+        let segment = self.shared.mapping(&name)?;
+        let len = segment.len() as u64;
+        let r = ShmRef {
+            name,
+            size: len,
+            offset: 0,
+            content_size: len,
+        };
+        block_of(segment, &r, len)
+    }
+
     /// Maps the block a reference names read-write, for structures that both processes update
     /// through atomics or a publication protocol (the transport's channel), with the checks of
     /// [`attach`](Self::attach). The mapping is the block's own, not shared with other blocks.
@@ -1148,6 +1170,30 @@ mod tests {
                 );
                 drop((copy, again));
             }
+        });
+    }
+
+    #[test]
+    fn whole_segments_attach_by_name_with_or_without_the_slash() {
+        leaves_shm_clean(|| {
+            let pool = quiet_pool(PoolConfig::default());
+            let mut block = pool.alloc(100_000).unwrap();
+            block.as_mut_slice().unwrap().fill(3);
+            let name = block.name().to_owned();
+            for given in [name.as_str(), &name[1..]] {
+                let whole = pool.attach_segment(given).unwrap();
+                assert_eq!(whole.name(), name);
+                assert_eq!(whole.len(), 102_400, "the segment's length, page-rounded");
+                assert!(whole.as_slice()[..100_000].iter().all(|&b| b == 3));
+            }
+            assert!(matches!(
+                pool.attach_segment("no-such-segment"),
+                Err(ShmError::SegmentNotFound { .. })
+            ));
+            assert!(matches!(
+                pool.attach_segment("a/b"),
+                Err(ShmError::InvalidName { .. })
+            ));
         });
     }
 
