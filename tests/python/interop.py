@@ -27,7 +27,9 @@ import pyarrow as pa
 
 def attach(name):
     """Attach a segment someone else owns, without letting Python's resource tracker unlink it
-    when this process exits (it registers every segment it sees, owner or not)."""
+    when this process exits (before 3.13 it registers every segment it sees, owner or not)."""
+    if sys.version_info >= (3, 13):
+        return shared_memory.SharedMemory(name=name, track=False)
     shm = shared_memory.SharedMemory(name=name, create=False)
     resource_tracker.unregister(shm._name, "shared_memory")
     return shm
