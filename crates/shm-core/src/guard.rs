@@ -119,7 +119,15 @@ pub(crate) fn watch(ptr: *mut u8, len: usize, writable: bool) -> Watch {
 }
 
 fn install() {
-    PAGE_SIZE.store(rustix::param::page_size(), Ordering::Relaxed);
+    // Not `rustix::param::page_size`: it reads the vDSO's ELF header through the auxiliary
+    // vector, which faults under valgrind.
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if let Ok(page) = usize::try_from(page)
+        && page.is_power_of_two()
+    {
+        PAGE_SIZE.store(page, Ordering::Relaxed);
+    }
     // SAFETY: a zeroed `sigaction` is a valid value (no handler, empty flags, no restorer);
     // the mask is emptied before use, and `on_sigbus` has the three-argument form SA_SIGINFO
     // asks for. The kernel fills `previous` before we read it.
