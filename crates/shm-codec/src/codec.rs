@@ -143,6 +143,15 @@ pub trait Decode: Sized {
     fn decode(payload: &Payload, decoder: &Decoder) -> Result<Self>;
 }
 
+/// An encoded payload encodes as itself (its blocks shared, nothing copied): a value encoded
+/// once can be sent to several peers. A payload read from a peer holds none of its blocks, and
+/// a transport refuses to send it.
+impl Encode for Payload {
+    fn encode(&self, _encoder: &Encoder) -> Result<Payload> {
+        Ok(self.clone())
+    }
+}
+
 /// A plain serde value (numbers, strings, structs, vectors, maps) carried by the `serde` codec:
 /// postcard bytes, inline when small, in a block of their own when large.
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -128,6 +128,13 @@ pub enum TransportError {
         /// The worker's id.
         worker: u32,
     },
+
+    /// The worker pool was shut down (or has no worker left to call).
+    #[error("the worker pool of {workers} workers is shut down")]
+    PoolShutDown {
+        /// How many workers the pool had.
+        workers: usize,
+    },
 }
 
 /// The result type of shm-transport.

@@ -54,11 +54,13 @@ mod loans;
 mod serve;
 mod trust;
 mod worker;
+mod workers;
 
 pub use channel::PROTOCOL_VERSION;
 pub use error::{RemoteError, RemoteErrorKind, Result, TransportError};
 pub use serve::{CHANNEL_ENV, Context, Router, is_worker, serve};
 pub use worker::{StderrSink, Worker, WorkerConfig};
+pub use workers::{Shutdown, WorkerPool};
 
 /// Entry points for the fuzzer (`crates/shm-fuzz`): what the worker does with bytes a peer put
 /// into its ring. Not part of the API.

@@ -182,6 +182,11 @@ impl Worker {
         Ok(())
     }
 
+    /// Kills the worker process at once: pending calls fail with `WorkerDied`.
+    pub(crate) fn kill(&self) {
+        self.conn.kill_and_reap();
+    }
+
     /// Asks the worker to finish, waits up to the grace period, then kills it. Pending calls
     /// fail; the worker's segments are removed either way. Dropping a `Worker` does the same.
     pub fn shutdown(self) {

@@ -1,0 +1,142 @@
+//! `WorkerPool` across real processes: spreading calls, ordered `map`, `broadcast` writing a
+//! block once, a dying worker failing only its own calls and coming back, and both kinds of
+//! shutdown — with `/dev/shm` left as it was.
+
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use ndarray::Array1;
+use shm_codec::Serde;
+use shm_tests::CleanShm;
+use shm_transport::{Shutdown, TransportError, WorkerConfig, WorkerPool};
+
+const WORKER: &str = env!("CARGO_BIN_EXE_shm-test-worker");
+
+fn pool(workers: usize) -> WorkerPool {
+    WorkerPool::new(WorkerConfig::new(WORKER), Some(workers)).unwrap()
+}
+
+#[test]
+fn map_spreads_calls_over_the_workers_and_keeps_the_input_order() {
+    let clean = CleanShm::begin();
+    let workers = pool(3);
+    assert_eq!(workers.len(), 3);
+    let progress = Mutex::new(Vec::new());
+    // Each call sleeps a little and returns its argument.
+    let results = workers.map(
+        "sleep_us",
+        (0..30u64).map(|i| Serde(5_000 + i)),
+        6,
+        |done, started| progress.lock().unwrap().push((done, started)),
+    );
+    let values: Vec<u64> = results
+        .into_iter()
+        .map(|r| r.map(|Serde(v): Serde<u64>| v).unwrap())
+        .collect();
+    assert_eq!(values, (0..30).map(|i| 5_000 + i).collect::<Vec<_>>());
+    let progress = progress.into_inner().unwrap();
+    assert_eq!(progress.len(), 30);
+    assert_eq!(progress.last(), Some(&(30, 30)));
+    assert!(progress.windows(2).all(|w| w[0].0 < w[1].0));
+    // Six calls at a time over three workers: more than one worker served them.
+    let pids: Vec<u32> = workers
+        .map("pid", (0..12).map(|_| ()), 6, |_, _| {})
+        .into_iter()
+        .map(|r| r.map(|Serde(pid): Serde<u32>| pid).unwrap())
+        .collect();
+    let distinct: BTreeSet<u32> = pids.into_iter().collect();
+    assert!(
+        distinct.len() > 1,
+        "every call went to one worker: {distinct:?}"
+    );
+    assert_eq!(workers.in_flight(), vec![0, 0, 0]);
+    drop(workers);
+    clean.end();
+}
+
+#[test]
+fn broadcast_writes_the_block_once_and_reaches_every_worker() {
+    let clean = CleanShm::begin();
+    let workers = pool(3);
+    let x = Array1::from_elem(1 << 17, 0.5f64); // 1 MiB: a block of its own
+    let created = workers.pool().stats().segments_created;
+    let sums: Vec<f64> = workers
+        .broadcast("sum", &x)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.map(|Serde(s): Serde<f64>| s).unwrap())
+        .collect();
+    assert_eq!(sums, vec![0.5 * (1 << 17) as f64; 3]);
+    assert_eq!(
+        workers.pool().stats().segments_created,
+        created + 1,
+        "one block for three workers"
+    );
+    drop(workers);
+    clean.end();
+}
+
+#[test]
+fn a_dying_worker_fails_only_its_own_calls_and_comes_back() {
+    let clean = CleanShm::begin();
+    let workers = pool(2);
+    let before = workers.pids();
+    std::thread::scope(|scope| {
+        // The first worker is busy for a while; the abort goes to the idle second one.
+        let slow = scope.spawn(|| workers.call::<_, ()>("sleep", &Serde(400u64)));
+        std::thread::sleep(Duration::from_millis(100));
+        match workers.call::<_, ()>("abort", &()) {
+            Err(TransportError::WorkerDied { pid, .. }) => assert_eq!(Some(pid), before[1]),
+            other => panic!("expected WorkerDied, got {other:?}"),
+        }
+        slow.join()
+            .unwrap()
+            .expect("the other worker's call is unaffected");
+    });
+    // Restarted in the background, with a new process.
+    let started = Instant::now();
+    while workers.pids()[1] == before[1] || workers.in_flight() != vec![0, 0] {
+        assert!(started.elapsed() < Duration::from_secs(20), "no restart");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(workers.pids()[0], before[0]);
+    let results: Vec<Result<Serde<u64>, _>> =
+        workers.map("echo", (0..8u64).map(Serde), 4, |_, _| {});
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    assert!(workers.failed_restarts().is_empty());
+    drop(workers);
+    clean.end();
+}
+
+#[test]
+fn shutdown_drains_or_cancels_the_calls_in_flight() {
+    let clean = CleanShm::begin();
+    let workers = pool(2);
+    std::thread::scope(|scope| {
+        let call = scope.spawn(|| workers.call::<_, ()>("sleep", &Serde(300u64)));
+        std::thread::sleep(Duration::from_millis(100));
+        workers.shutdown(Shutdown::Drain);
+        call.join().unwrap().expect("a drained call finishes");
+    });
+    assert!(matches!(
+        workers.call::<_, Serde<u64>>("echo", &Serde(1u64)),
+        Err(TransportError::PoolShutDown { workers: 2 })
+    ));
+    drop(workers);
+
+    let workers = pool(2);
+    std::thread::scope(|scope| {
+        let call = scope.spawn(|| workers.call::<_, ()>("sleep", &Serde(60_000u64)));
+        std::thread::sleep(Duration::from_millis(100));
+        let started = Instant::now();
+        workers.shutdown(Shutdown::Cancel);
+        assert!(matches!(
+            call.join().unwrap(),
+            Err(TransportError::WorkerDied { .. })
+        ));
+        assert!(started.elapsed() < Duration::from_secs(30));
+    });
+    drop(workers);
+    clean.end();
+}
