@@ -256,8 +256,8 @@ fn demo(args: &[String]) -> Result {
         "--release",
         "--quiet",
         "-p",
-        "shm-transport",
-        "--example",
+        "shm-bench",
+        "--bin",
         "demo",
         "--",
     ];
@@ -269,14 +269,14 @@ fn demo(args: &[String]) -> Result {
 /// sections into `target/bench/report.md` under a line that names the machine.
 fn bench(args: &[String]) -> Result {
     let sections = [
-        ("shm-transport", "core_bench", "core.md"),
-        ("shm-transport", "codec_bench", "codec.md"),
-        ("shm-transport", "arrow_bench", "arrow.md"),
-        ("shm-transport", "transport_bench", "transport.md"),
-        ("shm-transport", "channel_bench", "channel.md"),
+        ("shm-bench", "core_bench", "core.md"),
+        ("shm-bench", "codec_bench", "codec.md"),
+        ("shm-bench", "arrow_bench", "arrow.md"),
+        ("shm-bench", "transport_bench", "transport.md"),
+        ("shm-bench", "channel_bench", "channel.md"),
     ];
     let python = python_env()?;
-    for (package, example, _) in sections {
+    for (package, binary, _) in sections {
         run(Command::new(cargo_bin())
             .args([
                 "run",
@@ -284,8 +284,8 @@ fn bench(args: &[String]) -> Result {
                 "--quiet",
                 "-p",
                 package,
-                "--example",
-                example,
+                "--bin",
+                binary,
                 "--",
             ])
             .args(args)
