@@ -27,6 +27,8 @@ pub struct SegmentEntry {
     pub session: SessionId,
     /// Its length in bytes.
     pub len: u64,
+    /// When it was last modified (created, for most), if the file system says.
+    pub modified: Option<SystemTime>,
 }
 
 /// What [`sweep_orphans`] removed.
@@ -41,6 +43,65 @@ pub struct SweepReport {
     /// Entries left alone because this process may not open or remove them (another user's
     /// files, for instance), each with the reason.
     pub skipped: Vec<String>,
+}
+
+/// Whether the process that owns a session is alive, as the orphan sweep judges it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SessionState {
+    /// Its lock is held (or being created): the owner runs.
+    Alive,
+    /// Its lock is free, or gone while segments remain: the sweep removes what is left.
+    Dead,
+    /// This process may not look (another user's session, say); the reason.
+    Unknown(String),
+}
+
+/// One session found in `/dev/shm`: its lock and its segments.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionEntry {
+    /// The session.
+    pub session: SessionId,
+    /// Whether its owner is alive.
+    pub state: SessionState,
+    /// The pid its lock names, if the lock exists and holds one.
+    pub pid: Option<u32>,
+    /// Whether its lock file exists.
+    pub has_lock: bool,
+    /// Its segments.
+    pub segments: Vec<SegmentEntry>,
+}
+
+/// Every session of this project in `/dev/shm`, live or dead, with its segments: what an
+/// operator's tool shows (`shm ls`) and what [`sweep_orphans`] would remove (the dead ones).
+pub fn list_sessions() -> Result<Vec<SessionEntry>> {
+    Ok(scan()?
+        .into_iter()
+        .map(|(session, found)| SessionEntry {
+            session,
+            state: session_state(session, &found.segments),
+            pid: session.owner_pid(),
+            has_lock: found.has_lock,
+            segments: found.segments,
+        })
+        .collect())
+}
+
+/// Judges a session as the sweep would, without removing anything.
+fn session_state(session: SessionId, segments: &[SegmentEntry]) -> SessionState {
+    let lock_path = sys::segment_path(&session.lock_name());
+    match File::options().read(true).write(true).open(&lock_path) {
+        // Taken and dropped at once: the lock is free again when `file` closes.
+        Ok(file) if file.try_lock().is_err() || is_being_created(&file) => SessionState::Alive,
+        Ok(_) => SessionState::Dead,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {
+            if segments.is_empty() {
+                SessionState::Alive
+            } else {
+                SessionState::Dead
+            }
+        }
+        Err(err) => SessionState::Unknown(err.to_string()),
+    }
 }
 
 /// Every segment of this project in `/dev/shm`, of live and dead sessions alike (session
@@ -141,6 +202,7 @@ fn is_being_created(lock: &File) -> bool {
 #[derive(Default)]
 struct SessionFiles {
     segments: Vec<SegmentEntry>,
+    has_lock: bool,
 }
 
 /// This project's files in `/dev/shm`, grouped by session.
@@ -168,10 +230,11 @@ fn scan() -> Result<BTreeMap<SessionId, SessionFiles>> {
                         name: format!("/{file_name}"),
                         session,
                         len: meta.len(),
+                        modified: meta.modified().ok(),
                     });
             }
             Some(NameKind::Lock(session)) => {
-                sessions.entry(session).or_default();
+                sessions.entry(session).or_default().has_lock = true;
             }
             None => {}
         }

@@ -55,7 +55,10 @@ mod session;
 mod sys;
 
 pub use block::{DropHook, ShmBlock};
-pub use cleanup::{SegmentEntry, SweepReport, list_segments, sweep_orphans, sweep_session};
+pub use cleanup::{
+    SegmentEntry, SessionEntry, SessionState, SweepReport, list_segments, list_sessions,
+    sweep_orphans, sweep_session,
+};
 pub use error::{Result, ShmError};
 pub use name::{NAME_PREFIX, SessionId, validate_name};
 pub use pool::{BLOCK_ALIGN, PoolConfig, PoolStats, Reclaim, ShmPool};

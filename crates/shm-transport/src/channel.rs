@@ -74,6 +74,103 @@ pub(crate) fn channel_len() -> usize {
     SLOTS + 2 * SLOT_COUNT * SLOT_LEN + 2 * RELEASE_COUNT * 8
 }
 
+/// Bytes of a channel block's control area (header, bells, ring positions).
+pub const CONTROL_LEN: usize = SLOTS;
+
+/// The positions of one ring, as a snapshot of the control area shows them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RingState {
+    /// Entries the consumer has taken.
+    pub head: u64,
+    /// Entries the producer has put.
+    pub tail: u64,
+    /// Whether the producer waits for room (frame rings only).
+    pub producer_waiting: Option<bool>,
+}
+
+impl RingState {
+    /// Entries waiting in the ring (`tail - head`; more than the ring holds means a broken
+    /// peer).
+    pub fn occupied(&self) -> u64 {
+        self.tail.wrapping_sub(self.head)
+    }
+}
+
+/// What a channel block's control area says: for tools that inspect a channel from outside
+/// (`shm inspect`), from a snapshot of its first [`CONTROL_LEN`] bytes. docs/format.md
+/// describes every field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChannelState {
+    /// The layout and protocol version.
+    pub version: u32,
+    /// Bytes of one frame slot.
+    pub slot_len: u32,
+    /// Slots per frame ring.
+    pub slots: u32,
+    /// Entries per release ring.
+    pub releases: u32,
+    /// The parent's pid.
+    pub parent_pid: u32,
+    /// The parent's and the worker's bells: `(seq, sleepers)`.
+    pub bells: [(u32, u32); 2],
+    /// The frame rings to the worker and to the parent.
+    pub frame_rings: [RingState; 2],
+    /// The release rings to the worker and to the parent.
+    pub release_rings: [RingState; 2],
+}
+
+impl ChannelState {
+    /// Reads a snapshot of a control area; `None` when it is too short or not a channel's
+    /// (another magic number).
+    pub fn parse(control: &[u8]) -> Option<Self> {
+        let u64_at = |at: usize| {
+            Some(u64::from_le_bytes(
+                control.get(at..at + 8)?.try_into().ok()?,
+            ))
+        };
+        let u32_at = |at: usize| {
+            Some(u32::from_le_bytes(
+                control.get(at..at + 4)?.try_into().ok()?,
+            ))
+        };
+        if u64_at(0)? != MAGIC {
+            return None;
+        }
+        let frame_ring = |d: usize| {
+            let base = FRAME_RINGS + d * FRAME_RING_LEN;
+            Some(RingState {
+                head: u64_at(base)?,
+                tail: u64_at(base + LINE)?,
+                producer_waiting: Some(u32_at(base + 2 * LINE)? != 0),
+            })
+        };
+        let release_ring = |d: usize| {
+            let base = RELEASE_RINGS + d * RELEASE_RING_LEN;
+            Some(RingState {
+                head: u64_at(base)?,
+                tail: u64_at(base + LINE)?,
+                producer_waiting: None,
+            })
+        };
+        let bell = |side: usize| {
+            Some((
+                u32_at(BELLS + side * LINE)?,
+                u32_at(BELLS + side * LINE + 4)?,
+            ))
+        };
+        Some(ChannelState {
+            version: u32_at(8)?,
+            slot_len: u32_at(12)?,
+            slots: u32_at(16)?,
+            parent_pid: u32_at(20)?,
+            releases: u32_at(24)?,
+            bells: [bell(0)?, bell(1)?],
+            frame_rings: [frame_ring(0)?, frame_ring(1)?],
+            release_rings: [release_ring(0)?, release_ring(1)?],
+        })
+    }
+}
+
 /// One direction of the channel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Direction {
@@ -560,6 +657,41 @@ pub(crate) fn test_pool() -> shm_core::ShmPool {
 mod tests {
     use super::test_pool as pool;
     use super::*;
+
+    #[test]
+    fn a_snapshot_of_the_control_area_reads_back_as_the_channel_state() {
+        let pool = pool();
+        let channel = Channel::create(pool.alloc(channel_len()).unwrap(), 4321).unwrap();
+        channel
+            .frames(Direction::ToParent)
+            .push(&[1, 2, 3])
+            .unwrap();
+        channel.frames(Direction::ToParent).push(&[4]).unwrap();
+        assert!(channel.releases(Direction::ToWorker).push(9));
+        let control = channel.block.as_slice()[..CONTROL_LEN].to_vec();
+        let state = ChannelState::parse(&control).unwrap();
+        assert_eq!(
+            (
+                state.version,
+                state.slot_len,
+                state.slots,
+                state.releases,
+                state.parent_pid
+            ),
+            (
+                PROTOCOL_VERSION,
+                SLOT_LEN as u32,
+                SLOT_COUNT as u32,
+                RELEASE_COUNT as u32,
+                4321
+            )
+        );
+        assert_eq!(state.frame_rings[1].occupied(), 2);
+        assert_eq!(state.frame_rings[0].occupied(), 0);
+        assert_eq!(state.release_rings[0].tail, 1);
+        assert_eq!(ChannelState::parse(&control[..100]), None);
+        assert_eq!(ChannelState::parse(&[0; CONTROL_LEN]), None);
+    }
 
     #[test]
     fn frames_cross_the_ring_in_order_and_a_full_ring_says_so() {

@@ -56,7 +56,7 @@ mod trust;
 mod worker;
 mod workers;
 
-pub use channel::PROTOCOL_VERSION;
+pub use channel::{CONTROL_LEN, ChannelState, PROTOCOL_VERSION, RingState};
 pub use error::{RemoteError, RemoteErrorKind, Result, TransportError};
 pub use serve::{CHANNEL_ENV, Context, Router, is_worker, serve};
 pub use worker::{StderrSink, Worker, WorkerConfig};
