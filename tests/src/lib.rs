@@ -10,11 +10,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 /// This project's files in `/dev/shm` (segments and session locks).
 pub fn shm_listing() -> BTreeSet<String> {
-    std::fs::read_dir("/dev/shm")
-        .expect("/dev/shm is readable")
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|name| name.starts_with(shm_core::NAME_PREFIX))
-        .collect()
+    shm_core::list_files().expect("/dev/shm is readable")
 }
 
 /// Held by a test for its whole run: tests of one binary run one at a time, so that one test's

@@ -354,9 +354,5 @@ fn root() -> &'static Path {
 
 /// This project's files in `/dev/shm`.
 fn shm_listing() -> Result<BTreeSet<String>> {
-    let entries = std::fs::read_dir("/dev/shm").map_err(|e| format!("/dev/shm: {e}"))?;
-    Ok(entries
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|name| name.starts_with("shm-"))
-        .collect())
+    shm_core::list_files().map_err(|e| format!("/dev/shm: {e}"))
 }

@@ -104,6 +104,19 @@ fn session_state(session: SessionId, segments: &[SegmentEntry]) -> SessionState 
     }
 }
 
+/// The file names (without a leading slash) of every segment and session lock of this project
+/// in `/dev/shm`: what a check that a program leaves `/dev/shm` as it found it compares.
+pub fn list_files() -> Result<std::collections::BTreeSet<String>> {
+    let mut files = std::collections::BTreeSet::new();
+    for (session, found) in scan()? {
+        if found.has_lock {
+            files.insert(session.lock_name()[1..].to_owned());
+        }
+        files.extend(found.segments.into_iter().map(|s| s.name[1..].to_owned()));
+    }
+    Ok(files)
+}
+
 /// Every segment of this project in `/dev/shm`, of live and dead sessions alike (session
 /// locks are not segments and are not listed).
 pub fn list_segments() -> Result<Vec<SegmentEntry>> {

@@ -56,8 +56,8 @@ mod sys;
 
 pub use block::{DropHook, ShmBlock};
 pub use cleanup::{
-    SegmentEntry, SessionEntry, SessionState, SweepReport, list_segments, list_sessions,
-    sweep_orphans, sweep_session,
+    SegmentEntry, SessionEntry, SessionState, SweepReport, list_files, list_segments,
+    list_sessions, sweep_orphans, sweep_session,
 };
 pub use error::{Result, ShmError};
 pub use name::{NAME_PREFIX, SessionId, validate_name};

@@ -907,11 +907,7 @@ mod tests {
     }
 
     fn listing() -> BTreeSet<String> {
-        std::fs::read_dir(sys::SHM_DIR)
-            .unwrap()
-            .filter_map(|e| e.ok()?.file_name().into_string().ok())
-            .filter(|name| name.starts_with(crate::NAME_PREFIX))
-            .collect()
+        crate::list_files().unwrap()
     }
 
     /// Runs `test` and asserts that `/dev/shm` holds the same files of ours afterwards.

@@ -322,12 +322,7 @@ fn check_summary(summary: &RecordBatch, rows: usize) -> Result<(), Error> {
 }
 
 fn segment_names() -> Result<Vec<String>, Error> {
-    let mut names: Vec<String> = std::fs::read_dir("/dev/shm")?
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| n.starts_with(shm_core::NAME_PREFIX))
-        .collect();
-    names.sort();
-    Ok(names)
+    Ok(shm_core::list_files()?.into_iter().collect())
 }
 
 fn parse_size(text: &str) -> Result<usize, Error> {
