@@ -51,6 +51,7 @@ mod conn;
 mod error;
 mod frame;
 mod loans;
+mod process;
 mod serve;
 mod trust;
 mod worker;

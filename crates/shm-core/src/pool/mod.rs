@@ -1,0 +1,631 @@
+//! `ShmPool`: allocation, recycling, slabs, the mapping cache and teardown.
+//!
+//! Fresh shared memory is expensive here: creating and reserving a 1 GiB segment costs a
+//! quarter of a second and its first write as much again, while rewriting a segment that is
+//! already mapped runs at memcpy speed. The pool therefore keeps what it can:
+//!
+//! - **Recycling.** A dropped block of its own segment goes to a free list ordered by size and
+//!   is handed out again to a request that fits it within 25%, mapped and with its pages
+//!   present. The free list is bounded in bytes ([`PoolConfig::cache_bytes`]); the least
+//!   recently used segments beyond the bound are unlinked.
+//! - **Slabs.** Requests up to [`PoolConfig::slab_threshold`] share 1 MiB slab segments, cut
+//!   into slots of a power of two between 64 bytes and the threshold. Every slot is 64-byte
+//!   aligned and its size includes its padding, so many small payloads cost a few segments and
+//!   file descriptors, not one each.
+//! - **Mapping cache.** Attaching a segment that is already mapped reuses the mapping. Idle
+//!   mappings are kept up to [`PoolConfig::attach_cache_bytes`], and dropped as soon as their
+//!   owner has unlinked the segment (an unlinked segment lives on while anyone maps it).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+
+use crate::block::ShmBlock;
+use crate::cleanup;
+use crate::error::{Result, ShmError};
+use crate::name::{SessionId, validate_name};
+use crate::reference::ShmRef;
+use crate::segment::{CreateError, Segment};
+use crate::session::Session;
+use crate::sys;
+
+mod attached;
+mod free;
+mod slab;
+
+use slab::SlabClass;
+
+/// Bytes of one slab segment.
+const SLAB_LEN: usize = 1 << 20;
+/// The smallest slot, and the alignment of every block.
+pub const BLOCK_ALIGN: usize = 64;
+/// New segments are sized in whole pages.
+const PAGE: usize = 4096;
+/// How many random names to try before giving up on creating a segment.
+const NAME_ATTEMPTS: usize = 16;
+
+/// How a pool behaves. `PoolConfig::default()` suits most programs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolConfig {
+    /// Upper bound on the bytes of all segments the pool holds (in use, cached, slabs).
+    /// `None`: bounded only by `/dev/shm`.
+    pub capacity: Option<u64>,
+    /// Bytes of idle segments kept for reuse. Default 2 GiB.
+    pub cache_bytes: u64,
+    /// Bytes of idle attached mappings kept, so that a peer's recycled segment is not mapped
+    /// afresh. Default 4 GiB.
+    pub attach_cache_bytes: u64,
+    /// Requests of at most this many bytes share slab segments. Default 64 KiB; at least 64
+    /// bytes (the smallest slot), at most 512 KiB.
+    pub slab_threshold: usize,
+    /// Whether creating the pool first removes the segments of dead sessions
+    /// ([`sweep_orphans`](crate::sweep_orphans)). Default `true`.
+    pub sweep_orphans: bool,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            capacity: None,
+            cache_bytes: 2 << 30,
+            attach_cache_bytes: 4 << 30,
+            slab_threshold: 64 << 10,
+            sweep_orphans: true,
+        }
+    }
+}
+
+/// What a pool holds, for tests, benchmarks and monitoring.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Blocks allocated by this pool and not yet dropped.
+    pub live_blocks: usize,
+    /// Bytes of all mappings the pool holds: its own segments and attached ones.
+    pub bytes_mapped: u64,
+    /// Bytes of the pool's own segments that hold no live block (free list and empty slabs).
+    pub bytes_cached: u64,
+    /// Segments this pool has created since it was made (slabs included).
+    pub segments_created: u64,
+    /// Segments this pool has created and not yet unlinked.
+    pub segments_owned: usize,
+    /// Segments of others that this pool has mapped.
+    pub segments_attached: usize,
+}
+
+/// A pool of shared-memory blocks: allocates, recycles, attaches, and unlinks everything it
+/// created when it is closed or dropped.
+///
+/// `ShmPool` is a cheap handle (`Clone`, `Send`, `Sync`); all clones share one pool, which
+/// closes when the last clone is dropped. Blocks keep their mappings after that, but not their
+/// names: nobody can attach them any more.
+#[derive(Clone)]
+pub struct ShmPool {
+    shared: Arc<PoolShared>,
+}
+
+impl std::fmt::Debug for ShmPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShmPool")
+            .field("session", &self.session())
+            .field("config", &self.shared.config)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+struct PoolShared {
+    config: PoolConfig,
+    state: Mutex<State>,
+    session: Arc<Session>,
+    /// Holders of this pool's blocks that can give some back on request (see
+    /// [`ShmPool::add_reclaimer`]). Called without `state` held, since giving a block back
+    /// takes that lock.
+    reclaimers: Mutex<Vec<Weak<dyn Reclaim>>>,
+}
+
+/// Something that holds blocks of a pool on behalf of others and can return those they are
+/// done with — a transport holding blocks it lent to a peer until the peer says it released
+/// them. The pool asks before every allocation, so memory released by a peer is reused
+/// without any thread having to poll for it.
+pub trait Reclaim: Send + Sync {
+    /// Drops every held block whose holders have let go of it. Must not allocate from the
+    /// pool and must not block.
+    fn reclaim(&self);
+}
+
+/// Where a block allocated by the pool came from, so that dropping it can give it back.
+#[derive(Debug)]
+pub(crate) struct Lease {
+    pool: Weak<PoolShared>,
+    slot: Slot,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Slot {
+    /// The block is a whole segment.
+    Whole,
+    /// The block is slot `index` of slab `slab` of size class `class`.
+    Slab {
+        class: usize,
+        slab: usize,
+        index: u32,
+    },
+    /// The block is a whole mapping of private memory (a [`ShmPool::private_copy`]).
+    Private,
+}
+
+impl Lease {
+    pub(crate) fn release(self, segment: &Arc<Segment>) {
+        if let Some(pool) = self.pool.upgrade() {
+            pool.release(self.slot, segment);
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    closed: bool,
+    /// A counter that orders uses, for least-recently-used eviction.
+    tick: u64,
+    /// Bytes of own segments: live, cached, slabs, and those being created.
+    owned_bytes: u64,
+    /// Whole segments handed out as blocks, by name, so that closing can unlink them.
+    live: HashMap<String, Weak<Segment>>,
+    /// Idle whole segments by length; each list is ordered oldest first.
+    free: BTreeMap<usize, Vec<(u64, Arc<Segment>)>>,
+    free_bytes: u64,
+    /// Slab classes, smallest slot first.
+    slabs: Vec<SlabClass>,
+    /// Idle private mappings by length, for the next private copy.
+    private_free: BTreeMap<usize, Vec<Arc<Segment>>>,
+    private_free_bytes: u64,
+    /// Mappings of other processes' segments, by name.
+    attached: HashMap<String, (u64, Arc<Segment>)>,
+    attached_bytes: u64,
+    live_blocks: usize,
+    segments_created: u64,
+}
+
+impl ShmPool {
+    /// A pool with the default configuration.
+    pub fn new() -> Result<Self> {
+        Self::with_config(PoolConfig::default())
+    }
+
+    /// A pool with the given configuration.
+    pub fn with_config(mut config: PoolConfig) -> Result<Self> {
+        config.slab_threshold = config.slab_threshold.clamp(BLOCK_ALIGN, SLAB_LEN / 2);
+        if config.sweep_orphans {
+            cleanup::sweep_orphans()?;
+        }
+        let session = Session::current()?;
+        session.pool_opened();
+        let mut slabs = Vec::new();
+        let mut slot_len = BLOCK_ALIGN;
+        while slot_len <= config.slab_threshold.next_power_of_two() && slot_len <= SLAB_LEN / 2 {
+            slabs.push(SlabClass { slabs: Vec::new() });
+            slot_len *= 2;
+        }
+        Ok(ShmPool {
+            shared: Arc::new(PoolShared {
+                config,
+                state: Mutex::new(State {
+                    slabs,
+                    ..State::default()
+                }),
+                session,
+                reclaimers: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+
+    /// Registers a holder of this pool's blocks that [`alloc`](Self::alloc) asks to give
+    /// back what it no longer needs, before every allocation. The pool keeps only a weak
+    /// reference: a dropped holder is forgotten.
+    pub fn add_reclaimer(&self, reclaimer: Weak<dyn Reclaim>) {
+        let mut reclaimers = self
+            .shared
+            .reclaimers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        reclaimers.retain(|r| r.strong_count() > 0);
+        reclaimers.push(reclaimer);
+    }
+
+    /// Asks every registered holder to give back the blocks it is done with (see
+    /// [`add_reclaimer`](Self::add_reclaimer)); `alloc` does this by itself.
+    pub fn reclaim(&self) {
+        self.shared.reclaim();
+    }
+
+    /// The session whose id every segment of this pool carries in its name.
+    pub fn session(&self) -> SessionId {
+        self.shared.session.id()
+    }
+
+    /// The configuration the pool runs with.
+    pub fn config(&self) -> &PoolConfig {
+        &self.shared.config
+    }
+
+    /// A writable block of `size` bytes (content length `size`, capacity possibly more),
+    /// 64-byte aligned. `size` may be 0.
+    ///
+    /// The block comes from the free list or a slab when one fits; otherwise a new segment is
+    /// created and its memory reserved, so that a full `/dev/shm` is reported here as
+    /// [`ShmError::OutOfSharedMemory`] rather than as a SIGBUS on first write. A recycled
+    /// block holds stale bytes.
+    pub fn alloc(&self, size: usize) -> Result<ShmBlock> {
+        self.shared.reclaim();
+        if size <= self.shared.config.slab_threshold {
+            self.shared.alloc_slot(size)
+        } else {
+            self.shared.alloc_whole(size)
+        }
+    }
+
+    /// Maps the block a peer's reference names, after checking the reference against the
+    /// segment: the name's form, an offset aligned to [`BLOCK_ALIGN`], `offset + size` without
+    /// overflow and inside the segment, `content_size <= size`. The block is read-only, and so
+    /// is the mapping: nothing in this process can write a peer's memory. Attaching a segment
+    /// that is already mapped reuses the mapping.
+    pub fn attach(&self, r: &ShmRef) -> Result<ShmBlock> {
+        let end = check_ref(r)?;
+        let segment = self.shared.mapping(&r.name)?;
+        block_of(segment, r, end)
+    }
+
+    /// Maps a whole segment, whatever its length, read-only: for segments another program made
+    /// (Python's `SharedMemory`, say), whose length no reference states. `name` may lack the
+    /// leading slash, as Python's `SharedMemory.name` does. The block starts at the segment's
+    /// first byte and holds all of it; the mapping is shared with [`attach`](Self::attach).
+    pub fn attach_segment(&self, name: &str) -> Result<ShmBlock> {
+        let name = if name.starts_with('/') {
+            name.to_owned()
+        } else {
+            format!("/{name}")
+        };
+        validate_name(&name)?;
+        let segment = self.shared.mapping(&name)?;
+        let len = segment.len() as u64;
+        let r = ShmRef {
+            name,
+            size: len,
+            offset: 0,
+            content_size: len,
+        };
+        block_of(segment, &r, len)
+    }
+
+    /// Maps the block a reference names read-write, for structures that both processes update
+    /// through atomics or a publication protocol (the transport's channel), with the checks of
+    /// [`attach`](Self::attach). The mapping is the block's own, not shared with other blocks.
+    /// Plain data is never attached this way: `as_slice` views of it would race the peer.
+    pub fn attach_shared(&self, r: &ShmRef) -> Result<ShmBlock> {
+        let end = check_ref(r)?;
+        if self.shared.lock().closed {
+            return Err(ShmError::PoolClosed);
+        }
+        block_of(Arc::new(Segment::open(&r.name, true)?), r, end)
+    }
+
+    /// A copy of `block`'s content in private memory that no other process can reach, write or
+    /// truncate: what a reader of an untrusted peer validates and reads instead of the peer's
+    /// block, which the peer could change after validation. The copy is aligned like any
+    /// block; it cannot be sent (it names no segment, so encoders copy out of it), and its
+    /// memory is recycled for later copies, as blocks are. Fails with
+    /// [`ShmError::Truncated`] when the peer truncated the block during the copy.
+    pub fn private_copy(&self, block: &ShmBlock) -> Result<ShmBlock> {
+        let len = block.len().next_multiple_of(PAGE);
+        let reused = {
+            let mut state = self.shared.lock();
+            if state.closed {
+                return Err(ShmError::PoolClosed);
+            }
+            state.live_blocks += 1;
+            let upper = len.saturating_add(len / 4);
+            let found = state
+                .private_free
+                .range_mut(len..=upper)
+                .next()
+                .and_then(|(&key, list)| Some((key, list.pop()?)));
+            found.map(|(key, segment)| {
+                if state.private_free.get(&key).is_some_and(Vec::is_empty) {
+                    state.private_free.remove(&key);
+                }
+                state.private_free_bytes -= segment.len() as u64;
+                segment
+            })
+        };
+        let segment = match reused {
+            Some(segment) => segment,
+            None => match Segment::private(len) {
+                Ok(segment) => Arc::new(segment),
+                Err(err) => {
+                    self.shared.lock().live_blocks -= 1;
+                    return Err(err);
+                }
+            },
+        };
+        let capacity = segment.len();
+        let mut copy = ShmBlock::new(
+            segment,
+            0,
+            capacity,
+            block.len(),
+            self.shared.lease(Slot::Private),
+        );
+        copy.as_mut_slice()?.copy_from_slice(block.as_slice());
+        block.check_intact()?;
+        Ok(copy)
+    }
+
+    /// Unlinks every segment this pool created, drops its caches, and refuses further
+    /// allocations with [`ShmError::PoolClosed`]. Blocks still alive stay readable (and
+    /// writable by their owner), but nobody can attach them any more.
+    pub fn close_all(&self) {
+        self.shared.close();
+    }
+
+    /// Releases every idle segment and mapping the pool keeps for reuse: the free list, empty
+    /// slabs, and attached mappings no block uses.
+    pub fn trim(&self) {
+        let released = {
+            let mut state = self.shared.lock();
+            let mut released: Vec<Arc<Segment>> = Vec::new();
+            while let Some(segment) = state.evict_free() {
+                released.push(segment);
+            }
+            released.extend(state.take_empty_slabs());
+            released.extend(state.evict_attached(|_| true, 0));
+            released.extend(state.private_free.split_off(&0).into_values().flatten());
+            state.private_free_bytes = 0;
+            released
+        };
+        drop(released);
+    }
+
+    /// What the pool holds now.
+    pub fn stats(&self) -> PoolStats {
+        let state = self.shared.lock();
+        let slab_segments = state.slabs.iter().flat_map(|c| c.slabs.iter().flatten());
+        let (slab_count, empty_slab_bytes) = slab_segments.fold((0, 0), |(n, empty), slab| {
+            let idle = if slab.live == 0 { SLAB_LEN as u64 } else { 0 };
+            (n + 1, empty + idle)
+        });
+        let free_count: usize = state.free.values().map(Vec::len).sum();
+        PoolStats {
+            live_blocks: state.live_blocks,
+            bytes_mapped: state.owned_bytes + state.attached_bytes,
+            bytes_cached: state.free_bytes + empty_slab_bytes + state.private_free_bytes,
+            segments_created: state.segments_created,
+            segments_owned: state.live.len() + free_count + slab_count,
+            segments_attached: state.attached.len(),
+        }
+    }
+}
+
+/// Checks the numbers of a reference that need no segment; returns `offset + size`.
+fn check_ref(r: &ShmRef) -> Result<u64> {
+    validate_name(&r.name)?;
+    // Every block starts 64-byte aligned, and readers rely on it (atomics in the channel,
+    // Arrow buffers): a reference that says otherwise is refused, not trusted.
+    if !r.offset.is_multiple_of(BLOCK_ALIGN as u64) {
+        return Err(ShmError::MisalignedRef {
+            name: r.name.clone(),
+            offset: r.offset,
+            align: BLOCK_ALIGN,
+        });
+    }
+    let end = r.offset.checked_add(r.size).ok_or(ShmError::RefOverflow {
+        name: r.name.clone(),
+        offset: r.offset,
+        size: r.size,
+    })?;
+    if r.content_size > r.size {
+        return Err(ShmError::ContentExceedsSize {
+            name: r.name.clone(),
+            content_size: r.content_size,
+            size: r.size,
+        });
+    }
+    Ok(end)
+}
+
+/// The block `r` names in `segment`, once the segment is known to be long enough.
+fn block_of(segment: Arc<Segment>, r: &ShmRef, end: u64) -> Result<ShmBlock> {
+    let segment_len = segment.len() as u64;
+    if end > segment_len {
+        return Err(ShmError::RefOutOfBounds {
+            name: r.name.clone(),
+            offset: r.offset,
+            size: r.size,
+            segment_len,
+        });
+    }
+    // All three are at most the segment length, which is a usize.
+    Ok(ShmBlock::new(
+        segment,
+        r.offset as usize,
+        r.size as usize,
+        r.content_size as usize,
+        None,
+    ))
+}
+
+impl PoolShared {
+    fn reclaim(&self) {
+        let reclaimers: Vec<Arc<dyn Reclaim>> = self
+            .reclaimers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for reclaimer in reclaimers {
+            reclaimer.reclaim();
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every critical section leaves `State` consistent before it can panic, so a poisoned
+        // lock holds usable data.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn lease(self: &Arc<Self>, slot: Slot) -> Option<Lease> {
+        Some(Lease {
+            pool: Arc::downgrade(self),
+            slot,
+        })
+    }
+
+    /// Counts `len` new bytes against the capacity, first evicting idle segments if that makes
+    /// room. Returns the evicted segments, to be dropped outside the lock.
+    fn reserve_bytes(&self, state: &mut State, len: u64) -> Result<Vec<Arc<Segment>>> {
+        let mut evicted = Vec::new();
+        if let Some(capacity) = self.config.capacity {
+            while state.owned_bytes + len > capacity {
+                match state.evict_free() {
+                    Some(segment) => evicted.push(segment),
+                    None => break,
+                }
+            }
+            if state.owned_bytes + len > capacity {
+                evicted.extend(state.take_empty_slabs());
+            }
+            if state.owned_bytes + len > capacity {
+                return Err(ShmError::CapacityExceeded {
+                    requested: len,
+                    in_use: state.owned_bytes,
+                    capacity,
+                });
+            }
+        }
+        state.owned_bytes += len;
+        Ok(evicted)
+    }
+
+    /// Creates and reserves a segment of `len` bytes under a fresh random name.
+    fn create_segment(&self, len: usize) -> Result<Segment> {
+        let available = sys::shm_available().map_err(|source| ShmError::Os {
+            op: "statvfs",
+            name: sys::SHM_DIR.to_owned(),
+            source,
+        })?;
+        // Checking first spares the system a reservation that would fill `/dev/shm` page by
+        // page before failing; `Segment::create` still reports a race lost to another process.
+        if len as u64 > available {
+            return Err(ShmError::OutOfSharedMemory {
+                requested: len as u64,
+                available,
+            });
+        }
+        let session = self.session.id();
+        for _ in 0..NAME_ATTEMPTS {
+            let random = sys::random_u64().map_err(|source| ShmError::Os {
+                op: "read random bytes for",
+                name: "a segment name".to_owned(),
+                source,
+            })?;
+            match Segment::create(&session.segment_name(random), len) {
+                Ok(segment) => return Ok(segment),
+                Err(CreateError::NameTaken) => continue,
+                Err(CreateError::Failed(err)) => return Err(err),
+            }
+        }
+        Err(ShmError::Os {
+            op: "create",
+            name: format!("a segment of session {session}"),
+            source: std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+        })
+    }
+
+    /// Takes back a block's region; called when an allocated block is dropped.
+    fn release(&self, slot: Slot, segment: &Arc<Segment>) {
+        let mut dropped: Vec<Arc<Segment>> = Vec::new();
+        {
+            let mut state = self.lock();
+            state.live_blocks -= 1;
+            match slot {
+                Slot::Whole => {
+                    state.live.remove(segment.name());
+                    // A segment someone truncated is not handed out again: its tail is
+                    // private zero pages now, which no peer would see.
+                    if state.closed
+                        || segment.len() as u64 > self.config.cache_bytes
+                        || segment.truncated()
+                    {
+                        state.owned_bytes -= segment.len() as u64;
+                        segment.unlink();
+                    } else {
+                        state.tick += 1;
+                        let tick = state.tick;
+                        state
+                            .free
+                            .entry(segment.len())
+                            .or_default()
+                            .push((tick, Arc::clone(segment)));
+                        state.free_bytes += segment.len() as u64;
+                        while state.free_bytes > self.config.cache_bytes {
+                            dropped.extend(state.evict_free());
+                        }
+                    }
+                }
+                Slot::Slab { class, slab, index } => {
+                    dropped.extend(state.release_slot(class, slab, index));
+                }
+                Slot::Private => {
+                    let len = segment.len() as u64;
+                    if !state.closed && state.private_free_bytes + len <= self.config.cache_bytes {
+                        state.private_free_bytes += len;
+                        let list = state.private_free.entry(segment.len()).or_default();
+                        list.push(Arc::clone(segment));
+                    }
+                }
+            }
+        }
+        drop(dropped);
+    }
+
+    fn close(&self) {
+        let released = {
+            let mut state = self.lock();
+            if !state.closed {
+                self.session.pool_closed();
+            }
+            state.closed = true;
+            let mut released: Vec<Arc<Segment>> = state
+                .live
+                .drain()
+                .filter_map(|(_, weak)| weak.upgrade())
+                .collect();
+            while let Some(segment) = state.evict_free() {
+                released.push(segment);
+            }
+            for class in &mut state.slabs {
+                for slab in class.slabs.drain(..).flatten() {
+                    released.push(slab.segment);
+                }
+            }
+            released.extend(state.attached.drain().map(|(_, (_, segment))| segment));
+            state.attached_bytes = 0;
+            released.extend(state.private_free.split_off(&0).into_values().flatten());
+            state.private_free_bytes = 0;
+            released
+        };
+        for segment in &released {
+            segment.unlink();
+        }
+    }
+}
+
+impl Drop for PoolShared {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+impl State {}
+
+#[cfg(test)]
+mod tests;
