@@ -34,7 +34,7 @@ fn main() -> ExitCode {
         "valgrind" => valgrind(),
         _ => {
             eprintln!(
-                "usage: cargo xtask <test | lint | demo [--size N] | bench [--quick] | \
+                "usage: cargo xtask <test | lint | demo [--size N] | bench [--quick] [--workers N] | \
                  soak [--steps N] [--threads T] [--seed S] | fuzz [--secs N] [--target NAME] | ci>"
             );
             return if task == "help" {
@@ -274,6 +274,7 @@ fn bench(args: &[String]) -> Result {
         ("shm-bench", "arrow_bench", "arrow.md"),
         ("shm-bench", "transport_bench", "transport.md"),
         ("shm-bench", "channel_bench", "channel.md"),
+        ("shm-bench", "workers_bench", "workers.md"),
     ];
     let python = python_env()?;
     for (package, binary, _) in sections {
