@@ -62,6 +62,10 @@ pub(crate) const RELEASE_COUNT: usize = 4096;
 /// enough that an idle side uses no CPU to speak of.
 const SPIN: Duration = Duration::from_micros(50);
 
+/// How long of that a waiter spins without yielding the core: a small call's round trip, so
+/// that a reply coming at once is seen at once rather than after a `sched_yield`.
+const BUSY_SPIN: Duration = Duration::from_micros(4);
+
 /// The longest a parent's thread sleeps without looking again. Wakes come from the bell; this
 /// bound is for a bell that cannot ring any more — a worker that zeroed the sleeper count, or
 /// truncated the channel (after which a wake can no longer reach the sleeper's futex) and then
@@ -377,24 +381,34 @@ impl Channel {
         stop: impl Fn() -> bool,
     ) -> Wake {
         // A truncated channel is `ready` at once: what the caller does next reports it.
+        let spin_ready = &ready;
         let ready = || ready() || self.block.is_truncated();
-        let spin_until = Instant::now() + SPIN;
+        let start = Instant::now();
+        let (busy_until, spin_until) = (start + BUSY_SPIN, start + SPIN);
         let mut spins = 0u32;
         loop {
-            if ready() {
+            if spin_ready() {
                 return Wake::Ready;
             }
-            if Instant::now() >= spin_until {
+            spins = spins.wrapping_add(1);
+            // Look at the clock (and for a truncated channel) only now and then: both cost
+            // more than a look at the ring.
+            if !spins.is_multiple_of(16) {
+                std::hint::spin_loop();
+                continue;
+            }
+            if self.block.is_truncated() {
+                return Wake::Ready;
+            }
+            let now = Instant::now();
+            if now >= spin_until {
                 break;
             }
-            // After a few hundred nanoseconds, give the core away between looks: on a small
+            // Past the first microseconds, give the core away between looks: on a small
             // machine the peer we wait for may be queued behind us on this very core.
-            if spins < 64 {
-                std::hint::spin_loop();
-            } else {
+            if now >= busy_until {
                 std::thread::yield_now();
             }
-            spins += 1;
         }
         let sleepers = self.bell_sleepers(side);
         loop {
@@ -486,17 +500,23 @@ impl FrameRing<'_> {
         Ok(occupied)
     }
 
+    /// Frames in the ring by its positions alone, for the polls of a waiter (which notice a
+    /// truncated channel themselves, see [`Channel::wait`]).
+    fn positions(&self) -> u64 {
+        let head = self.head().load(Ordering::Acquire);
+        self.tail().load(Ordering::Acquire).wrapping_sub(head)
+    }
+
     /// Whether every slot holds an unread frame (a broken ring is not full: waiting for room
     /// in it ends, and pushing reports what is wrong).
     pub(crate) fn is_full(&self) -> bool {
-        self.occupied()
-            .is_ok_and(|occupied| occupied >= SLOT_COUNT as u64)
+        self.positions() == SLOT_COUNT as u64
     }
 
     /// Whether the ring holds no frame (a broken ring is not empty: waiting for a frame ends,
     /// and popping reports what is wrong).
     pub(crate) fn is_empty(&self) -> bool {
-        self.occupied().is_ok_and(|occupied| occupied == 0)
+        self.positions() == 0
     }
 
     /// Appends a frame and wakes the consumer if it sleeps; `Ok(false)` when the ring is full.
@@ -626,6 +646,13 @@ impl ReleaseRing<'_> {
         self.entry(tail).store(id, Ordering::Relaxed);
         self.tail().store(tail.wrapping_add(1), Ordering::Release);
         true
+    }
+
+    /// Whether the ring holds no id (a corrupt pair of positions reads as empty, as in `pop`).
+    pub(crate) fn is_empty(&self) -> bool {
+        let head = self.head().load(Ordering::Relaxed);
+        let tail = self.tail().load(Ordering::Acquire);
+        head == tail || tail.wrapping_sub(head) > RELEASE_COUNT as u64
     }
 
     /// Takes the next loan id, if any. One consumer at a time. A corrupt pair of positions

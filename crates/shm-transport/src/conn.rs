@@ -75,39 +75,54 @@ struct Delivered {
 /// A lock whose acquisition gives up at a deadline.
 #[derive(Default)]
 struct TimedLock {
-    busy: Mutex<bool>,
+    state: Mutex<TimedState>,
     freed: Condvar,
+}
+
+#[derive(Default)]
+struct TimedState {
+    busy: bool,
+    /// Threads waiting for the lock: releasing it makes a system call only when there are.
+    waiting: usize,
 }
 
 struct TimedGuard<'a>(&'a TimedLock);
 
 impl TimedLock {
     fn lock(&self, deadline: Option<Instant>) -> Option<TimedGuard<'_>> {
-        let mut busy = lock(&self.busy);
-        while *busy {
-            busy = match deadline {
+        let mut state = lock(&self.state);
+        while state.busy {
+            let left = match deadline {
+                None => None,
+                Some(deadline) => Some(deadline.checked_duration_since(Instant::now())?),
+            };
+            state.waiting += 1;
+            state = match left {
                 None => self
                     .freed
-                    .wait(busy)
+                    .wait(state)
                     .unwrap_or_else(PoisonError::into_inner),
-                Some(deadline) => {
-                    let left = deadline.checked_duration_since(Instant::now())?;
+                Some(left) => {
                     self.freed
-                        .wait_timeout(busy, left)
+                        .wait_timeout(state, left)
                         .unwrap_or_else(PoisonError::into_inner)
                         .0
                 }
             };
+            state.waiting -= 1;
         }
-        *busy = true;
+        state.busy = true;
         Some(TimedGuard(self))
     }
 }
 
 impl Drop for TimedGuard<'_> {
     fn drop(&mut self) {
-        *lock(&self.0.busy) = false;
-        self.0.freed.notify_one();
+        let mut state = lock(&self.0.state);
+        state.busy = false;
+        if state.waiting > 0 {
+            self.0.freed.notify_one();
+        }
     }
 }
 
@@ -320,9 +335,9 @@ impl Conn {
                 return Err(from_remote(remote));
             }
         };
-        let (decoder, attacher) = self.endpoint.decoder(&result, &loans)?;
-        let value = R::decode(&result, &decoder);
-        attacher.release_unclaimed();
+        let decoding = self.endpoint.decoder(&result, &loans)?;
+        let value = R::decode(&result, &decoding.decoder);
+        decoding.finish();
         Ok(value?)
     }
 

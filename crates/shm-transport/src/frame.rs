@@ -55,6 +55,21 @@ impl Frame {
     }
 }
 
+/// Decoding one received payload: the decoder, and the attacher that returns its loans.
+pub(crate) struct Decoding {
+    pub(crate) decoder: Decoder,
+    attacher: Option<Arc<LoanAttacher>>,
+}
+
+impl Decoding {
+    /// Ends decoding: returns the loans of every block that decoding did not attach.
+    pub(crate) fn finish(&self) {
+        if let Some(attacher) = &self.attacher {
+            attacher.release_unclaimed();
+        }
+    }
+}
+
 /// Why a send did not happen.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Stall {
@@ -167,7 +182,8 @@ impl Endpoint {
     /// The bytes that go into the ring: the frame itself, or a pointer to a lent block that
     /// holds it (and that block's loan id).
     fn wire_form(&self, frame: &Frame) -> Result<(Vec<u8>, Option<u64>)> {
-        let bytes = postcard::to_stdvec(frame)
+        // Sized for a small call at once: growing the vector costs more than the encoding.
+        let bytes = postcard::to_extend(frame, Vec::with_capacity(256))
             .map_err(|e| malformed(format!("cannot encode frame: {e}")))?;
         if bytes.len() <= SLOT_LEN - 4 {
             return Ok((bytes, None));
@@ -219,13 +235,9 @@ impl Endpoint {
     }
 
     /// A decoder for a payload received with `loans`: each block it attaches is returned to the
-    /// peer when the last value built on it is dropped. Call
-    /// [`LoanAttacher::release_unclaimed`] once decoding is over.
-    pub(crate) fn decoder(
-        &self,
-        payload: &Payload,
-        loans: &[u64],
-    ) -> Result<(Decoder, Arc<LoanAttacher>)> {
+    /// peer when the last value built on it is dropped. Call [`Decoding::finish`] once decoding
+    /// is over.
+    pub(crate) fn decoder(&self, payload: &Payload, loans: &[u64]) -> Result<Decoding> {
         if payload.buffers().len() != loans.len() {
             self.release(loans);
             return Err(malformed(format!(
@@ -233,6 +245,13 @@ impl Endpoint {
                 payload.buffers().len(),
                 loans.len()
             )));
+        }
+        // A payload with nothing in shared memory (a small call's) needs no attacher.
+        if loans.is_empty() {
+            return Ok(Decoding {
+                decoder: Decoder::new(self.pool.clone()),
+                attacher: None,
+            });
         }
         let attacher = LoanAttacher::new(
             Arc::clone(&self.returner),
@@ -242,7 +261,10 @@ impl Endpoint {
             loans,
         );
         let decoder = Decoder::with_attacher(self.pool.clone(), attacher.clone());
-        Ok((decoder, attacher))
+        Ok(Decoding {
+            decoder,
+            attacher: Some(attacher),
+        })
     }
 
     /// Returns the peer's loans unread (a reply nobody waits for any more).
@@ -341,12 +363,12 @@ mod tests {
         let Some(Frame::Call { args, loans, .. }) = worker.receive().unwrap() else {
             panic!("expected a call");
         };
-        let (decoder, attacher) = worker.decoder(&args, &loans).unwrap();
-        let view = decoder.attach(&args.buffers()[0]).unwrap();
-        let again = decoder.attach(&args.buffers()[0]).unwrap();
+        let decoding = worker.decoder(&args, &loans).unwrap();
+        let view = decoding.decoder.attach(&args.buffers()[0]).unwrap();
+        let again = decoding.decoder.attach(&args.buffers()[0]).unwrap();
         assert!(Arc::ptr_eq(&view, &again), "one block for one reference");
-        attacher.release_unclaimed();
-        drop((decoder, attacher, again));
+        decoding.finish();
+        drop((decoding, again));
         parent.lender.reclaim();
         assert_eq!(
             parent.outstanding_loans(),

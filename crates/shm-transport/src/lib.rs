@@ -83,9 +83,9 @@ pub mod fuzzing {
         let admission = crate::trust::Admission::new(pool.session(), None, false);
         let worker = Endpoint::new(channel, Side::Worker, pool.clone(), admission);
         if let Some(Frame::Call { args, loans, .. }) = worker.receive()? {
-            let (decoder, attacher) = worker.decoder(&args, &loans)?;
-            let _ = decoder.decode::<Serde<Vec<u8>>>(&args);
-            attacher.release_unclaimed();
+            let decoding = worker.decoder(&args, &loans)?;
+            let _ = decoding.decoder.decode::<Serde<Vec<u8>>>(&args);
+            decoding.finish();
         }
         Ok(())
     }

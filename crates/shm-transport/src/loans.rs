@@ -18,7 +18,7 @@
 //! the owner's memory is never freed while the owner itself still uses it.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use shm_codec::Attacher;
@@ -103,6 +103,10 @@ impl Lender {
 
 impl Reclaim for Lender {
     fn reclaim(&self) {
+        // Most calls find nothing returned: look before taking the lock.
+        if self.channel.releases(self.returns).is_empty() {
+            return;
+        }
         let returned: Vec<Arc<ShmBlock>> = {
             let mut lent = lock(&self.lent);
             let ring = self.channel.releases(self.returns);
@@ -123,6 +127,8 @@ pub(crate) struct Returner {
     ring: Direction,
     /// Ids not yet written; held while producing into the ring, which has a single producer.
     waiting: Mutex<Vec<u64>>,
+    /// Whether `waiting` holds ids, so that a send need not take the lock to learn it does not.
+    pending: AtomicBool,
 }
 
 impl Returner {
@@ -132,6 +138,7 @@ impl Returner {
             channel,
             ring,
             waiting: Mutex::new(Vec::new()),
+            pending: AtomicBool::new(false),
         })
     }
 
@@ -142,11 +149,14 @@ impl Returner {
         let ring = self.channel.releases(self.ring);
         let written = waiting.iter().take_while(|&&id| ring.push(id)).count();
         waiting.drain(..written);
+        self.pending.store(!waiting.is_empty(), Ordering::Release);
     }
 
     /// Writes ids that found the ring full earlier.
     pub(crate) fn flush(&self) {
-        self.release(&[]);
+        if self.pending.load(Ordering::Acquire) {
+            self.release(&[]);
+        }
     }
 }
 

@@ -202,9 +202,9 @@ pub fn serve(router: Router) -> Result<()> {
                 loans,
             } => {
                 let outcome = match endpoint.decoder(&args, &loans) {
-                    Ok((decoder, attacher)) => {
-                        let outcome = router.run(&method, &args, &decoder, &encoder);
-                        attacher.release_unclaimed();
+                    Ok(decoding) => {
+                        let outcome = router.run(&method, &args, &decoding.decoder, &encoder);
+                        decoding.finish();
                         outcome
                     }
                     Err(err) => Err(RemoteError {
