@@ -1,7 +1,8 @@
 //! `shm`: what shm keeps in `/dev/shm`, for the operator who finds it full.
 //!
 //! ```text
-//! shm ls                 every segment: size, owner session, pid, whether the owner lives, age, kind
+//! shm ls                 every segment: size, owner session, pid, whether the owner lives, age, and
+//!                        what it holds (a block, a slab of small blocks, a channel)
 //! shm inspect NAME       one segment (or session lock); for a channel, its header and rings
 //! shm gc [--dry-run]     remove the segments of dead sessions (what every pool's sweep does)
 //! shm df                 /dev/shm's use against its limit, and shm's part of it
@@ -16,7 +17,7 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
 use serde_json::{Value, json};
-use shm_core::{SegmentEntry, SessionEntry, SessionId, SessionState, list_sessions};
+use shm_core::{SegmentEntry, SegmentHolds, SessionEntry, SessionId, SessionState, list_sessions};
 use shm_transport::{CONTROL_LEN, ChannelState, RingState};
 
 const USAGE: &str = "usage: shm [--json] <ls | inspect NAME | gc [--dry-run] | df>";
@@ -315,13 +316,16 @@ fn df() -> Result<Output> {
     })
 }
 
-/// `channel` for a channel block (its magic number), `data` for every other segment (blocks,
-/// or a slab of small blocks), `?` when it cannot be read.
+/// `slab` for a slab of small blocks (its name says so), `channel` for a channel block (its
+/// magic number), `block` for any other block, `?` when it cannot be read.
 fn kind_of(segment: &SegmentEntry) -> &'static str {
+    if SegmentHolds::of_segment(&segment.name) == Some(SegmentHolds::Slab) {
+        return "slab";
+    }
     match read_control(segment) {
         Ok(_) => "channel",
         Err(err) if err.starts_with("unreadable") => "?",
-        Err(_) => "data",
+        Err(_) => "block",
     }
 }
 

@@ -55,7 +55,10 @@ fn ls_inspect_gc_and_df_see_live_and_dead_sessions() {
         .find(|s| s["name"] == mine.as_str())
         .expect("our block's segment is listed");
     assert_eq!(segment["bytes"], 3 << 20);
-    assert_eq!(segment["kind"], "data");
+    assert_eq!(segment["kind"], "block");
+    let small = pool.alloc(100).unwrap();
+    let slab = json(&["--json", "inspect", &small.name()[1..]]);
+    assert_eq!(slab["kind"], "slab");
     let dead = sessions
         .iter()
         .find(|s| s["segments"][0]["name"] == orphan["/dev/shm".len()..])
@@ -101,6 +104,6 @@ fn ls_inspect_gc_and_df_see_live_and_dead_sessions() {
     let (code, _, err) = run(&["frobnicate"]);
     assert_eq!(code, 2);
     assert!(err.starts_with("usage: shm"), "{err}");
-    drop(block);
+    drop((small, block));
     drop(pool);
 }

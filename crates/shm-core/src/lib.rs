@@ -60,7 +60,7 @@ pub use cleanup::{
     list_sessions, sweep_orphans, sweep_session,
 };
 pub use error::{Result, ShmError};
-pub use name::{NAME_PREFIX, SessionId, validate_name};
+pub use name::{NAME_PREFIX, SegmentHolds, SessionId, validate_name};
 pub use pool::{BLOCK_ALIGN, PoolConfig, PoolStats, Reclaim, ShmPool};
 pub use reference::ShmRef;
 pub use session::end_session;

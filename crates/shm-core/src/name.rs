@@ -1,9 +1,11 @@
 //! Segment names: how they are made, checked and read back.
 //!
 //! A segment this project creates is named `/shm-SSSSSSSS-RRRRRRRRRRRRRRRR`: a fixed prefix, the
-//! session id of the process that created it (32 bits, hex) and 64 random bits (hex). That is 30
-//! characters, under macOS's limit of 31, unguessable, and it tells the orphan sweep whose
-//! segment it is. The session's lock is `/shm-SSSSSSSS-lock`.
+//! session id of the process that created it (32 bits, hex) and 64 bits (hex), 60 of them random
+//! and the first hex digit telling what the segment holds (`a` for a slab of small blocks,
+//! anything else for one block). That is 30 characters, under macOS's limit of 31,
+//! unguessable, and it tells the orphan sweep whose segment it is. The session's lock is
+//! `/shm-SSSSSSSS-lock`.
 
 use std::fmt;
 
@@ -53,9 +55,48 @@ impl SessionId {
         format!("/{NAME_PREFIX}{self}-lock")
     }
 
-    /// A new segment name of this session, with 64 random bits.
-    pub(crate) fn segment_name(self, random: u64) -> String {
+    /// A new segment name of this session, from 64 random bits of which the first four are
+    /// replaced by what the segment holds.
+    pub(crate) fn segment_name(self, random: u64, holds: SegmentHolds) -> String {
+        let tag: u64 = match holds {
+            SegmentHolds::Slab => SLAB_TAG,
+            // Any digit but the slab's: `a` becomes `2`.
+            SegmentHolds::Block if random >> 60 == SLAB_TAG => 0x2,
+            SegmentHolds::Block => random >> 60,
+        };
+        let random = (random & (u64::MAX >> 4)) | (tag << 60);
         format!("/{NAME_PREFIX}{self}-{random:016x}")
+    }
+}
+
+/// The first hex digit of a slab segment's random part.
+const SLAB_TAG: u64 = 0xa;
+
+/// What a segment of this project holds, as its name says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SegmentHolds {
+    /// One block (an array, a column, a channel…).
+    Block,
+    /// A slab: many small blocks in slots of one size.
+    Slab,
+}
+
+impl SegmentHolds {
+    /// What the segment named `name` (with or without its leading slash) holds; `None` for a
+    /// name this project did not make, or a session lock.
+    pub fn of_segment(name: &str) -> Option<SegmentHolds> {
+        let name = name.strip_prefix('/').unwrap_or(name);
+        match parse_name(name)? {
+            NameKind::Segment(_) => {
+                let random = name.rsplit('-').next()?;
+                Some(if random.starts_with('a') {
+                    SegmentHolds::Slab
+                } else {
+                    SegmentHolds::Block
+                })
+            }
+            NameKind::Lock(_) => None,
+        }
     }
 }
 
@@ -142,8 +183,18 @@ mod tests {
     #[test]
     fn segment_names_are_30_characters_and_parse_back() {
         let session = SessionId(0xdead_beef);
-        let name = session.segment_name(0x0123_4567_89ab_cdef);
+        let name = session.segment_name(0x0123_4567_89ab_cdef, SegmentHolds::Block);
         assert_eq!(name, "/shm-deadbeef-0123456789abcdef");
+        assert_eq!(SegmentHolds::of_segment(&name), Some(SegmentHolds::Block));
+        let slab = session.segment_name(0x0123_4567_89ab_cdef, SegmentHolds::Slab);
+        assert_eq!(slab, "/shm-deadbeef-a123456789abcdef");
+        assert_eq!(
+            SegmentHolds::of_segment(&slab[1..]),
+            Some(SegmentHolds::Slab)
+        );
+        let not_a_slab = session.segment_name(0xa123_4567_89ab_cdef, SegmentHolds::Block);
+        assert_eq!(not_a_slab, "/shm-deadbeef-2123456789abcdef");
+        assert_eq!(SegmentHolds::of_segment(&session.lock_name()), None);
         assert_eq!(name.len(), 30);
         assert_eq!(
             parse_name(&name[1..]),

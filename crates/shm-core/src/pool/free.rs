@@ -5,6 +5,7 @@ use std::sync::Arc;
 use super::{PAGE, PoolShared, Slot, State};
 use crate::block::ShmBlock;
 use crate::error::{Result, ShmError};
+use crate::name::SegmentHolds;
 use crate::segment::Segment;
 use crate::sys;
 
@@ -40,7 +41,7 @@ impl PoolShared {
             evicted = self.reserve_bytes(&mut state, len as u64)?;
         }
         drop(evicted);
-        let segment = match self.create_segment(len) {
+        let segment = match self.create_segment(len, SegmentHolds::Block) {
             Ok(segment) => Arc::new(segment),
             Err(err) => {
                 self.lock().owned_bytes -= len as u64;

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use crate::block::ShmBlock;
 use crate::cleanup;
 use crate::error::{Result, ShmError};
-use crate::name::{SessionId, validate_name};
+use crate::name::{SegmentHolds, SessionId, validate_name};
 use crate::reference::ShmRef;
 use crate::segment::{CreateError, Segment};
 use crate::session::Session;
@@ -506,7 +506,7 @@ impl PoolShared {
     }
 
     /// Creates and reserves a segment of `len` bytes under a fresh random name.
-    fn create_segment(&self, len: usize) -> Result<Segment> {
+    fn create_segment(&self, len: usize, holds: SegmentHolds) -> Result<Segment> {
         let available = sys::shm_available().map_err(|source| ShmError::Os {
             op: "statvfs",
             name: sys::SHM_DIR.to_owned(),
@@ -527,7 +527,7 @@ impl PoolShared {
                 name: "a segment name".to_owned(),
                 source,
             })?;
-            match Segment::create(&session.segment_name(random), len) {
+            match Segment::create(&session.segment_name(random, holds), len) {
                 Ok(segment) => return Ok(segment),
                 Err(CreateError::NameTaken) => continue,
                 Err(CreateError::Failed(err)) => return Err(err),

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use super::{BLOCK_ALIGN, PoolShared, SLAB_LEN, Slot, State};
 use crate::block::ShmBlock;
 use crate::error::{Result, ShmError};
+use crate::name::SegmentHolds;
 use crate::segment::Segment;
 
 pub(super) struct SlabClass {
@@ -49,7 +50,7 @@ impl PoolShared {
                 evicted = self.reserve_bytes(&mut state, SLAB_LEN as u64)?;
             }
             drop(evicted);
-            let segment = match self.create_segment(SLAB_LEN) {
+            let segment = match self.create_segment(SLAB_LEN, SegmentHolds::Slab) {
                 Ok(segment) => Arc::new(segment),
                 Err(err) => {
                     self.lock().owned_bytes -= SLAB_LEN as u64;
