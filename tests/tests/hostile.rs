@@ -34,6 +34,44 @@ fn without_hanging<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) ->
         .expect("the call hung past the guard")
 }
 
+/// Waits (up to the guard) until every segment of sessions other than `ours` — the worker's —
+/// that `pick` selects by length passes `done`: until its delayed act of sabotage has happened.
+fn wait_for_worker_segments(
+    ours: shm_core::SessionId,
+    pick: impl Fn(u64) -> bool,
+    done: impl Fn(&str) -> bool,
+) {
+    let started = Instant::now();
+    loop {
+        let sessions = shm_core::list_sessions().unwrap();
+        let theirs: Vec<String> = sessions
+            .iter()
+            .filter(|s| s.session != ours)
+            .flat_map(|s| &s.segments)
+            .filter(|s| pick(s.len))
+            .map(|s| format!("/dev/shm{}", s.name))
+            .collect();
+        if !theirs.is_empty() && theirs.iter().all(|path| done(path)) {
+            return;
+        }
+        assert!(started.elapsed() < HANG_GUARD, "the worker never did it");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Whether the file at `path` is empty (truncated).
+fn truncated(path: &str) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.len() == 0)
+}
+
+/// Whether the file at `path` starts with a 0xff byte (rewritten).
+fn rewritten(path: &str) -> bool {
+    use std::io::Read;
+    let mut first = [0u8; 1];
+    std::fs::File::open(path)
+        .is_ok_and(|mut f| f.read_exact(&mut first).is_ok() && first[0] == 0xff)
+}
+
 /// Whether this process maps a segment of this name.
 fn mapped_here(name: &str) -> bool {
     std::fs::read_to_string("/proc/self/maps")
@@ -96,7 +134,9 @@ fn a_result_truncated_after_the_reply_reads_as_zeros_and_the_parent_lives_on() {
     let n = 1usize << 20;
     let worker = spawn(false);
     let a: ShmArray<f64, Ix1> = worker.call("truncate_later", &Serde((n, 100u64))).unwrap();
-    std::thread::sleep(Duration::from_millis(400));
+    // The result's segment, before the cut or after it.
+    let result = |len: u64| len >= (n * 8) as u64 || len == 0;
+    wait_for_worker_segments(worker.pool().session(), result, truncated);
     // Without the truncation guard, this read is a SIGBUS.
     assert_eq!(a.view().sum(), 0.0, "past the cut, zeros");
     drop(a);
@@ -107,7 +147,9 @@ fn a_result_truncated_after_the_reply_reads_as_zeros_and_the_parent_lives_on() {
     // Read from a private copy, the same result keeps the values the worker sent.
     let worker = spawn(true);
     let a: ShmArray<f64, Ix1> = worker.call("truncate_later", &Serde((n, 100u64))).unwrap();
-    std::thread::sleep(Duration::from_millis(400));
+    // The result's segment, before the cut or after it.
+    let result = |len: u64| len >= (n * 8) as u64 || len == 0;
+    wait_for_worker_segments(worker.pool().session(), result, truncated);
     assert_eq!(a.view().sum(), 1.5 * n as f64);
     // A value read from a private copy can be sent on: it is copied into a block.
     let Serde(sum): Serde<f64> = worker.call("sum", &a).unwrap();
@@ -123,8 +165,9 @@ fn an_untrusted_worker_cannot_change_a_batch_after_the_parent_validated_it() {
     let rows = 100_000usize;
     let worker = spawn(true);
     let ColumnFrame(batch) = worker.call("rewrite_later", &Serde((rows, 50u64))).unwrap();
-    // The worker has overwritten every byte of its segments with 0xff by now: offsets of -1.
-    std::thread::sleep(Duration::from_millis(400));
+    // Once the worker has overwritten every byte of its segments with 0xff: offsets of -1.
+    let columns = |len: u64| len >= (rows * 4) as u64;
+    wait_for_worker_segments(worker.pool().session(), columns, rewritten);
     let text = batch
         .column(0)
         .as_any()
@@ -179,6 +222,7 @@ fn a_jammed_request_ring_ends_calls_at_their_deadline_or_at_once() {
         matches!(jam, Err(TransportError::Timeout { .. })),
         "{jam:?}"
     );
+    wait_for_calls_ring(&worker, |waiting| waiting > 64);
     let worker = std::sync::Arc::new(worker);
     let calling = std::sync::Arc::clone(&worker);
     let echo = without_hanging(move || calling.call::<_, Serde<u64>>("echo", &Serde(1u64)));
@@ -197,6 +241,7 @@ fn a_jammed_request_ring_ends_calls_at_their_deadline_or_at_once() {
         matches!(jam, Err(TransportError::Timeout { .. })),
         "{jam:?}"
     );
+    wait_for_calls_ring(&worker, |waiting| waiting == 64);
     let started = Instant::now();
     let echo = worker.call_timeout::<_, Serde<u64>>("echo", &Serde(1u64), timeout);
     assert!(
@@ -206,6 +251,31 @@ fn a_jammed_request_ring_ends_calls_at_their_deadline_or_at_once() {
     assert!(started.elapsed() < HANG_GUARD);
     drop(worker);
     clean.end();
+}
+
+/// Waits until the worker's ring of calls holds a number of frames that `jammed` accepts, as
+/// the channel's control area shows it: until the `jam` handler has done its work, however slow
+/// the machine.
+fn wait_for_calls_ring(worker: &Worker, jammed: impl Fn(u64) -> bool) {
+    let started = Instant::now();
+    loop {
+        let sessions = shm_core::list_sessions().unwrap();
+        let state = sessions
+            .iter()
+            .filter(|s| s.session == worker.pool().session())
+            .flat_map(|s| &s.segments)
+            .find_map(|s| {
+                let mut control = vec![0u8; shm_transport::CONTROL_LEN];
+                let file = std::fs::File::open(format!("/dev/shm{}", s.name)).ok()?;
+                std::os::unix::fs::FileExt::read_exact_at(&file, &mut control, 0).ok()?;
+                shm_transport::ChannelState::parse(&control)
+            });
+        if state.is_some_and(|state| jammed(state.frame_rings[0].occupied())) {
+            return;
+        }
+        assert!(started.elapsed() < HANG_GUARD, "the ring was never jammed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// The test worker's `Jam` (same serde form).

@@ -13,6 +13,18 @@ use shm_transport::{Shutdown, TransportError, WorkerConfig, WorkerPool};
 
 const WORKER: &str = env!("CARGO_BIN_EXE_shm-test-worker");
 
+/// Polls `done` until it holds; fails the test after a generous bound.
+fn wait_until(done: impl Fn() -> bool) {
+    let started = Instant::now();
+    while !done() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "never happened"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 fn pool(workers: usize) -> WorkerPool {
     WorkerPool::new(WorkerConfig::new(WORKER), Some(workers)).unwrap()
 }
@@ -85,7 +97,7 @@ fn a_dying_worker_fails_only_its_own_calls_and_comes_back() {
     std::thread::scope(|scope| {
         // The first worker is busy for a while; the abort goes to the idle second one.
         let slow = scope.spawn(|| workers.call::<_, ()>("sleep", &Serde(400u64)));
-        std::thread::sleep(Duration::from_millis(100));
+        wait_until(|| workers.in_flight() == vec![1, 0]);
         match workers.call::<_, ()>("abort", &()) {
             Err(TransportError::WorkerDied { pid, .. }) => assert_eq!(Some(pid), before[1]),
             other => panic!("expected WorkerDied, got {other:?}"),
@@ -115,7 +127,7 @@ fn shutdown_drains_or_cancels_the_calls_in_flight() {
     let workers = pool(2);
     std::thread::scope(|scope| {
         let call = scope.spawn(|| workers.call::<_, ()>("sleep", &Serde(300u64)));
-        std::thread::sleep(Duration::from_millis(100));
+        wait_until(|| workers.in_flight().iter().sum::<usize>() == 1);
         workers.shutdown(Shutdown::Drain);
         call.join().unwrap().expect("a drained call finishes");
     });
@@ -128,7 +140,7 @@ fn shutdown_drains_or_cancels_the_calls_in_flight() {
     let workers = pool(2);
     std::thread::scope(|scope| {
         let call = scope.spawn(|| workers.call::<_, ()>("sleep", &Serde(60_000u64)));
-        std::thread::sleep(Duration::from_millis(100));
+        wait_until(|| workers.in_flight().iter().sum::<usize>() == 1);
         let started = Instant::now();
         workers.shutdown(Shutdown::Cancel);
         assert!(matches!(
