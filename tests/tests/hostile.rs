@@ -113,6 +113,19 @@ fn shm_err(err: &shm_codec::CodecError) -> &ShmError {
 }
 
 #[test]
+fn a_worker_cannot_claim_another_session_at_the_handshake() {
+    let clean = CleanShm::begin();
+    // The forged hello names the parent's own session: its lock holds the parent's pid.
+    match Worker::spawn(WorkerConfig::new(WORKER).args(["--forge-hello"])) {
+        Err(TransportError::Malformed { what }) => {
+            assert!(what.contains("says it is pid"), "{what}")
+        }
+        other => panic!("expected the hello to be refused, got {other:?}"),
+    }
+    clean.end();
+}
+
+#[test]
 fn a_result_passed_from_one_worker_to_another_is_copied_not_refused() {
     let clean = CleanShm::begin();
     let (first, second) = (spawn(false), spawn(false));

@@ -3,6 +3,8 @@
 //! - As a worker (started by `Worker::spawn`): serves the handlers below, some of which
 //!   behave as a hostile worker would (see `hostile`).
 //! - `--fail-at-start`: writes a line to stderr and exits with code 3 before serving.
+//! - `--forge-hello`: a hostile worker whose hello claims the parent's session as its own; it
+//!   then waits to be killed.
 //! - `--parent`: spawns itself as a worker, prints the worker's pid, makes a call that keeps
 //!   arguments alive in the worker, prints `ready`, then waits to be killed.
 
@@ -21,6 +23,12 @@ fn main() {
     if args.iter().any(|a| a == "--fail-at-start") {
         eprintln!("this worker refuses to start");
         std::process::exit(3);
+    }
+    if args.iter().any(|a| a == "--forge-hello") {
+        hostile::forge_hello();
+        loop {
+            std::thread::park();
+        }
     }
     if args.iter().any(|a| a == "--parent") {
         run_parent();
@@ -183,7 +191,6 @@ mod hostile {
     /// than through the transport, which would not send what a hostile worker sends.
     #[derive(serde::Serialize)]
     enum WireFrame {
-        #[allow(dead_code)]
         Hello {
             version: u32,
             pid: u32,
@@ -213,14 +220,30 @@ mod hostile {
             outcome: Ok(payload),
             loans: vec![1],
         };
-        let bytes = postcard::to_stdvec(&frame).expect("a frame");
+        push_to_parent(&postcard::to_stdvec(&frame).expect("a frame"));
+    }
+
+    /// Sends a hello as the transport would, but naming the parent's session (the one in the
+    /// channel's name) as this worker's own.
+    pub fn forge_hello() {
+        let channel = ShmRef::from_hex(&std::env::var(CHANNEL_ENV).expect("a worker")).unwrap();
+        let parents = shm_core::SessionId::of_segment(&channel.name).expect("an shm name");
+        let frame = WireFrame::Hello {
+            version: shm_transport::PROTOCOL_VERSION,
+            pid: std::process::id(),
+            session: parents.to_string(),
+        };
+        push_to_parent(&postcard::to_stdvec(&frame).expect("a frame"));
+    }
+
+    /// Writes one frame into the ring towards the parent and rings the parent's bell.
+    fn push_to_parent(bytes: &[u8]) {
         let pool = ShmPool::new().expect("a pool");
         let channel = ShmRef::from_hex(&std::env::var(CHANNEL_ENV).expect("a worker")).unwrap();
         let channel = pool.attach_shared(&channel).expect("the channel");
         let base = channel.as_shared_ptr();
-        // SAFETY: offsets of the layout in crates/shm-transport/src/channel.rs, inside the
-        // channel block and 8-byte aligned; this thread is the ring's only producer while the
-        // handler runs.
+        // SAFETY: offsets of the layout in docs/format.md, inside the channel block and 8-byte
+        // aligned; this thread is the ring's only producer while it writes.
         unsafe {
             let tail = &*base.add(448).cast::<AtomicU64>();
             let position = tail.load(Ordering::Acquire);
