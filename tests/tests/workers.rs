@@ -152,3 +152,72 @@ fn shutdown_drains_or_cancels_the_calls_in_flight() {
     drop(workers);
     clean.end();
 }
+
+#[test]
+fn calls_from_many_threads_survive_workers_dying_under_them() {
+    let clean = CleanShm::begin();
+    let workers = pool(3);
+    let until = Instant::now() + Duration::from_secs(2);
+    let (ok, died) = std::thread::scope(|scope| {
+        let callers: Vec<_> = (0..4u64)
+            .map(|t| {
+                let workers = &workers;
+                scope.spawn(move || {
+                    let (mut ok, mut died) = (0u64, 0u64);
+                    let mut i = 0u64;
+                    while Instant::now() < until {
+                        i += 1;
+                        let results = workers.map(
+                            "echo",
+                            (0..8).map(|k| Serde(t * 1_000_000 + i * 10 + k)),
+                            3,
+                            |_, _| {},
+                        );
+                        for (k, result) in results.into_iter().enumerate() {
+                            match result {
+                                Ok(Serde(v)) => {
+                                    let v: u64 = v;
+                                    assert_eq!(v, t * 1_000_000 + i * 10 + k as u64);
+                                    ok += 1;
+                                }
+                                Err(TransportError::WorkerDied { .. }) => died += 1,
+                                Err(other) => panic!("unexpected {other:?}"),
+                            }
+                        }
+                    }
+                    (ok, died)
+                })
+            })
+            .collect();
+        // Kill a worker every 100 ms, whichever the pool picks.
+        while Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(100));
+            let _ = workers.call::<_, ()>("abort", &());
+        }
+        callers
+            .into_iter()
+            .map(|c| c.join().unwrap())
+            .fold((0, 0), |(a, b), (c, d)| (a + c, b + d))
+    });
+    eprintln!("{ok} calls succeeded, {died} saw their worker die");
+    assert!(
+        ok > 100 && died > 0,
+        "{ok} calls succeeded, {died} saw their worker die"
+    );
+    // Every worker comes back.
+    let started = Instant::now();
+    while workers.pids().iter().any(Option::is_none) || workers.in_flight() != vec![0, 0, 0] {
+        assert!(started.elapsed() < Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let results: Vec<shm_transport::Result<Serde<u64>>> =
+        workers.map("echo", (0..30u64).map(Serde), 6, |_, _| {});
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    assert!(
+        workers.failed_restarts().is_empty(),
+        "{:?}",
+        workers.failed_restarts()
+    );
+    drop(workers);
+    clean.end();
+}
