@@ -141,3 +141,19 @@ pub fn process_runs(pid: u32) -> bool {
         .and_then(|(_, rest)| rest.split_whitespace().next());
     !matches!(state, Some("Z") | Some("X") | None)
 }
+
+/// The Python interpreter of the test environment (`SHM_PYTHON`, which `cargo xtask test`
+/// always sets). `None` — the caller skips, and this says so — only outside `cargo xtask test`;
+/// with `SHM_REQUIRE_PYTHON` set, a missing interpreter fails the test instead.
+pub fn python() -> Option<String> {
+    match std::env::var("SHM_PYTHON") {
+        Ok(python) => Some(python),
+        Err(_) if std::env::var_os("SHM_REQUIRE_PYTHON").is_some() => {
+            panic!("SHM_PYTHON is not set although SHM_REQUIRE_PYTHON is")
+        }
+        Err(_) => {
+            eprintln!("skipped: no Python environment (cargo xtask test provides one)");
+            None
+        }
+    }
+}

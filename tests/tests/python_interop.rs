@@ -16,24 +16,9 @@ use ndarray::{Array2, Ix1, Ix2, IxDyn};
 use shm_arrow::{read_ipc_block, write_ipc_block};
 use shm_codec::{CodecError, Complex, Decoder, Encoder, ForeignArray, Payload, ShmArray};
 use shm_core::{ShmPool, ShmRef};
-use shm_tests::{ChildProcess, CleanShm};
+use shm_tests::{ChildProcess, CleanShm, python};
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/python/interop.py");
-
-/// The Python interpreter of the test environment; `None` (the test is skipped, saying so)
-/// only when the tests run outside `cargo xtask test`, which always provides it.
-fn python() -> Option<String> {
-    match std::env::var("SHM_PYTHON") {
-        Ok(python) => Some(python),
-        Err(_) if std::env::var_os("SHM_REQUIRE_PYTHON").is_some() => {
-            panic!("SHM_PYTHON is not set although SHM_REQUIRE_PYTHON is")
-        }
-        Err(_) => {
-            eprintln!("skipped: no Python environment (cargo xtask test provides one)");
-            None
-        }
-    }
-}
 
 fn run(python: &str, args: &[&str]) -> String {
     let output = Command::new(python)

@@ -14,7 +14,7 @@ use ndarray::{Array0, Array2, Ix2, s};
 use shm_arrow::{ColumnFrame, write_ipc_block};
 use shm_codec::{Complex, Decoder, Element, Encoder, Index, Payload, Serde, ShmArray, SimpleFrame};
 use shm_core::{ShmBlock, ShmPool};
-use shm_tests::{CleanShm, to_hex};
+use shm_tests::{CleanShm, python, to_hex};
 
 const READER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/python/reader.py");
 
@@ -332,14 +332,7 @@ fn batch(n: usize) -> RecordBatch {
 
 #[test]
 fn a_reader_written_from_the_format_page_decodes_every_payload_kind() {
-    let Ok(python) = std::env::var("SHM_PYTHON") else {
-        assert!(
-            std::env::var_os("SHM_REQUIRE_PYTHON").is_none(),
-            "SHM_PYTHON is not set although SHM_REQUIRE_PYTHON is"
-        );
-        eprintln!("skipped: no Python environment (cargo xtask test provides one)");
-        return;
-    };
+    let Some(python) = python() else { return };
     let clean = CleanShm::begin();
     let pool = ShmPool::new().unwrap();
     let mut block_encoder = Encoder::new(pool.clone());

@@ -3,21 +3,14 @@
 //! answers an unknown method with the right error, and shuts down, leaving `/dev/shm` clean.
 
 use shm_codec::Serde;
-use shm_tests::CleanShm;
+use shm_tests::{CleanShm, python};
 use shm_transport::{RemoteErrorKind, TransportError, Worker, WorkerConfig};
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/python/worker.py");
 
 #[test]
 fn a_worker_written_in_python_from_the_format_page_serves_calls() {
-    let Ok(python) = std::env::var("SHM_PYTHON") else {
-        assert!(
-            std::env::var_os("SHM_REQUIRE_PYTHON").is_none(),
-            "SHM_PYTHON is not set although SHM_REQUIRE_PYTHON is"
-        );
-        eprintln!("skipped: no Python environment (cargo xtask test provides one)");
-        return;
-    };
+    let Some(python) = python() else { return };
     let clean = CleanShm::begin();
     let worker = Worker::spawn(WorkerConfig::new(python).args([SCRIPT])).unwrap();
     let Serde(x): Serde<u64> = worker.call("echo", &Serde(42u64)).unwrap();

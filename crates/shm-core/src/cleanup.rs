@@ -86,21 +86,38 @@ pub fn list_sessions() -> Result<Vec<SessionEntry>> {
         .collect())
 }
 
-/// Judges a session as the sweep would, without removing anything.
+/// Judges a session as the sweep does, without removing anything (the lock, taken if the
+/// session is dead, is let go at once).
 fn session_state(session: SessionId, segments: &[SegmentEntry]) -> SessionState {
-    let lock_path = sys::segment_path(&session.lock_name());
-    match File::options().read(true).write(true).open(&lock_path) {
-        // Taken and dropped at once: the lock is free again when `file` closes.
-        Ok(file) if file.try_lock().is_err() || is_being_created(&file) => SessionState::Alive,
-        Ok(_) => SessionState::Dead,
-        Err(err) if err.kind() == io::ErrorKind::NotFound => {
-            if segments.is_empty() {
-                SessionState::Alive
-            } else {
-                SessionState::Dead
-            }
-        }
-        Err(err) => SessionState::Unknown(err.to_string()),
+    match judge(session, segments) {
+        Judged::Alive => SessionState::Alive,
+        Judged::Dead(_) => SessionState::Dead,
+        Judged::Unknown(err) => SessionState::Unknown(err.to_string()),
+    }
+}
+
+/// What a look at a session's lock found.
+enum Judged {
+    Alive,
+    /// Dead: its lock, now held by us, or `None` when the session has segments but no lock
+    /// (its owner removed the lock and died before its segments were gone).
+    Dead(Option<File>),
+    /// This process may not open the lock.
+    Unknown(io::Error),
+}
+
+/// Looks at the lock itself, now: the listing the caller made is not atomic.
+fn judge(session: SessionId, segments: &[SegmentEntry]) -> Judged {
+    match File::options()
+        .read(true)
+        .write(true)
+        .open(sys::segment_path(&session.lock_name()))
+    {
+        Ok(lock) if lock.try_lock().is_err() || is_being_created(&lock) => Judged::Alive,
+        Ok(lock) => Judged::Dead(Some(lock)),
+        Err(err) if err.kind() == io::ErrorKind::NotFound && segments.is_empty() => Judged::Alive,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Judged::Dead(None),
+        Err(err) => Judged::Unknown(err),
     }
 }
 
@@ -161,25 +178,17 @@ pub fn sweep_session(session: SessionId, wait: Duration) -> Result<SweepReport> 
 
 /// Removes a session's segments and lock if its owner is dead; returns whether it was.
 fn sweep_one(session: SessionId, segments: &[SegmentEntry], report: &mut SweepReport) -> bool {
-    // The listing is not atomic: look at the lock itself, now, before deciding.
-    let lock_path = sys::segment_path(&session.lock_name());
-    let lock = match File::options().read(true).write(true).open(&lock_path) {
-        Ok(file) => Some(file),
-        Err(err) if err.kind() == io::ErrorKind::NotFound => None,
-        Err(err) => {
+    let lock = match judge(session, segments) {
+        Judged::Alive => return false,
+        Judged::Unknown(err) => {
             report
                 .skipped
                 .push(format!("{}: {err}", session.lock_name()));
             return false;
         }
+        Judged::Dead(lock) => lock,
     };
-    if let Some(lock) = &lock {
-        if lock.try_lock().is_err() || is_being_created(lock) {
-            return false;
-        }
-    } else if segments.is_empty() {
-        return false;
-    }
+    let lock_path = sys::segment_path(&session.lock_name());
     // Either we hold the dead session's lock, or the session has no lock at all (its owner
     // removed the lock but died before its segments were gone).
     for segment in segments {
