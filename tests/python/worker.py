@@ -94,15 +94,19 @@ class Channel:
         self.base = ref["offset"] - page
         self.map = mmap.mmap(fd, self.base + ref["size"], offset=page)
         os.close(fd)
+        # Ring positions as native u64 words (little-endian here, as the format says).
+        self.words = memoryview(self.map)[: len(self.map) // 8 * 8].cast("Q")
         magic, version, slot_len, slots = struct.unpack_from("<QIII", self.map, self.base)
         if magic != 0x73686D2D6368616E or version != 3 or (slot_len, slots) != (SLOT_LEN, SLOT_COUNT):
             raise SystemExit(f"not a channel this worker speaks: {magic:#x} v{version}")
 
     def u64(self, at):
-        return struct.unpack_from("<Q", self.map, self.base + at)[0]
+        return self.words[(self.base + at) // 8]
 
     def set_u64(self, at, value):
-        struct.pack_into("<Q", self.map, self.base + at, value)
+        # One aligned 8-byte store: struct.pack_into writes byte by byte, and the parent could
+        # read a half-written position, which looks like a jammed ring (format.md, "Rings").
+        self.words[(self.base + at) // 8] = value
 
     def ring_bell(self, side):
         """Adds 1 to the side's seq and wakes its sleepers. Python has no memory fence, so

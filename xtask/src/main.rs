@@ -53,11 +53,26 @@ fn main() -> ExitCode {
     }
 }
 
+/// The optional features that the tests and clippy turn on: TLS for the Flight workers.
+const FEATURES: &str = "shm-flight/tls";
+
 fn lint() -> Result {
     cargo(&["fmt", "--all", "--", "--check"])?;
     cargo(&[
         "clippy",
         "--workspace",
+        "--all-targets",
+        "--features",
+        FEATURES,
+        "--",
+        "-D",
+        "warnings",
+    ])?;
+    // The Flight crate as most users build it: without TLS.
+    cargo(&[
+        "clippy",
+        "-p",
+        "shm-flight",
         "--all-targets",
         "--",
         "-D",
@@ -70,7 +85,7 @@ fn test() -> Result {
     lint()?;
     let python = python_env()?;
     run(Command::new(cargo_bin())
-        .args(["test", "--workspace"])
+        .args(["test", "--workspace", "--features", FEATURES])
         .current_dir(root())
         .env("SHM_PYTHON", &python)
         .env("SHM_REQUIRE_PYTHON", "1"))?;
@@ -275,6 +290,7 @@ fn bench(args: &[String]) -> Result {
         ("shm-bench", "transport_bench", "transport.md"),
         ("shm-bench", "channel_bench", "channel.md"),
         ("shm-bench", "workers_bench", "workers.md"),
+        ("shm-flight", "flight_bench", "flight.md"),
     ];
     let python = python_env()?;
     for (package, binary, _) in sections {

@@ -10,12 +10,9 @@ use shm_core::ShmBlock;
 use crate::frame::COLUMNS_CODEC;
 
 /// An Arrow buffer over `len` bytes at `offset` of `block`'s content, owned by the block: the
-/// batch that holds the buffer keeps the mapping alive. Checks the range first.
-pub(crate) fn block_buffer(
-    block: &Arc<ShmBlock>,
-    offset: u64,
-    len: u64,
-) -> Result<Buffer, CodecError> {
+/// batch that holds the buffer keeps the mapping alive. Checks the range first. Transports
+/// use it to decode Arrow IPC bodies they received into shared memory in place.
+pub fn block_buffer(block: &Arc<ShmBlock>, offset: u64, len: u64) -> Result<Buffer, CodecError> {
     let end = offset.checked_add(len);
     if end.is_none_or(|end| end > block.len() as u64) {
         return Err(CodecError::InvalidData {

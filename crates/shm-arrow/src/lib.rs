@@ -44,6 +44,7 @@ mod buffer;
 mod frame;
 mod ipc;
 
+pub use buffer::block_buffer;
 pub use frame::{COLUMNS_CODEC, ColumnFrame, ColumnsCodec, decode_projection, decode_trusted};
 pub use ipc::{read_ipc_block, write_ipc_block};
 
@@ -54,14 +55,12 @@ fn contain<T>(
     decode: impl FnOnce() -> Result<T, shm_codec::CodecError>,
 ) -> Result<T, shm_codec::CodecError> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(decode)).unwrap_or_else(|panic| {
-        let message = panic
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "a panic without a message".to_owned());
         Err(shm_codec::CodecError::InvalidData {
             codec: frame::COLUMNS_CODEC,
-            reason: format!("arrow refused the data: {message}"),
+            reason: format!(
+                "arrow refused the data: {}",
+                shm_codec::panic_message(panic.as_ref())
+            ),
         })
     })
 }

@@ -147,3 +147,13 @@ pub(crate) fn layout(reason: impl Into<String>) -> CodecError {
         reason: reason.into(),
     }
 }
+
+/// The message of a caught panic (`catch_unwind`'s payload): the text given to `panic!`, or a
+/// placeholder for a payload of another type.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
+}

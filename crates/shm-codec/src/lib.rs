@@ -58,7 +58,7 @@ pub use codec::{
     Decoder, Encode, Encoder, Registry, SERDE_CODEC, Serde, SerdeCodec,
 };
 pub use element::{DType, Element};
-pub use error::{CodecError, Result};
+pub use error::{CodecError, Result, panic_message};
 pub use frame::{FRAME_CODEC, Index, SimpleFrame};
 pub use num_complex::Complex;
 pub use payload::{FORMAT_VERSION, Payload};

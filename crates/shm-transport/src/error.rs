@@ -129,12 +129,153 @@ pub enum TransportError {
         worker: u32,
     },
 
+    /// A remote worker could not be reached, or its connection failed during a call.
+    #[error("remote worker {addr}: {fault}")]
+    Network {
+        /// The worker's address, as the caller configured it (`http://10.0.0.7:7000`).
+        addr: String,
+        /// What failed, with the numbers.
+        fault: NetworkFault,
+    },
+
+    /// A blocking call was made on a thread that drives an async runtime, which it would
+    /// stall (or deadlock).
+    #[error(
+        "{what} blocks, and was called on a thread of an async runtime; call it from \
+         `spawn_blocking` or a plain thread"
+    )]
+    BlockingInAsync {
+        /// The function called.
+        what: &'static str,
+    },
+
     /// The worker pool was shut down (or has no worker left to call).
     #[error("the worker pool of {workers} workers is shut down")]
     PoolShutDown {
         /// How many workers the pool had.
         workers: usize,
     },
+}
+
+/// What went wrong between a caller and a remote worker. Every fault but `Unauthenticated`
+/// and `TooLarge` leaves the client ready to reconnect on its next call.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum NetworkFault {
+    /// Nothing accepted the connection (no server on the port, a firewall, a bad name).
+    #[error("connection refused: {reason}")]
+    Refused {
+        /// What the operating system or the TLS layer said.
+        reason: String,
+    },
+    /// The connection broke during the call; the call may or may not have run.
+    #[error(
+        "connection lost during {method} after sending {sent} of {to_send} bytes and \
+         receiving {received}: {reason}"
+    )]
+    Lost {
+        /// The method called.
+        method: String,
+        /// Argument bytes handed to the connection.
+        sent: u64,
+        /// Argument bytes the call had to send.
+        to_send: u64,
+        /// Result bytes received.
+        received: u64,
+        /// What the transport said.
+        reason: String,
+    },
+    /// The server is not the instance this client talked to before (it restarted, and what
+    /// its handlers held is gone). The call was not run; the next call runs on the new
+    /// instance.
+    #[error("the server restarted (instance {was:016x}, now {now:016x}); {method} was not run")]
+    Restarted {
+        /// The method called.
+        method: String,
+        /// The instance the client knew.
+        was: u64,
+        /// The instance that answered.
+        now: u64,
+    },
+    /// The call did not finish within its timeout; it was cancelled on the connection (the
+    /// server finishes a handler already running, and drops its result).
+    #[error(
+        "{method} timed out after {timeout:?}, having sent {sent} of {to_send} bytes and \
+         received {received}"
+    )]
+    Timeout {
+        /// The method called.
+        method: String,
+        /// The timeout that passed.
+        timeout: Duration,
+        /// Argument bytes handed to the connection.
+        sent: u64,
+        /// Argument bytes the call had to send.
+        to_send: u64,
+        /// Result bytes received.
+        received: u64,
+    },
+    /// A payload is larger than the receiving side accepts.
+    #[error("{what} of {size} bytes is over the limit of {limit} bytes")]
+    TooLarge {
+        /// `the arguments of M` or `the result of M`.
+        what: String,
+        /// Its size.
+        size: u64,
+        /// The receiver's limit.
+        limit: u64,
+    },
+    /// The server refused the caller's bearer token (or its absence).
+    #[error("the server refused the call: {reason}")]
+    Unauthenticated {
+        /// What the server said.
+        reason: String,
+    },
+    /// The peer broke the remote protocol (a stream that ends early, sizes that disagree).
+    #[error("protocol error: {what}")]
+    Protocol {
+        /// What was wrong, with the numbers.
+        what: String,
+    },
+}
+
+impl RemoteError {
+    /// The worker's error for a failure to decode arguments or encode a result (`kind`):
+    /// running out of shared memory becomes `OutOfSharedMemory`, with its numbers.
+    pub fn from_codec(method: &str, kind: RemoteErrorKind, err: &CodecError) -> Self {
+        let kind = match err {
+            CodecError::Shm(ShmError::OutOfSharedMemory {
+                requested,
+                available,
+            }) => RemoteErrorKind::OutOfSharedMemory {
+                requested: *requested,
+                available: *available,
+            },
+            _ => kind,
+        };
+        RemoteError {
+            method: method.to_owned(),
+            kind,
+            message: err.to_string(),
+        }
+    }
+}
+
+impl TransportError {
+    /// The caller's error for a failure inside a worker: running out of shared memory there
+    /// is the same error as running out here; anything else is [`TransportError::Remote`].
+    pub fn from_remote(remote: RemoteError) -> Self {
+        match remote.kind {
+            RemoteErrorKind::OutOfSharedMemory {
+                requested,
+                available,
+            } => TransportError::Shm(ShmError::OutOfSharedMemory {
+                requested,
+                available,
+            }),
+            _ => TransportError::Remote(remote),
+        }
+    }
 }
 
 /// The result type of shm-transport.

@@ -46,6 +46,7 @@
 //! }
 //! ```
 
+mod callee;
 mod channel;
 mod conn;
 mod error;
@@ -57,8 +58,9 @@ mod trust;
 mod worker;
 mod workers;
 
+pub use callee::{Callee, Reply};
 pub use channel::{CONTROL_LEN, ChannelState, PROTOCOL_VERSION, RingState};
-pub use error::{RemoteError, RemoteErrorKind, Result, TransportError};
+pub use error::{NetworkFault, RemoteError, RemoteErrorKind, Result, TransportError};
 pub use serve::{CHANNEL_ENV, Context, Router, is_worker, serve};
 pub use worker::{StderrSink, Worker, WorkerConfig};
 pub use workers::{Shutdown, WorkerPool};

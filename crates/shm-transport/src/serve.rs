@@ -21,21 +21,6 @@ pub const CHANNEL_ENV: &str = "SHM_TRANSPORT_CHANNEL";
 /// lock before it sweeps the parent's segments.
 const PARENT_LOCK_WAIT: Duration = Duration::from_secs(1);
 
-/// The kind of a failure to encode a handler's result: running out of shared memory is worth
-/// its own kind, so that the caller gets the numbers.
-fn result_error_kind(err: &CodecError) -> RemoteErrorKind {
-    match err {
-        CodecError::Shm(ShmError::OutOfSharedMemory {
-            requested,
-            available,
-        }) => RemoteErrorKind::OutOfSharedMemory {
-            requested: *requested,
-            available: *available,
-        },
-        _ => RemoteErrorKind::BadResult,
-    }
-}
-
 /// What a handler can use besides its arguments: the worker's pool, to produce results in
 /// shared memory (`ShmArrayMut::zeros(ctx.pool(), …)`).
 #[derive(Debug)]
@@ -105,13 +90,17 @@ impl Router {
                 .map_err(|e| remote(RemoteErrorKind::Handler, e.to_string()))?;
             result
                 .encode(encoder)
-                .map_err(|e| remote(result_error_kind(&e), e.to_string()))
+                .map_err(|e| RemoteError::from_codec(method, RemoteErrorKind::BadResult, &e))
         };
         self.handlers.insert(method.to_owned(), Box::new(erased));
         self
     }
 
-    fn run(
+    /// Runs the handler of `method` on arguments as they arrived, decoding them with
+    /// `decoder` and encoding the result with `encoder` — what [`serve`] does for each call,
+    /// for transports of other crates (shm-flight serves remote calls through it). A panic
+    /// in the handler is caught and returned as an error of kind `Panic`.
+    pub fn dispatch(
         &self,
         method: &str,
         args: &Payload,
@@ -127,15 +116,10 @@ impl Router {
         };
         catch_unwind(AssertUnwindSafe(|| handler(args, decoder, encoder, method))).unwrap_or_else(
             |panic| {
-                let message = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_owned())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "a panic without a message".to_owned());
                 Err(RemoteError {
                     method: method.to_owned(),
                     kind: RemoteErrorKind::Panic,
-                    message,
+                    message: shm_codec::panic_message(panic.as_ref()),
                 })
             },
         )
@@ -203,7 +187,7 @@ pub fn serve(router: Router) -> Result<()> {
             } => {
                 let outcome = match endpoint.decoder(&args, &loans) {
                     Ok(decoding) => {
-                        let outcome = router.run(&method, &args, &decoding.decoder, &encoder);
+                        let outcome = router.dispatch(&method, &args, &decoding.decoder, &encoder);
                         decoding.finish();
                         outcome
                     }
@@ -258,11 +242,7 @@ fn reply(
         }
         Ok(Err(err)) => {
             let err = CodecError::Shm(err);
-            let failed = RemoteError {
-                method: method.to_owned(),
-                kind: result_error_kind(&err),
-                message: err.to_string(),
-            };
+            let failed = RemoteError::from_codec(method, RemoteErrorKind::BadResult, &err);
             (Err(failed), Vec::new())
         }
         Err(err) => (Err(err), Vec::new()),

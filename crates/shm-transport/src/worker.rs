@@ -171,6 +171,11 @@ impl Worker {
         Ok(())
     }
 
+    /// The channel to the worker process now.
+    pub(crate) fn conn(&self) -> &Arc<Conn> {
+        &self.conn
+    }
+
     /// Kills the worker process at once: pending calls fail with `WorkerDied`.
     pub(crate) fn kill(&self) {
         self.conn.kill_and_reap();

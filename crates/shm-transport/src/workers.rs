@@ -1,4 +1,5 @@
-//! `WorkerPool`: several workers of one executable behind one calling interface.
+//! `WorkerPool`: several workers behind one calling interface — local processes of one
+//! executable, remote workers ([`Callee`]s of other crates), or both.
 //!
 //! A call goes to the worker with the fewest calls in flight. A worker that dies fails only its
 //! own calls in flight (with [`TransportError::WorkerDied`], which names it) and is restarted
@@ -14,6 +15,7 @@ use std::time::Duration;
 use shm_codec::{Decode, Encode, Encoder, Payload};
 use shm_core::ShmPool;
 
+use crate::callee::Callee;
 use crate::error::{Result, TransportError};
 use crate::worker::{Worker, WorkerConfig};
 
@@ -32,7 +34,7 @@ pub enum Shutdown {
 struct Slot {
     /// `None` once the pool is shut down. Calls hold the read lock; a restart takes the write
     /// lock, after the calls in flight (which fail fast: their worker is dead) have let go.
-    worker: RwLock<Option<Worker>>,
+    worker: RwLock<Option<Box<dyn Callee>>>,
     in_flight: AtomicUsize,
     restarting: AtomicBool,
 }
@@ -48,8 +50,8 @@ struct Shared {
     failed_restarts: Mutex<Vec<String>>,
 }
 
-/// N workers of one executable serving the same handlers. Share it between threads by
-/// reference (it is `Sync`) or in an `Arc`.
+/// N workers serving the same handlers. Share it between threads by reference (it is `Sync`)
+/// or in an `Arc`.
 #[derive(Debug)]
 pub struct WorkerPool {
     shared: Arc<Shared>,
@@ -98,17 +100,28 @@ impl WorkerPool {
             None => ShmPool::new()?,
         };
         config.pool = Some(pool.clone());
-        let mut slots = Vec::with_capacity(count);
+        let mut workers: Vec<Box<dyn Callee>> = Vec::with_capacity(count);
         for _ in 0..count {
             // A worker that fails to start drops (and so shuts down) those already started.
-            let worker = Worker::spawn(config.clone())?;
-            slots.push(Slot {
+            workers.push(Box::new(Worker::spawn(config.clone())?));
+        }
+        Ok(Self::from_workers(pool, workers))
+    }
+
+    /// A pool over workers started elsewhere: local [`Worker`]s (best spawned with
+    /// `config.pool = Some(pool.clone())`, so that a value encoded once is read in place by
+    /// each of them), remote workers, or a mix. Arguments are encoded into `pool`. A pool
+    /// without workers fails every call with [`TransportError::PoolShutDown`].
+    pub fn from_workers(pool: ShmPool, workers: Vec<Box<dyn Callee>>) -> Self {
+        let slots = workers
+            .into_iter()
+            .map(|worker| Slot {
                 worker: RwLock::new(Some(worker)),
                 in_flight: AtomicUsize::new(0),
                 restarting: AtomicBool::new(false),
-            });
-        }
-        Ok(WorkerPool {
+            })
+            .collect();
+        WorkerPool {
             shared: Arc::new(Shared {
                 slots,
                 closed: AtomicBool::new(false),
@@ -117,7 +130,7 @@ impl WorkerPool {
                 failed_restarts: Mutex::new(Vec::new()),
             }),
             pool,
-        })
+        }
     }
 
     /// How many workers the pool has.
@@ -145,7 +158,8 @@ impl WorkerPool {
             .collect()
     }
 
-    /// The process ids of the workers now (a restarted worker has a new one).
+    /// The process ids of the workers now (a restarted worker has a new one; a remote worker
+    /// has none).
     pub fn pids(&self) -> Vec<Option<u32>> {
         self.shared
             .slots
@@ -155,7 +169,7 @@ impl WorkerPool {
                     .read()
                     .unwrap_or_else(PoisonError::into_inner)
                     .as_ref()
-                    .map(Worker::pid)
+                    .and_then(|w| w.pid())
             })
             .collect()
     }
@@ -278,7 +292,7 @@ impl WorkerPool {
                     .unwrap_or_else(PoisonError::into_inner)
                     .as_ref()
                 {
-                    worker.kill();
+                    worker.cancel();
                 }
             }
         }
@@ -316,7 +330,7 @@ impl WorkerPool {
                 && slot
                     .worker
                     .try_read()
-                    .is_ok_and(|w| w.as_ref().is_some_and(Worker::is_alive))
+                    .is_ok_and(|w| w.as_ref().is_some_and(|w| w.is_alive()))
         };
         let least = |candidates: &mut dyn Iterator<Item = (usize, &Slot)>| {
             candidates
@@ -345,10 +359,10 @@ impl WorkerPool {
                     workers: self.len(),
                 });
             };
-            match timeout {
-                Some(timeout) => worker.call_timeout(method, args, timeout),
-                None => worker.call(method, args),
-            }
+            let args = Encoder::new(self.pool.clone()).encode(args)?;
+            worker
+                .call_encoded(method, &args, timeout)
+                .and_then(|reply| reply.decode())
         };
         if matches!(result, Err(TransportError::WorkerDied { .. })) {
             self.restart_in_background(index);

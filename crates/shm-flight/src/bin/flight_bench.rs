@@ -1,0 +1,323 @@
+//! B7, remote workers: arrays and a record batch to a worker over loopback Flight, against
+//! Arrow IPC over a plain TCP socket and against a local shared-memory worker, all in one run;
+//! the raw loopback TCP bandwidth of the same run is the yardstick. Writes
+//! `target/bench/flight.md`. `--quick` for a short run.
+//!
+//! The binary plays every part: run plainly it is the bench; `--serve` is the remote host (a
+//! Flight server and a TCP server for the baselines); started by `Worker::spawn` it is the
+//! local worker. Every worker runs the same router.
+
+use std::fmt::Write as _;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::array::{Array, AsArray, Float64Array, RecordBatch};
+use arrow::datatypes::Float64Type;
+use arrow::ipc::reader::StreamReader;
+use arrow::ipc::writer::StreamWriter;
+use ndarray::{Array1, IxDyn};
+use shm_arrow::ColumnFrame;
+use shm_codec::{Serde, ShmArray};
+use shm_flight::{RemoteConfig, RemoteWorker, Server, ServerConfig};
+use shm_transport::{Router, Worker, WorkerConfig, is_worker, serve};
+
+#[path = "../../../shm-bench/src/bin/common/mod.rs"]
+mod common;
+use common::{Error, gbs, human, median, ms, sample, write_section};
+
+fn router() -> Router {
+    Router::new()
+        .handle("sum", |a: ShmArray<f64, IxDyn>, _| {
+            Ok::<_, String>(Serde(a.view().sum()))
+        })
+        .handle("rows", |ColumnFrame(b), _| {
+            Ok::<_, String>(Serde(b.num_rows()))
+        })
+}
+
+fn main() -> Result<(), Error> {
+    if is_worker() {
+        return Ok(serve(router())?);
+    }
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--serve") {
+        return remote_host();
+    }
+    let quick = args.iter().any(|a| a == "--quick");
+    bench(quick)
+}
+
+/// The remote host: a Flight server on one port, the TCP baselines on another; prints both
+/// and serves until stdin closes.
+fn remote_host() -> Result<(), Error> {
+    let server = Server::start(router(), ServerConfig::new("127.0.0.1:0".parse()?))?;
+    let tcp = TcpListener::bind("127.0.0.1:0")?;
+    println!("{} {}", server.local_addr(), tcp.local_addr()?);
+    std::io::stdout().flush()?;
+    std::thread::spawn(move || {
+        for stream in tcp.incoming().map_while(Result::ok) {
+            std::thread::spawn(move || {
+                // A broken connection ends that connection only.
+                let _ = serve_tcp(stream);
+            });
+        }
+    });
+    std::io::stdin().read_to_end(&mut Vec::new())?;
+    server.shutdown();
+    Ok(())
+}
+
+/// One baseline exchange per request, until the peer closes: `R` + length + bytes (read and
+/// discarded: the bare bandwidth of the socket, answered with the length), or `I` + an Arrow IPC stream (read, validated and
+/// reduced as the Flight handlers do, answered with the row count or the sum's bits).
+fn serve_tcp(stream: TcpStream) -> Result<(), Error> {
+    stream.set_nodelay(true)?;
+    let mut reader = BufReader::with_capacity(1 << 20, stream.try_clone()?);
+    let mut writer = stream;
+    let mut kind = [0u8; 1];
+    while reader.read_exact(&mut kind).is_ok() {
+        let answer: u64 = match kind[0] {
+            b'R' => {
+                let mut len = [0u8; 8];
+                reader.read_exact(&mut len)?;
+                let len = u64::from_le_bytes(len);
+                let copied = std::io::copy(&mut (&mut reader).take(len), &mut std::io::sink())?;
+                if copied != len {
+                    return Err(format!("{copied} of {len} bytes came").into());
+                }
+                len
+            }
+            b'I' => {
+                let mut batches = StreamReader::try_new(&mut reader, None)?;
+                let mut rows = 0u64;
+                let mut sum = 0.0f64;
+                for batch in &mut batches {
+                    let batch = batch?;
+                    rows += batch.num_rows() as u64;
+                    if batch.num_columns() == 1
+                        && let Some(values) = batch.column(0).as_primitive_opt::<Float64Type>()
+                    {
+                        sum += values.values().iter().sum::<f64>();
+                    }
+                }
+                if sum != 0.0 { sum.to_bits() } else { rows }
+            }
+            other => return Err(format!("unknown request {other}").into()),
+        };
+        writer.write_all(&answer.to_le_bytes())?;
+    }
+    Ok(())
+}
+
+/// The remote host process, stopped when dropped.
+struct RemoteHost {
+    child: Child,
+    flight: String,
+    tcp: String,
+}
+
+impl RemoteHost {
+    fn start() -> Result<Self, Error> {
+        let mut child = Command::new(std::env::current_exe()?)
+            .arg("--serve")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let mut line = String::new();
+        let mut out = BufReader::new(child.stdout.take().ok_or("no stdout")?);
+        std::io::BufRead::read_line(&mut out, &mut line)?;
+        let mut words = line.split_whitespace();
+        let flight = words.next().ok_or("no Flight address")?.to_owned();
+        let tcp = words.next().ok_or("no TCP address")?.to_owned();
+        Ok(RemoteHost { child, flight, tcp })
+    }
+}
+
+impl Drop for RemoteHost {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+/// A TCP connection to the baseline server.
+struct Tcp {
+    reader: TcpStream,
+    writer: BufWriter<TcpStream>,
+}
+
+impl Tcp {
+    fn connect(addr: &str) -> Result<Self, Error> {
+        let stream = TcpStream::connect(addr)?;
+        stream.set_nodelay(true)?;
+        Ok(Tcp {
+            reader: stream.try_clone()?,
+            writer: BufWriter::with_capacity(1 << 20, stream),
+        })
+    }
+
+    fn answer(&mut self) -> Result<u64, Error> {
+        self.writer.flush()?;
+        let mut answer = [0u8; 8];
+        self.reader.read_exact(&mut answer)?;
+        Ok(u64::from_le_bytes(answer))
+    }
+
+    fn raw(&mut self, bytes: &[u8]) -> Result<u64, Error> {
+        self.writer.write_all(b"R")?;
+        self.writer.write_all(&(bytes.len() as u64).to_le_bytes())?;
+        self.writer.write_all(bytes)?;
+        self.answer()
+    }
+
+    fn ipc(&mut self, batch: &RecordBatch) -> Result<u64, Error> {
+        self.writer.write_all(b"I")?;
+        let mut writer = StreamWriter::try_new(&mut self.writer, &batch.schema())?;
+        writer.write(batch)?;
+        writer.finish()?;
+        drop(writer);
+        self.answer()
+    }
+}
+
+/// One row of the table: what moved, how, and its median time.
+struct Row {
+    what: String,
+    method: &'static str,
+    time: Duration,
+    bytes: usize,
+}
+
+fn bench(quick: bool) -> Result<(), Error> {
+    let host = RemoteHost::start()?;
+    let remote = RemoteWorker::new(RemoteConfig::new(format!("http://{}", host.flight)))?;
+    let local = Worker::spawn(WorkerConfig::current_exe()?)?;
+    let mut tcp = Tcp::connect(&host.tcp)?;
+    let sizes: &[usize] = if quick {
+        &[64 << 20]
+    } else {
+        &[64 << 20, 1 << 30]
+    };
+    let batch_rows = if quick { 1_000_000 } else { 10_000_000 };
+    let mut rows = Vec::new();
+    let mut tcp_gbs = f64::MAX;
+    for &size in sizes {
+        let runs = if size >= 1 << 30 { 3 } else { 9 };
+        eprintln!("... B7 array of {}", human(size));
+        let array = Array1::from_shape_fn(size / 8, |i| (i % 1000) as f64).into_dyn();
+        let expected = array.sum();
+        let check = |sum: f64| {
+            if sum == expected {
+                Ok(())
+            } else {
+                Err(Error::from(format!("sum {sum}, expected {expected}")))
+            }
+        };
+        // The yardstick: the same bytes, raw, over loopback TCP.
+        let bytes = vec![7u8; size];
+        let raw = median(&sample(1, runs, || {
+            let n = tcp.raw(&bytes)?;
+            (n as usize == size)
+                .then_some(())
+                .ok_or("short read".into())
+        })?);
+        drop(bytes);
+        tcp_gbs = tcp_gbs.min(gbs(size, raw));
+        rows.push(Row {
+            what: format!("array of {}", human(size)),
+            method: "raw bytes over loopback TCP (the yardstick)",
+            time: raw,
+            bytes: size,
+        });
+        let values = Float64Array::from(array.as_slice().ok_or("contiguous")?.to_vec());
+        let record = RecordBatch::try_from_iter([("x", Arc::new(values) as Arc<dyn Array>)])?;
+        let ipc = median(&sample(1, runs, || {
+            check(f64::from_bits(tcp.ipc(&record)?))
+        })?);
+        drop(record);
+        let flight = median(&sample(1, runs, || {
+            let Serde(sum): Serde<f64> = remote.call("sum", &array)?;
+            check(sum)
+        })?);
+        let shm = median(&sample(1, runs, || {
+            let Serde(sum): Serde<f64> = local.call("sum", &array)?;
+            check(sum)
+        })?);
+        for (method, time) in [
+            ("Arrow IPC over loopback TCP", ipc),
+            ("shm-flight remote worker, loopback", flight),
+            ("local shm worker (array on the heap: one copy)", shm),
+        ] {
+            rows.push(Row {
+                what: format!("array of {}", human(size)),
+                method,
+                time,
+                bytes: size,
+            });
+        }
+    }
+    eprintln!("... B7 batch of {batch_rows} rows");
+    let batch = common::mixed_batch(batch_rows)?;
+    let bytes: usize = common::buffers(&batch).iter().map(|b| b.len()).sum();
+    let runs = if quick { 5 } else { 3 };
+    let check = |n: u64| {
+        if n as usize == batch_rows {
+            Ok(())
+        } else {
+            Err(Error::from(format!("{n} rows")))
+        }
+    };
+    let ipc = median(&sample(1, runs, || check(tcp.ipc(&batch)?))?);
+    let flight = median(&sample(1, runs, || {
+        let Serde(n): Serde<usize> = remote.call("rows", &ColumnFrame(batch.clone()))?;
+        check(n as u64)
+    })?);
+    let shm = median(&sample(1, runs, || {
+        let Serde(n): Serde<usize> = local.call("rows", &ColumnFrame(batch.clone()))?;
+        check(n as u64)
+    })?);
+    for (method, time) in [
+        ("Arrow IPC over loopback TCP", ipc),
+        ("shm-flight remote worker, loopback", flight),
+        ("local shm worker (batch on the heap: one copy)", shm),
+    ] {
+        rows.push(Row {
+            what: format!("batch of {batch_rows} rows ({})", human(bytes)),
+            method,
+            time,
+            bytes,
+        });
+    }
+    local.shutdown();
+    drop((remote, tcp, host));
+
+    let mut report = String::new();
+    writeln!(report, "## B7: remote workers over Arrow Flight\n")?;
+    writeln!(
+        report,
+        "One call with the payload as argument and a small result, to a worker in another \
+         process over loopback (127.0.0.1, plain TCP, no TLS), against the same payload as an \
+         Arrow IPC stream over a plain TCP socket and against a local shared-memory worker. \
+         The worker reads every value (sums the array; Arrow's validation for the batch, whose \
+         six columns are B3's). Times are medians of 3 (1 GiB, batch) or 9 runs. `/ TCP` is \
+         the rate divided by the raw loopback TCP rate measured in this run ({tcp_gbs:.2} GB/s, \
+         the slowest of its sizes).\n"
+    )?;
+    writeln!(report, "| payload | method | time | GB/s | / TCP |")?;
+    writeln!(report, "| --- | --- | ---: | ---: | ---: |")?;
+    for row in &rows {
+        let rate = gbs(row.bytes, row.time);
+        writeln!(
+            report,
+            "| {} | {} | {} | {rate:.2} | {:.2}x |",
+            row.what,
+            row.method,
+            ms(row.time),
+            rate / tcp_gbs
+        )?;
+    }
+    write_section("flight.md", &report)
+}

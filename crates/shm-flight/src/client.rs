@@ -1,0 +1,533 @@
+//! The caller's side: a remote worker, called like a local one.
+
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
+
+use arrow_flight::FlightData;
+use arrow_flight::flight_service_client::FlightServiceClient;
+use shm_codec::{Decode, Encode, Encoder, Payload};
+use shm_core::ShmPool;
+use shm_transport::{Callee, NetworkFault, Reply, TransportError};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::wire::{
+    self, CallHead, Counter, MESSAGE_SLACK, Outcome, Refusal, ReplyHead, WIRE_VERSION, WireError,
+};
+use crate::{DEFAULT_MAX_MESSAGE, DEFAULT_MAX_PAYLOAD, DEFAULT_WHOLE_BATCH_BYTES, STREAM_WINDOW};
+
+/// How long a remote worker whose connection failed counts as down for a [`WorkerPool`]
+/// (which then prefers other workers); its next call reconnects either way.
+///
+/// [`WorkerPool`]: shm_transport::WorkerPool
+pub const DOWN_FOR: Duration = Duration::from_secs(1);
+
+/// How to reach a remote worker.
+#[derive(Clone, Debug)]
+pub struct RemoteConfig {
+    /// The server's address: `http://host:port`, or `https://host:port` with TLS.
+    pub addr: String,
+    /// The bearer token the server requires, if it does.
+    pub token: Option<String>,
+    /// How long connecting may take. Default 5 s.
+    pub connect_timeout: Duration,
+    /// The largest result accepted, in bytes; a larger one fails the call. Default 16 GiB.
+    pub max_payload: u64,
+    /// The largest Arrow frame sent as one Flight record batch, which the server copies once;
+    /// a larger frame goes as batches of about [`SPLIT_BATCH_BYTES`](crate::SPLIT_BATCH_BYTES),
+    /// which it concatenates (one more copy). Default 8 MiB.
+    pub whole_batch_bytes: usize,
+    /// The largest single gRPC message accepted. Default 256 MiB.
+    pub max_message: usize,
+    /// The pool results are received into; `None` for a new one.
+    pub pool: Option<ShmPool>,
+    /// The certificate authority (PEM) that signed the server's certificate, and the name
+    /// the certificate must carry; `None` uses the address's host name and the system's
+    /// roots are not consulted — a CA must be given for `https`.
+    #[cfg(feature = "tls")]
+    pub tls: Option<ClientTls>,
+}
+
+/// How a client checks a server's certificate.
+#[cfg(feature = "tls")]
+#[derive(Clone, Debug)]
+pub struct ClientTls {
+    /// The certificate authority, PEM.
+    pub ca_pem: Vec<u8>,
+    /// The name the server's certificate must carry; `None` for the address's host.
+    pub domain: Option<String>,
+}
+
+impl RemoteConfig {
+    /// A configuration for the server at `addr` (`http://host:port`).
+    pub fn new(addr: impl Into<String>) -> Self {
+        RemoteConfig {
+            addr: addr.into(),
+            token: None,
+            connect_timeout: Duration::from_secs(5),
+            max_payload: DEFAULT_MAX_PAYLOAD,
+            whole_batch_bytes: DEFAULT_WHOLE_BATCH_BYTES,
+            max_message: DEFAULT_MAX_MESSAGE,
+            pool: None,
+            #[cfg(feature = "tls")]
+            tls: None,
+        }
+    }
+
+    /// Sends `token` with every call.
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// Receives results into `pool` (share one with a `WorkerPool` of mixed workers).
+    pub fn pool(mut self, pool: ShmPool) -> Self {
+        self.pool = Some(pool);
+        self
+    }
+}
+
+/// The runtime every remote worker of this process drives its connections on: two threads,
+/// started on first use. Calls block their own thread, as local calls do.
+fn runtime() -> Result<&'static tokio::runtime::Runtime, TransportError> {
+    static RUNTIME: OnceLock<Result<tokio::runtime::Runtime, String>> = OnceLock::new();
+    RUNTIME
+        .get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("shm-flight-client")
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())
+        })
+        .as_ref()
+        .map_err(|reason| TransportError::Spawn {
+            program: "the network runtime (shm-flight-client threads)".into(),
+            source: std::io::Error::other(reason.clone()),
+        })
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// The connection; `None` before the first call and after one failed.
+    client: Option<FlightServiceClient<Channel>>,
+    /// The server instance of the last reply.
+    instance: Option<u64>,
+    /// When the last connection failure happened.
+    down_since: Option<Instant>,
+}
+
+/// A worker on another host, reached over Arrow Flight. Calls may come from many threads at
+/// once; each is its own `DoExchange` stream over one HTTP/2 connection. After a connection
+/// failure, the next call connects again.
+#[derive(Debug)]
+pub struct RemoteWorker {
+    config: RemoteConfig,
+    pool: ShmPool,
+    encoder: Encoder,
+    state: Mutex<State>,
+    cancel: tokio::sync::Notify,
+}
+
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A call's byte counts, for the numbers in its errors.
+struct Progress {
+    method: String,
+    sent: Arc<Counter>,
+    to_send: u64,
+    received: Counter,
+}
+
+impl RemoteWorker {
+    /// A remote worker at `config.addr`. Nothing is connected yet: the first call connects
+    /// (call [`connect`](Self::connect) to find out now whether the server is there).
+    pub fn new(config: RemoteConfig) -> Result<Self, TransportError> {
+        let pool = match &config.pool {
+            Some(pool) => pool.clone(),
+            None => ShmPool::new()?,
+        };
+        Ok(RemoteWorker {
+            encoder: Encoder::new(pool.clone()),
+            pool,
+            config,
+            state: Mutex::new(State::default()),
+            cancel: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// Connects now, if not connected yet.
+    pub fn connect(&self) -> Result<(), TransportError> {
+        let runtime = runtime()?;
+        if tokio::runtime::Handle::try_current().is_ok() {
+            return Err(TransportError::BlockingInAsync {
+                what: "RemoteWorker::connect",
+            });
+        }
+        runtime.block_on(self.client()).map(drop)
+    }
+
+    /// The server's address, as configured.
+    pub fn addr(&self) -> &str {
+        &self.config.addr
+    }
+
+    /// The pool results are received into, and arguments best encoded into.
+    pub fn pool(&self) -> &ShmPool {
+        &self.pool
+    }
+
+    /// The instance of the server that answered last (it changes when the server restarts).
+    pub fn server_instance(&self) -> Option<u64> {
+        lock(&self.state).instance
+    }
+
+    /// Calls `method` with `args` and decodes its result as `R`.
+    pub fn call<A: Encode + ?Sized, R: Decode>(
+        &self,
+        method: &str,
+        args: &A,
+    ) -> Result<R, TransportError> {
+        (self as &dyn Callee).call(method, args)
+    }
+
+    /// [`call`](Self::call) with a timeout.
+    pub fn call_timeout<A: Encode + ?Sized, R: Decode>(
+        &self,
+        method: &str,
+        args: &A,
+        timeout: Duration,
+    ) -> Result<R, TransportError> {
+        (self as &dyn Callee).call_timeout(method, args, timeout)
+    }
+
+    fn fault(&self, fault: NetworkFault) -> TransportError {
+        TransportError::Network {
+            addr: self.config.addr.clone(),
+            fault,
+        }
+    }
+
+    /// Forgets the connection after it failed: the next call connects again.
+    fn disconnect(&self) {
+        let mut state = lock(&self.state);
+        state.client = None;
+        state.down_since = Some(Instant::now());
+    }
+
+    async fn client(&self) -> Result<FlightServiceClient<Channel>, TransportError> {
+        if let Some(client) = lock(&self.state).client.clone() {
+            return Ok(client);
+        }
+        let refused = |reason: String| {
+            lock(&self.state).down_since = Some(Instant::now());
+            self.fault(NetworkFault::Refused { reason })
+        };
+        let endpoint = Endpoint::from_shared(self.config.addr.clone())
+            .map_err(|e| refused(format!("not an address: {e}")))?
+            .connect_timeout(self.config.connect_timeout)
+            .tcp_nodelay(true)
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(2 * STREAM_WINDOW);
+        #[cfg(feature = "tls")]
+        let endpoint = match &self.config.tls {
+            Some(tls) => {
+                let mut config = tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(&tls.ca_pem));
+                if let Some(domain) = &tls.domain {
+                    config = config.domain_name(domain.clone());
+                }
+                endpoint
+                    .tls_config(config)
+                    .map_err(|e| refused(format!("TLS configuration: {}", chain(&e))))?
+            }
+            None => endpoint,
+        };
+        let channel = endpoint.connect().await.map_err(|e| refused(chain(&e)))?;
+        let max_message = self.config.max_message.max(wire::CHUNK) + MESSAGE_SLACK;
+        let client = FlightServiceClient::new(channel)
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(usize::MAX);
+        let mut state = lock(&self.state);
+        state.client = Some(client.clone());
+        state.down_since = None;
+        Ok(client)
+    }
+
+    async fn exchange(
+        &self,
+        head: CallHead,
+        data: Box<dyn Iterator<Item = FlightData> + Send>,
+        progress: &Progress,
+    ) -> Result<Reply, TransportError> {
+        let mut client = self.client().await?;
+        let method = &progress.method;
+        let expected = head.instance;
+        let mut first = wire::head_message(&head);
+        first.flight_descriptor = Some(arrow_flight::FlightDescriptor::new_cmd(method.clone()));
+        // The head carries the codec metadata and inline data: they count as sent with it.
+        let inline = (head.args.meta.len() + head.args.inline.len()) as u64;
+        let sent = Arc::clone(&progress.sent);
+        let head_message = std::iter::once_with(move || {
+            sent.add(inline as usize);
+            first
+        });
+        let messages = futures::stream::iter(head_message.chain(data));
+        let mut request = tonic::Request::new(messages);
+        if let Some(token) = &self.config.token {
+            let value = format!("Bearer {token}").parse().map_err(|_| {
+                self.fault(NetworkFault::Unauthenticated {
+                    reason: "the token is not a valid header value (printable ASCII only)".into(),
+                })
+            })?;
+            request.metadata_mut().insert("authorization", value);
+        }
+        let response = client
+            .do_exchange(request)
+            .await
+            .map_err(|status| self.status_fault(status, progress))?;
+        let mut stream = response.into_inner();
+        let first = stream
+            .message()
+            .await
+            .map_err(|status| self.status_fault(status, progress))?
+            .ok_or_else(|| {
+                self.fault(NetworkFault::Protocol {
+                    what: format!("the reply to {method} ended before its head"),
+                })
+            })?;
+        let reply: ReplyHead = wire::read_head(&first, "reply")
+            .map_err(|what| self.fault(NetworkFault::Protocol { what }))?;
+        if reply.wire != WIRE_VERSION {
+            return Err(self.fault(NetworkFault::Protocol {
+                what: format!(
+                    "the server speaks wire version {}, this client {WIRE_VERSION}",
+                    reply.wire
+                ),
+            }));
+        }
+        lock(&self.state).instance = Some(reply.instance);
+        let head = match reply.outcome {
+            Outcome::Done(head) => head,
+            Outcome::Failed(remote) => return Err(TransportError::from_remote(remote)),
+            Outcome::Refused(Refusal::Restarted) => {
+                return Err(self.fault(NetworkFault::Restarted {
+                    method: method.clone(),
+                    was: expected.unwrap_or_default(),
+                    now: reply.instance,
+                }));
+            }
+            Outcome::Refused(Refusal::TooLarge { size, limit }) => {
+                return Err(self.fault(NetworkFault::TooLarge {
+                    what: format!("the arguments of {method}"),
+                    size,
+                    limit,
+                }));
+            }
+            Outcome::Refused(Refusal::Protocol { what }) => {
+                return Err(self.fault(NetworkFault::Protocol { what }));
+            }
+        };
+        let payload = wire::receive(
+            &mut stream,
+            head,
+            &self.encoder,
+            self.config.max_payload,
+            &progress.received,
+        )
+        .await
+        .map_err(|err| match err {
+            WireError::Stream(status) => self.status_fault(status, progress),
+            WireError::TooLarge { size, limit } => self.fault(NetworkFault::TooLarge {
+                what: format!("the result of {method}"),
+                size,
+                limit,
+            }),
+            WireError::Protocol(what) => self.fault(NetworkFault::Protocol { what }),
+            WireError::Codec(err) => TransportError::Codec(err),
+        })?;
+        let decoder = wire::own_decoder(&self.pool, payload.blocks());
+        Ok(Reply::new(payload, decoder, || {}))
+    }
+
+    /// The error for a failed gRPC status: a lost connection (forgotten, so that the next
+    /// call reconnects), a refused token, or what the server said.
+    fn status_fault(&self, status: tonic::Status, progress: &Progress) -> TransportError {
+        use tonic::Code;
+        let reason = status_reason(&status);
+        match status.code() {
+            Code::Unauthenticated | Code::PermissionDenied => {
+                self.fault(NetworkFault::Unauthenticated { reason })
+            }
+            Code::OutOfRange | Code::ResourceExhausted => {
+                self.fault(NetworkFault::Protocol { what: reason })
+            }
+            Code::Unimplemented => self.fault(NetworkFault::Protocol {
+                what: format!("the server does not serve shm calls: {reason}"),
+            }),
+            // The connection could not be made again (the server is gone): nothing was sent.
+            Code::Unavailable if is_connect_failure(&reason) => {
+                self.disconnect();
+                self.fault(NetworkFault::Refused { reason })
+            }
+            _ => {
+                self.disconnect();
+                self.fault(NetworkFault::Lost {
+                    method: progress.method.clone(),
+                    sent: progress.sent.get(),
+                    to_send: progress.to_send,
+                    received: progress.received.get(),
+                    reason,
+                })
+            }
+        }
+    }
+}
+
+/// A status's message with its source chain (the transport's own error is in the source).
+fn status_reason(status: &tonic::Status) -> String {
+    let mut reason = format!("{:?}: {}", status.code(), status.message());
+    let mut source = std::error::Error::source(status);
+    while let Some(err) = source {
+        reason.push_str(": ");
+        reason.push_str(&err.to_string());
+        source = err.source();
+    }
+    reason
+}
+
+/// Whether a transport error is a failure to (re)connect rather than a broken connection.
+fn is_connect_failure(reason: &str) -> bool {
+    [
+        "tcp connect error",
+        "Connection refused",
+        "No route to host",
+    ]
+    .iter()
+    .any(|needle| reason.contains(needle))
+}
+
+/// An error with its source chain.
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut reason = err.to_string();
+    let mut source = err.source();
+    while let Some(err) = source {
+        reason.push_str(": ");
+        reason.push_str(&err.to_string());
+        source = err.source();
+    }
+    reason
+}
+
+impl Callee for RemoteWorker {
+    fn call_encoded(
+        &self,
+        method: &str,
+        args: &Payload,
+        timeout: Option<Duration>,
+    ) -> Result<Reply, TransportError> {
+        if !args.is_backed() {
+            return Err(TransportError::Malformed {
+                what: format!(
+                    "the arguments of {method} name {} blocks but hold {}: a payload read from \
+                     a peer cannot be sent on as it is",
+                    args.buffers().len(),
+                    args.blocks().len()
+                ),
+            });
+        }
+        let runtime = runtime()?;
+        if tokio::runtime::Handle::try_current().is_ok() {
+            return Err(TransportError::BlockingInAsync {
+                what: "RemoteWorker::call",
+            });
+        }
+        let sent = Arc::new(Counter::default());
+        let outgoing = wire::outgoing(
+            args.clone(),
+            &self.pool,
+            self.config.whole_batch_bytes,
+            Arc::clone(&sent),
+        )
+        .map_err(|err| match err {
+            WireError::Codec(err) => TransportError::Codec(err),
+            other => TransportError::Malformed {
+                what: format!("cannot send the arguments of {method}: {other:?}"),
+            },
+        })?;
+        let progress = Progress {
+            method: method.to_owned(),
+            sent,
+            to_send: outgoing.head.size(),
+            received: Counter::default(),
+        };
+        let head = CallHead {
+            wire: WIRE_VERSION,
+            method: method.to_owned(),
+            instance: lock(&self.state).instance,
+            args: outgoing.head,
+        };
+        let cancelled = self.cancel.notified();
+        runtime.block_on(async {
+            let call = self.exchange(head, outgoing.data, &progress);
+            tokio::select! {
+                outcome = async {
+                    match timeout {
+                        Some(timeout) => tokio::time::timeout(timeout, call)
+                            .await
+                            .unwrap_or_else(|_| Err(self.fault(NetworkFault::Timeout {
+                                method: method.to_owned(),
+                                timeout,
+                                sent: progress.sent.get(),
+                                to_send: progress.to_send,
+                                received: progress.received.get(),
+                            }))),
+                        None => call.await,
+                    }
+                } => outcome,
+                () = cancelled => Err(self.fault(NetworkFault::Lost {
+                    method: method.to_owned(),
+                    sent: progress.sent.get(),
+                    to_send: progress.to_send,
+                    received: progress.received.get(),
+                    reason: "cancelled by this process".into(),
+                })),
+            }
+        })
+    }
+
+    fn pool(&self) -> &ShmPool {
+        &self.pool
+    }
+
+    fn is_alive(&self) -> bool {
+        lock(&self.state)
+            .down_since
+            .is_none_or(|since| since.elapsed() >= DOWN_FOR)
+    }
+
+    fn restart(&mut self) -> Result<(), TransportError> {
+        let mut state = lock(&self.state);
+        state.client = None;
+        state.down_since = None;
+        Ok(())
+    }
+
+    fn cancel(&self) {
+        self.cancel.notify_waiters();
+        lock(&self.state).client = None;
+    }
+
+    fn shutdown(self: Box<Self>) {
+        self.cancel();
+    }
+
+    fn pid(&self) -> Option<u32> {
+        None
+    }
+
+    fn describe(&self) -> String {
+        format!("remote {}", self.config.addr)
+    }
+}

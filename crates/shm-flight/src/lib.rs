@@ -1,0 +1,146 @@
+//! Remote workers over Arrow Flight: the handlers a local worker serves, served to other
+//! hosts, and called through the same interface.
+//!
+//! A host runs a [`Server`] over a [`Router`](shm_transport::Router) — the very router its
+//! local workers would [`serve`](shm_transport::serve). A caller holds a [`RemoteWorker`],
+//! which implements [`Callee`](shm_transport::Callee) like a local
+//! [`Worker`](shm_transport::Worker) does, so user code and a
+//! [`WorkerPool`](shm_transport::WorkerPool) mix local and remote workers freely.
+//!
+//! Each call is one Flight `DoExchange` stream: the arguments go up, the result comes back,
+//! each as a head message (the payload's codec and metadata in `app_metadata`) followed by
+//! its data. Arrow frames travel as standard Flight record batches, which any Flight client
+//! reads; arrays and other payloads as their shared-memory blocks, cut into chunks of at most
+//! [`CHUNK`] bytes. Either way the receiver copies the data once, off the network, into
+//! blocks of its own pool, so handlers receive `ShmArray`, `SimpleFrame`, `ColumnFrame` and
+//! `Serde` values exactly as they would from a local parent, and results come back into the
+//! caller's pool. HTTP/2 flow control bounds how far a sender runs ahead of its receiver
+//! (about [`STREAM_WINDOW`] bytes per call).
+//!
+//! DoExchange is the Flight verb for this: one bidirectional stream per call carries the
+//! arguments, the result, and the metadata of both; DoPut plus DoGet would take two round
+//! trips and a ticket to tie them, DoAction carries opaque bytes without Arrow data.
+//!
+//! What can go wrong is a [`TransportError::Network`](shm_transport::TransportError) with
+//! the server's address and the numbers ([`NetworkFault`](shm_transport::NetworkFault)):
+//! refused, lost mid-call, server restarted, timed out, too large, unauthenticated. The
+//! client connects again on its next call. A server checks a bearer token when it has one
+//! and, with the `tls` feature, speaks TLS.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use shm_codec::Serde;
+//! use shm_flight::{RemoteConfig, RemoteWorker, Server, ServerConfig};
+//! use shm_transport::Router;
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // On the worker host:
+//! let router = Router::new().handle("add", |Serde((a, b)): Serde<(i64, i64)>, _| {
+//!     Ok::<_, String>(Serde(a + b))
+//! });
+//! let server = Server::start(router, ServerConfig::new("0.0.0.0:7000".parse()?).token("s3cret"))?;
+//!
+//! // On the calling host:
+//! let worker = RemoteWorker::new(RemoteConfig::new("http://10.0.0.7:7000").token("s3cret"))?;
+//! let Serde(sum): Serde<i64> = worker.call("add", &Serde((2, 3)))?;
+//! assert_eq!(sum, 5);
+//! # drop(server);
+//! # Ok(())
+//! # }
+//! ```
+
+mod client;
+mod server;
+mod wire;
+
+#[cfg(feature = "tls")]
+pub use client::ClientTls;
+pub use client::{DOWN_FOR, RemoteConfig, RemoteWorker};
+#[cfg(feature = "tls")]
+pub use server::ServerTls;
+pub use server::{Server, ServerConfig};
+pub use wire::{CHUNK, SPLIT_BATCH_BYTES, WIRE_VERSION};
+
+/// The HTTP/2 window of each call, in bytes: how much data may be in flight, unread by the
+/// receiver, on one call (the connection's window is twice this).
+pub const STREAM_WINDOW: u32 = 8 << 20;
+
+/// Default for the largest payload a side accepts: 16 GiB.
+pub const DEFAULT_MAX_PAYLOAD: u64 = 16 << 30;
+
+/// Default for the largest Arrow frame sent as one Flight record batch: 8 MiB. Such a frame
+/// is copied once by its receiver, into shared memory; a larger one travels as batches of
+/// about [`SPLIT_BATCH_BYTES`], which the receiver concatenates (one more copy, and still
+/// faster than one large gRPC message).
+pub const DEFAULT_WHOLE_BATCH_BYTES: usize = 8 << 20;
+
+/// Default for the largest single gRPC message a side accepts: 256 MiB.
+pub const DEFAULT_MAX_MESSAGE: usize = 256 << 20;
+
+/// Entry points for the mutation tests: what a server does with the messages of a call, and
+/// the messages a client sends. Not part of the API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use arrow_flight::FlightData;
+    use shm_codec::{Encoder, Payload, Registry};
+    use shm_core::ShmPool;
+
+    use crate::wire::{self, CallHead, Counter, WIRE_VERSION};
+
+    /// The messages of a call of `method` with `args`, as a client sends them.
+    pub fn call_messages(pool: &ShmPool, method: &str, args: Payload) -> Vec<FlightData> {
+        let sent = std::sync::Arc::new(Counter::default());
+        let Ok(outgoing) = wire::outgoing(args, pool, crate::DEFAULT_WHOLE_BATCH_BYTES, sent)
+        else {
+            return Vec::new();
+        };
+        let head = CallHead {
+            wire: WIRE_VERSION,
+            method: method.to_owned(),
+            instance: None,
+            args: outgoing.head,
+        };
+        std::iter::once(wire::head_message(&head))
+            .chain(outgoing.data)
+            .collect()
+    }
+
+    /// Receives a call's messages as a server does — its head, then its data into `pool`,
+    /// at most `limit` bytes — and decodes the arguments with every codec there is.
+    pub fn receive_call(
+        pool: &ShmPool,
+        messages: Vec<FlightData>,
+        limit: u64,
+    ) -> Result<(), String> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .map_err(|e| e.to_string())?;
+        runtime.block_on(async {
+            let mut stream = futures::stream::iter(messages.into_iter().map(Ok));
+            let Some(Ok(first)) = futures::StreamExt::next(&mut stream).await else {
+                return Err("no head".to_owned());
+            };
+            let head: CallHead = wire::read_head(&first, "call")?;
+            let encoder = Encoder::new(pool.clone());
+            let received = Counter::default();
+            let payload = wire::receive(&mut stream, head.args, &encoder, limit, &received)
+                .await
+                .map_err(|e| format!("{e:?}"))?;
+            let decoder = wire::own_decoder(pool, payload.blocks());
+            // Serde values have no codec of their own in the registry: they decode by type.
+            if payload.codec == shm_codec::SERDE_CODEC {
+                return decoder
+                    .decode::<shm_codec::Serde<Vec<u8>>>(&payload)
+                    .map(drop)
+                    .map_err(|e| e.to_string());
+            }
+            let mut registry = Registry::new();
+            registry.register(shm_arrow::ColumnsCodec);
+            registry
+                .decode(&payload, &decoder)
+                .map(drop)
+                .map_err(|e| e.to_string())
+        })
+    }
+}

@@ -1,0 +1,454 @@
+//! The worker side: a Flight server that runs a [`Router`]'s handlers for remote callers.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use arrow_flight::flight_service_server::{FlightService, FlightServiceServer};
+use arrow_flight::{
+    Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightInfo,
+    HandshakeRequest, HandshakeResponse, PollInfo, PutResult, SchemaResult, Ticket,
+};
+use futures::Stream;
+use shm_codec::Encoder;
+use shm_core::ShmPool;
+use shm_transport::{RemoteError, RemoteErrorKind, Router};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::wire::{
+    self, CallHead, Counter, MESSAGE_SLACK, Outcome, Refusal, ReplyHead, WIRE_VERSION, WireError,
+};
+use crate::{DEFAULT_MAX_MESSAGE, DEFAULT_MAX_PAYLOAD, DEFAULT_WHOLE_BATCH_BYTES, STREAM_WINDOW};
+
+/// How to run a remote worker.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Where to listen. Port 0 picks a free port ([`Server::local_addr`] says which).
+    pub addr: SocketAddr,
+    /// The bearer token every call must carry (`authorization: Bearer <token>`); `None`
+    /// accepts every caller — only for a listener no one else can reach.
+    pub token: Option<String>,
+    /// The largest arguments a call may bring, in bytes; larger calls are refused before
+    /// any of their data is read. Default 16 GiB.
+    pub max_payload: u64,
+    /// The largest Arrow result sent as one Flight record batch, which the client copies once;
+    /// a larger one goes as batches of about [`SPLIT_BATCH_BYTES`](crate::SPLIT_BATCH_BYTES),
+    /// which it concatenates (one more copy). Default 8 MiB.
+    pub whole_batch_bytes: usize,
+    /// The largest single gRPC message the server accepts (a chunk, or one record batch of
+    /// an Arrow frame). Default 256 MiB.
+    pub max_message: usize,
+    /// The threads that move data (handlers run on a thread of their own, one at a time).
+    /// Default 2.
+    pub io_threads: usize,
+    /// The pool that received arguments and results live in; `None` for a new one.
+    pub pool: Option<ShmPool>,
+    /// The server's certificate chain and private key, PEM; `None` for plain TCP.
+    #[cfg(feature = "tls")]
+    pub tls: Option<ServerTls>,
+}
+
+/// A server's TLS identity.
+#[cfg(feature = "tls")]
+#[derive(Clone, Debug)]
+pub struct ServerTls {
+    /// The certificate chain, PEM.
+    pub cert_pem: Vec<u8>,
+    /// The private key, PEM.
+    pub key_pem: Vec<u8>,
+}
+
+impl ServerConfig {
+    /// A configuration listening on `addr` with defaults for everything else.
+    pub fn new(addr: SocketAddr) -> Self {
+        ServerConfig {
+            addr,
+            token: None,
+            max_payload: DEFAULT_MAX_PAYLOAD,
+            whole_batch_bytes: DEFAULT_WHOLE_BATCH_BYTES,
+            max_message: DEFAULT_MAX_MESSAGE,
+            io_threads: 2,
+            pool: None,
+            #[cfg(feature = "tls")]
+            tls: None,
+        }
+    }
+
+    /// Requires `token` of every caller.
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+}
+
+/// A running remote worker: a Flight server on its own threads. Dropping it stops it.
+#[derive(Debug)]
+pub struct Server {
+    addr: SocketAddr,
+    instance: u64,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Server {
+    /// Binds `config.addr` and serves `router` on background threads.
+    pub fn start(router: Router, config: ServerConfig) -> std::io::Result<Server> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(config.io_threads.max(1))
+            .thread_name("shm-flight-server")
+            .enable_all()
+            .build()?;
+        let pool = match &config.pool {
+            Some(pool) => pool.clone(),
+            None => ShmPool::new().map_err(std::io::Error::other)?,
+        };
+        let instance = random_instance();
+        let service = WorkerService {
+            router: Arc::new(router),
+            serial: Arc::new(Mutex::new(())),
+            encoder: Encoder::new(pool),
+            token: config.token.clone().map(|t| format!("Bearer {t}")),
+            instance,
+            max_payload: config.max_payload,
+            whole_batch_bytes: config.whole_batch_bytes,
+        };
+        let max_message = config.max_message.max(wire::CHUNK) + MESSAGE_SLACK;
+        let service = FlightServiceServer::new(service)
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(usize::MAX);
+        let listener = runtime.block_on(tokio::net::TcpListener::bind(config.addr))?;
+        let addr = listener.local_addr()?;
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let builder = tonic::transport::Server::builder()
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(2 * STREAM_WINDOW);
+        #[cfg(feature = "tls")]
+        let builder = match &config.tls {
+            Some(tls) => builder
+                .tls_config(tonic::transport::ServerTlsConfig::new().identity(
+                    tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem),
+                ))
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?,
+            None => builder,
+        };
+        let mut builder = builder;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = runtime.spawn(builder.add_service(service).serve_with_incoming_shutdown(
+            incoming,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        Ok(Server {
+            addr,
+            instance,
+            stop: Some(stop),
+            task: Some(task),
+            runtime: Some(runtime),
+        })
+    }
+
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// This run's instance number: clients that talked to another instance are told that
+    /// the server restarted.
+    pub fn instance(&self) -> u64 {
+        self.instance
+    }
+
+    /// Serves until the server fails (it does not stop by itself).
+    pub fn wait(mut self) -> std::io::Result<()> {
+        let (Some(runtime), Some(task)) = (self.runtime.take(), self.task.take()) else {
+            return Ok(());
+        };
+        let outcome = runtime.block_on(task);
+        match outcome {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(err)) => Err(std::io::Error::other(err)),
+            Err(err) => Err(std::io::Error::other(err)),
+        }
+    }
+
+    /// Stops accepting calls, lets the calls in progress finish, and stops.
+    pub fn shutdown(mut self) {
+        self.stop_now();
+    }
+
+    fn stop_now(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let (Some(runtime), Some(task)) = (self.runtime.take(), self.task.take()) {
+            let _ = runtime.block_on(task);
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop_now();
+    }
+}
+
+/// A random instance number, from the kernel's generator.
+fn random_instance() -> u64 {
+    let mut bytes = [0u8; 8];
+    let _ = rustix::rand::getrandom(&mut bytes, rustix::rand::GetRandomFlags::empty());
+    u64::from_le_bytes(bytes) | 1
+}
+
+struct WorkerService {
+    router: Arc<Router>,
+    /// Handlers run one at a time, as in a local worker.
+    serial: Arc<Mutex<()>>,
+    encoder: Encoder,
+    /// `Bearer <token>`, as the `authorization` header must read.
+    token: Option<String>,
+    instance: u64,
+    max_payload: u64,
+    whole_batch_bytes: usize,
+}
+
+type Messages<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+impl WorkerService {
+    fn check_token(&self, metadata: &tonic::metadata::MetadataMap) -> Result<(), Status> {
+        let Some(expected) = &self.token else {
+            return Ok(());
+        };
+        let given = metadata
+            .get("authorization")
+            .map(|v| v.as_bytes())
+            .unwrap_or_default();
+        if constant_time_eq(given, expected.as_bytes()) {
+            Ok(())
+        } else if given.is_empty() {
+            Err(Status::unauthenticated(
+                "this worker requires a bearer token (authorization: Bearer <token>)",
+            ))
+        } else {
+            Err(Status::unauthenticated(
+                "the bearer token is not this worker's",
+            ))
+        }
+    }
+
+    fn reply(&self, outcome: Outcome) -> FlightData {
+        wire::head_message(&ReplyHead {
+            wire: WIRE_VERSION,
+            instance: self.instance,
+            outcome,
+        })
+    }
+
+    /// A reply that is only its head: a refusal or a failure.
+    fn head_only(&self, outcome: Outcome) -> Response<Messages<FlightData>> {
+        let head = self.reply(outcome);
+        Response::new(Box::pin(futures::stream::iter([Ok(head)])))
+    }
+
+    fn refuse(&self, refusal: Refusal) -> Response<Messages<FlightData>> {
+        self.head_only(Outcome::Refused(refusal))
+    }
+
+    async fn exchange(
+        &self,
+        mut stream: Streaming<FlightData>,
+    ) -> Result<Response<Messages<FlightData>>, Status> {
+        let Some(first) = stream.message().await? else {
+            return Ok(self.refuse(Refusal::Protocol {
+                what: "the call ended before its head".into(),
+            }));
+        };
+        let head: CallHead = match wire::read_head(&first, "call") {
+            Ok(head) => head,
+            Err(what) => return Ok(self.refuse(Refusal::Protocol { what })),
+        };
+        if head.wire != WIRE_VERSION {
+            return Ok(self.refuse(Refusal::Protocol {
+                what: format!(
+                    "the client speaks wire version {}, this server {WIRE_VERSION}",
+                    head.wire
+                ),
+            }));
+        }
+        if head.instance.is_some_and(|i| i != self.instance) {
+            return Ok(self.refuse(Refusal::Restarted));
+        }
+        let method = head.method;
+        let received = Counter::default();
+        let args = match wire::receive(
+            &mut stream,
+            head.args,
+            &self.encoder,
+            self.max_payload,
+            &received,
+        )
+        .await
+        {
+            Ok(args) => args,
+            // The caller is gone (or its connection is): nobody to answer.
+            Err(WireError::Stream(status)) => return Err(status),
+            Err(WireError::TooLarge { size, limit }) => {
+                return Ok(self.refuse(Refusal::TooLarge { size, limit }));
+            }
+            Err(WireError::Protocol(what)) => return Ok(self.refuse(Refusal::Protocol { what })),
+            Err(WireError::Codec(err)) => {
+                let failed = RemoteError::from_codec(&method, RemoteErrorKind::BadArguments, &err);
+                return Ok(self.head_only(Outcome::Failed(failed)));
+            }
+        };
+        let (router, serial, encoder) = (
+            Arc::clone(&self.router),
+            Arc::clone(&self.serial),
+            self.encoder.clone(),
+        );
+        let name = method.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            let _one_at_a_time = serial.lock().unwrap_or_else(PoisonError::into_inner);
+            let decoder = wire::own_decoder(encoder.pool(), args.blocks());
+            let outcome = router.dispatch(&name, &args, &decoder, &encoder);
+            drop(args);
+            outcome
+        })
+        .await
+        .map_err(|e| Status::internal(format!("the handler's thread failed: {e}")))?;
+        let result = match outcome {
+            Ok(result) => result,
+            Err(failed) => {
+                return Ok(self.head_only(Outcome::Failed(failed)));
+            }
+        };
+        if !result.is_backed() {
+            let failed = RemoteError {
+                method: method.clone(),
+                kind: RemoteErrorKind::BadResult,
+                message: "the result names blocks it does not hold: a payload read from a peer \
+                          cannot be sent on as it is"
+                    .into(),
+            };
+            return Ok(self.head_only(Outcome::Failed(failed)));
+        }
+        let sent = Arc::new(Counter::default());
+        let outgoing =
+            match wire::outgoing(result, self.encoder.pool(), self.whole_batch_bytes, sent) {
+                Ok(outgoing) => outgoing,
+                Err(err) => {
+                    let failed = match err {
+                        WireError::Codec(err) => {
+                            RemoteError::from_codec(&method, RemoteErrorKind::BadResult, &err)
+                        }
+                        other => RemoteError {
+                            method: method.clone(),
+                            kind: RemoteErrorKind::BadResult,
+                            message: format!("{other:?}"),
+                        },
+                    };
+                    return Ok(self.head_only(Outcome::Failed(failed)));
+                }
+            };
+        let head = self.reply(Outcome::Done(outgoing.head));
+        let messages = futures::stream::iter(std::iter::once(head).chain(outgoing.data).map(Ok));
+        Ok(Response::new(Box::pin(messages)))
+    }
+}
+
+/// Compares a secret without leaking, through timing, how much of it matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = (a.len() != b.len()) as u8;
+    for (i, &x) in b.iter().enumerate() {
+        diff |= x ^ a.get(i).copied().unwrap_or(!x);
+    }
+    diff == 0
+}
+
+#[tonic::async_trait]
+impl FlightService for WorkerService {
+    type HandshakeStream = Messages<HandshakeResponse>;
+    type ListFlightsStream = Messages<FlightInfo>;
+    type DoGetStream = Messages<FlightData>;
+    type DoPutStream = Messages<PutResult>;
+    type DoExchangeStream = Messages<FlightData>;
+    type DoActionStream = Messages<arrow_flight::Result>;
+    type ListActionsStream = Messages<ActionType>;
+
+    async fn do_exchange(
+        &self,
+        request: Request<Streaming<FlightData>>,
+    ) -> Result<Response<Self::DoExchangeStream>, Status> {
+        self.check_token(request.metadata())?;
+        self.exchange(request.into_inner()).await
+    }
+
+    async fn handshake(
+        &self,
+        _: Request<Streaming<HandshakeRequest>>,
+    ) -> Result<Response<Self::HandshakeStream>, Status> {
+        Err(unused("Handshake"))
+    }
+
+    async fn list_flights(
+        &self,
+        _: Request<Criteria>,
+    ) -> Result<Response<Self::ListFlightsStream>, Status> {
+        Err(unused("ListFlights"))
+    }
+
+    async fn get_flight_info(
+        &self,
+        _: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        Err(unused("GetFlightInfo"))
+    }
+
+    async fn poll_flight_info(
+        &self,
+        _: Request<FlightDescriptor>,
+    ) -> Result<Response<PollInfo>, Status> {
+        Err(unused("PollFlightInfo"))
+    }
+
+    async fn get_schema(
+        &self,
+        _: Request<FlightDescriptor>,
+    ) -> Result<Response<SchemaResult>, Status> {
+        Err(unused("GetSchema"))
+    }
+
+    async fn do_get(&self, _: Request<Ticket>) -> Result<Response<Self::DoGetStream>, Status> {
+        Err(unused("DoGet"))
+    }
+
+    async fn do_put(
+        &self,
+        _: Request<Streaming<FlightData>>,
+    ) -> Result<Response<Self::DoPutStream>, Status> {
+        Err(unused("DoPut"))
+    }
+
+    async fn do_action(
+        &self,
+        _: Request<Action>,
+    ) -> Result<Response<Self::DoActionStream>, Status> {
+        Err(unused("DoAction"))
+    }
+
+    async fn list_actions(
+        &self,
+        _: Request<Empty>,
+    ) -> Result<Response<Self::ListActionsStream>, Status> {
+        Err(unused("ListActions"))
+    }
+}
+
+fn unused(verb: &str) -> Status {
+    Status::unimplemented(format!(
+        "an shm worker answers DoExchange only (calls by method name); {verb} is not served"
+    ))
+}

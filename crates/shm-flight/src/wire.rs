@@ -1,0 +1,592 @@
+//! What travels in a `DoExchange` stream, each way: one head message, then the payload's data.
+//!
+//! The head is a `FlightData` whose `app_metadata` is a postcard [`CallHead`] (client to
+//! server) or [`ReplyHead`] (server to client); its other fields are empty, so a generic
+//! Flight reader skips it. What follows depends on the payload's [`Body`]:
+//! - `Arrow`: the frame as standard Flight record batches — a schema message, dictionary
+//!   messages, then one record batch message (a frame of up to `whole_batch_bytes`) or
+//!   several of about [`SPLIT_BATCH_BYTES`] — that any Flight client reads;
+//! - `Blocks`: the payload's blocks, in order, as `data_body` chunks of at most [`CHUNK`]
+//!   bytes (`data_header` and `app_metadata` empty).
+//!
+//! The receiver allocates the blocks in its own pool once the head has said how large they
+//! are, copies each chunk straight into place, and holds the sender to the sizes it declared.
+//! docs/format.md has the byte-level description.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use arrow::array::{ArrayRef, RecordBatch};
+use arrow::buffer::Buffer;
+use arrow::datatypes::SchemaRef;
+use arrow::ipc::writer::{DictionaryTracker, IpcDataGenerator, IpcWriteContext, IpcWriteOptions};
+use arrow_flight::FlightData;
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use serde::{Deserialize, Serialize};
+use shm_arrow::{COLUMNS_CODEC, ColumnFrame};
+use shm_codec::{Attacher, Decoder, Encoder, Payload};
+use shm_core::{ShmBlock, ShmPool, ShmRef};
+use shm_transport::RemoteError;
+
+/// The version of this wire format; a peer of another version is refused at its first message.
+pub const WIRE_VERSION: u16 = 1;
+
+/// The largest `data_body` of a block chunk. Several chunks are in flight at once, bounded by
+/// HTTP/2 flow control: a sender never runs more than a few chunks ahead of its receiver.
+pub const CHUNK: usize = 2 << 20;
+
+/// The size aimed at for each record batch of an Arrow frame too large to travel whole: small
+/// enough that encoding, sending and receiving overlap (gRPC buffers each message whole on
+/// both sides; `cargo xtask bench` measured a 41 MiB frame at 37–43 ms in 2 MiB batches,
+/// 88 ms as one message).
+pub const SPLIT_BATCH_BYTES: usize = 2 << 20;
+
+/// Room for a message's head and framing beyond its data, when sizing gRPC message limits.
+pub(crate) const MESSAGE_SLACK: usize = 64 << 10;
+
+/// The first message of a call.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct CallHead {
+    pub wire: u16,
+    pub method: String,
+    /// The server instance the client talked to last; a server of another instance refuses the
+    /// call (its handlers' state is gone). `None` on first contact.
+    pub instance: Option<u64>,
+    pub args: PayloadHead,
+}
+
+/// The first message of a reply.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct ReplyHead {
+    pub wire: u16,
+    /// The server's instance: a random number drawn when it started.
+    pub instance: u64,
+    pub outcome: Outcome,
+}
+
+/// How a call ended on the server.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum Outcome {
+    /// The handler returned; its result follows.
+    Done(PayloadHead),
+    /// The handler (or decoding its arguments) failed.
+    Failed(RemoteError),
+    /// The server did not run the call.
+    Refused(Refusal),
+}
+
+/// Why a server did not run a call.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum Refusal {
+    /// The client expected another instance.
+    Restarted,
+    /// The arguments are larger than the server accepts.
+    TooLarge { size: u64, limit: u64 },
+    /// The call broke the protocol.
+    Protocol { what: String },
+}
+
+/// A payload's description: everything but its data.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct PayloadHead {
+    pub codec: String,
+    pub meta: Vec<u8>,
+    pub inline: Vec<u8>,
+    pub body: Body,
+}
+
+/// How a payload's data follows its head.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum Body {
+    /// The payload's blocks, with these lengths, as chunks.
+    Blocks { lens: Vec<u64> },
+    /// A record batch of `rows` rows and about `bytes` bytes of buffers, as Flight record
+    /// batches.
+    Arrow { rows: u64, bytes: u64 },
+}
+
+impl PayloadHead {
+    /// The bytes of data the payload declares.
+    pub fn size(&self) -> u64 {
+        let data = match &self.body {
+            Body::Blocks { lens } => lens.iter().fold(0u64, |a, &l| a.saturating_add(l)),
+            Body::Arrow { bytes, .. } => *bytes,
+        };
+        data.saturating_add((self.meta.len() + self.inline.len()) as u64)
+    }
+}
+
+/// A message that carries only `app_metadata`.
+pub(crate) fn head_message<H: Serialize>(head: &H) -> FlightData {
+    FlightData {
+        app_metadata: postcard::to_stdvec(head).unwrap_or_default().into(),
+        ..Default::default()
+    }
+}
+
+/// Reads a head from a message's `app_metadata`.
+pub(crate) fn read_head<H: for<'a> Deserialize<'a>>(
+    message: &FlightData,
+    what: &str,
+) -> Result<H, String> {
+    postcard::from_bytes(&message.app_metadata).map_err(|e| {
+        format!(
+            "the first message should carry the {what} head in app_metadata, but its {} bytes \
+             do not decode: {e}",
+            message.app_metadata.len()
+        )
+    })
+}
+
+/// Counts bytes of data as they pass, for the numbers in errors.
+#[derive(Debug, Default)]
+pub(crate) struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn add(&self, n: usize) {
+        self.0.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Why a payload could not be sent or received.
+#[derive(Debug)]
+pub(crate) enum WireError {
+    /// The stream broke (a transport error, as the gRPC layer reported it).
+    Stream(tonic::Status),
+    /// More data than the receiver accepts.
+    TooLarge { size: u64, limit: u64 },
+    /// The peer broke the format.
+    Protocol(String),
+    /// Shared memory, or the codecs, refused.
+    Codec(shm_codec::CodecError),
+}
+
+impl From<shm_core::ShmError> for WireError {
+    fn from(err: shm_core::ShmError) -> Self {
+        WireError::Codec(err.into())
+    }
+}
+
+impl From<shm_codec::CodecError> for WireError {
+    fn from(err: shm_codec::CodecError) -> Self {
+        WireError::Codec(err)
+    }
+}
+
+/// A payload ready to be sent: its head, and the messages that carry its data.
+pub(crate) struct Outgoing {
+    pub head: PayloadHead,
+    pub data: Box<dyn Iterator<Item = FlightData> + Send>,
+}
+
+/// Prepares `payload` for sending. An Arrow frame is decoded (from our own blocks, without a
+/// copy) and sent as Flight record batches (one, if it holds at most `whole_batch_bytes`);
+/// anything else as its
+/// blocks.
+pub(crate) fn outgoing(
+    payload: Payload,
+    pool: &ShmPool,
+    whole_batch_bytes: usize,
+    sent: Arc<Counter>,
+) -> Result<Outgoing, WireError> {
+    if payload.codec == COLUMNS_CODEC {
+        let decoder = own_decoder(pool, payload.blocks());
+        // SAFETY: the payload is this process's own: our encoder wrote its blocks, which no
+        // peer can write, from a batch this process built, so it is as valid as that batch
+        // was. Only the IPC writer reads it, with bounds-checked slicing (a panic there, on a
+        // batch built unchecked with bad offsets, is contained in `ArrowMessages::next`), and
+        // the receiver validates what arrives.
+        let batch = unsafe { shm_arrow::decode_trusted(&payload, &decoder) }?;
+        let bytes: u64 = batch
+            .columns()
+            .iter()
+            .map(|c| c.to_data().get_slice_memory_size().unwrap_or(0) as u64)
+            .sum();
+        let head = PayloadHead {
+            codec: payload.codec.clone(),
+            meta: Vec::new(),
+            inline: Vec::new(),
+            body: Body::Arrow {
+                rows: batch.num_rows() as u64,
+                bytes,
+            },
+        };
+        let rows_per_batch = rows_per_batch(batch.num_rows(), bytes, whole_batch_bytes);
+        let data = ArrowMessages::new(batch, rows_per_batch, sent);
+        return Ok(Outgoing {
+            head,
+            data: Box::new(data),
+        });
+    }
+    let mut payload = payload;
+    let blocks = payload.take_blocks();
+    let head = PayloadHead {
+        codec: payload.codec.clone(),
+        meta: payload.meta.clone(),
+        inline: payload.inline.clone(),
+        body: Body::Blocks {
+            lens: blocks.iter().map(|b| b.len() as u64).collect(),
+        },
+    };
+    let chunks = blocks.into_iter().flat_map(move |block| {
+        let sent = Arc::clone(&sent);
+        let len = block.len();
+        (0..len.div_ceil(CHUNK)).map(move |i| {
+            let range = i * CHUNK..len.min((i + 1) * CHUNK);
+            sent.add(range.len());
+            FlightData {
+                data_body: Bytes::copy_from_slice(&block.as_slice()[range]),
+                ..Default::default()
+            }
+        })
+    });
+    Ok(Outgoing {
+        head,
+        data: Box::new(chunks),
+    })
+}
+
+/// Rows per record batch: all of them when the frame's `bytes` fit in `whole` (the receiver
+/// then copies the frame once); otherwise about [`SPLIT_BATCH_BYTES`] per batch, a multiple of
+/// 64 rows so that validity bitmaps stay byte-aligned.
+fn rows_per_batch(rows: usize, bytes: u64, whole: usize) -> usize {
+    if rows == 0 || bytes <= whole as u64 {
+        return rows.max(1);
+    }
+    let per_row = (bytes / rows as u64).max(1);
+    let rows_per = (SPLIT_BATCH_BYTES as u64 / per_row).max(64) as usize;
+    rows_per.next_multiple_of(64).min(rows)
+}
+
+/// A record batch as Flight messages, encoded one slice at a time as the stream pulls them.
+struct ArrowMessages {
+    batch: RecordBatch,
+    rows_per_batch: usize,
+    next_row: usize,
+    started: bool,
+    generator: IpcDataGenerator,
+    tracker: DictionaryTracker,
+    options: IpcWriteOptions,
+    context: IpcWriteContext,
+    pending: VecDeque<FlightData>,
+    sent: Arc<Counter>,
+    failed: bool,
+}
+
+impl ArrowMessages {
+    fn new(batch: RecordBatch, rows_per_batch: usize, sent: Arc<Counter>) -> Self {
+        ArrowMessages {
+            batch,
+            rows_per_batch,
+            next_row: 0,
+            started: false,
+            generator: IpcDataGenerator::default(),
+            tracker: DictionaryTracker::new(false),
+            options: IpcWriteOptions::default(),
+            context: IpcWriteContext::default(),
+            pending: VecDeque::new(),
+            sent,
+            failed: false,
+        }
+    }
+
+    fn refill(&mut self) -> Result<(), arrow::error::ArrowError> {
+        if !self.started {
+            self.started = true;
+            let schema = self.generator.schema_to_bytes_with_dictionary_tracker(
+                self.batch.schema().as_ref(),
+                &mut self.tracker,
+                &self.options,
+            );
+            self.pending.push_back(schema.into());
+            if self.batch.num_rows() == 0 {
+                let (dictionaries, batch) = self.generator.encode(
+                    &self.batch,
+                    &mut self.tracker,
+                    &self.options,
+                    &mut self.context,
+                )?;
+                self.pending
+                    .extend(dictionaries.into_iter().map(Into::into));
+                self.pending.push_back(batch.into());
+            }
+            return Ok(());
+        }
+        if self.next_row >= self.batch.num_rows() {
+            return Ok(());
+        }
+        let len = self
+            .rows_per_batch
+            .min(self.batch.num_rows() - self.next_row);
+        let slice = self.batch.slice(self.next_row, len);
+        self.next_row += len;
+        let (dictionaries, batch) =
+            self.generator
+                .encode(&slice, &mut self.tracker, &self.options, &mut self.context)?;
+        self.pending
+            .extend(dictionaries.into_iter().map(Into::into));
+        self.pending.push_back(batch.into());
+        Ok(())
+    }
+}
+
+impl Iterator for ArrowMessages {
+    type Item = FlightData;
+
+    fn next(&mut self) -> Option<FlightData> {
+        if self.failed {
+            return None;
+        }
+        if self.pending.is_empty() {
+            // An encoding failure (or a panic of arrow's writer) ends the stream early; the
+            // receiver reports the short stream.
+            let refilled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.refill()));
+            if !matches!(refilled, Ok(Ok(()))) {
+                self.failed = true;
+                return None;
+            }
+        }
+        let message = self.pending.pop_front()?;
+        self.sent
+            .add(message.data_body.len() + message.data_header.len());
+        Some(message)
+    }
+}
+
+/// A decoder that attaches exactly the blocks this process holds, and nothing else: a
+/// payload received over the network names only the blocks it was received into.
+pub(crate) fn own_decoder(pool: &ShmPool, blocks: &[Arc<ShmBlock>]) -> Decoder {
+    Decoder::with_attacher(pool.clone(), Arc::new(OwnBlocks(blocks.to_vec())))
+}
+
+struct OwnBlocks(Vec<Arc<ShmBlock>>);
+
+impl Attacher for OwnBlocks {
+    fn attach(&self, _pool: &ShmPool, r: &ShmRef) -> shm_core::Result<Arc<ShmBlock>> {
+        self.0
+            .iter()
+            .find(|b| b.to_ref() == *r)
+            .cloned()
+            .ok_or_else(|| shm_core::ShmError::ForeignSegment {
+                name: r.name.clone(),
+                allowed: "the blocks this payload was received into".to_owned(),
+            })
+    }
+}
+
+/// Receives the data of a payload whose head has arrived, into blocks of `encoder`'s pool,
+/// refusing more than `limit` bytes. The stream must end after the payload.
+pub(crate) async fn receive<S>(
+    stream: &mut S,
+    head: PayloadHead,
+    encoder: &Encoder,
+    limit: u64,
+    received: &Counter,
+) -> Result<Payload, WireError>
+where
+    S: Stream<Item = Result<FlightData, tonic::Status>> + Unpin,
+{
+    let size = head.size();
+    if size > limit {
+        return Err(WireError::TooLarge { size, limit });
+    }
+    match head.body {
+        Body::Blocks { lens } => {
+            let mut blocks = Vec::with_capacity(lens.len());
+            for &len in &lens {
+                let len = usize::try_from(len).map_err(|_| WireError::TooLarge {
+                    size: len,
+                    limit: usize::MAX as u64,
+                })?;
+                blocks.push(encoder.pool().alloc(len)?);
+            }
+            fill_blocks(stream, &mut blocks, received).await?;
+            let blocks = blocks.into_iter().map(|b| encoder.freeze(b)).collect();
+            Ok(Payload::new(head.codec, head.meta, blocks, head.inline))
+        }
+        Body::Arrow { rows, .. } => {
+            let batch = receive_batches(stream, rows, encoder, limit, received).await?;
+            // A batch that came whole lies in the blocks it was received into, and is
+            // referenced there; a concatenated one is copied into blocks of its own.
+            Ok(encoder.encode(&ColumnFrame(batch))?)
+        }
+    }
+}
+
+/// Copies the data messages into `blocks`, in order, until the stream ends.
+async fn fill_blocks<S>(
+    stream: &mut S,
+    blocks: &mut [ShmBlock],
+    received: &Counter,
+) -> Result<(), WireError>
+where
+    S: Stream<Item = Result<FlightData, tonic::Status>> + Unpin,
+{
+    let total: u64 = blocks.iter().map(|b| b.len() as u64).sum();
+    let (mut index, mut at) = (0usize, 0usize);
+    while let Some(message) = stream.next().await {
+        let message = message.map_err(WireError::Stream)?;
+        let mut body = &message.data_body[..];
+        while !body.is_empty() {
+            while index < blocks.len() && at == blocks[index].len() {
+                index += 1;
+                at = 0;
+            }
+            let Some(block) = blocks.get_mut(index) else {
+                return Err(WireError::Protocol(format!(
+                    "the payload declared {total} bytes of blocks and more came"
+                )));
+            };
+            let into = &mut block.as_mut_slice()?[at..];
+            let n = into.len().min(body.len());
+            into[..n].copy_from_slice(&body[..n]);
+            body = &body[n..];
+            at += n;
+            received.add(n);
+        }
+    }
+    if received.get() < total {
+        return Err(WireError::Protocol(format!(
+            "the stream ended after {} of the {total} bytes of blocks the payload declared",
+            received.get()
+        )));
+    }
+    Ok(())
+}
+
+/// Reads Flight record batches until the stream ends, and makes them one batch. Each
+/// message's body is copied into a block of `encoder`'s pool and decoded in place.
+async fn receive_batches<S>(
+    stream: &mut S,
+    rows: u64,
+    encoder: &Encoder,
+    limit: u64,
+    received: &Counter,
+) -> Result<RecordBatch, WireError>
+where
+    S: Stream<Item = Result<FlightData, tonic::Status>> + Unpin,
+{
+    let mut schema: Option<SchemaRef> = None;
+    let mut dictionaries: HashMap<i64, ArrayRef> = HashMap::new();
+    let mut batches = Vec::new();
+    let mut got_rows = 0u64;
+    while let Some(message) = stream.next().await {
+        let message = message.map_err(WireError::Stream)?;
+        received.add(message.data_header.len() + message.data_body.len());
+        if received.get() > limit {
+            return Err(WireError::TooLarge {
+                size: received.get(),
+                limit,
+            });
+        }
+        if message.data_header.is_empty() {
+            continue;
+        }
+        let mut block = encoder.pool().alloc(message.data_body.len())?;
+        block.as_mut_slice()?.copy_from_slice(&message.data_body);
+        let body =
+            shm_arrow::block_buffer(&encoder.freeze(block), 0, message.data_body.len() as u64)?;
+        let batch = contain(|| read_message(&message, body, &mut schema, &mut dictionaries))?;
+        if let Some(batch) = batch {
+            got_rows += batch.num_rows() as u64;
+            if got_rows > rows {
+                return Err(WireError::Protocol(format!(
+                    "the frame declared {rows} rows and more came"
+                )));
+            }
+            batches.push(batch);
+        }
+    }
+    let Some(schema) = schema else {
+        return Err(WireError::Protocol(
+            "the stream ended before the frame's schema".into(),
+        ));
+    };
+    if got_rows != rows {
+        return Err(WireError::Protocol(format!(
+            "the stream ended after {got_rows} of the {rows} rows the frame declared"
+        )));
+    }
+    match batches.len() {
+        1 => Ok(batches.remove(0)),
+        _ => contain(|| arrow::compute::concat_batches(&schema, &batches).map_err(arrow_error)),
+    }
+}
+
+/// Decodes one IPC message of a Flight stream: a schema, a dictionary, or a record batch.
+fn read_message(
+    message: &FlightData,
+    body: Buffer,
+    schema: &mut Option<SchemaRef>,
+    dictionaries: &mut HashMap<i64, ArrayRef>,
+) -> Result<Option<RecordBatch>, WireError> {
+    use arrow::ipc::{MessageHeader, reader, root_as_message};
+    let ipc = root_as_message(&message.data_header)
+        .map_err(|e| WireError::Protocol(format!("a data_header is not an IPC message: {e}")))?;
+    match ipc.header_type() {
+        MessageHeader::Schema => {
+            if schema.is_some() {
+                return Err(WireError::Protocol("a second schema message came".into()));
+            }
+            let fb = ipc
+                .header_as_schema()
+                .ok_or_else(|| WireError::Protocol("a schema message without schema".into()))?;
+            let decoded = arrow::ipc::convert::try_fb_to_schema(fb).map_err(arrow_error)?;
+            *schema = Some(Arc::new(decoded));
+            Ok(None)
+        }
+        MessageHeader::DictionaryBatch => {
+            let schema = schema.as_ref().ok_or_else(before_schema)?;
+            let batch = ipc.header_as_dictionary_batch().ok_or_else(|| {
+                WireError::Protocol("a dictionary message without dictionary".into())
+            })?;
+            reader::read_dictionary(&body, batch, schema, dictionaries, &ipc.version())
+                .map_err(arrow_error)?;
+            Ok(None)
+        }
+        MessageHeader::RecordBatch => {
+            let schema = schema.as_ref().ok_or_else(before_schema)?;
+            let batch = ipc.header_as_record_batch().ok_or_else(|| {
+                WireError::Protocol("a record batch message without batch".into())
+            })?;
+            reader::read_record_batch(
+                &body,
+                batch,
+                Arc::clone(schema),
+                dictionaries,
+                None,
+                &ipc.version(),
+            )
+            .map(Some)
+            .map_err(arrow_error)
+        }
+        other => Err(WireError::Protocol(format!(
+            "an IPC message of type {other:?} in a frame"
+        ))),
+    }
+}
+
+fn before_schema() -> WireError {
+    WireError::Protocol("a data message came before the schema".into())
+}
+
+fn arrow_error(err: arrow::error::ArrowError) -> WireError {
+    WireError::Codec(shm_codec::CodecError::InvalidData {
+        codec: COLUMNS_CODEC,
+        reason: err.to_string(),
+    })
+}
+
+/// Runs a decoder of network bytes, turning a panic inside arrow into an error.
+fn contain<T>(decode: impl FnOnce() -> Result<T, WireError>) -> Result<T, WireError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(decode)).unwrap_or_else(|panic| {
+        let message = shm_codec::panic_message(panic.as_ref());
+        Err(arrow_error(arrow::error::ArrowError::IpcError(message)))
+    })
+}

@@ -1,0 +1,578 @@
+//! Remote workers over loopback, each side its own process: every payload kind both ways,
+//! the faults a network brings, and a server or a client killed in the middle of a call.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, channel};
+use std::time::{Duration, Instant};
+
+use arrow::array::{
+    ArrayRef, DictionaryArray, Float64Array, Int32Array, Int64Array, ListArray, RecordBatch,
+    StringArray, StructArray,
+};
+use arrow::datatypes::{DataType, Field, Int32Type};
+use ndarray::{Array1, Array2, Array3, ShapeBuilder};
+use shm_arrow::ColumnFrame;
+use shm_codec::{Index, Serde, ShmArray, SimpleFrame};
+use shm_flight::{RemoteConfig, RemoteWorker};
+use shm_tests::CleanShm;
+use shm_transport::{Callee, NetworkFault, TransportError, Worker, WorkerConfig, WorkerPool};
+
+const SERVER: &str = env!("CARGO_BIN_EXE_shm-flight-test-server");
+
+/// A remote worker process on loopback; stops when dropped (its stdin closes).
+struct ServerProcess {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    addr: String,
+    instance: u64,
+    stderr: Receiver<String>,
+}
+
+impl ServerProcess {
+    fn start(args: &[&str]) -> Self {
+        Self::start_on("127.0.0.1:0", args)
+    }
+
+    fn start_on(listen: &str, args: &[&str]) -> Self {
+        let mut child = Command::new(SERVER)
+            .args(["--listen", listen])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the server starts");
+        let mut stdout = BufReader::new(child.stdout.take().expect("piped"));
+        let (lines, stderr) = channel();
+        let err = BufReader::new(child.stderr.take().expect("piped"));
+        std::thread::spawn(move || {
+            for line in err.lines().map_while(Result::ok) {
+                eprintln!("[server] {line}");
+                let _ = lines.send(line);
+            }
+        });
+        let mut line = String::new();
+        stdout
+            .read_line(&mut line)
+            .expect("the server says where it listens");
+        let mut words = line.split_whitespace();
+        assert_eq!(
+            words.next(),
+            Some("listening"),
+            "unexpected first line {line:?}"
+        );
+        let addr = words.next().expect("address").to_owned();
+        let instance = u64::from_str_radix(words.next().expect("instance"), 16).expect("hex");
+        ServerProcess {
+            stdin: child.stdin.take(),
+            child,
+            addr,
+            instance,
+            stderr,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn wait_for_stderr(&self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self
+                .stderr
+                .recv_timeout(left)
+                .expect("the server's line comes");
+            if line.contains(needle) {
+                return;
+            }
+        }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Closes stdin and waits for a clean exit.
+    fn stop(mut self) {
+        drop(self.stdin.take());
+        let status = self.child.wait().expect("the server waits");
+        assert!(status.success(), "the server failed: {status}");
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            self.kill();
+        }
+    }
+}
+
+fn remote(server: &ServerProcess) -> RemoteWorker {
+    RemoteWorker::new(RemoteConfig::new(server.url())).expect("a client")
+}
+
+fn network_fault(result: Result<impl std::fmt::Debug, TransportError>) -> (String, NetworkFault) {
+    match result {
+        Err(TransportError::Network { addr, fault }) => {
+            // The message a user sees, for the test log.
+            eprintln!(
+                "fault: {}",
+                TransportError::Network {
+                    addr: addr.clone(),
+                    fault: fault.clone()
+                }
+            );
+            (addr, fault)
+        }
+        other => panic!("expected a network fault, got {other:?}"),
+    }
+}
+
+/// A batch with a column of each layout family: primitive with nulls, strings, a dictionary,
+/// a list, and a struct.
+fn mixed_batch(rows: usize) -> RecordBatch {
+    let ints = Int64Array::from_iter((0..rows).map(|i| (i % 7 != 0).then_some(i as i64 * 3)));
+    let floats = Float64Array::from_iter_values((0..rows).map(|i| i as f64 / 4.0));
+    let strings = StringArray::from_iter((0..rows).map(|i| (i % 5 != 0).then(|| format!("s{i}"))));
+    let keys = Int32Array::from_iter_values((0..rows).map(|i| (i % 3) as i32));
+    let values = StringArray::from(vec!["red", "green", "blue"]);
+    let dictionary = DictionaryArray::<Int32Type>::try_new(keys, Arc::new(values)).expect("dict");
+    let lists = ListArray::from_iter_primitive::<Int32Type, _, _>(
+        (0..rows).map(|i| (i % 4 != 0).then(|| (0..(i % 3) as i32).map(Some).collect::<Vec<_>>())),
+    );
+    let structs = StructArray::from(vec![
+        (
+            Arc::new(Field::new("a", DataType::Int32, false)),
+            Arc::new(Int32Array::from_iter_values((0..rows).map(|i| i as i32))) as ArrayRef,
+        ),
+        (
+            Arc::new(Field::new("b", DataType::Utf8, true)),
+            Arc::new(StringArray::from_iter(
+                (0..rows).map(|i| (i % 2 == 0).then(|| i.to_string())),
+            )) as ArrayRef,
+        ),
+    ]);
+    RecordBatch::try_from_iter([
+        ("ints", Arc::new(ints) as ArrayRef),
+        ("floats", Arc::new(floats) as ArrayRef),
+        ("strings", Arc::new(strings) as ArrayRef),
+        ("colour", Arc::new(dictionary) as ArrayRef),
+        ("lists", Arc::new(lists) as ArrayRef),
+        ("pairs", Arc::new(structs) as ArrayRef),
+    ])
+    .expect("batch")
+}
+
+#[test]
+fn every_payload_kind_round_trips_through_a_remote_worker() {
+    let clean = CleanShm::begin();
+    let server = ServerProcess::start(&[]);
+    let worker = remote(&server);
+
+    // Arrays: large (in blocks, several chunks), small (inline), 2-D in Fortran order, 3-D.
+    let big = Array1::from_shape_fn(3_000_000, |i| i as f64 * 0.5).into_dyn();
+    let back: ShmArray<f64, ndarray::IxDyn> = worker.call("echo_f64", &big).expect("echo");
+    assert_eq!(back.view(), big.view());
+    let doubled: ShmArray<f64, ndarray::IxDyn> = worker.call("double", &big).expect("double");
+    assert!(
+        doubled
+            .view()
+            .iter()
+            .zip(big.iter())
+            .all(|(d, x)| *d == 2.0 * x)
+    );
+    let small = Array1::from_vec(vec![1.5f64, -2.0, 3.25]).into_dyn();
+    let back: ShmArray<f64, ndarray::IxDyn> = worker.call("echo_f64", &small).expect("small");
+    assert_eq!(back.view(), small.view());
+    let fortran = Array2::from_shape_fn((300, 200).f(), |(i, j)| (i * 1000 + j) as i32).into_dyn();
+    let back: ShmArray<i32, ndarray::IxDyn> = worker.call("echo_i32", &fortran).expect("2-D");
+    assert_eq!(back.view(), fortran.view());
+    let cube = Array3::from_shape_fn((2, 3, 4), |(i, j, k)| (i * 12 + j * 4 + k) as u8).into_dyn();
+    let back: ShmArray<u8, ndarray::IxDyn> = worker.call("echo_u8", &cube).expect("3-D");
+    assert_eq!(back.view(), cube.view());
+    let empty = Array1::<f64>::zeros(0).into_dyn();
+    let back: ShmArray<f64, ndarray::IxDyn> = worker.call("echo_f64", &empty).expect("empty");
+    assert_eq!(back.shape(), &[0]);
+
+    // A simple frame with labels and an index.
+    let pool = worker.pool().clone();
+    let frame = SimpleFrame::from_columns(
+        &pool,
+        &[
+            ("x", &(0..50_000).map(f64::from).collect::<Vec<_>>()),
+            ("y", &vec![2.5; 50_000]),
+        ],
+        Index::Range { start: 10, step: 2 },
+    )
+    .expect("frame");
+    let back: SimpleFrame<f64> = worker.call("frame", &frame).expect("frame");
+    assert_eq!(back.columns(), frame.columns());
+    assert_eq!(back.index(), frame.index());
+    assert_eq!(back.data().view(), frame.data().view());
+
+    // Arrow frames, as Flight record batches: one batch, and one split into many (the
+    // client and the server aim at small batches here).
+    let batch = mixed_batch(20_000);
+    let ColumnFrame(back) = worker
+        .call("batch", &ColumnFrame(batch.clone()))
+        .expect("batch");
+    assert_eq!(back, batch);
+    let mut config = RemoteConfig::new(server.url());
+    config.whole_batch_bytes = 64 << 10;
+    let splitting = RemoteWorker::new(config).expect("client");
+    let big_batch = mixed_batch(300_000);
+    let Serde(rows): Serde<usize> = splitting
+        .call("batch_rows", &ColumnFrame(big_batch.clone()))
+        .expect("split batch");
+    assert_eq!(rows, 300_000);
+    let ColumnFrame(back) = splitting
+        .call("batch", &ColumnFrame(big_batch.clone()))
+        .expect("split");
+    assert_eq!(back, big_batch);
+    let ColumnFrame(back) = worker
+        .call("batch", &ColumnFrame(batch.slice(0, 0)))
+        .expect("no rows");
+    assert_eq!(back.num_rows(), 0);
+    assert_eq!(back.schema(), batch.schema());
+
+    // Serde values, inline and in a block of their own (over the inline limit).
+    let words: Vec<String> = (0..10).map(|i| format!("word {i}")).collect();
+    let Serde(back): Serde<Vec<String>> =
+        worker.call("serde", &Serde(words.clone())).expect("serde");
+    assert_eq!(back, words);
+    let many: Vec<String> = (0..200_000).map(|i| format!("{i:08}")).collect();
+    let Serde(back): Serde<Vec<String>> = worker
+        .call("serde", &Serde(many.clone()))
+        .expect("big serde");
+    assert_eq!(back, many);
+
+    // A tuple of an array and a value.
+    let ints = Array1::from_shape_fn(100_000, |i| i as i64 - 50_000).into_dyn();
+    let (back, Serde(text)): (ShmArray<i64, ndarray::IxDyn>, Serde<String>) = worker
+        .call("pair", &(ints.clone(), Serde("abc".to_owned())))
+        .expect("tuple");
+    assert_eq!(back.view(), ints.view());
+    assert_eq!(text, "ABC");
+
+    // Handler failures come back as they do from a local worker.
+    match worker.call::<_, ()>("fail", &()) {
+        Err(TransportError::Remote(e)) => assert!(e.message.contains("says no"), "{e}"),
+        other => panic!("expected a remote error, got {other:?}"),
+    }
+    match worker.call::<_, ()>("panic", &()) {
+        Err(TransportError::Remote(e)) => assert!(e.message.contains("panics"), "{e}"),
+        other => panic!("expected a remote error, got {other:?}"),
+    }
+    match worker.call::<_, ()>("no_such_method", &()) {
+        Err(TransportError::Remote(e)) => assert_eq!(e.method, "no_such_method"),
+        other => panic!("expected a remote error, got {other:?}"),
+    }
+
+    // Nothing the calls received is still held by the server.
+    drop((back, doubled));
+    let Serde(live): Serde<usize> = worker.call("live_blocks", &()).expect("stats");
+    assert_eq!(live, 0, "blocks the server still holds after the calls");
+    drop((worker, splitting, frame, pool));
+    server.stop();
+    clean.end();
+}
+
+#[test]
+fn each_network_fault_is_a_typed_error_with_the_address_and_the_numbers() {
+    let clean = CleanShm::begin();
+
+    // Refused: a port that nothing listens on (bound, then released).
+    let free = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    let addr = free.local_addr().expect("addr");
+    drop(free);
+    let nobody = RemoteWorker::new(RemoteConfig::new(format!("http://{addr}"))).expect("client");
+    let (at, fault) = network_fault(nobody.call::<_, Serde<u32>>("pid", &()));
+    assert_eq!(at, format!("http://{addr}"));
+    assert!(matches!(fault, NetworkFault::Refused { .. }), "{fault:?}");
+    assert!(
+        !(&nobody as &dyn Callee).is_alive(),
+        "a refused worker counts as down"
+    );
+
+    // Unauthenticated: no token, and a wrong one; the right one works.
+    let server = ServerProcess::start(&["--token", "open sesame", "--max-payload", "1000000"]);
+    let anonymous = remote(&server);
+    let (_, fault) = network_fault(anonymous.call::<_, Serde<u32>>("pid", &()));
+    match fault {
+        NetworkFault::Unauthenticated { reason } => {
+            assert!(reason.contains("requires a bearer token"), "{reason}")
+        }
+        other => panic!("expected Unauthenticated, got {other:?}"),
+    }
+    let wrong =
+        RemoteWorker::new(RemoteConfig::new(server.url()).token("open sesame!")).expect("client");
+    let (_, fault) = network_fault(wrong.call::<_, Serde<u32>>("pid", &()));
+    assert!(
+        matches!(fault, NetworkFault::Unauthenticated { .. }),
+        "{fault:?}"
+    );
+    let worker =
+        RemoteWorker::new(RemoteConfig::new(server.url()).token("open sesame")).expect("client");
+    let Serde(pid): Serde<u32> = worker.call("pid", &()).expect("the right token");
+    assert_eq!(pid, server.child.id());
+
+    // Too large: the server accepts 1,000,000 bytes of arguments; the call is refused before
+    // its data is read, and the connection serves the next call.
+    let big = Array1::from_elem(200_000, 1.0f64).into_dyn();
+    let (_, fault) = network_fault(worker.call::<_, Serde<f64>>("sum", &big));
+    match fault {
+        NetworkFault::TooLarge { what, size, limit } => {
+            assert_eq!(what, "the arguments of sum");
+            assert!(size >= 1_600_000, "{size}");
+            assert_eq!(limit, 1_000_000);
+        }
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    // A result larger than the client accepts.
+    let mut config = RemoteConfig::new(server.url()).token("open sesame");
+    config.max_payload = 4096;
+    let small_client = RemoteWorker::new(config).expect("client");
+    let (_, fault) = network_fault(
+        small_client.call::<_, ShmArray<u8, ndarray::Ix1>>("zeros", &Serde(100_000usize)),
+    );
+    match fault {
+        NetworkFault::TooLarge { what, size, limit } => {
+            assert_eq!(what, "the result of zeros");
+            // The array's 100,000 bytes and its few bytes of metadata.
+            assert!((100_000..100_100).contains(&size), "{size}");
+            assert_eq!(limit, 4096);
+        }
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+
+    // Timeout: the call is abandoned; the server finishes the handler and the next call runs.
+    let started = Instant::now();
+    let (_, fault) = network_fault(worker.call_timeout::<_, Serde<u64>>(
+        "sleep",
+        &Serde(1500u64),
+        Duration::from_millis(200),
+    ));
+    match fault {
+        NetworkFault::Timeout {
+            method, timeout, ..
+        } => {
+            assert_eq!(method, "sleep");
+            assert_eq!(timeout, Duration::from_millis(200));
+        }
+        other => panic!("expected Timeout, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "the timeout waited for the handler"
+    );
+    let Serde(slept): Serde<u64> = worker.call("sleep", &Serde(1u64)).expect("after a timeout");
+    assert_eq!(slept, 1);
+
+    // The server goes away between calls: the next call is refused, not lost.
+    let url = server.url();
+    server.stop();
+    let (at, fault) = network_fault(worker.call::<_, Serde<u32>>("pid", &()));
+    assert_eq!(at, url);
+    assert!(matches!(fault, NetworkFault::Refused { .. }), "{fault:?}");
+
+    drop((worker, wrong, anonymous, small_client));
+    drop(nobody);
+    clean.end();
+}
+
+#[test]
+fn a_server_killed_mid_call_fails_that_call_then_says_it_restarted_then_serves() {
+    let clean = CleanShm::begin();
+    let mut server = ServerProcess::start(&[]);
+    let worker = Arc::new(remote(&server));
+    let Serde(first_pid): Serde<u32> = worker.call("pid", &()).expect("first call");
+    assert_eq!(worker.server_instance(), Some(server.instance));
+
+    let caller = {
+        let worker = Arc::clone(&worker);
+        std::thread::spawn(move || worker.call::<_, Serde<u64>>("sleep", &Serde(60_000u64)))
+    };
+    server.wait_for_stderr("sleeping 60000 ms");
+    server.kill();
+    let (_, fault) = network_fault(caller.join().expect("the caller returns"));
+    match fault {
+        NetworkFault::Lost { method, .. } => assert_eq!(method, "sleep"),
+        other => panic!("expected Lost, got {other:?}"),
+    }
+    // The killed server's segments are an orphaned session; the next pool on this host (or
+    // `shm gc`) removes them.
+    shm_core::sweep_orphans().expect("sweep");
+
+    // The same address, a new server: the first call is refused as Restarted, and not run;
+    // the next one runs.
+    let restarted = ServerProcess::start_on(&server.addr, &[]);
+    let (_, fault) = network_fault(worker.call::<_, Serde<u32>>("pid", &()));
+    match fault {
+        NetworkFault::Restarted { method, was, now } => {
+            assert_eq!(method, "pid");
+            assert_eq!((was, now), (server.instance, restarted.instance));
+        }
+        other => panic!("expected Restarted, got {other:?}"),
+    }
+    let Serde(pid): Serde<u32> = worker.call("pid", &()).expect("after the restart");
+    assert_eq!(pid, restarted.child.id());
+    assert_ne!(pid, first_pid);
+    drop(worker);
+    restarted.stop();
+    clean.end();
+}
+
+#[test]
+fn a_client_killed_mid_stream_leaves_the_server_healthy_and_dev_shm_clean() {
+    let clean = CleanShm::begin();
+    let server = ServerProcess::start(&[]);
+    let observer = remote(&server);
+    let Serde(idle): Serde<usize> = observer.call("live_blocks", &()).expect("stats");
+    assert_eq!(idle, 0);
+
+    let mut client = Command::new(SERVER)
+        .args(["--client", &server.url(), "--send-mib", "512"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("the client starts");
+    let mut out = BufReader::new(client.stdout.take().expect("piped"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("the client says it calls");
+    assert_eq!(line.trim(), "calling");
+    // The server allocates the arguments' block when the call's head arrives; then the data
+    // streams for a while. Kill the client in the middle of it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let Serde(live): Serde<usize> = observer.call("live_blocks", &()).expect("stats");
+        if live > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server never started receiving"
+        );
+        assert!(
+            matches!(client.try_wait(), Ok(None)),
+            "the client finished too soon"
+        );
+    }
+    client.kill().expect("kill");
+    client.wait().expect("reap");
+
+    // The server lets go of the half-received block, and serves on.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let Serde(live): Serde<usize> = observer.call("live_blocks", &()).expect("stats");
+        if live == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server still holds {live} blocks"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let a = Array1::from_elem(1 << 20, 2.0f64).into_dyn();
+    let Serde(sum): Serde<f64> = observer.call("sum", &a).expect("the server serves on");
+    assert_eq!(sum, 2.0 * (1 << 20) as f64);
+
+    // The killed client's segments are an orphaned session, which the next pool sweeps.
+    shm_core::sweep_orphans().expect("sweep");
+    drop(observer);
+    server.stop();
+    clean.end();
+}
+
+#[test]
+fn a_worker_pool_mixes_local_and_remote_workers_running_the_same_handlers() {
+    let clean = CleanShm::begin();
+    let server = ServerProcess::start(&[]);
+    let pool = shm_core::ShmPool::new().expect("pool");
+    let mut config = WorkerConfig::new(SERVER);
+    config.pool = Some(pool.clone());
+    let local = Worker::spawn(config).expect("a local worker");
+    let local_pid = local.pid();
+    let remote = RemoteWorker::new(RemoteConfig::new(server.url()).pool(pool.clone()))
+        .expect("a remote worker");
+    let workers: Vec<Box<dyn Callee>> = vec![Box::new(local), Box::new(remote)];
+    let workers = WorkerPool::from_workers(pool.clone(), workers);
+    assert_eq!(workers.pids(), vec![Some(local_pid), None]);
+
+    // Many calls at once spread over both; every result checks out.
+    let items: Vec<_> = (0..40)
+        .map(|i| Array1::from_elem(100_000 + i, i as f64).into_dyn())
+        .collect();
+    let sums = workers.map::<_, Serde<f64>, _>("sum", items.iter().cloned(), 8, |_, _| {});
+    for (item, sum) in items.iter().zip(sums) {
+        assert_eq!(sum.expect("sum").0, item.sum());
+    }
+    let pids = workers
+        .broadcast::<_, Serde<u32>>("pid", &())
+        .expect("broadcast");
+    let pids: Vec<u32> = pids.into_iter().map(|p| p.expect("pid").0).collect();
+    assert_eq!(pids, vec![local_pid, server.child.id()]);
+
+    // One interface for both: the same code calls either.
+    let doubled: Vec<ShmArray<f64, ndarray::IxDyn>> = (0..2)
+        .map(|_| workers.call("double", &items[1]).expect("double"))
+        .collect();
+    for d in &doubled {
+        assert!(d.view().iter().all(|&x| x == 2.0));
+    }
+    drop(doubled);
+    workers.shutdown(shm_transport::Shutdown::Drain);
+    drop((workers, pool));
+    server.stop();
+    clean.end();
+}
+
+#[cfg(feature = "tls")]
+#[test]
+fn over_tls_calls_carry_data_and_a_plain_client_is_turned_away() {
+    let clean = CleanShm::begin();
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tls");
+    let cert = format!("{dir}/server.pem");
+    let key = format!("{dir}/server.key");
+    let server = ServerProcess::start(&["--tls-cert", &cert, "--tls-key", &key, "--token", "t0k"]);
+    let port = server.addr.rsplit(':').next().expect("port");
+    let mut config = RemoteConfig::new(format!("https://localhost:{port}")).token("t0k");
+    config.tls = Some(shm_flight::ClientTls {
+        ca_pem: std::fs::read(format!("{dir}/ca.pem")).expect("the test CA"),
+        domain: None,
+    });
+    let worker = RemoteWorker::new(config).expect("client");
+    let a = Array1::from_shape_fn(1_000_000, |i| i as f64).into_dyn();
+    let back: ShmArray<f64, ndarray::IxDyn> = worker.call("echo_f64", &a).expect("over TLS");
+    assert_eq!(back.view(), a.view());
+    let ColumnFrame(batch) = worker
+        .call("batch", &ColumnFrame(mixed_batch(5_000)))
+        .expect("a frame over TLS");
+    assert_eq!(batch, mixed_batch(5_000));
+
+    // Plain HTTP/2 to a TLS port: the handshake fails, and says so.
+    let plain =
+        RemoteWorker::new(RemoteConfig::new(format!("http://localhost:{port}")).token("t0k"))
+            .expect("client");
+    let (_, fault) = network_fault(plain.call::<_, Serde<u32>>("pid", &()));
+    assert!(
+        matches!(
+            fault,
+            NetworkFault::Lost { .. } | NetworkFault::Refused { .. }
+        ),
+        "{fault:?}"
+    );
+    drop((back, batch, worker, plain));
+    server.stop();
+    clean.end();
+}
