@@ -106,6 +106,40 @@ pub mod fuzzing {
             .collect()
     }
 
+    /// Receives a call whose arguments are an Arrow frame, as a server does, and gives the
+    /// frame's batch.
+    pub fn receive_frame(
+        pool: &ShmPool,
+        messages: Vec<FlightData>,
+    ) -> Result<arrow::array::RecordBatch, String> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .map_err(|e| e.to_string())?;
+        let payload = runtime.block_on(receive_payload(pool, messages, u64::MAX))?;
+        let decoder = wire::own_decoder(pool, payload.blocks());
+        decoder
+            .decode::<shm_arrow::ColumnFrame>(&payload)
+            .map(|frame| frame.0)
+            .map_err(|e| e.to_string())
+    }
+
+    async fn receive_payload(
+        pool: &ShmPool,
+        messages: Vec<FlightData>,
+        limit: u64,
+    ) -> Result<Payload, String> {
+        let mut stream = futures::stream::iter(messages.into_iter().map(Ok));
+        let Some(Ok(first)) = futures::StreamExt::next(&mut stream).await else {
+            return Err("no head".to_owned());
+        };
+        let head: CallHead = wire::read_head(&first, "call")?;
+        let encoder = Encoder::new(pool.clone());
+        let received = Counter::default();
+        wire::receive(&mut stream, head.args, &encoder, limit, &received)
+            .await
+            .map_err(|e| format!("{e:?}"))
+    }
+
     /// Receives a call's messages as a server does — its head, then its data into `pool`,
     /// at most `limit` bytes — and decodes the arguments with every codec there is.
     pub fn receive_call(
@@ -117,16 +151,7 @@ pub mod fuzzing {
             .build()
             .map_err(|e| e.to_string())?;
         runtime.block_on(async {
-            let mut stream = futures::stream::iter(messages.into_iter().map(Ok));
-            let Some(Ok(first)) = futures::StreamExt::next(&mut stream).await else {
-                return Err("no head".to_owned());
-            };
-            let head: CallHead = wire::read_head(&first, "call")?;
-            let encoder = Encoder::new(pool.clone());
-            let received = Counter::default();
-            let payload = wire::receive(&mut stream, head.args, &encoder, limit, &received)
-                .await
-                .map_err(|e| format!("{e:?}"))?;
+            let payload = receive_payload(pool, messages, limit).await?;
             let decoder = wire::own_decoder(pool, payload.blocks());
             // Serde values have no codec of their own in the registry: they decode by type.
             if payload.codec == shm_codec::SERDE_CODEC {

@@ -1,13 +1,14 @@
 //! What travels in a `DoExchange` stream, each way: one head message, then the payload's data.
 //!
 //! The head is a `FlightData` whose `app_metadata` is a postcard [`CallHead`] (client to
-//! server) or [`ReplyHead`] (server to client); its other fields are empty, so a generic
-//! Flight reader skips it. What follows depends on the payload's [`Body`]:
+//! server) or [`ReplyHead`] (server to client), and whose `data_header` is an IPC message
+//! without header ([`no_ipc_header`]), which a standard Flight decoder passes on as metadata.
+//! What follows depends on the payload's [`Body`]:
 //! - `Arrow`: the frame as standard Flight record batches — a schema message, dictionary
 //!   messages, then one record batch message (a frame of up to `whole_batch_bytes`) or
 //!   several of about [`SPLIT_BATCH_BYTES`] — that any Flight client reads;
 //! - `Blocks`: the payload's blocks, in order, as `data_body` chunks of at most [`CHUNK`]
-//!   bytes (`data_header` and `app_metadata` empty).
+//!   bytes (`data_header` the header-less message, `app_metadata` empty).
 //!
 //! The receiver allocates the blocks in its own pool once the head has said how large they
 //! are, copies each chunk straight into place, and holds the sender to the sizes it declared.
@@ -118,9 +119,29 @@ impl PayloadHead {
     }
 }
 
+/// An IPC `Message` flatbuffer with no header (type `NONE`, body length 0): the
+/// `data_header` of messages that carry no Arrow data, so that standard Flight decoders pass
+/// them on as metadata instead of failing on an empty header.
+pub(crate) fn no_ipc_header() -> Bytes {
+    static HEADER: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
+    HEADER
+        .get_or_init(|| {
+            let mut fbb = flatbuffers::FlatBufferBuilder::new();
+            let mut message = arrow::ipc::MessageBuilder::new(&mut fbb);
+            message.add_version(arrow::ipc::MetadataVersion::V5);
+            message.add_header_type(arrow::ipc::MessageHeader::NONE);
+            message.add_bodyLength(0);
+            let message = message.finish();
+            fbb.finish(message, None);
+            Bytes::copy_from_slice(fbb.finished_data())
+        })
+        .clone()
+}
+
 /// A message that carries only `app_metadata`.
 pub(crate) fn head_message<H: Serialize>(head: &H) -> FlightData {
     FlightData {
+        data_header: no_ipc_header(),
         app_metadata: postcard::to_stdvec(head).unwrap_or_default().into(),
         ..Default::default()
     }
@@ -241,6 +262,7 @@ pub(crate) fn outgoing(
             let range = i * CHUNK..len.min((i + 1) * CHUNK);
             sent.add(range.len());
             FlightData {
+                data_header: no_ipc_header(),
                 data_body: Bytes::copy_from_slice(&block.as_slice()[range]),
                 ..Default::default()
             }
@@ -485,7 +507,11 @@ where
                 limit,
             });
         }
-        if message.data_header.is_empty() {
+        // Messages without Arrow data (metadata only) are passed over.
+        if message.data_header.is_empty()
+            || arrow::ipc::root_as_message(&message.data_header)
+                .is_ok_and(|m| m.header_type() == arrow::ipc::MessageHeader::NONE)
+        {
             continue;
         }
         let mut block = encoder.pool().alloc(message.data_body.len())?;

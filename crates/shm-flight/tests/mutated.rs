@@ -134,3 +134,89 @@ fn thousands_of_mutated_calls_give_values_or_errors() {
         "blocks left behind by refused calls"
     );
 }
+
+/// A batch with a dictionary column and nulls, large enough to travel as several batches.
+fn interop_batch(rows: usize) -> RecordBatch {
+    let keys = Int32Array::from_iter_values((0..rows).map(|i| (i % 4) as i32));
+    let values = StringArray::from(vec!["north", "south", "east", "west"]);
+    let dictionary = arrow::array::DictionaryArray::<arrow::datatypes::Int32Type>::try_new(
+        keys,
+        Arc::new(values),
+    )
+    .expect("dictionary");
+    RecordBatch::try_from_iter([
+        (
+            "x",
+            Arc::new(Float64Array::from_iter_values((0..rows).map(|i| i as f64))) as ArrayRef,
+        ),
+        (
+            "n",
+            Arc::new(Int32Array::from_iter(
+                (0..rows).map(|i| (i % 3 != 0).then_some(i as i32)),
+            )) as ArrayRef,
+        ),
+        (
+            "s",
+            Arc::new(StringArray::from_iter_values(
+                (0..rows).map(|i| format!("row {i}")),
+            )) as ArrayRef,
+        ),
+        ("d", Arc::new(dictionary) as ArrayRef),
+    ])
+    .expect("batch")
+}
+
+#[test]
+fn a_standard_flight_decoder_reads_the_frames_shm_sends() {
+    let pool = ShmPool::new().expect("pool");
+    let batch = interop_batch(400_000);
+    let payload = Encoder::new(pool.clone())
+        .encode(&ColumnFrame(batch.clone()))
+        .expect("frame");
+    let messages = call_messages(&pool, "m", payload);
+    assert!(
+        messages.len() > 3,
+        "a frame this large travels as several batches"
+    );
+    // arrow-flight's own decoder, as any Flight client would use it.
+    let stream = arrow_flight::decode::FlightRecordBatchStream::new_from_flight_data(
+        futures::stream::iter(messages.into_iter().map(Ok)),
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let batches: Vec<RecordBatch> = runtime
+        .block_on(futures::TryStreamExt::try_collect(stream))
+        .expect("a standard decoder reads the stream");
+    let read = arrow::compute::concat_batches(&batch.schema(), &batches).expect("concat");
+    assert_eq!(read, batch);
+}
+
+#[test]
+fn shm_receives_frames_from_a_standard_flight_encoder() {
+    let pool = ShmPool::new().expect("pool");
+    let batch = interop_batch(50_000);
+    // The head shm expects, then what arrow-flight's own encoder writes for two batches.
+    let encoder = Encoder::new(pool.clone());
+    let head = call_messages(
+        &pool,
+        "m",
+        encoder.encode(&ColumnFrame(batch.clone())).expect("frame"),
+    )
+    .remove(0);
+    let standard = arrow_flight::encode::FlightDataEncoderBuilder::new()
+        .with_dictionary_handling(arrow_flight::encode::DictionaryHandling::Resend)
+        .build(futures::stream::iter([
+            Ok(batch.slice(0, 20_000)),
+            Ok(batch.slice(20_000, 30_000)),
+        ]));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let data: Vec<_> = runtime
+        .block_on(futures::TryStreamExt::try_collect(standard))
+        .expect("the standard encoder");
+    let messages: Vec<_> = std::iter::once(head).chain(data).collect();
+    let received = shm_flight::fuzzing::receive_frame(&pool, messages).expect("received");
+    assert_eq!(received, batch);
+}

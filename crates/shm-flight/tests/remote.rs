@@ -36,9 +36,30 @@ impl ServerProcess {
     }
 
     fn start_on(listen: &str, args: &[&str]) -> Self {
-        let mut child = Command::new(SERVER)
-            .args(["--listen", listen])
-            .args(args)
+        let mut command = Command::new(SERVER);
+        command.args(["--listen", listen]).args(args);
+        Self::spawn(command)
+    }
+
+    /// A server whose `/dev/shm` is a private tmpfs of `size` (its own mount namespace; the
+    /// network is shared). `None` without root.
+    fn start_with_private_dev_shm(size: &str) -> Option<Self> {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: mounting a private /dev/shm needs root");
+            return None;
+        }
+        let script = format!(
+            "mount -t tmpfs -o size={size} shm-flight-test /dev/shm && exec \"$0\" --listen \
+             127.0.0.1:0"
+        );
+        let mut command = Command::new("unshare");
+        command.args(["-m", "sh", "-c", &script]).arg(SERVER);
+        Some(Self::spawn(command))
+    }
+
+    fn spawn(mut command: Command) -> Self {
+        let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -435,6 +456,13 @@ fn a_server_killed_mid_call_fails_that_call_then_says_it_restarted_then_serves()
 
 #[test]
 fn a_client_killed_mid_stream_leaves_the_server_healthy_and_dev_shm_clean() {
+    // Killed while sending its arguments, then while receiving its result.
+    for direction in ["--send-mib", "--receive-mib"] {
+        kill_a_client_mid_stream(direction);
+    }
+}
+
+fn kill_a_client_mid_stream(direction: &str) {
     let clean = CleanShm::begin();
     let server = ServerProcess::start(&[]);
     let observer = remote(&server);
@@ -442,7 +470,7 @@ fn a_client_killed_mid_stream_leaves_the_server_healthy_and_dev_shm_clean() {
     assert_eq!(idle, 0);
 
     let mut client = Command::new(SERVER)
-        .args(["--client", &server.url(), "--send-mib", "512"])
+        .args(["--client", &server.url(), direction, "512"])
         .stdout(Stdio::piped())
         .spawn()
         .expect("the client starts");
@@ -450,8 +478,9 @@ fn a_client_killed_mid_stream_leaves_the_server_healthy_and_dev_shm_clean() {
     let mut line = String::new();
     out.read_line(&mut line).expect("the client says it calls");
     assert_eq!(line.trim(), "calling");
-    // The server allocates the arguments' block when the call's head arrives; then the data
-    // streams for a while. Kill the client in the middle of it.
+    // The server allocates the arguments' block when the call's head arrives (or the
+    // result's, when the handler runs); then the data streams for a while. Kill the client in
+    // the middle of it.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let Serde(live): Serde<usize> = observer.call("live_blocks", &()).expect("stats");
@@ -573,6 +602,34 @@ fn over_tls_calls_carry_data_and_a_plain_client_is_turned_away() {
         "{fault:?}"
     );
     drop((back, batch, worker, plain));
+    server.stop();
+    clean.end();
+}
+
+#[test]
+fn a_server_whose_dev_shm_is_full_answers_out_of_shared_memory_and_serves_on() {
+    let clean = CleanShm::begin();
+    let Some(server) = ServerProcess::start_with_private_dev_shm("8m") else {
+        return;
+    };
+    let worker = remote(&server);
+    let big = Array1::from_elem(2 << 20, 1.0f64).into_dyn();
+    match worker.call::<_, Serde<f64>>("sum", &big) {
+        Err(TransportError::Shm(shm_core::ShmError::OutOfSharedMemory {
+            requested,
+            available,
+        })) => {
+            eprintln!("the server said: {requested} bytes requested, {available} available");
+            assert!(requested >= 16 << 20, "{requested}");
+            assert!(available < 8 << 20, "{available}");
+        }
+        other => panic!("expected OutOfSharedMemory from the server, got {other:?}"),
+    }
+    // The server lives on, and serves what fits.
+    let small = Array1::from_elem(100_000, 1.0f64).into_dyn();
+    let Serde(sum): Serde<f64> = worker.call("sum", &small).expect("a call that fits");
+    assert_eq!(sum, 100_000.0);
+    drop(worker);
     server.stop();
     clean.end();
 }

@@ -6,7 +6,7 @@
 //! - Started by `Worker::spawn` (as a local worker): serves the same router over shared
 //!   memory — the handlers do not know which.
 //! - `--client URL --send-mib N`: a caller that sends one array of N MiB to `sum` and prints
-//!   the sum; the tests kill it mid-stream.
+//!   the sum; `--receive-mib N` instead asks `zeros` for N MiB. The tests kill it mid-stream.
 
 use std::io::{BufRead, Write};
 use std::time::Duration;
@@ -144,9 +144,19 @@ fn client(url: &str, args: &[String]) {
         eprintln!("{e}");
         std::process::exit(1);
     });
-    let a = Array1::from_elem(mib << 17, 1.0f64).into_dyn();
     println!("calling");
     let _ = std::io::stdout().flush();
+    if let Some(mib) = flag(args, "--receive-mib").and_then(|m| m.parse::<usize>().ok()) {
+        match worker.call::<_, ShmArray<u8, ndarray::Ix1>>("zeros", &Serde(mib << 20)) {
+            Ok(zeros) => println!("received {}", zeros.len()),
+            Err(err) => {
+                eprintln!("{err}");
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
+    let a = Array1::from_elem(mib << 17, 1.0f64).into_dyn();
     match worker.call::<_, Serde<f64>>("sum", &a) {
         Ok(Serde(sum)) => println!("sum {sum}"),
         Err(err) => {
