@@ -633,3 +633,136 @@ fn a_server_whose_dev_shm_is_full_answers_out_of_shared_memory_and_serves_on() {
     server.stop();
     clean.end();
 }
+
+/// A small xorshift generator: the soak's choices, reproducible from its seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+#[test]
+fn threads_calling_while_timeouts_fire_and_the_server_is_killed_get_values_or_typed_faults() {
+    let clean = CleanShm::begin();
+    let steps: usize = std::env::var("SHM_FLIGHT_SOAK_STEPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(400);
+    let seed = std::env::var("SHM_FLIGHT_SOAK_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0x9e37_79b9_7f4a_7c15u64);
+    eprintln!("soak: {steps} steps per thread, SHM_FLIGHT_SOAK_SEED={seed}");
+    let server = std::sync::Mutex::new(ServerProcess::start(&[]));
+    let addr = server.lock().expect("lock").addr.clone();
+    let worker = RemoteWorker::new(RemoteConfig::new(format!("http://{addr}"))).expect("client");
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    let (ok, faults, kills) = (
+        std::sync::atomic::AtomicUsize::new(0),
+        std::sync::atomic::AtomicUsize::new(0),
+        std::sync::atomic::AtomicUsize::new(0),
+    );
+    std::thread::scope(|scope| {
+        for t in 0..4u64 {
+            let (worker, done, ok, faults) = (&worker, &done, &ok, &faults);
+            scope.spawn(move || {
+                let mut rng = Rng(seed ^ (t + 1).wrapping_mul(0x2545_f491_4f6c_dd1d));
+                for _ in 0..steps {
+                    let timeout = match rng.below(4) {
+                        0 => Some(Duration::from_millis(1 + rng.below(30))),
+                        _ => None,
+                    };
+                    let outcome = match rng.below(4) {
+                        0 => {
+                            let n = 1 + rng.below(400_000) as usize;
+                            let start = rng.below(1000) as f64;
+                            let a = Array1::from_shape_fn(n, |i| start + i as f64).into_dyn();
+                            let call = match timeout {
+                                Some(t) => worker.call_timeout("echo_f64", &a, t),
+                                None => worker.call("echo_f64", &a),
+                            };
+                            call.map(|back: ShmArray<f64, ndarray::IxDyn>| {
+                                assert_eq!(back.view(), a.view(), "an array came back changed")
+                            })
+                        }
+                        1 => {
+                            let rows = 1 + rng.below(50_000) as usize;
+                            let batch = mixed_batch(rows);
+                            let call = match timeout {
+                                Some(t) => {
+                                    worker.call_timeout("batch", &ColumnFrame(batch.clone()), t)
+                                }
+                                None => worker.call("batch", &ColumnFrame(batch.clone())),
+                            };
+                            call.map(|ColumnFrame(back)| {
+                                assert_eq!(back, batch, "a batch came back changed")
+                            })
+                        }
+                        2 => {
+                            let ms = rng.below(40);
+                            let call = match timeout {
+                                Some(t) => worker.call_timeout("sleep", &Serde(ms), t),
+                                None => worker.call("sleep", &Serde(ms)),
+                            };
+                            call.map(|Serde(back): Serde<u64>| assert_eq!(back, ms))
+                        }
+                        _ => {
+                            let words: Vec<String> =
+                                (0..rng.below(2000)).map(|i| format!("w{i}")).collect();
+                            worker
+                                .call("serde", &Serde(words.clone()))
+                                .map(|Serde(back): Serde<Vec<String>>| assert_eq!(back, words))
+                        }
+                    };
+                    match outcome {
+                        Ok(()) => ok.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                        Err(TransportError::Network { .. }) => {
+                            faults.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                        }
+                        Err(other) => panic!("a call failed with {other:?}"),
+                    };
+                }
+                done.fetch_add(1, std::sync::atomic::Ordering::Release);
+            });
+        }
+        // Kill the server now and then, and start it again on the same port.
+        let mut rng = Rng(seed);
+        while done.load(std::sync::atomic::Ordering::Acquire) < 4 {
+            std::thread::sleep(Duration::from_millis(200 + rng.below(300)));
+            if done.load(std::sync::atomic::Ordering::Acquire) == 4 {
+                break;
+            }
+            let mut server = server.lock().expect("lock");
+            server.kill();
+            shm_core::sweep_orphans().expect("sweep");
+            *server = ServerProcess::start_on(&addr, &[]);
+            kills.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    let (ok, faults, kills) = (ok.into_inner(), faults.into_inner(), kills.into_inner());
+    eprintln!(
+        "soak: {ok} calls returned values, {faults} typed network faults, {kills} server kills"
+    );
+    assert!(ok > 0, "no call succeeded");
+    // The last server holds nothing of the calls, and serves.
+    let Serde(live): Serde<usize> = loop {
+        match worker.call("live_blocks", &()) {
+            Ok(live) => break live,
+            Err(TransportError::Network { .. }) => continue,
+            Err(other) => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(live, 0, "blocks the server still holds");
+    drop(worker);
+    server.into_inner().expect("lock").stop();
+    clean.end();
+}
