@@ -32,9 +32,10 @@ pub struct RemoteConfig {
     pub connect_timeout: Duration,
     /// The largest result accepted, in bytes; a larger one fails the call. Default 16 GiB.
     pub max_payload: u64,
-    /// The largest Arrow frame sent as one Flight record batch, which the server copies once;
-    /// a larger frame goes as batches of about [`SPLIT_BATCH_BYTES`](crate::SPLIT_BATCH_BYTES),
-    /// which it concatenates (one more copy). Default 8 MiB.
+    /// The largest Arrow frame sent as one Flight record batch; a larger one goes as batches
+    /// of about [`SPLIT_BATCH_BYTES`](crate::SPLIT_BATCH_BYTES). Either way the receiver copies
+    /// a frame of flat columns once; see [`DEFAULT_WHOLE_BATCH_BYTES`](crate::DEFAULT_WHOLE_BATCH_BYTES).
+    /// Default 8 MiB.
     pub whole_batch_bytes: usize,
     /// The largest single gRPC message accepted. Default 256 MiB.
     pub max_message: usize,

@@ -50,6 +50,7 @@
 //! # }
 //! ```
 
+mod assemble;
 mod client;
 mod server;
 mod wire;
@@ -69,10 +70,12 @@ pub const STREAM_WINDOW: u32 = 8 << 20;
 /// Default for the largest payload a side accepts: 16 GiB.
 pub const DEFAULT_MAX_PAYLOAD: u64 = 16 << 30;
 
-/// Default for the largest Arrow frame sent as one Flight record batch: 8 MiB. Such a frame
-/// is copied once by its receiver, into shared memory; a larger one travels as batches of
-/// about [`SPLIT_BATCH_BYTES`], which the receiver concatenates (one more copy, and still
-/// faster than one large gRPC message).
+/// Default for the largest Arrow frame sent as one Flight record batch: 8 MiB; a larger one
+/// travels as batches of about [`SPLIT_BATCH_BYTES`] (faster than one large gRPC message).
+/// A receiver copies a frame of flat columns (fixed-width, boolean, strings, binaries,
+/// dictionaries) once, from each message straight into blocks of the whole frame, however
+/// many batches it came in; a frame with nested columns that came as several batches is
+/// concatenated (one more copy).
 pub const DEFAULT_WHOLE_BATCH_BYTES: usize = 8 << 20;
 
 /// Default for the largest single gRPC message a side accepts: 256 MiB.

@@ -31,9 +31,10 @@ pub struct ServerConfig {
     /// The largest arguments a call may bring, in bytes; larger calls are refused before
     /// any of their data is read. Default 16 GiB.
     pub max_payload: u64,
-    /// The largest Arrow result sent as one Flight record batch, which the client copies once;
-    /// a larger one goes as batches of about [`SPLIT_BATCH_BYTES`](crate::SPLIT_BATCH_BYTES),
-    /// which it concatenates (one more copy). Default 8 MiB.
+    /// The largest Arrow frame sent as one Flight record batch; a larger one goes as batches
+    /// of about [`SPLIT_BATCH_BYTES`](crate::SPLIT_BATCH_BYTES). Either way the receiver copies
+    /// a frame of flat columns once; see [`DEFAULT_WHOLE_BATCH_BYTES`](crate::DEFAULT_WHOLE_BATCH_BYTES).
+    /// Default 8 MiB.
     pub whole_batch_bytes: usize,
     /// The largest single gRPC message the server accepts (a chunk, or one record batch of
     /// an Arrow frame). Default 256 MiB.

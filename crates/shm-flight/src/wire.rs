@@ -31,6 +31,8 @@ use shm_codec::{Attacher, Decoder, Encoder, Payload};
 use shm_core::{ShmBlock, ShmPool, ShmRef};
 use shm_transport::RemoteError;
 
+use crate::assemble::Assembly;
+
 /// The version of this wire format; a peer of another version is refused at its first message.
 pub const WIRE_VERSION: u16 = 1;
 
@@ -104,8 +106,14 @@ pub(crate) enum Body {
     /// The payload's blocks, with these lengths, as chunks.
     Blocks { lens: Vec<u64> },
     /// A record batch of `rows` rows and about `bytes` bytes of buffers, as Flight record
-    /// batches.
-    Arrow { rows: u64, bytes: u64 },
+    /// batches. `data` declares the bytes of variable-length data of each column (empty when
+    /// the frame has a column of another layout than flat), so that the receiver can copy
+    /// batches straight into blocks of the whole frame.
+    Arrow {
+        rows: u64,
+        bytes: u64,
+        data: Vec<u64>,
+    },
 }
 
 impl PayloadHead {
@@ -236,6 +244,7 @@ pub(crate) fn outgoing(
             body: Body::Arrow {
                 rows: batch.num_rows() as u64,
                 bytes,
+                data: crate::assemble::declared_layout(&batch).unwrap_or_default(),
             },
         };
         let rows_per_batch = rows_per_batch(batch.num_rows(), bytes, whole_batch_bytes);
@@ -432,10 +441,10 @@ where
             let blocks = blocks.into_iter().map(|b| encoder.freeze(b)).collect();
             Ok(Payload::new(head.codec, head.meta, blocks, head.inline))
         }
-        Body::Arrow { rows, .. } => {
-            let batch = receive_batches(stream, rows, encoder, limit, received).await?;
-            // A batch that came whole lies in the blocks it was received into, and is
-            // referenced there; a concatenated one is copied into blocks of its own.
+        Body::Arrow { rows, data, .. } => {
+            let batch = receive_batches(stream, rows, &data, encoder, limit, received).await?;
+            // An assembled batch, or one that came whole, lies in the blocks it was received
+            // into and is referenced there; a concatenated one is copied into blocks of its own.
             Ok(encoder.encode(&ColumnFrame(batch))?)
         }
     }
@@ -487,6 +496,7 @@ where
 async fn receive_batches<S>(
     stream: &mut S,
     rows: u64,
+    layout: &[u64],
     encoder: &Encoder,
     limit: u64,
     received: &Counter,
@@ -498,6 +508,8 @@ where
     let mut dictionaries: HashMap<i64, ArrayRef> = HashMap::new();
     let mut batches = Vec::new();
     let mut got_rows = 0u64;
+    // Set once the schema has come, if the frame can be assembled in one copy.
+    let mut assembly: Option<Assembly> = None;
     while let Some(message) = stream.next().await {
         let message = message.map_err(WireError::Stream)?;
         received.add(message.data_header.len() + message.data_body.len());
@@ -514,11 +526,39 @@ where
         {
             continue;
         }
+        if let Some(assembly) = assembly.as_mut() {
+            let appended = contain(|| {
+                let ipc = arrow::ipc::root_as_message(&message.data_header).map_err(|e| {
+                    WireError::Protocol(format!("a data_header is not an IPC message: {e}"))
+                })?;
+                match ipc.header_as_record_batch() {
+                    Some(batch) => assembly.append(batch, &message.data_body).map(|()| true),
+                    None => Ok(false),
+                }
+            })?;
+            if appended {
+                continue;
+            }
+        }
+        // Assembled keys point into the dictionary they were sent with: it may not change.
+        if assembly.as_ref().is_some_and(|a| a.rows_so_far() > 0)
+            && arrow::ipc::root_as_message(&message.data_header)
+                .is_ok_and(|m| m.header_type() == arrow::ipc::MessageHeader::DictionaryBatch)
+        {
+            return Err(WireError::Protocol(
+                "a dictionary was sent again in the middle of a frame with a declared layout"
+                    .into(),
+            ));
+        }
         let mut block = encoder.pool().alloc(message.data_body.len())?;
         block.as_mut_slice()?.copy_from_slice(&message.data_body);
         let body =
             shm_arrow::block_buffer(&encoder.freeze(block), 0, message.data_body.len() as u64)?;
+        let had_schema = schema.is_some();
         let batch = contain(|| read_message(&message, body, &mut schema, &mut dictionaries))?;
+        if let (false, Some(schema)) = (had_schema, &schema) {
+            assembly = Assembly::new(schema, rows, layout, encoder, limit)?;
+        }
         if let Some(batch) = batch {
             got_rows += batch.num_rows() as u64;
             if got_rows > rows {
@@ -534,6 +574,14 @@ where
             "the stream ended before the frame's schema".into(),
         ));
     };
+    if let Some(assembly) = assembly {
+        if !batches.is_empty() {
+            return Err(WireError::Protocol(
+                "a frame with a declared layout also came as whole batches".into(),
+            ));
+        }
+        return contain(|| assembly.finish(encoder, &dictionaries));
+    }
     if got_rows != rows {
         return Err(WireError::Protocol(format!(
             "the stream ended after {got_rows} of the {rows} rows the frame declared"

@@ -220,3 +220,35 @@ fn shm_receives_frames_from_a_standard_flight_encoder() {
     let received = shm_flight::fuzzing::receive_frame(&pool, messages).expect("received");
     assert_eq!(received, batch);
 }
+
+#[test]
+fn a_flat_frame_of_many_batches_is_assembled_exactly() {
+    let pool = ShmPool::new().expect("pool");
+    let rows = 400_003; // the last batch is not a multiple of 8 rows
+    let base = interop_batch(rows);
+    let flags = arrow::array::BooleanArray::from_iter(
+        (0..rows).map(|i| (i % 5 != 1).then_some(i % 3 == 0)),
+    );
+    let wide = arrow::array::LargeStringArray::from_iter(
+        (0..rows).map(|i| (i % 11 != 0).then(|| "x".repeat(i % 7))),
+    );
+    let schema = base.schema();
+    let mut columns: Vec<(&str, ArrayRef)> = schema
+        .fields()
+        .iter()
+        .map(|f| f.name().as_str())
+        .zip(base.columns().iter().cloned())
+        .collect();
+    columns.push(("flags", Arc::new(flags)));
+    columns.push(("wide", Arc::new(wide)));
+    let batch = RecordBatch::try_from_iter(columns).expect("batch");
+    // Sent from a slice, so that offsets and bitmaps start mid-buffer.
+    let batch = batch.slice(3, rows - 3);
+    let payload = Encoder::new(pool.clone())
+        .encode(&ColumnFrame(batch.clone()))
+        .expect("frame");
+    let messages = call_messages(&pool, "m", payload);
+    assert!(messages.len() > 5, "the frame travels as several batches");
+    let received = shm_flight::fuzzing::receive_frame(&pool, messages).expect("received");
+    assert_eq!(received, batch);
+}

@@ -261,6 +261,12 @@ fn every_payload_kind_round_trips_through_a_remote_worker() {
         .call("batch", &ColumnFrame(big_batch.clone()))
         .expect("split");
     assert_eq!(back, big_batch);
+    // Flat columns only: assembled in one copy on each side, however many batches.
+    let flat = big_batch.project(&[0, 1, 2, 3]).expect("flat columns");
+    let ColumnFrame(back) = splitting
+        .call("batch", &ColumnFrame(flat.clone()))
+        .expect("a flat frame, split");
+    assert_eq!(back, flat);
     let ColumnFrame(back) = worker
         .call("batch", &ColumnFrame(batch.slice(0, 0)))
         .expect("no rows");
