@@ -7,7 +7,7 @@ use arrow_flight::FlightData;
 use arrow_flight::flight_service_client::FlightServiceClient;
 use shm_codec::{Decode, Encode, Encoder, Payload};
 use shm_core::ShmPool;
-use shm_transport::{Callee, NetworkFault, Reply, TransportError};
+use shm_transport::{Callee, DecodeReply, NetworkFault, TransportError};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::wire::{
@@ -261,7 +261,7 @@ impl RemoteWorker {
         head: CallHead,
         data: Box<dyn Iterator<Item = FlightData> + Send>,
         progress: &Progress,
-    ) -> Result<Reply, TransportError> {
+    ) -> Result<Payload, TransportError> {
         let mut client = self.client().await?;
         let method = &progress.method;
         let expected = head.instance;
@@ -348,8 +348,7 @@ impl RemoteWorker {
             WireError::Protocol(what) => self.fault(NetworkFault::Protocol { what }),
             WireError::Codec(err) => TransportError::Codec(err),
         })?;
-        let decoder = wire::own_decoder(&self.pool, payload.blocks());
-        Ok(Reply::new(payload, decoder, || {}))
+        Ok(payload)
     }
 
     /// The error for a failed gRPC status: a lost connection (forgotten, so that the next
@@ -422,12 +421,13 @@ fn chain(err: &dyn std::error::Error) -> String {
 }
 
 impl Callee for RemoteWorker {
-    fn call_encoded(
+    fn call_with(
         &self,
         method: &str,
         args: &Payload,
         timeout: Option<Duration>,
-    ) -> Result<Reply, TransportError> {
+        decode: &mut DecodeReply<'_>,
+    ) -> Result<(), TransportError> {
         if !args.is_backed() {
             return Err(TransportError::Malformed {
                 what: format!(
@@ -470,7 +470,7 @@ impl Callee for RemoteWorker {
             args: outgoing.head,
         };
         let cancelled = self.cancel.notified();
-        runtime.block_on(async {
+        let payload = runtime.block_on(async {
             let call = self.exchange(head, outgoing.data, &progress);
             tokio::select! {
                 outcome = async {
@@ -495,7 +495,8 @@ impl Callee for RemoteWorker {
                     reason: "cancelled by this process".into(),
                 })),
             }
-        })
+        })?;
+        decode(&payload, &wire::own_decoder(&self.pool, payload.blocks()))
     }
 
     fn pool(&self) -> &ShmPool {

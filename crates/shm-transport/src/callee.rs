@@ -3,8 +3,8 @@
 //! [`WorkerPool`](crate::WorkerPool) can mix them.
 //!
 //! The interface is object-safe: arguments arrive encoded (a [`Payload`] that holds its
-//! blocks) and the reply leaves undecoded (a [`Reply`]), so a `Box<dyn Callee>` can be
-//! called; [`call`](trait.Callee.html#method.call) on `dyn Callee` adds the typed layer.
+//! blocks) and the reply goes to a decoding callback, so a `Box<dyn Callee>` can be called;
+//! [`call`](trait.Callee.html#method.call) on `dyn Callee` adds the typed layer.
 
 use std::time::Duration;
 
@@ -14,16 +14,22 @@ use shm_core::ShmPool;
 use crate::error::Result;
 use crate::worker::Worker;
 
+/// What a caller does with a reply: decode it from its payload with the decoder that can read
+/// its blocks, keeping what it needs.
+pub type DecodeReply<'a> = dyn FnMut(&Payload, &Decoder) -> Result<()> + 'a;
+
 /// A worker that answers calls by method name, wherever it runs.
 pub trait Callee: Send + Sync + std::fmt::Debug {
     /// Calls `method` with arguments already encoded (into [`pool`](Self::pool) or any pool
-    /// of this process), waiting at most `timeout`; the reply is decoded by the caller.
-    fn call_encoded(
+    /// of this process), waiting at most `timeout`, and hands the reply to `decode` while the
+    /// call is still under way (a local worker's loans stay in place until it returns).
+    fn call_with(
         &self,
         method: &str,
         args: &Payload,
         timeout: Option<Duration>,
-    ) -> Result<Reply>;
+        decode: &mut DecodeReply<'_>,
+    ) -> Result<()>;
 
     /// The pool arguments are best encoded into (a local worker reads them in place).
     fn pool(&self) -> &ShmPool;
@@ -54,8 +60,7 @@ pub trait Callee: Send + Sync + std::fmt::Debug {
 impl dyn Callee {
     /// Calls `method` with `args` and decodes its result as `R`.
     pub fn call<A: Encode + ?Sized, R: Decode>(&self, method: &str, args: &A) -> Result<R> {
-        let args = Encoder::new(self.pool().clone()).encode(args)?;
-        self.call_encoded(method, &args, None)?.decode()
+        self.call_decoded(method, args, None)
     }
 
     /// [`call`](Self::call) with a timeout.
@@ -65,86 +70,34 @@ impl dyn Callee {
         args: &A,
         timeout: Duration,
     ) -> Result<R> {
+        self.call_decoded(method, args, Some(timeout))
+    }
+
+    fn call_decoded<A: Encode + ?Sized, R: Decode>(
+        &self,
+        method: &str,
+        args: &A,
+        timeout: Option<Duration>,
+    ) -> Result<R> {
         let args = Encoder::new(self.pool().clone()).encode(args)?;
-        self.call_encoded(method, &args, Some(timeout))?.decode()
-    }
-}
-
-/// A result as it arrived, not yet decoded: the payload, the decoder that can read its
-/// blocks, and what the transport must learn once decoding is over (which blocks the values
-/// kept).
-pub struct Reply {
-    payload: Payload,
-    /// `None` once decoding is over: the decoder goes before `finish` runs.
-    decoder: Option<Decoder>,
-    finish: Option<Box<dyn FnOnce() + Send>>,
-}
-
-impl std::fmt::Debug for Reply {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Reply")
-            .field("payload", &self.payload)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Reply {
-    /// A reply whose blocks `decoder` attaches; `finish` runs once decoding is over (or the
-    /// reply is dropped undecoded).
-    pub fn new(payload: Payload, decoder: Decoder, finish: impl FnOnce() + Send + 'static) -> Self {
-        Reply {
-            payload,
-            decoder: Some(decoder),
-            finish: Some(Box::new(finish)),
-        }
-    }
-
-    /// The payload as it arrived.
-    pub fn payload(&self) -> &Payload {
-        &self.payload
-    }
-
-    /// Decodes the result as `R`.
-    pub fn decode<R: Decode>(mut self) -> Result<R> {
-        let value = match &self.decoder {
-            Some(decoder) => R::decode(&self.payload, decoder),
-            None => unreachable_decoded(),
-        };
-        self.end();
-        Ok(value?)
-    }
-
-    /// Ends decoding: the decoder goes, then the transport learns what the values kept.
-    fn end(&mut self) {
-        self.decoder = None;
-        if let Some(finish) = self.finish.take() {
-            finish();
-        }
-    }
-}
-
-/// A reply is decoded once (`decode` takes it by value), so its decoder is always there.
-fn unreachable_decoded<R>() -> shm_codec::Result<R> {
-    Err(shm_codec::CodecError::InvalidData {
-        codec: "reply",
-        reason: "the reply was already decoded".into(),
-    })
-}
-
-impl Drop for Reply {
-    fn drop(&mut self) {
-        self.end();
+        let mut value = None;
+        self.call_with(method, &args, timeout, &mut |payload, decoder| {
+            value = Some(R::decode(payload, decoder)?);
+            Ok(())
+        })?;
+        value.ok_or_else(|| crate::error::malformed(format!("{method}: the reply was not decoded")))
     }
 }
 
 impl Callee for Worker {
-    fn call_encoded(
+    fn call_with(
         &self,
         method: &str,
         args: &Payload,
         timeout: Option<Duration>,
-    ) -> Result<Reply> {
-        self.conn().call_encoded(method, args, timeout)
+        decode: &mut DecodeReply<'_>,
+    ) -> Result<()> {
+        self.conn().call_decode(method, args, timeout, decode)
     }
 
     fn pool(&self) -> &ShmPool {

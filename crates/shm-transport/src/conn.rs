@@ -29,11 +29,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use shm_codec::{Decode, Encode, Encoder, Payload};
-use shm_core::{SessionId, ShmPool};
+use shm_core::{SessionId, ShmError, ShmPool};
 
-use crate::callee::Reply;
 use crate::channel::{Direction, PROTOCOL_VERSION, Side, Wake};
-use crate::error::{RemoteError, Result, TransportError, malformed};
+use crate::error::{RemoteError, RemoteErrorKind, Result, TransportError, malformed};
 use crate::frame::{Endpoint, Frame, Stall};
 
 /// How long a caller that does not read the reply ring sleeps before it looks around again;
@@ -138,18 +137,17 @@ pub(crate) struct Life {
     calls: usize,
 }
 
-/// Counts a call as under way for as long as it lives: from its start until its reply has
-/// been decoded (the guard travels inside the [`Reply`]).
-struct InFlight(Arc<Conn>);
+/// Counts a call as under way for as long as it lives.
+struct InFlight<'a>(&'a Conn);
 
-impl InFlight {
-    fn start(conn: &Arc<Conn>) -> Self {
+impl<'a> InFlight<'a> {
+    fn start(conn: &'a Conn) -> Self {
         lock(&conn.life).calls += 1;
-        InFlight(Arc::clone(conn))
+        InFlight(conn)
     }
 }
 
-impl Drop for InFlight {
+impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         let mut life = lock(&self.0.life);
         life.calls -= 1;
@@ -275,47 +273,31 @@ impl Conn {
     /// Calls `method`; every blocking step — encoding into a fresh block, waiting to send,
     /// waiting for the reply — ends by the deadline.
     pub(crate) fn call<A: Encode + ?Sized, R: Decode>(
-        self: &Arc<Self>,
+        &self,
         method: &str,
         args: &A,
         timeout: Option<Duration>,
     ) -> Result<R> {
-        let deadline = timeout.map(|t| Instant::now() + t);
-        let in_flight = InFlight::start(self);
-        if self.is_dead() {
-            return Err(self.died());
-        }
-        let args = self.encoder.encode(args)?;
-        self.exchange(in_flight, method, &args, timeout, deadline)?
-            .decode()
+        self.call_decode(method, args, timeout, |payload, decoder| {
+            Ok(R::decode(payload, decoder)?)
+        })
     }
 
-    /// Calls `method` with encoded arguments; the reply is decoded by the caller.
-    pub(crate) fn call_encoded(
-        self: &Arc<Self>,
+    /// [`call`](Self::call) with the reply handed to `decode`, while the call still counts as
+    /// under way (see [`Life::calls`]).
+    pub(crate) fn call_decode<A: Encode + ?Sized, T>(
+        &self,
         method: &str,
-        args: &Payload,
+        args: &A,
         timeout: Option<Duration>,
-    ) -> Result<Reply> {
+        decode: impl FnOnce(&Payload, &shm_codec::Decoder) -> std::result::Result<T, TransportError>,
+    ) -> Result<T> {
         let deadline = timeout.map(|t| Instant::now() + t);
-        self.exchange(InFlight::start(self), method, args, timeout, deadline)
-    }
-
-    /// Sends a call and waits for its reply until `deadline` (`timeout` is what the caller
-    /// asked for, for the error). The call counts as under way from before its arguments
-    /// were encoded (`in_flight`) until its reply is decoded.
-    fn exchange(
-        self: &Arc<Self>,
-        in_flight: InFlight,
-        method: &str,
-        args: &Payload,
-        timeout: Option<Duration>,
-        deadline: Option<Instant>,
-    ) -> Result<Reply> {
         let timed_out = || TransportError::Timeout {
             method: method.to_owned(),
             timeout: timeout.unwrap_or_default(),
         };
+        let _in_flight = InFlight::start(self);
         if self.is_dead() {
             return Err(self.died());
         }
@@ -364,18 +346,13 @@ impl Conn {
             Ok(result) => result,
             Err(remote) => {
                 self.endpoint.release(&loans);
-                return Err(TransportError::from_remote(remote));
+                return Err(from_remote(remote));
             }
         };
         let decoding = self.endpoint.decoder(&result, &loans)?;
-        let decoder = decoding.decoder.clone();
-        // The call stays under way until its reply is decoded: a reply of a worker that dies
-        // meanwhile may name our own blocks, whose loans must outlive the decoding.
-        Ok(Reply::new(result, decoder, move || {
-            decoding.finish();
-            drop(decoding);
-            drop(in_flight);
-        }))
+        let value = decode(&result, &decoding.decoder);
+        decoding.finish();
+        value
     }
 
     /// Sends a frame under the sending lock, reading replies while the ring is full.
@@ -529,5 +506,20 @@ impl Conn {
             .cloned()
             .collect::<Vec<_>>()
             .join("\n")
+    }
+}
+
+/// The caller's error for a failure inside the worker: running out of shared memory there is
+/// the same error as running out here.
+fn from_remote(remote: RemoteError) -> TransportError {
+    match remote.kind {
+        RemoteErrorKind::OutOfSharedMemory {
+            requested,
+            available,
+        } => TransportError::Shm(ShmError::OutOfSharedMemory {
+            requested,
+            available,
+        }),
+        _ => TransportError::Remote(remote),
     }
 }

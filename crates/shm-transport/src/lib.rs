@@ -58,7 +58,7 @@ mod trust;
 mod worker;
 mod workers;
 
-pub use callee::{Callee, Reply};
+pub use callee::{Callee, DecodeReply};
 pub use channel::{CONTROL_LEN, ChannelState, PROTOCOL_VERSION, RingState};
 pub use error::{NetworkFault, RemoteError, RemoteErrorKind, Result, TransportError};
 pub use serve::{CHANNEL_ENV, Context, Router, is_worker, serve};

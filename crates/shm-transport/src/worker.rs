@@ -172,7 +172,7 @@ impl Worker {
     }
 
     /// The channel to the worker process now.
-    pub(crate) fn conn(&self) -> &Arc<Conn> {
+    pub(crate) fn conn(&self) -> &Conn {
         &self.conn
     }
 

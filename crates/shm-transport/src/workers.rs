@@ -359,10 +359,11 @@ impl WorkerPool {
                     workers: self.len(),
                 });
             };
-            let args = Encoder::new(self.pool.clone()).encode(args)?;
-            worker
-                .call_encoded(method, &args, timeout)
-                .and_then(|reply| reply.decode())
+            let worker: &dyn Callee = worker.as_ref();
+            match timeout {
+                Some(timeout) => worker.call_timeout(method, args, timeout),
+                None => worker.call(method, args),
+            }
         };
         if matches!(result, Err(TransportError::WorkerDied { .. })) {
             self.restart_in_background(index);
