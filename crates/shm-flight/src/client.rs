@@ -424,7 +424,7 @@ impl Callee for RemoteWorker {
     fn call_with(
         &self,
         method: &str,
-        args: &Payload,
+        args: Payload,
         timeout: Option<Duration>,
         decode: &mut DecodeReply<'_>,
     ) -> Result<(), TransportError> {
@@ -446,7 +446,7 @@ impl Callee for RemoteWorker {
         }
         let sent = Arc::new(Counter::default());
         let outgoing = wire::outgoing(
-            args.clone(),
+            args,
             &self.pool,
             self.config.whole_batch_bytes,
             Arc::clone(&sent),

@@ -21,12 +21,13 @@ pub type DecodeReply<'a> = dyn FnMut(&Payload, &Decoder) -> Result<()> + 'a;
 /// A worker that answers calls by method name, wherever it runs.
 pub trait Callee: Send + Sync + std::fmt::Debug {
     /// Calls `method` with arguments already encoded (into [`pool`](Self::pool) or any pool
-    /// of this process), waiting at most `timeout`, and hands the reply to `decode` while the
-    /// call is still under way (a local worker's loans stay in place until it returns).
+    /// of this process; the call takes the payload, so it is sent without a copy), waiting at
+    /// most `timeout`, and hands the reply to `decode` while the call is still under way (a
+    /// local worker's loans stay in place until it returns).
     fn call_with(
         &self,
         method: &str,
-        args: &Payload,
+        args: Payload,
         timeout: Option<Duration>,
         decode: &mut DecodeReply<'_>,
     ) -> Result<()>;
@@ -81,7 +82,7 @@ impl dyn Callee {
     ) -> Result<R> {
         let args = Encoder::new(self.pool().clone()).encode(args)?;
         let mut value = None;
-        self.call_with(method, &args, timeout, &mut |payload, decoder| {
+        self.call_with(method, args, timeout, &mut |payload, decoder| {
             value = Some(R::decode(payload, decoder)?);
             Ok(())
         })?;
@@ -93,7 +94,7 @@ impl Callee for Worker {
     fn call_with(
         &self,
         method: &str,
-        args: &Payload,
+        args: Payload,
         timeout: Option<Duration>,
         decode: &mut DecodeReply<'_>,
     ) -> Result<()> {

@@ -29,10 +29,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use shm_codec::{Decode, Encode, Encoder, Payload};
-use shm_core::{SessionId, ShmError, ShmPool};
+use shm_core::{SessionId, ShmPool};
 
 use crate::channel::{Direction, PROTOCOL_VERSION, Side, Wake};
-use crate::error::{RemoteError, RemoteErrorKind, Result, TransportError, malformed};
+use crate::error::{RemoteError, Result, TransportError, malformed};
 use crate::frame::{Endpoint, Frame, Stall};
 
 /// How long a caller that does not read the reply ring sleeps before it looks around again;
@@ -285,10 +285,10 @@ impl Conn {
 
     /// [`call`](Self::call) with the reply handed to `decode`, while the call still counts as
     /// under way (see [`Life::calls`]).
-    pub(crate) fn call_decode<A: Encode + ?Sized, T>(
+    pub(crate) fn call_decode<T>(
         &self,
         method: &str,
-        args: &A,
+        args: impl Args,
         timeout: Option<Duration>,
         decode: impl FnOnce(&Payload, &shm_codec::Decoder) -> std::result::Result<T, TransportError>,
     ) -> Result<T> {
@@ -301,7 +301,7 @@ impl Conn {
         if self.is_dead() {
             return Err(self.died());
         }
-        let args = self.encoder.encode(args)?;
+        let args = args.encoded(&self.encoder)?;
         if !args.is_backed() {
             return Err(malformed(format!(
                 "the arguments of {method} name {} blocks but hold {}: a payload read from a \
@@ -346,7 +346,7 @@ impl Conn {
             Ok(result) => result,
             Err(remote) => {
                 self.endpoint.release(&loans);
-                return Err(from_remote(remote));
+                return Err(TransportError::from_remote(remote));
             }
         };
         let decoding = self.endpoint.decoder(&result, &loans)?;
@@ -509,17 +509,20 @@ impl Conn {
     }
 }
 
-/// The caller's error for a failure inside the worker: running out of shared memory there is
-/// the same error as running out here.
-fn from_remote(remote: RemoteError) -> TransportError {
-    match remote.kind {
-        RemoteErrorKind::OutOfSharedMemory {
-            requested,
-            available,
-        } => TransportError::Shm(ShmError::OutOfSharedMemory {
-            requested,
-            available,
-        }),
-        _ => TransportError::Remote(remote),
+/// Arguments as a call takes them: a value to encode, or a payload already encoded, which is
+/// moved into the call rather than copied.
+pub(crate) trait Args {
+    fn encoded(self, encoder: &Encoder) -> shm_codec::Result<Payload>;
+}
+
+impl<A: Encode + ?Sized> Args for &A {
+    fn encoded(self, encoder: &Encoder) -> shm_codec::Result<Payload> {
+        encoder.encode(self)
+    }
+}
+
+impl Args for Payload {
+    fn encoded(self, _encoder: &Encoder) -> shm_codec::Result<Payload> {
+        Ok(self)
     }
 }
