@@ -15,24 +15,24 @@ Commands (one per run):
                                       when numpy's array interface says None), then "end", wait,
                                       unlink
 
-Names are given as Python's SharedMemory takes them: without the leading slash.
+The read commands take the names of shm's segments (with their leading slash), whose
+descriptors come on the link in SHM_TEST_LINK (shmlink.py); the write commands make segments
+by name with Python's SharedMemory, as a numpy program would, and print the names as it gives
+them: without the leading slash.
 """
 
 import sys
-from multiprocessing import resource_tracker, shared_memory
+from multiprocessing import shared_memory
 
 import numpy as np
 import pyarrow as pa
 
+from shmlink import Link
+
 
 def attach(name):
-    """Attach a segment someone else owns, without letting Python's resource tracker unlink it
-    when this process exits (before 3.13 it registers every segment it sees, owner or not)."""
-    if sys.version_info >= (3, 13):
-        return shared_memory.SharedMemory(name=name, track=False)
-    shm = shared_memory.SharedMemory(name=name, create=False)
-    resource_tracker.unregister(shm._name, "shared_memory")
-    return shm
+    """The mapping of one of the Rust test's segments, from the link."""
+    return memoryview(Link.from_env("SHM_TEST_LINK").segment(name))
 
 
 def csv_ints(text):
@@ -45,16 +45,11 @@ def wait_for_stdin_to_close():
 
 
 def read_ipc(name, offset, size):
-    shm = attach(name)
-    try:
-        data = pa.py_buffer(shm.buf[offset:offset + size])
-        table = pa.ipc.open_stream(data).read_all()
-        print(table.num_rows)
-        print(table.schema.names)
-        print(table.to_pydict())
-        del table, data
-    finally:
-        shm.close()
+    data = pa.py_buffer(attach(name)[offset:offset + size])
+    table = pa.ipc.open_stream(data).read_all()
+    print(table.num_rows)
+    print(table.schema.names)
+    print(table.to_pydict())
 
 
 def known_table():
@@ -91,15 +86,10 @@ def write_ipc(table):
 
 
 def read_array(name, offset, size, typestr, shape, strides, origin):
-    shm = attach(name)
-    try:
-        view = shm.buf[offset:offset + size]
-        array = np.ndarray(shape, dtype=np.dtype(typestr), buffer=view, offset=origin, strides=strides)
-        print(array.shape, array.dtype.str)
-        print(repr(array.tolist()))
-        del array, view
-    finally:
-        shm.close()
+    view = attach(name)[offset:offset + size]
+    array = np.ndarray(shape, dtype=np.dtype(typestr), buffer=view, offset=origin, strides=strides)
+    print(array.shape, array.dtype.str)
+    print(repr(array.tolist()))
 
 
 def write_arrays():

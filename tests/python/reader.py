@@ -2,6 +2,9 @@
 
     reader.py MANIFEST
 
+The descriptors of the payloads' segments come on the link whose descriptor number is in
+SHM_TEST_LINK (shmlink.py, docs/format.md "Segment links").
+
 MANIFEST holds one JSON object per line: {"kind": ..., "payload": HEX, "expect": ...}, where
 HEX is a payload's postcard bytes and "expect" what it must decode to:
 
@@ -19,10 +22,11 @@ Prints one line per case and exits non-zero if any case failed.
 
 import json
 import sys
-from multiprocessing import resource_tracker, shared_memory
 
 import numpy as np
 import pyarrow as pa
+
+from shmlink import Link
 
 
 # --- postcard (format.md, "postcard, the encoding of every message") -------------------------
@@ -85,19 +89,8 @@ class Postcard:
 
 # --- segments and blocks (format.md, "Segments", "ShmRef", "Python: attaching …") --------------
 
-SEGMENTS = {}
-
-
-def attach(name):
-    """Maps a segment by its name without the leading slash, never handing it to the tracker."""
-    if name not in SEGMENTS:
-        if sys.version_info >= (3, 13):
-            shm = shared_memory.SharedMemory(name=name, track=False)
-        else:
-            shm = shared_memory.SharedMemory(name=name)
-            resource_tracker.unregister(shm._name, "shared_memory")
-        SEGMENTS[name] = shm
-    return SEGMENTS[name]
+# The segments of the Rust test, whose descriptors come on the link it passed (shmlink.py).
+LINK = None
 
 
 def read_ref(p):
@@ -106,14 +99,14 @@ def read_ref(p):
 
 def content(ref):
     """The block's content as a memoryview of the mapped segment, after the reader's checks."""
-    shm = attach(ref["name"][1:])
+    segment = LINK.segment(ref["name"])
     if ref["offset"] % 64:
         raise ValueError(f"offset {ref['offset']} is not a multiple of 64")
-    if ref["offset"] + ref["size"] > shm.size:
-        raise ValueError(f"block {ref} outside a segment of {shm.size} bytes")
+    if ref["offset"] + ref["size"] > len(segment):
+        raise ValueError(f"block {ref} outside a segment of {len(segment)} bytes")
     if ref["content_size"] > ref["size"]:
         raise ValueError(f"content larger than the block: {ref}")
-    return shm.buf[ref["offset"]:ref["offset"] + ref["content_size"]]
+    return memoryview(segment)[ref["offset"]:ref["offset"] + ref["content_size"]]
 
 
 def read_payload(data):
@@ -398,6 +391,8 @@ def expect_codec(payload, codec):
 
 
 def main(path):
+    global LINK
+    LINK = Link.from_env("SHM_TEST_LINK")
     failures = 0
     with open(path) as manifest:
         cases = [json.loads(line) for line in manifest if line.strip()]
@@ -410,13 +405,6 @@ def main(path):
             failures += 1
             print(f"FAILED {label}: {type(error).__name__}: {error}", flush=True)
     print(f"{len(cases) - failures} of {len(cases)} cases decoded and checked", flush=True)
-    import gc
-    gc.collect()
-    for shm in SEGMENTS.values():
-        try:
-            shm.close()
-        except BufferError:
-            pass  # a view is still alive somewhere; the mapping goes with the process
     sys.exit(1 if failures else 0)
 
 

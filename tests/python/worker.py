@@ -1,6 +1,7 @@
 """A worker written from docs/format.md alone ("The channel: parent and worker"), in Python with
-the standard library only: it attaches the channel named by SHM_TRANSPORT_CHANNEL, holds a
-session lock, says hello, and serves these methods on serde arguments until told to shut down:
+the standard library only: it receives the channel's descriptor on the link whose number is in
+SHM_TRANSPORT_LINK (shmlink.py), maps the block SHM_TRANSPORT_CHANNEL names, picks a session
+id, says hello, and serves these methods on serde arguments until told to shut down:
 
   echo     u64 -> u64
   add      (u64, u64) -> u64
@@ -11,13 +12,13 @@ Anything else gets an UnknownMethod error reply. The parent's tests start it wit
 """
 
 import ctypes
-import fcntl
-import mmap
 import os
 import secrets
 import struct
 import sys
 import time
+
+from shmlink import Link
 
 # --- postcard (format.md, "postcard, the encoding of every message") -------------------------
 
@@ -87,17 +88,17 @@ libc = ctypes.CDLL(None, use_errno=True)
 
 
 class Channel:
-    def __init__(self, ref):
-        fd = os.open("/dev/shm/" + ref["name"].lstrip("/"), os.O_RDWR)
-        # mmap wants offsets in whole pages; blocks start at multiples of 64.
-        page = ref["offset"] - ref["offset"] % mmap.PAGESIZE
-        self.base = ref["offset"] - page
-        self.map = mmap.mmap(fd, self.base + ref["size"], offset=page)
-        os.close(fd)
+    def __init__(self, ref, link):
+        # The parent shares the channel's segment for both sides to write: it is sealed
+        # against any change of length, not against writes, and shmlink maps it read-write.
+        self.map = link.segment(ref["name"])
+        self.base = ref["offset"]
+        if self.base % 64 or self.base + ref["size"] > len(self.map):
+            raise SystemExit(f"channel reference {ref} outside its segment")
         # Ring positions as native u64 words (little-endian here, as the format says).
         self.words = memoryview(self.map)[: len(self.map) // 8 * 8].cast("Q")
         magic, version, slot_len, slots = struct.unpack_from("<QIII", self.map, self.base)
-        if magic != 0x73686D2D6368616E or version != 3 or (slot_len, slots) != (SLOT_LEN, SLOT_COUNT):
+        if magic != 0x73686D2D6368616E or version != 4 or (slot_len, slots) != (SLOT_LEN, SLOT_COUNT):
             raise SystemExit(f"not a channel this worker speaks: {magic:#x} v{version}")
 
     def u64(self, at):
@@ -153,16 +154,9 @@ class Channel:
 # --- a session of our own (format.md, "Segments") ---------------------------------------------
 
 def take_session():
-    while True:
-        session = secrets.token_hex(4)
-        path = f"/dev/shm/shm-{session}-lock"
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            continue
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        os.write(fd, str(os.getpid()).encode())
-        return session, path, fd
+    """Eight random hex digits: the prefix of the names of this worker's segments (it makes
+    none: every value it sends is inline). No file marks a session."""
+    return secrets.token_hex(4)
 
 
 # --- payloads and frames ----------------------------------------------------------------------
@@ -206,36 +200,32 @@ def reply(call_id, value=None, error=None):
 
 def main():
     r = Reader(bytes.fromhex(os.environ["SHM_TRANSPORT_CHANNEL"]))
-    channel = Channel(read_ref(r))
-    session, lock_path, lock_fd = take_session()
-    channel.push(varint(0) + varint(3) + varint(os.getpid()) + string(session))
+    channel = Channel(read_ref(r), Link.from_env("SHM_TRANSPORT_LINK"))
+    session = take_session()
+    channel.push(varint(0) + varint(4) + varint(os.getpid()) + string(session))
     idle_since = time.monotonic()
-    try:
-        while True:
-            frame = channel.pop()
-            if frame is None:
-                # Spin a little, then nap: a worker that waits long sleeps, as format.md allows.
-                time.sleep(0 if time.monotonic() - idle_since < 0.001 else 0.0002)
-                continue
-            idle_since = time.monotonic()
-            f = Reader(frame)
-            variant = f.varint()
-            if variant == 3:  # Shutdown
-                return
-            if variant != 1:  # only calls come this way
-                continue
-            call_id, method = f.varint(), f.string()
-            args = read_payload(f)
-            loans = [f.varint() for _ in range(f.varint())]
-            if loans:
-                raise SystemExit("this worker was lent blocks it does not read")
-            try:
-                channel.push(reply(call_id, value=handle(method, args)))
-            except LookupError:
-                channel.push(reply(call_id, error=(method, 2, f"no handler named {method!r}")))
-    finally:
-        os.unlink(lock_path)
-        os.close(lock_fd)
+    while True:
+        frame = channel.pop()
+        if frame is None:
+            # Spin a little, then nap: a worker that waits long sleeps, as format.md allows.
+            time.sleep(0 if time.monotonic() - idle_since < 0.001 else 0.0002)
+            continue
+        idle_since = time.monotonic()
+        f = Reader(frame)
+        variant = f.varint()
+        if variant == 3:  # Shutdown
+            return
+        if variant != 1:  # only calls come this way
+            continue
+        call_id, method = f.varint(), f.string()
+        args = read_payload(f)
+        loans = [f.varint() for _ in range(f.varint())]
+        if loans:
+            raise SystemExit("this worker was lent blocks it does not read")
+        try:
+            channel.push(reply(call_id, value=handle(method, args)))
+        except LookupError:
+            channel.push(reply(call_id, error=(method, 2, f"no handler named {method!r}")))
 
 
 if __name__ == "__main__":

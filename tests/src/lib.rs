@@ -5,8 +5,13 @@ pub mod model;
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::{Mutex, MutexGuard, PoisonError};
+
+/// The environment variable that gives a linked child the number of its end of the link.
+pub const LINK_ENV: &str = "SHM_TEST_LINK";
 
 /// This project's files in `/dev/shm` (segments and session locks).
 pub fn shm_listing() -> BTreeSet<String> {
@@ -30,6 +35,11 @@ impl CleanShm {
             before: shm_listing(),
             _serial: serial,
         }
+    }
+
+    /// What `/dev/shm` held at `begin`.
+    pub fn before(&self) -> BTreeSet<String> {
+        self.before.clone()
     }
 
     /// Asserts that `/dev/shm` holds exactly what it held at `begin`.
@@ -74,8 +84,42 @@ pub struct ChildProcess {
 impl ChildProcess {
     /// Starts the child binary with the given arguments.
     pub fn spawn(binary: &str, args: &[&str]) -> Self {
-        let mut child = Command::new(binary)
-            .args(args)
+        Self::start(Command::new(binary).args(args))
+    }
+
+    /// Starts the child binary with the given arguments and a segment link to it, on which
+    /// the descriptors of `blocks` already wait: the child takes its end with
+    /// [`inherited_link`].
+    pub fn spawn_linked(
+        binary: &str,
+        args: &[&str],
+        blocks: &[&shm_core::ShmBlock],
+    ) -> (Self, shm_core::SegmentLink) {
+        let (link, theirs) = shm_core::SegmentLink::pair().expect("a link");
+        for block in blocks {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            link.offer(block, Some(deadline))
+                .expect("the link takes the descriptor");
+        }
+        let fd = theirs.as_raw_fd();
+        let mut command = Command::new(binary);
+        command.args(args).env(LINK_ENV, fd.to_string());
+        // SAFETY: one `fcntl` on a descriptor open in the child, between fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = Self::start(&mut command);
+        drop(theirs);
+        (child, link)
+    }
+
+    fn start(command: &mut Command) -> Self {
+        let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -97,6 +141,13 @@ impl ChildProcess {
         line.trim_end().to_owned()
     }
 
+    /// The next line the child prints, or `None` once it has closed its output.
+    pub fn read_line_or_end(&mut self) -> Option<String> {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("child output");
+        (!line.is_empty()).then(|| line.trim_end().to_owned())
+    }
+
     /// Sends one line to the child.
     pub fn send_line(&mut self, line: &str) {
         let stdin = self.stdin.as_mut().expect("stdin open");
@@ -109,6 +160,17 @@ impl ChildProcess {
         let status = self.child.wait().expect("child waits");
         assert!(status.success(), "child failed: {status}");
     }
+}
+
+/// The end of the link a parent made with [`ChildProcess::spawn_linked`]; call once.
+pub fn inherited_link() -> shm_core::SegmentLink {
+    let fd: i32 = std::env::var(LINK_ENV)
+        .expect("started with spawn_linked")
+        .parse()
+        .expect("a descriptor number");
+    // SAFETY: the parent passed this open descriptor for the link, and the child takes it once.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    shm_core::SegmentLink::from_fd(owned).expect("a socket")
 }
 
 /// Bytes as hex digits, for command lines.

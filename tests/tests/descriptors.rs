@@ -1,20 +1,23 @@
-//! A mapping costs no file descriptor: with the common limit of 1,024 descriptors, a process
-//! holds 10,000 live blocks of their own segments, and another pool attaches all of them. The
-//! test re-runs itself with the limit lowered, so that the other tests keep theirs.
+//! Descriptors under a low limit: a segment costs its creator one descriptor (kept to send it
+//! to peers) and its receivers none (each maps it and closes what it received). With the
+//! common limit of 1,024, a pool holds 900 live segments of its own and a link end maps all of
+//! them; past the limit, creating one more is `TooManyDescriptors`, never a crash, and the pool
+//! works again once it lets go of some. The test re-runs itself with the limit lowered, so
+//! that the other tests keep theirs.
 
 use std::process::Command;
 
-use shm_core::{PoolConfig, ShmPool};
+use shm_core::{PoolConfig, SegmentLink, ShmError, ShmPool};
 use shm_tests::CleanShm;
 
 /// Set in the re-run with the lowered limit.
 const INSIDE: &str = "SHM_TEST_FEW_DESCRIPTORS";
-const TEST: &str = "ten_thousand_live_blocks_need_no_descriptor_each";
+const TEST: &str = "segments_cost_their_creator_a_descriptor_and_their_receivers_none";
 const LIMIT: u64 = 1024;
-const BLOCKS: usize = 10_000;
+const BLOCKS: usize = 900;
 
 #[test]
-fn ten_thousand_live_blocks_need_no_descriptor_each() {
+fn segments_cost_their_creator_a_descriptor_and_their_receivers_none() {
     if std::env::var_os(INSIDE).is_some() {
         return with_few_descriptors();
     }
@@ -37,40 +40,59 @@ fn with_few_descriptors() {
     // SAFETY: setrlimit reads the struct we pass, which lives on our stack.
     assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
     let clean = CleanShm::begin();
-    let quiet = |config: PoolConfig| {
-        ShmPool::with_config(PoolConfig {
-            sweep_orphans: false,
-            ..config
-        })
-        .unwrap()
-    };
+    let open = || std::fs::read_dir("/proc/self/fd").unwrap().count();
+    let at_start = open();
     // The smallest slab threshold: each 4 KiB block is a segment of its own.
-    let owner = quiet(PoolConfig {
+    let owner = ShmPool::with_config(PoolConfig {
         slab_threshold: 64,
         ..PoolConfig::default()
-    });
-    let reader = quiet(PoolConfig::default());
-    let blocks: Vec<_> = (0..BLOCKS)
+    })
+    .unwrap();
+    let (sender, receiver) = SegmentLink::pair().unwrap();
+    let receiver = SegmentLink::from_fd(receiver).unwrap();
+    // Each descriptor is taken as soon as it is sent, as a peer resolving references does.
+    let (blocks, views): (Vec<_>, Vec<_>) = (0..BLOCKS)
         .map(|i| {
             let mut block = owner.alloc(4096).unwrap();
             block.as_mut_slice().unwrap().fill(i as u8);
-            block
+            sender.offer(&block, None).unwrap();
+            let view = receiver.attach(&block.to_ref()).unwrap();
+            (block, view)
         })
-        .collect();
+        .unzip();
     assert!(owner.stats().segments_owned >= BLOCKS);
-    let views: Vec<_> = blocks
-        .iter()
-        .map(|b| reader.attach(&b.to_ref()).unwrap())
-        .collect();
-    assert_eq!(reader.stats().segments_attached, BLOCKS);
+    assert_eq!(receiver.received_count(), BLOCKS);
     for (i, view) in views.iter().enumerate() {
         assert!(view.as_slice().iter().all(|&b| b == i as u8), "block {i}");
     }
-    let open = std::fs::read_dir("/proc/self/fd").unwrap().count();
+    let held = open() - at_start;
     assert!(
-        open < 64,
-        "{open} descriptors open for {BLOCKS} blocks and as many mappings"
+        (BLOCKS..BLOCKS + 16).contains(&held),
+        "{held} descriptors for {BLOCKS} segments and as many mappings of them"
     );
-    drop((views, blocks, reader, owner));
+    // Past the limit: a typed error.
+    let mut more = Vec::new();
+    let refused = loop {
+        match owner.alloc(4096) {
+            Ok(block) => more.push(block),
+            Err(err) => break err,
+        }
+        assert!(more.len() < LIMIT as usize, "the limit was never met");
+    };
+    assert!(
+        matches!(refused, ShmError::TooManyDescriptors { .. }),
+        "{refused:?}"
+    );
+    // Letting go gives the descriptors back.
+    drop((views, blocks, more));
+    owner.trim();
+    receiver.forget_received();
+    assert!(
+        open() < at_start + 16,
+        "{} descriptors left",
+        open() - at_start
+    );
+    owner.alloc(4096).unwrap();
+    drop((sender, receiver, owner));
     clean.end();
 }

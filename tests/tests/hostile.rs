@@ -1,7 +1,7 @@
-//! A hostile worker of the same user: it names a third process's memory, truncates or rewrites
-//! what it sent, truncates the channel, jams a ring. The parent must get typed errors (or, for
-//! memory rewritten in place, the values it would read from a trusted worker's mistake: zeros),
-//! never a crash or a hang, and leave `/dev/shm` as it found it.
+//! A hostile worker of the same user: it names a third process's memory, passes off files,
+//! FIFOs, directories and unsealed memory as segments, tries to truncate what it sent and the
+//! channel, rewrites what it sent through its own mappings, jams a ring. The parent must get
+//! typed errors, never a crash or a hang, and leave `/dev/shm` as it found it.
 
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -34,42 +34,21 @@ fn without_hanging<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) ->
         .expect("the call hung past the guard")
 }
 
-/// Waits (up to the guard) until every segment of sessions other than `ours` — the worker's —
-/// that `pick` selects by length passes `done`: until its delayed act of sabotage has happened.
-fn wait_for_worker_segments(
-    ours: shm_core::SessionId,
-    pick: impl Fn(u64) -> bool,
-    done: impl Fn(&str) -> bool,
-) {
+/// Asks the worker, until the guard, for its report of sabotage — (tried, refused, rewritten)
+/// — until `done` accepts it: until its delayed act has happened.
+fn wait_for_sabotage(
+    worker: &Worker,
+    done: impl Fn((usize, usize, usize)) -> bool,
+) -> (usize, usize, usize) {
     let started = Instant::now();
     loop {
-        let sessions = shm_core::list_sessions().unwrap();
-        let theirs: Vec<String> = sessions
-            .iter()
-            .filter(|s| s.session != ours)
-            .flat_map(|s| &s.segments)
-            .filter(|s| pick(s.len))
-            .map(|s| format!("/dev/shm{}", s.name))
-            .collect();
-        if !theirs.is_empty() && theirs.iter().all(|path| done(path)) {
-            return;
+        let Serde(report) = worker.call("sabotage_report", &()).unwrap();
+        if done(report) {
+            return report;
         }
         assert!(started.elapsed() < HANG_GUARD, "the worker never did it");
         std::thread::sleep(Duration::from_millis(10));
     }
-}
-
-/// Whether the file at `path` is empty (truncated).
-fn truncated(path: &str) -> bool {
-    std::fs::metadata(path).is_ok_and(|m| m.len() == 0)
-}
-
-/// Whether the file at `path` starts with a 0xff byte (rewritten).
-fn rewritten(path: &str) -> bool {
-    use std::io::Read;
-    let mut first = [0u8; 1];
-    std::fs::File::open(path)
-        .is_ok_and(|mut f| f.read_exact(&mut first).is_ok() && first[0] == 0xff)
 }
 
 /// Whether this process maps a segment of this name.
@@ -77,13 +56,13 @@ fn mapped_here(name: &str) -> bool {
     std::fs::read_to_string("/proc/self/maps")
         .unwrap()
         .lines()
-        .any(|line| line.ends_with(name))
+        .any(|line| line.contains(&name[1..]))
 }
 
 #[test]
 fn a_worker_cannot_make_the_parent_map_a_third_process_memory() {
     let clean = CleanShm::begin();
-    let mut victim = ChildProcess::spawn(CHILD, &["write", "100000", "5"]);
+    let (mut victim, _link) = ChildProcess::spawn_linked(CHILD, &["write", "100000", "5"], &[]);
     let secret = victim.read_line();
     let name = shm_core::ShmRef::from_hex(&secret).unwrap().name;
     let worker = spawn(false);
@@ -105,6 +84,46 @@ fn a_worker_cannot_make_the_parent_map_a_third_process_memory() {
     clean.end();
 }
 
+#[test]
+fn a_worker_cannot_pass_off_files_fifos_directories_or_unsealed_memory_as_segments() {
+    let clean = CleanShm::begin();
+    for kind in ["file", "directory", "fifo", "unsealed", "unsent"] {
+        let worker = std::sync::Arc::new(spawn(false));
+        let calling = std::sync::Arc::clone(&worker);
+        let started = Instant::now();
+        let outcome = without_hanging(move || {
+            calling
+                .call::<_, Serde<Vec<u8>>>("forge_descriptor", &Serde((1u64, kind.to_owned())))
+                .map(drop)
+        });
+        match (&outcome, kind) {
+            (Err(TransportError::Codec(err)), "unsent") => {
+                assert!(
+                    matches!(shm_err(err), ShmError::NoDescriptor { .. }),
+                    "{err:?}"
+                )
+            }
+            (Err(TransportError::Codec(err)), _) => {
+                assert!(
+                    matches!(shm_err(err), ShmError::NotASegment { .. }),
+                    "{kind}: {err:?}"
+                )
+            }
+            _ => panic!("{kind}: expected a refusal, got {outcome:?}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "{kind}");
+        assert!(
+            !mapped_here("/etc/passwd"),
+            "{kind}: the parent mapped the file"
+        );
+        // The worker serves on.
+        let Serde(x): Serde<u64> = worker.call("echo", &Serde(7u64)).unwrap();
+        assert_eq!(x, 7);
+        std::sync::Arc::into_inner(worker).unwrap().shutdown();
+    }
+    clean.end();
+}
+
 fn shm_err(err: &shm_codec::CodecError) -> &ShmError {
     match err {
         shm_codec::CodecError::Shm(err) => err,
@@ -115,10 +134,10 @@ fn shm_err(err: &shm_codec::CodecError) -> &ShmError {
 #[test]
 fn a_worker_cannot_claim_another_session_at_the_handshake() {
     let clean = CleanShm::begin();
-    // The forged hello names the parent's own session: its lock holds the parent's pid.
+    // The forged hello names the parent's own session.
     match Worker::spawn(WorkerConfig::new(WORKER).args(["--forge-hello"])) {
         Err(TransportError::Malformed { what }) => {
-            assert!(what.contains("says it is pid"), "{what}")
+            assert!(what.contains("which is the parent's"), "{what}")
         }
         other => panic!("expected the hello to be refused, got {other:?}"),
     }
@@ -142,33 +161,24 @@ fn a_result_passed_from_one_worker_to_another_is_copied_not_refused() {
 }
 
 #[test]
-fn a_result_truncated_after_the_reply_reads_as_zeros_and_the_parent_lives_on() {
+fn a_worker_cannot_truncate_a_result_it_sent_and_the_parent_reads_it_whole() {
     let clean = CleanShm::begin();
     let n = 1usize << 20;
-    let worker = spawn(false);
-    let a: ShmArray<f64, Ix1> = worker.call("truncate_later", &Serde((n, 100u64))).unwrap();
-    // The result's segment, before the cut or after it.
-    let result = |len: u64| len >= (n * 8) as u64 || len == 0;
-    wait_for_worker_segments(worker.pool().session(), result, truncated);
-    // Without the truncation guard, this read is a SIGBUS.
-    assert_eq!(a.view().sum(), 0.0, "past the cut, zeros");
-    drop(a);
-    let Serde(x): Serde<u64> = worker.call("echo", &Serde(9u64)).unwrap();
-    assert_eq!(x, 9);
-    worker.shutdown();
-
-    // Read from a private copy, the same result keeps the values the worker sent.
-    let worker = spawn(true);
-    let a: ShmArray<f64, Ix1> = worker.call("truncate_later", &Serde((n, 100u64))).unwrap();
-    // The result's segment, before the cut or after it.
-    let result = |len: u64| len >= (n * 8) as u64 || len == 0;
-    wait_for_worker_segments(worker.pool().session(), result, truncated);
-    assert_eq!(a.view().sum(), 1.5 * n as f64);
-    // A value read from a private copy can be sent on: it is copied into a block.
-    let Serde(sum): Serde<f64> = worker.call("sum", &a).unwrap();
-    assert_eq!(sum, 1.5 * n as f64);
-    drop(a);
-    worker.shutdown();
+    for untrusted in [false, true] {
+        let worker = spawn(untrusted);
+        let a: ShmArray<f64, Ix1> = worker.call("truncate_later", &Serde((n, 100u64))).unwrap();
+        let (tried, refused, _) = wait_for_sabotage(&worker, |(tried, ..)| tried > 0);
+        assert_eq!(
+            refused, tried,
+            "the kernel let the worker truncate its segment"
+        );
+        assert_eq!(a.view().sum(), 1.5 * n as f64);
+        // A value read from the worker can be sent on, by reference or as a copy.
+        let Serde(sum): Serde<f64> = worker.call("sum", &a).unwrap();
+        assert_eq!(sum, 1.5 * n as f64);
+        drop(a);
+        worker.shutdown();
+    }
     clean.end();
 }
 
@@ -178,9 +188,8 @@ fn an_untrusted_worker_cannot_change_a_batch_after_the_parent_validated_it() {
     let rows = 100_000usize;
     let worker = spawn(true);
     let ColumnFrame(batch) = worker.call("rewrite_later", &Serde((rows, 50u64))).unwrap();
-    // Once the worker has overwritten every byte of its segments with 0xff: offsets of -1.
-    let columns = |len: u64| len >= (rows * 4) as u64;
-    wait_for_worker_segments(worker.pool().session(), columns, rewritten);
+    // Once the worker has overwritten its segments with 0xff: offsets of -1.
+    wait_for_sabotage(&worker, |(.., rewritten)| rewritten > 0);
     let text = batch
         .column(0)
         .as_any()
@@ -196,28 +205,19 @@ fn an_untrusted_worker_cannot_change_a_batch_after_the_parent_validated_it() {
 }
 
 #[test]
-fn a_truncated_channel_fails_calls_instead_of_killing_or_hanging_the_parent() {
+fn a_worker_cannot_truncate_the_channel() {
     let clean = CleanShm::begin();
-    let worker = std::sync::Arc::new(std::sync::Mutex::new(spawn(false)));
-    let calling = std::sync::Arc::clone(&worker);
-    let outcome = without_hanging(move || {
-        let worker = calling.lock().unwrap();
-        let first = worker.call::<_, ()>("truncate_channel", &());
-        let second = worker.call::<_, Serde<u64>>("echo", &Serde(1u64));
-        (first.map(drop), second.map(drop))
-    });
-    for result in [outcome.0, outcome.1] {
-        match result {
-            Err(TransportError::Shm(ShmError::Truncated { .. }))
-            | Err(TransportError::WorkerDied { .. }) => {}
-            other => panic!("expected Truncated, got {other:?}"),
-        }
-    }
-    let mut worker = std::sync::Arc::into_inner(worker)
-        .unwrap()
-        .into_inner()
-        .unwrap();
-    worker.restart().unwrap();
+    let worker = spawn(false);
+    let Serde((tried, refused)): Serde<(usize, usize)> =
+        worker.call("truncate_channel", &()).unwrap();
+    assert!(
+        tried >= 1,
+        "the worker found no descriptor of the channel to try"
+    );
+    assert_eq!(
+        refused, tried,
+        "the kernel let the worker truncate the channel"
+    );
     let Serde(x): Serde<u64> = worker.call("echo", &Serde(3u64)).unwrap();
     assert_eq!(x, 3);
     worker.shutdown();
@@ -229,13 +229,13 @@ fn a_jammed_request_ring_ends_calls_at_their_deadline_or_at_once() {
     let clean = CleanShm::begin();
     let timeout = Duration::from_millis(300);
     // Impossible positions: every later call fails at once, with or without a timeout.
-    let worker = spawn(false);
+    let (worker, jammed) = spawn_watched();
     let jam = worker.call_timeout::<_, ()>("jam", &Serde(Jam::Impossible), timeout);
     assert!(
         matches!(jam, Err(TransportError::Timeout { .. })),
         "{jam:?}"
     );
-    wait_for_calls_ring(&worker, |waiting| waiting > 64);
+    wait_until_jammed(&jammed);
     let worker = std::sync::Arc::new(worker);
     let calling = std::sync::Arc::clone(&worker);
     let echo = without_hanging(move || calling.call::<_, Serde<u64>>("echo", &Serde(1u64)));
@@ -248,13 +248,13 @@ fn a_jammed_request_ring_ends_calls_at_their_deadline_or_at_once() {
     drop(worker);
 
     // A ring that looks full for ever is a worker that does not read: the deadline ends it.
-    let worker = spawn(false);
+    let (worker, jammed) = spawn_watched();
     let jam = worker.call_timeout::<_, ()>("jam", &Serde(Jam::Full), timeout);
     assert!(
         matches!(jam, Err(TransportError::Timeout { .. })),
         "{jam:?}"
     );
-    wait_for_calls_ring(&worker, |waiting| waiting == 64);
+    wait_until_jammed(&jammed);
     let started = Instant::now();
     let echo = worker.call_timeout::<_, Serde<u64>>("echo", &Serde(1u64), timeout);
     assert!(
@@ -266,26 +266,23 @@ fn a_jammed_request_ring_ends_calls_at_their_deadline_or_at_once() {
     clean.end();
 }
 
-/// Waits until the worker's ring of calls holds a number of frames that `jammed` accepts, as
-/// the channel's control area shows it: until the `jam` handler has done its work, however slow
-/// the machine.
-fn wait_for_calls_ring(worker: &Worker, jammed: impl Fn(u64) -> bool) {
-    let started = Instant::now();
-    loop {
-        let sessions = shm_core::list_sessions().unwrap();
-        let state = sessions
-            .iter()
-            .filter(|s| s.session == worker.pool().session())
-            .flat_map(|s| &s.segments)
-            .find_map(|s| {
-                let mut control = vec![0u8; shm_transport::CONTROL_LEN];
-                let file = std::fs::File::open(format!("/dev/shm{}", s.name)).ok()?;
-                std::os::unix::fs::FileExt::read_exact_at(&file, &mut control, 0).ok()?;
-                shm_transport::ChannelState::parse(&control)
-            });
-        if state.is_some_and(|state| jammed(state.frame_rings[0].occupied())) {
-            return;
+/// A worker whose stderr sets the flag when its `jam` handler says it has jammed the ring.
+fn spawn_watched() -> (Worker, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    let jammed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = std::sync::Arc::clone(&jammed);
+    let sink = shm_transport::StderrSink::Lines(std::sync::Arc::new(move |line: &str| {
+        if line.ends_with("jammed") {
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
         }
+    }));
+    let worker = Worker::spawn(WorkerConfig::new(WORKER).stderr(sink)).unwrap();
+    (worker, jammed)
+}
+
+/// Waits until the worker's `jam` handler has done its work, however slow the machine.
+fn wait_until_jammed(jammed: &std::sync::atomic::AtomicBool) {
+    let started = Instant::now();
+    while !jammed.load(std::sync::atomic::Ordering::SeqCst) {
         assert!(started.elapsed() < HANG_GUARD, "the ring was never jammed");
         std::thread::sleep(Duration::from_millis(5));
     }

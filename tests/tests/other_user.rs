@@ -1,5 +1,6 @@
 //! Another user on the same host: files planted in `/dev/shm` under our names, and another
-//! user's live session, must never make our pools or workers fail. As root, the test plants
+//! user's live pool, must never make our pools or workers fail, and the sweep of named
+//! leftovers (`shm gc`) must leave what is not its user's alone. As root, the test plants
 //! them, then re-runs itself as `nobody` (uid 65534), which must create pools, spawn a worker
 //! and call it, with the sweep reporting what it skipped. Elsewhere it says it skipped.
 
@@ -41,18 +42,18 @@ fn planted_files_and_other_users_sessions_never_make_our_pools_fail() {
             .open(path)
             .unwrap();
     }
-    // A live session of this user (root), with a block in it.
+    // A live pool of this user (root), with a block in it: a memfd that no name reaches.
     let pool = ShmPool::new().unwrap();
-    let mine = pool.alloc(1 << 20).unwrap();
+    let mut mine = pool.alloc(1 << 20).unwrap();
+    mine.as_mut_slice().unwrap().fill(5);
     let outcome = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", TEST, "--nocapture", "--test-threads=1"])
         .env(INSIDE, "1")
         .uid(NOBODY)
         .gid(NOBODY)
         .status();
-    let live_segment = format!("/dev/shm{}", mine.name());
     let left_alone =
-        PLANTED.iter().all(|p| Path::new(p).exists()) && Path::new(&live_segment).exists();
+        PLANTED.iter().all(|p| Path::new(p).exists()) && mine.as_slice().iter().all(|&b| b == 5);
     for path in PLANTED {
         let _ = std::fs::remove_file(path);
     }

@@ -2,7 +2,6 @@
 //! into shared memory, and shm reads what they wrote. `cargo xtask test` provides the Python
 //! environment (target/pyenv, from tests/python/requirements.txt) and sets `SHM_PYTHON`.
 
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use arrow::array::{
@@ -15,24 +14,24 @@ use arrow::datatypes::{
 use ndarray::{Array2, Ix1, Ix2, IxDyn};
 use shm_arrow::{read_ipc_block, write_ipc_block};
 use shm_codec::{CodecError, Complex, Decoder, Encoder, ForeignArray, Payload, ShmArray};
-use shm_core::{ShmPool, ShmRef};
+use shm_core::{ShmBlock, ShmPool};
 use shm_tests::{ChildProcess, CleanShm, python};
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/python/interop.py");
 
-fn run(python: &str, args: &[&str]) -> String {
-    let output = Command::new(python)
-        .arg(SCRIPT)
-        .args(args)
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("python runs");
-    assert!(
-        output.status.success(),
-        "python {args:?} failed: {}",
-        output.status
-    );
-    String::from_utf8(output.stdout).expect("utf-8 output")
+/// Runs a read command of the script, with `block`'s descriptor on its link; its output.
+fn run(python: &str, args: &[&str], block: &ShmBlock) -> String {
+    let mut command = vec![SCRIPT];
+    command.extend(args);
+    let (mut child, _link) = ChildProcess::spawn_linked(python, &command, &[block]);
+    let mut out = String::new();
+    while let Some(line) = child.read_line_or_end() {
+        out.push_str(&line);
+        out.push('\n');
+    }
+    let status = child.child.wait().unwrap();
+    assert!(status.success(), "python {args:?} failed: {status}");
+    out
 }
 
 fn python_segments() -> Vec<String> {
@@ -71,10 +70,11 @@ fn pyarrow_reads_an_ipc_block_written_by_rust() {
         &python,
         &[
             "read-ipc",
-            &r.name[1..],
+            &r.name,
             &r.offset.to_string(),
             &r.content_size.to_string(),
         ],
+        &block,
     );
     assert_eq!(
         out,
@@ -95,13 +95,11 @@ fn rust_reads_a_pyarrow_stream_whose_decimals_are_only_8_byte_aligned() {
     let line = writer.read_line();
     let (name, size) = line.split_once(' ').unwrap();
     let size: u64 = size.parse().unwrap();
-    let r = ShmRef {
-        name: format!("/{name}"),
-        size,
-        offset: 0,
-        content_size: size,
-    };
-    let block = Arc::new(pool.attach(&r).unwrap());
+    // SAFETY: the Python writer neither writes nor shrinks its segment until stdin closes,
+    // after the block is dropped.
+    let mut block = unsafe { pool.attach_segment(name) }.unwrap();
+    block.set_len(size as usize).unwrap();
+    let block = Arc::new(block);
     let batches = read_ipc_block(&block).unwrap();
     let b = &batches[0];
     let d128 = b
@@ -153,13 +151,11 @@ fn rust_reads_an_ipc_stream_that_pyarrow_wrote() {
     let line = writer.read_line();
     let (name, size) = line.split_once(' ').unwrap();
     let size: u64 = size.parse().unwrap();
-    let r = ShmRef {
-        name: format!("/{name}"),
-        size,
-        offset: 0,
-        content_size: size,
-    };
-    let block = Arc::new(pool.attach(&r).unwrap());
+    // SAFETY: the Python writer neither writes nor shrinks its segment until stdin closes,
+    // after the block is dropped.
+    let mut block = unsafe { pool.attach_segment(name) }.unwrap();
+    block.set_len(size as usize).unwrap();
+    let block = Arc::new(block);
     let batches = read_ipc_block(&block).unwrap();
     assert_eq!(batches.len(), 1);
     let b = &batches[0];
@@ -239,7 +235,7 @@ fn numpy_maps_arrays_that_rust_wrote_in_every_layout() {
             &python,
             &[
                 "read-array",
-                &r.name[1..],
+                &r.name,
                 &r.offset.to_string(),
                 &r.content_size.to_string(),
                 &meta.typestr,
@@ -247,11 +243,22 @@ fn numpy_maps_arrays_that_rust_wrote_in_every_layout() {
                 &joined(meta.strides),
                 &meta.origin.to_string(),
             ],
+            &payload.blocks()[0],
         );
         assert_eq!(out, expected);
     }
     drop((received, negative, encoder, decoder));
     clean.end();
+}
+
+/// Views an array that the Python writer of the test made.
+fn foreign<T: shm_codec::Element, D: ndarray::Dimension>(
+    pool: &ShmPool,
+    array: &ForeignArray,
+) -> shm_codec::Result<ShmArray<T, D>> {
+    // SAFETY: the Python writer neither writes nor shrinks its segment until its stdin
+    // closes, which the test does only after dropping every array.
+    unsafe { ShmArray::from_foreign(pool, array) }
 }
 
 #[test]
@@ -284,17 +291,17 @@ fn rust_views_arrays_that_numpy_wrote_given_name_offset_typestr_shape_strides() 
     let [fortran, odd, reversed, complex] = &arrays[..] else {
         panic!("{arrays:?}")
     };
-    let a = ShmArray::<f64, Ix2>::from_foreign(&pool, fortran).unwrap();
+    let a = foreign::<f64, Ix2>(&pool, fortran).unwrap();
     let expected = Array2::from_shape_fn((3, 4), |(i, j)| (i * 4 + j) as f64 * 1.5);
     assert_eq!(a.view(), expected.view());
     assert_eq!(a.order(), shm_codec::Order::F);
-    let b = ShmArray::<i32, Ix2>::from_foreign(&pool, odd).unwrap();
+    let b = foreign::<i32, Ix2>(&pool, odd).unwrap();
     assert_eq!(odd.offset, 100);
     assert_eq!(b.view(), ndarray::arr2(&[[1, -2, 3], [-4, 5, -6]]));
-    let c = ShmArray::<u16, IxDyn>::from_foreign(&pool, reversed).unwrap();
+    let c = foreign::<u16, IxDyn>(&pool, reversed).unwrap();
     assert_eq!(reversed.strides, Some(vec![-4]));
     assert_eq!(c.view().iter().copied().collect::<Vec<_>>(), [50, 30, 10]);
-    let d = ShmArray::<Complex<f64>, Ix1>::from_foreign(&pool, complex).unwrap();
+    let d = foreign::<Complex<f64>, Ix1>(&pool, complex).unwrap();
     assert_eq!(
         d.view().to_vec(),
         [
@@ -304,7 +311,7 @@ fn rust_views_arrays_that_numpy_wrote_given_name_offset_typestr_shape_strides() 
         ]
     );
     // What does not match is refused with the numbers, not read.
-    let wrong_type = ShmArray::<f32, Ix2>::from_foreign(&pool, fortran);
+    let wrong_type = foreign::<f32, Ix2>(&pool, fortran);
     assert!(
         matches!(wrong_type, Err(CodecError::WrongDtype { .. })),
         "{wrong_type:?}"
@@ -313,7 +320,7 @@ fn rust_views_arrays_that_numpy_wrote_given_name_offset_typestr_shape_strides() 
         offset: 4096 - 8,
         ..fortran.clone()
     };
-    assert!(ShmArray::<f64, Ix2>::from_foreign(&pool, &past_the_end).is_err());
+    assert!(foreign::<f64, Ix2>(&pool, &past_the_end).is_err());
     drop((a, b, c, d));
     writer.finish();
     assert_eq!(python_segments(), before, "Python unlinked its segment");

@@ -14,7 +14,7 @@ use ndarray::{Array0, Array2, Ix2, s};
 use shm_arrow::{ColumnFrame, write_ipc_block};
 use shm_codec::{Complex, Decoder, Element, Encoder, Index, Payload, Serde, ShmArray, SimpleFrame};
 use shm_core::{ShmBlock, ShmPool};
-use shm_tests::{CleanShm, python, to_hex};
+use shm_tests::{ChildProcess, CleanShm, python, to_hex};
 
 const READER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/python/reader.py");
 
@@ -485,18 +485,27 @@ fn a_reader_written_from_the_format_page_decodes_every_payload_kind() {
 
     let manifest = std::env::temp_dir().join(format!("shm-reader-{}.jsonl", std::process::id()));
     std::fs::write(&manifest, &cases.manifest).unwrap();
-    let output = std::process::Command::new(&python)
-        .arg(READER)
-        .arg(&manifest)
-        .output()
-        .unwrap();
+    let blocks: Vec<&ShmBlock> = cases
+        .payloads
+        .iter()
+        .flat_map(|p| p.blocks())
+        .chain(&cases.blocks)
+        .map(|b| &**b)
+        .collect();
+    assert!(blocks.len() > 10, "{} blocks offered", blocks.len());
+    let (mut reader, _link) =
+        ChildProcess::spawn_linked(&python, &[READER, manifest.to_str().unwrap()], &blocks);
+    let mut stdout = String::new();
+    loop {
+        let line = reader.read_line_or_end();
+        let Some(line) = line else { break };
+        stdout.push_str(&line);
+        stdout.push('\n');
+    }
+    let status = reader.child.wait().unwrap();
     let _ = std::fs::remove_file(&manifest);
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    eprintln!("{stdout}{}", String::from_utf8_lossy(&output.stderr));
-    assert!(
-        output.status.success(),
-        "the reader failed: see its report above"
-    );
+    eprintln!("{stdout}");
+    assert!(status.success(), "the reader failed: see its report above");
     let checked = cases.payloads.len() - 1;
     assert!(
         stdout.contains(&format!("{checked} of {checked} cases decoded and checked")),

@@ -14,14 +14,10 @@ use arrow::compute::cast;
 use arrow::datatypes::*;
 use shm_arrow::ColumnFrame;
 use shm_codec::{Decoder, Encoder, Payload};
-use shm_core::{PoolConfig, ShmPool};
+use shm_core::ShmPool;
 
 fn pool() -> ShmPool {
-    ShmPool::with_config(PoolConfig {
-        sweep_orphans: false,
-        ..PoolConfig::default()
-    })
-    .unwrap()
+    ShmPool::new().unwrap()
 }
 
 /// `n` values 0, 1, 2, … with a null at every third (when `nullable`).

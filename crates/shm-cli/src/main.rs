@@ -1,11 +1,16 @@
-//! `shm`: what shm keeps in `/dev/shm`, for the operator who finds it full.
+//! `shm`: what shm holds in memory, for the operator who wonders where it went.
+//!
+//! Segments are memfds, which live exactly as long as a process holds them: `shm ls` finds
+//! them in `/proc/PID/fd`. Named segments in `/dev/shm` are left only by versions before
+//! memfds (or by a crash of one); `shm gc` removes those whose session is dead.
 //!
 //! ```text
-//! shm ls                 every segment: size, owner session, pid, whether the owner lives, age, and
-//!                        what it holds (a block, a slab of small blocks, a channel)
+//! shm ls                 every live segment: size, session, the pid that holds it, and what it
+//!                        holds (a block, a slab of small blocks, a channel); then the named
+//!                        leftovers in /dev/shm, with whether their owner lives and their age
 //! shm inspect NAME       one segment (or session lock); for a channel, its header and rings
-//! shm gc [--dry-run]     remove the segments of dead sessions (what every pool's sweep does)
-//! shm df                 /dev/shm's use against its limit, and shm's part of it
+//! shm gc [--dry-run]     remove the named segments of dead sessions from /dev/shm
+//! shm df                 /dev/shm's use against its limit, and shm's part of memory
 //! ```
 //!
 //! Human tables by default; `--json` anywhere on the line prints JSON for scripts instead.
@@ -17,7 +22,10 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
 use serde_json::{Value, json};
-use shm_core::{SegmentEntry, SegmentHolds, SessionEntry, SessionId, SessionState, list_sessions};
+use shm_core::{
+    LiveSegment, SegmentEntry, SegmentHolds, SessionEntry, SessionId, SessionState,
+    list_live_segments, list_sessions,
+};
 use shm_transport::{CONTROL_LEN, ChannelState, RingState};
 
 const USAGE: &str = "usage: shm [--json] <ls | inspect NAME | gc [--dry-run] | df>";
@@ -70,14 +78,46 @@ fn sessions() -> Result<Vec<SessionEntry>> {
     list_sessions().map_err(|e| format!("cannot list {SHM_DIR}: {e}"))
 }
 
+fn live() -> Result<Vec<LiveSegment>> {
+    list_live_segments().map_err(|e| format!("cannot list /proc: {e}"))
+}
+
 fn ls() -> Result<Output> {
+    let live = live()?;
+    let mut live_rows = Vec::new();
+    let mut json_live = Vec::new();
+    for segment in &live {
+        let kind = kind_of(&segment.name, &segment.path);
+        live_rows.push(vec![
+            segment.name.trim_start_matches('/').to_owned(),
+            human_bytes(segment.len),
+            segment.session.to_string(),
+            segment.pid.to_string(),
+            kind.to_owned(),
+        ]);
+        json_live.push(json!({
+            "name": segment.name,
+            "bytes": segment.len,
+            "session": segment.session.to_string(),
+            "pid": segment.pid,
+            "kind": kind,
+        }));
+    }
+    let mut human = table(&["NAME", "SIZE", "SESSION", "PID", "KIND"], &live_rows);
+    let live_bytes: u64 = live.iter().map(|s| s.len).sum();
+    let _ = writeln!(
+        human,
+        "{} live segments, {} in memory (they go when their process does)",
+        live_rows.len(),
+        human_bytes(live_bytes)
+    );
     let sessions = sessions()?;
     let mut rows = Vec::new();
     let mut json_sessions = Vec::new();
     for s in &sessions {
         let mut json_segments = Vec::new();
         for segment in &s.segments {
-            let kind = kind_of(segment);
+            let kind = kind_of(&segment.name, &named_path(segment));
             rows.push(vec![
                 segment.name.trim_start_matches('/').to_owned(),
                 human_bytes(segment.len),
@@ -102,24 +142,27 @@ fn ls() -> Result<Output> {
             "segments": json_segments,
         }));
     }
-    let mut human = table(
-        &["NAME", "SIZE", "SESSION", "PID", "OWNER", "AGE", "KIND"],
-        &rows,
-    );
-    let dead = sessions
-        .iter()
-        .filter(|s| s.state == SessionState::Dead)
-        .count();
-    let _ = writeln!(
-        human,
-        "{} segments in {} sessions ({} of them dead: `shm gc` removes their segments)",
-        rows.len(),
-        sessions.len(),
-        dead
-    );
+    if !rows.is_empty() {
+        human.push_str(&format!("\nnamed segments in {SHM_DIR}:\n"));
+        human.push_str(&table(
+            &["NAME", "SIZE", "SESSION", "PID", "OWNER", "AGE", "KIND"],
+            &rows,
+        ));
+        let dead = sessions
+            .iter()
+            .filter(|s| s.state == SessionState::Dead)
+            .count();
+        let _ = writeln!(
+            human,
+            "{} named segments in {} sessions ({} of them dead: `shm gc` removes their segments)",
+            rows.len(),
+            sessions.len(),
+            dead
+        );
+    }
     Ok(Output {
         human,
-        json: json!({ "sessions": json_sessions }),
+        json: json!({ "segments": json_live, "sessions": json_sessions }),
     })
 }
 
@@ -131,11 +174,16 @@ fn inspect(name: &str) -> Result<Output> {
              shm-SSSSSSSS-lock for a session's lock)"
         ));
     };
+    if let Some(segment) = live()?
+        .into_iter()
+        .find(|s| s.name.trim_start_matches('/') == bare)
+    {
+        return Ok(inspect_live(&segment));
+    }
     let sessions = sessions()?;
     let Some(entry) = sessions.iter().find(|s| s.session == session) else {
         return Err(format!("no session {session} in {SHM_DIR}"));
     };
-    let mut human = String::new();
     let mut fields = vec![
         ("session", session.to_string()),
         ("owner", state_word(&entry.state).to_owned()),
@@ -165,7 +213,7 @@ fn inspect(name: &str) -> Result<Output> {
         else {
             return Err(format!("no segment {bare} in {SHM_DIR}"));
         };
-        let kind = kind_of(segment);
+        let kind = kind_of(&segment.name, &named_path(segment));
         fields.insert(0, ("name", bare.to_owned()));
         fields.push((
             "size",
@@ -178,16 +226,57 @@ fn inspect(name: &str) -> Result<Output> {
         json["age_seconds"] = json!(segment.modified.and_then(seconds_since));
         json["kind"] = json!(kind);
         if kind == "channel" {
-            let state = read_control(segment)?;
+            let state = read_control(&named_path(segment))?;
             json["channel"] = channel_json(&state);
             fields.extend(channel_fields(&state));
         }
     }
+    Ok(Output {
+        human: aligned(fields),
+        json,
+    })
+}
+
+/// One live segment, as `inspect` shows it.
+fn inspect_live(segment: &LiveSegment) -> Output {
+    let kind = kind_of(&segment.name, &segment.path);
+    let mut fields = vec![
+        ("name", segment.name.trim_start_matches('/').to_owned()),
+        ("session", segment.session.to_string()),
+        ("owner", "alive".to_owned()),
+        ("pid", segment.pid.to_string()),
+        (
+            "size",
+            format!("{} ({} bytes)", human_bytes(segment.len), segment.len),
+        ),
+        ("kind", kind.to_owned()),
+    ];
+    let mut json = json!({
+        "name": segment.name,
+        "session": segment.session.to_string(),
+        "state": "alive",
+        "pid": segment.pid,
+        "bytes": segment.len,
+        "kind": kind,
+    });
+    if let Ok(state) = read_control(&segment.path) {
+        json["channel"] = channel_json(&state);
+        fields.extend(channel_fields(&state));
+    }
+    Output {
+        human: aligned(fields),
+        json,
+    }
+}
+
+/// `key  value` lines, the values aligned.
+fn aligned(fields: Vec<(&str, String)>) -> String {
     let width = fields.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    let mut human = String::new();
     for (key, value) in fields {
         let _ = writeln!(human, "{key:width$}  {value}");
     }
-    Ok(Output { human, json })
+    human
 }
 
 fn gc(dry_run: bool) -> Result<Output> {
@@ -261,6 +350,7 @@ fn df() -> Result<Output> {
             .map(|s| s.len)
             .sum()
     };
+    let in_memory: u64 = live()?.iter().map(|s| s.len).sum();
     let live = bytes_of(&|s| *s == SessionState::Alive);
     let dead = bytes_of(&|s| *s == SessionState::Dead);
     let unknown = bytes_of(&|s| matches!(s, SessionState::Unknown(_)));
@@ -300,6 +390,11 @@ fn df() -> Result<Output> {
         ],
     ];
     let mut human = table(&[SHM_DIR, "BYTES", "OF SIZE"], &rows);
+    let _ = writeln!(
+        human,
+        "shm's live segments (memfds, not in {SHM_DIR}): {}",
+        human_bytes(in_memory)
+    );
     if dead > 0 {
         let _ = writeln!(
             human,
@@ -312,17 +407,23 @@ fn df() -> Result<Output> {
         json: json!({
             "size": total, "used": used, "available": available,
             "shm_live": live, "shm_dead": dead, "shm_unknown": unknown,
+            "memfd_live": in_memory,
         }),
     })
 }
 
+/// Where a named segment's file is.
+fn named_path(segment: &SegmentEntry) -> std::path::PathBuf {
+    std::path::Path::new(SHM_DIR).join(segment.name.trim_start_matches('/'))
+}
+
 /// `slab` for a slab of small blocks (its name says so), `channel` for a channel block (its
 /// magic number), `block` for any other block, `?` when it cannot be read.
-fn kind_of(segment: &SegmentEntry) -> &'static str {
-    if SegmentHolds::of_segment(&segment.name) == Some(SegmentHolds::Slab) {
+fn kind_of(name: &str, path: &std::path::Path) -> &'static str {
+    if SegmentHolds::of_segment(name) == Some(SegmentHolds::Slab) {
         return "slab";
     }
-    match read_control(segment) {
+    match read_control(path) {
         Ok(_) => "channel",
         Err(err) if err.starts_with("unreadable") => "?",
         Err(_) => "block",
@@ -330,9 +431,10 @@ fn kind_of(segment: &SegmentEntry) -> &'static str {
 }
 
 /// The channel state in a segment's first bytes, through a plain read (no mapping).
-fn read_control(segment: &SegmentEntry) -> Result<ChannelState> {
-    let path = format!("{SHM_DIR}/{}", segment.name.trim_start_matches('/'));
-    let file = std::fs::File::open(&path).map_err(|e| format!("unreadable {path}: {e}"))?;
+fn read_control(path: &std::path::Path) -> Result<ChannelState> {
+    let path = path.display();
+    let file =
+        std::fs::File::open(path.to_string()).map_err(|e| format!("unreadable {path}: {e}"))?;
     let mut control = vec![0u8; CONTROL_LEN];
     file.read_exact_at(&mut control, 0)
         .map_err(|_| format!("{path} is shorter than a channel's control area"))?;

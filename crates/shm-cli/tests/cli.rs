@@ -1,10 +1,10 @@
-//! The `shm` command against a real `/dev/shm`: a live session of this process, a planted
-//! orphan, and names that are not shm's.
+//! The `shm` command against this machine: a live pool of this process (memfds, found in
+//! `/proc`), a planted named orphan in `/dev/shm`, and names that are not shm's.
 
 use std::process::Command;
 
 use serde_json::Value;
-use shm_core::{PoolConfig, ShmPool};
+use shm_core::ShmPool;
 
 const SHM: &str = env!("CARGO_BIN_EXE_shm");
 
@@ -24,12 +24,8 @@ fn json(args: &[&str]) -> Value {
 }
 
 #[test]
-fn ls_inspect_gc_and_df_see_live_and_dead_sessions() {
-    let pool = ShmPool::with_config(PoolConfig {
-        sweep_orphans: false,
-        ..PoolConfig::default()
-    })
-    .unwrap();
+fn ls_inspect_gc_and_df_see_live_segments_and_named_leftovers() {
+    let pool = ShmPool::new().unwrap();
     let block = pool.alloc(3 << 20).unwrap();
     let mine = block.name().to_owned();
     // An orphan: a segment of a session with no lock and no owner.
@@ -41,21 +37,17 @@ fn ls_inspect_gc_and_df_see_live_and_dead_sessions() {
     std::fs::write(&orphan, vec![0u8; 8192]).unwrap();
 
     let listing = json(&["--json", "ls"]);
-    let sessions = listing["sessions"].as_array().unwrap();
-    let ours = sessions
-        .iter()
-        .find(|s| s["session"] == pool.session().to_string())
-        .expect("our session is listed");
-    assert_eq!(ours["state"], "alive");
-    assert_eq!(ours["pid"], std::process::id());
-    let segment = ours["segments"]
+    let segment = listing["segments"]
         .as_array()
         .unwrap()
         .iter()
         .find(|s| s["name"] == mine.as_str())
         .expect("our block's segment is listed");
+    assert_eq!(segment["session"], pool.session().to_string());
+    assert_eq!(segment["pid"], std::process::id());
     assert_eq!(segment["bytes"], 3 << 20);
     assert_eq!(segment["kind"], "block");
+    let sessions = listing["sessions"].as_array().unwrap();
     let small = pool.alloc(100).unwrap();
     let slab = json(&["--json", "inspect", &small.name()[1..]]);
     assert_eq!(slab["kind"], "slab");
@@ -90,13 +82,22 @@ fn ls_inspect_gc_and_df_see_live_and_dead_sessions() {
         "the orphan is gone"
     );
     assert!(
-        std::path::Path::new(&format!("/dev/shm{mine}")).exists(),
-        "a live segment stays"
+        !std::path::Path::new(&format!("/dev/shm{mine}")).exists(),
+        "a live segment has no name in /dev/shm"
+    );
+    let listing = json(&["--json", "ls"]);
+    assert!(
+        listing["segments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["name"] == mine.as_str()),
+        "the live segment is still listed after gc"
     );
 
     let usage = json(&["--json", "df"]);
     assert!(usage["size"].as_u64().unwrap() > 0);
-    assert!(usage["shm_live"].as_u64().unwrap() >= 3 << 20);
+    assert!(usage["memfd_live"].as_u64().unwrap() >= 3 << 20);
 
     let (code, _, err) = run(&["inspect", "psm_12345"]);
     assert_eq!(code, 1);

@@ -233,14 +233,23 @@ impl<T: Element, D: Dimension> ShmArray<T, D> {
     /// peer's would be: the type string against `T`, the number of axes against `D`, and the
     /// elements' span and alignment against the segment's length. A view into the array sent
     /// on through a transport is copied into a block of ours (the segment is not one a peer
-    /// may name).
-    pub fn from_foreign(pool: &ShmPool, foreign: &ForeignArray) -> Result<Self> {
+    /// may name). The name must lead to a regular file of this user with one name; see
+    /// [`ShmPool::attach_segment`].
+    ///
+    /// # Safety
+    ///
+    /// The other program's segment is not sealed: the caller promises that, while the array
+    /// or any view of it lives, the other program neither shrinks the segment (reading the
+    /// lost pages would kill this process with SIGBUS) nor writes the elements (a `&T` would
+    /// see them change) — as [`ShmPool::attach_segment`] requires.
+    pub unsafe fn from_foreign(pool: &ShmPool, foreign: &ForeignArray) -> Result<Self> {
         let dim = checked_dim::<T, D>(&foreign.typestr, &foreign.shape)?;
         let strides = match &foreign.strides {
             Some(strides) => strides.clone(),
             None => contiguous_strides(dim.slice(), Order::C, size_of::<T>())?,
         };
-        let block = Arc::new(pool.attach_segment(&foreign.name)?);
+        // SAFETY: the caller's promise is the one `attach_segment` asks for.
+        let block = Arc::new(unsafe { pool.attach_segment(&foreign.name) }?);
         register_live(&block);
         Self::from_parts(Storage::Block(block), dim, &strides, foreign.offset)
     }

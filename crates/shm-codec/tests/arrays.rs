@@ -15,11 +15,7 @@ use shm_codec::{
 use shm_core::{PoolConfig, ShmPool};
 
 fn pool() -> ShmPool {
-    ShmPool::with_config(PoolConfig {
-        sweep_orphans: false,
-        ..PoolConfig::default()
-    })
-    .unwrap()
+    ShmPool::new().unwrap()
 }
 
 fn codecs() -> (Encoder, Decoder) {
@@ -276,7 +272,6 @@ fn large_serde_values_in_one_tuple_keep_their_own_blocks() {
     for cache_bytes in [2 << 30, 0] {
         let pool = ShmPool::with_config(PoolConfig {
             cache_bytes,
-            sweep_orphans: false,
             ..PoolConfig::default()
         })
         .unwrap();

@@ -108,24 +108,6 @@ impl ShmBlock {
         self.lease.is_some()
     }
 
-    /// Whether another process truncated the block's segment while it was mapped here. The
-    /// process survives it (see [`ShmError::Truncated`]), but bytes past the cut read as zero:
-    /// a reader that must know calls [`check_intact`](Self::check_intact) after reading.
-    pub fn is_truncated(&self) -> bool {
-        self.segment.truncated()
-    }
-
-    /// [`ShmError::Truncated`] if the block's segment was truncated while mapped here.
-    pub fn check_intact(&self) -> Result<()> {
-        if self.is_truncated() {
-            return Err(ShmError::Truncated {
-                name: self.name().to_owned(),
-                mapped: self.segment.len() as u64,
-            });
-        }
-        Ok(())
-    }
-
     /// Whether the block is a [private copy](crate::ShmPool::private_copy) rather than shared
     /// memory.
     pub fn is_private(&self) -> bool {
@@ -208,6 +190,11 @@ impl ShmBlock {
                 hook();
             }),
         });
+    }
+
+    /// The segment the block lives in.
+    pub(crate) fn segment(&self) -> &Arc<Segment> {
+        &self.segment
     }
 
     fn start(&self) -> *mut u8 {

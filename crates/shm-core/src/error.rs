@@ -9,15 +9,15 @@ use std::io;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ShmError {
-    /// `/dev/shm` cannot hold a new segment of this size.
+    /// The system cannot give a new segment of this size its memory.
     #[error(
-        "out of shared memory: {requested} bytes requested, {available} bytes available in /dev/shm \
-         (enlarge it, e.g. docker --shm-size, or free segments)"
+        "out of shared memory: {requested} bytes requested, {available} bytes available \
+         (free memory, or raise the memory limit of this process's cgroup)"
     )]
     OutOfSharedMemory {
         /// Bytes the new segment needed.
         requested: u64,
-        /// Bytes `/dev/shm` had free (statvfs) when the request failed.
+        /// Bytes the kernel said it could still give (`MemAvailable`) when the request failed.
         available: u64,
     },
 
@@ -34,10 +34,45 @@ pub enum ShmError {
         capacity: u64,
     },
 
-    /// A reference names no existing segment (never created, or already unlinked by its owner).
+    /// A reference names no existing segment (never created, or already released by its
+    /// owner).
     #[error("shared-memory segment {name} does not exist (its owner may have released it)")]
     SegmentNotFound {
         /// The segment name from the reference.
+        name: String,
+    },
+
+    /// A reference names a segment of another process whose descriptor this process never
+    /// received: segments travel as descriptors (see [`SegmentLink`](crate::SegmentLink)),
+    /// and a name alone opens nothing.
+    #[error(
+        "no descriptor was received for segment {name}: a segment of another process is \
+         attached through the link it was sent on"
+    )]
+    NoDescriptor {
+        /// The segment name from the reference.
+        name: String,
+    },
+
+    /// A name or a descriptor leads to something that is not a segment: a symbolic link, a
+    /// hard link, a FIFO, a directory, a device, another user's file, or a descriptor that is
+    /// not a sealed memfd. Refused before anything is mapped.
+    #[error("{name} is not a shared-memory segment: {reason}")]
+    NotASegment {
+        /// The name, or the segment name the descriptor came with.
+        name: String,
+        /// What it is instead.
+        reason: &'static str,
+    },
+
+    /// The process has no descriptor left for a new segment (`RLIMIT_NOFILE`): each segment
+    /// a pool creates keeps one, to send it to peers.
+    #[error(
+        "no file descriptor left to create segment {name}: raise the limit (ulimit -n) or \
+         lower the pool's cache (PoolConfig::cache_bytes)"
+    )]
+    TooManyDescriptors {
+        /// The segment that could not be created.
         name: String,
     },
 
@@ -117,20 +152,6 @@ pub enum ShmError {
         name: String,
     },
 
-    /// Another process cut a segment short while it was mapped here. The process lives on (the
-    /// truncation guard replaced the lost pages with zeros), but the block's bytes are not
-    /// what its sender wrote.
-    #[error(
-        "segment {name} was truncated by another process while mapped here ({mapped} bytes \
-         mapped); the bytes past the cut read as zero"
-    )]
-    Truncated {
-        /// The segment name.
-        name: String,
-        /// The bytes mapped before the cut.
-        mapped: u64,
-    },
-
     /// A peer named a segment outside the sessions it may name: neither its own nor ours. A
     /// channel fixes those sessions at its handshake, so a worker cannot make its parent map
     /// (and read) the memory of a third process.
@@ -142,14 +163,23 @@ pub enum ShmError {
         allowed: String,
     },
 
-    /// [`end_session`](crate::end_session) was called while pools of the session are open.
-    #[error("session {session} still has {open_pools} open pool(s); close them before ending it")]
-    SessionInUse {
-        /// The session.
-        session: crate::SessionId,
-        /// How many of its pools are open.
-        open_pools: usize,
+    /// A peer has sent descriptors of more segments than one link holds
+    /// ([`MAX_RECEIVED_SEGMENTS`](crate::MAX_RECEIVED_SEGMENTS)) without withdrawing them.
+    #[error("the peer holds {held} segments on this link, the limit is {limit}")]
+    TooManySegments {
+        /// Segments of the peer held.
+        held: usize,
+        /// The limit.
+        limit: usize,
     },
+
+    /// The peer does not read the link: its socket stayed full until the deadline.
+    #[error("the peer does not take the descriptors sent on the segment link (its socket is full)")]
+    LinkStalled,
+
+    /// The peer closed its end of the segment link (it exited).
+    #[error("the peer closed the segment link")]
+    LinkClosed,
 
     /// The pool was closed with [`ShmPool::close_all`](crate::ShmPool::close_all).
     #[error("the shared-memory pool is closed")]
@@ -168,7 +198,7 @@ pub enum ShmError {
     /// The operating system refused an operation on a segment.
     #[error("{op} failed for shared-memory segment {name}: {source}")]
     Os {
-        /// The operation (`create`, `map`, `reserve`, `unlink`, ...).
+        /// The operation (`create`, `map`, `reserve`, `seal`, ...).
         op: &'static str,
         /// The segment (or lock) name.
         name: String,

@@ -1,23 +1,31 @@
-//! Blocks and pools of POSIX shared memory: the bottom layer of shm.
+//! Blocks and pools of shared memory: the bottom layer of shm.
 //!
 //! A process allocates a [`ShmBlock`] from a [`ShmPool`], writes into it, and sends its
-//! [`ShmRef`] — a name, an offset and two sizes, about 40 bytes — to another process. That
-//! process attaches the reference with its own pool and reads the same memory, with no copy.
-//! Everything above this crate (arrays, Arrow frames, the worker channel) moves data this way.
+//! [`ShmRef`] — a segment name, an offset and two sizes, about 40 bytes — to another process,
+//! with the segment's descriptor beside it on a [`SegmentLink`]. That process attaches the
+//! reference through its end of the link and reads the same memory, with no copy. Everything
+//! above this crate (arrays, Arrow frames, the worker channel) moves data this way.
 //!
 //! This layer owns the parts of shared memory that are easy to get wrong:
 //!
-//! - **No SIGBUS.** A new segment's memory is reserved when it is created, so a full
-//!   `/dev/shm` is [`ShmError::OutOfSharedMemory`] with the bytes requested and available.
-//! - **No leaks.** Dropping a pool, or [`ShmPool::close_all`], unlinks every segment it made.
-//!   Segments of a process that was killed are found by their session id and removed by
-//!   [`sweep_orphans`], which new pools run by default.
+//! - **Nothing to attack by name.** A segment is an anonymous memfd: no file in `/dev/shm` can
+//!   be swapped for a link, a FIFO or someone else's segment, because nothing is opened by
+//!   name. A named segment of another program is opened only by the explicit, `unsafe`
+//!   [`ShmPool::attach_segment`], which refuses links, FIFOs, directories, devices, other users'
+//!   files and hard links before it maps anything.
+//! - **No SIGBUS, no rewrites.** Before anyone else sees a segment it is sealed: nobody can
+//!   change its length, and nobody but its creator can write it. A receiver refuses a
+//!   descriptor that is not sealed. No signal handler is needed, and none is installed.
+//! - **No leaks.** The kernel frees a segment when the last process holding it lets go, or
+//!   dies: a SIGKILL leaves nothing behind, and `/dev/shm` is never touched.
+//! - **Errors, not crashes.** A new segment's memory is reserved when it is created, so a lack
+//!   of memory is [`ShmError::OutOfSharedMemory`] with the bytes requested and available.
 //! - **No fresh page faults on the hot path.** Dropped blocks are recycled, small blocks share
-//!   slab segments, and attached mappings are cached (see [`ShmPool`]).
-//! - **No trust in numbers from outside.** [`ShmPool::attach`] checks a reference's name,
-//!   offset and sizes against the segment, with checked arithmetic, before it maps a byte.
+//!   slab segments, and a segment is mapped once per process (see [`ShmPool`]).
+//! - **No trust in numbers from outside.** Attaching checks a reference's name, offset and
+//!   sizes against the segment, with checked arithmetic, before it hands out a byte.
 //!
-//! Linux only: segments live in `/dev/shm`, and liveness locks use `flock`.
+//! Linux only (memfd, seals, `SCM_RIGHTS`).
 //!
 //! # Example
 //!
@@ -46,7 +54,8 @@
 mod block;
 mod cleanup;
 mod error;
-mod guard;
+mod link;
+mod live;
 mod name;
 mod pool;
 mod reference;
@@ -60,10 +69,11 @@ pub use cleanup::{
     list_sessions, sweep_orphans, sweep_session,
 };
 pub use error::{Result, ShmError};
+pub use link::{MAX_RECEIVED_SEGMENTS, SegmentLink};
+pub use live::{LiveSegment, list_live_segments};
 pub use name::{NAME_PREFIX, SegmentHolds, SessionId, validate_name};
 pub use pool::{BLOCK_ALIGN, PoolConfig, PoolStats, Reclaim, ShmPool};
 pub use reference::ShmRef;
-pub use session::end_session;
 
 /// The bytes `/dev/shm` can still give an unprivileged process (statvfs).
 pub fn shm_available() -> Result<u64> {
@@ -72,4 +82,23 @@ pub fn shm_available() -> Result<u64> {
         name: sys::SHM_DIR.to_owned(),
         source,
     })
+}
+
+/// Helpers of this crate's unit tests.
+#[cfg(test)]
+mod test_support {
+    /// The line of `/proc/self/maps` of the mapping that holds `address`.
+    pub(crate) fn mapping_of(address: usize) -> String {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        maps.lines()
+            .find(|line| {
+                let (range, _) = line.split_once(' ').unwrap();
+                let (start, end) = range.split_once('-').unwrap();
+                let start = usize::from_str_radix(start, 16).unwrap();
+                let end = usize::from_str_radix(end, 16).unwrap();
+                (start..end).contains(&address)
+            })
+            .unwrap()
+            .to_owned()
+    }
 }

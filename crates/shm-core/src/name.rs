@@ -4,8 +4,9 @@
 //! session id of the process that created it (32 bits, hex) and 64 bits (hex), 60 of them random
 //! and the first hex digit telling what the segment holds (`a` for a slab of small blocks,
 //! anything else for one block). That is 30 characters, under macOS's limit of 31,
-//! unguessable, and it tells the orphan sweep whose segment it is. The session's lock is
-//! `/shm-SSSSSSSS-lock`.
+//! unguessable, and it tells a receiver whose segment a reference names. Versions before memfd
+//! segments also kept a session lock `/dev/shm/shm-SSSSSSSS-lock`, which the sweep of their
+//! leftovers reads.
 
 use std::fmt;
 

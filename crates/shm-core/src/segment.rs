@@ -1,42 +1,57 @@
-//! `Segment`: one mapped POSIX shared-memory object, the only place that holds raw pointers.
+//! `Segment`: one mapped shared-memory object, the only place that holds raw pointers.
 //!
-//! A segment this process creates is reserved (see [`crate::sys`]) and mapped read-write; a
-//! segment of another process is mapped read-only, so a view of a peer's memory cannot write
-//! it even by mistake. Either way the file descriptor is closed as soon as the memory is
-//! mapped: a mapping costs no descriptor. The segment is unlinked at the moment the pool
-//! decides — at most once — rather than when the last mapping goes away.
+//! A segment this process creates is an anonymous memfd: reserved, sealed so that its length
+//! can never change, and mapped read-write. No name in `/dev/shm` leads to it; another process
+//! gets it only as a descriptor this process sends (see [`crate::SegmentLink`]), and the kernel
+//! frees it when the last descriptor and mapping are gone — a crash leaks nothing. The creator
+//! keeps the descriptor for as long as the segment lives, to send it to peers.
+//!
+//! A segment of another process is mapped read-only, so a view of a peer's memory cannot write
+//! it even by mistake: either a descriptor a peer sent, accepted only if it is sealed, or a
+//! named object of another program (Python's `SharedMemory`, say), opened without following
+//! links and checked before it is mapped.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
 
 use crate::error::{Result, ShmError};
-use crate::guard::{self, Watch};
-use crate::sys;
+use crate::session::Session;
+use crate::sys::{self, OpenError};
 
-/// The name private memory goes by: not a valid POSIX name, so no reference to it can be
+/// The name private memory goes by: not a valid segment name, so no reference to it can be
 /// attached anywhere.
 pub(crate) const PRIVATE_NAME: &str = "(private)";
+
+/// What a segment is to this process.
+#[derive(Debug)]
+enum Origin {
+    /// A memfd this process created; the descriptor is kept for sending it to peers, and the
+    /// session lists it so that other pools of the process can attach it.
+    Own { fd: OwnedFd, session: Arc<Session> },
+    /// A sealed memfd a peer sent, or a named object of another program; mapped writable only
+    /// for a structure both sides update.
+    Foreign { writable: bool },
+    /// Private memory of this process.
+    Private,
+}
 
 /// One mapping of a shared-memory object, for as long as this value lives.
 pub(crate) struct Segment {
     ptr: *mut u8,
     len: usize,
     name: String,
-    /// Whether this process created the object and must unlink it.
-    owned: bool,
-    unlinked: AtomicBool,
-    /// Keeps a truncation of the object from killing the process (`None` for empty ones).
-    watch: Option<Watch>,
+    origin: Origin,
 }
 
-// SAFETY: `Segment` holds the address and length of a MAP_SHARED mapping and a name. The
+// SAFETY: `Segment` holds the address and length of a mapping, a name and a descriptor. The
 // mapping is valid in every thread of the process until `munmap`, which only `Drop` calls;
 // nothing about it is tied to the thread that made it.
 unsafe impl Send for Segment {}
-// SAFETY: the only methods called through `&Segment` read the address, length and name, which
-// never change after construction. Access to the mapped bytes themselves is governed by
-// `ShmBlock`, which hands out `&mut [u8]` only through a unique `&mut ShmBlock` of a segment
-// mapped writable.
+// SAFETY: the only methods called through `&Segment` read the address, length, name and
+// descriptor, which never change after construction. Access to the mapped bytes themselves is
+// governed by `ShmBlock`, which hands out `&mut [u8]` only through a unique `&mut ShmBlock` of
+// a segment this process created.
 unsafe impl Sync for Segment {}
 
 impl std::fmt::Debug for Segment {
@@ -44,76 +59,84 @@ impl std::fmt::Debug for Segment {
         f.debug_struct("Segment")
             .field("name", &self.name)
             .field("len", &self.len())
-            .field("owned", &self.owned)
+            .field("own", &self.descriptor().is_some())
             .finish()
     }
 }
 
-/// Why a segment could not be created.
-#[derive(Debug)]
-pub(crate) enum CreateError {
-    /// The random name was taken: try another.
-    NameTaken,
-    /// Any other failure, reported to the caller.
-    Failed(ShmError),
-}
-
 impl Segment {
-    /// Creates, reserves and maps (read-write) a new object of `len` bytes.
-    pub(crate) fn create(name: &str, len: usize) -> Result<Self, CreateError> {
-        let fd = match sys::create(name) {
-            Ok(fd) => fd,
-            Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {
-                return Err(CreateError::NameTaken);
-            }
-            Err(source) => {
-                return Err(CreateError::Failed(ShmError::Os {
-                    op: "create",
-                    name: name.to_owned(),
-                    source,
-                }));
+    /// Creates, reserves, maps (read-write) and seals a new memfd of `len` bytes, known in
+    /// `session` as `name`. Unless `shared`, the seals keep everyone but this mapping from
+    /// writing it; a `shared` segment (the transport's channel) its receiver maps writable.
+    pub(crate) fn create(
+        name: &str,
+        len: usize,
+        shared: bool,
+        session: &Arc<Session>,
+    ) -> Result<Self> {
+        let os = |op| {
+            move |source: io::Error| ShmError::Os {
+                op,
+                name: name.to_owned(),
+                source,
             }
         };
-        let mapped = sys::reserve(&fd, len)
-            .map_err(|err| {
-                if err.raw_os_error() == Some(libc::ENOSPC) {
-                    ShmError::OutOfSharedMemory {
-                        requested: len as u64,
-                        available: sys::shm_available().unwrap_or(0),
-                    }
-                } else {
-                    ShmError::Os {
-                        op: "reserve",
-                        name: name.to_owned(),
-                        source: err,
-                    }
+        let fd = sys::create_memfd(name).map_err(|source| {
+            if source.raw_os_error() == Some(libc::EMFILE)
+                || source.raw_os_error() == Some(libc::ENFILE)
+            {
+                ShmError::TooManyDescriptors {
+                    name: name.to_owned(),
                 }
-            })
-            .and_then(|()| {
-                sys::map(&fd, len, true).map_err(|source| ShmError::Os {
-                    op: "map",
-                    name: name.to_owned(),
-                    source,
-                })
-            });
-        drop(fd);
-        let ptr = match mapped {
-            Ok(ptr) => ptr,
-            Err(err) => {
-                let _ = sys::unlink(name);
-                return Err(CreateError::Failed(err));
+            } else {
+                os("create")(source)
             }
-        };
-        let watch = (len > 0).then(|| guard::watch(ptr, len, true));
-        sys::populate(ptr, len);
-        Ok(Segment {
+        })?;
+        sys::reserve(&fd, len).map_err(|err| match err.raw_os_error() {
+            Some(libc::ENOSPC | libc::ENOMEM) => ShmError::OutOfSharedMemory {
+                requested: len as u64,
+                available: sys::memory_available(),
+            },
+            _ => os("reserve")(err),
+        })?;
+        let ptr = sys::map(&fd, len, true).map_err(os("map"))?;
+        let segment = Segment {
             ptr,
             len,
             name: name.to_owned(),
-            owned: true,
-            unlinked: AtomicBool::new(false),
-            watch,
-        })
+            origin: Origin::Own {
+                fd,
+                session: Arc::clone(session),
+            },
+        };
+        if let Origin::Own { fd, .. } = &segment.origin {
+            sys::seal(fd, shared).map_err(os("seal"))?;
+        }
+        sys::populate(ptr, len);
+        Ok(segment)
+    }
+
+    /// Maps a descriptor a peer sent for its segment `name`. Refused unless it is a memfd
+    /// sealed against shrinking and growing, so the peer can never cut it short under this
+    /// mapping. A segment sealed against writes is mapped read-only; one that is not (the
+    /// transport's channel, which both sides update) read-write, and
+    /// [`is_writable`](Self::is_writable) says so.
+    pub(crate) fn adopt(fd: OwnedFd, name: &str) -> Result<Self> {
+        let os = |op| {
+            move |source: io::Error| ShmError::Os {
+                op,
+                name: name.to_owned(),
+                source,
+            }
+        };
+        match sys::sealed(&fd).map_err(os("check the seals of"))? {
+            sys::Sealed::No => Err(ShmError::NotASegment {
+                name: name.to_owned(),
+                reason: "its descriptor is not a memfd sealed against shrinking and growing",
+            }),
+            sys::Sealed::Length => Self::map_whole(fd, name, true),
+            sys::Sealed::LengthAndWrites => Self::map_whole(fd, name, false),
+        }
     }
 
     /// Private memory of `len` bytes that no other process can reach: where a block of an
@@ -128,50 +151,60 @@ impl Segment {
             ptr,
             len,
             name: PRIVATE_NAME.to_owned(),
-            owned: false,
-            unlinked: AtomicBool::new(false),
-            watch: None,
+            origin: Origin::Private,
         })
     }
 
     /// Whether this is private memory rather than a shared object.
     pub(crate) fn is_private(&self) -> bool {
-        self.name == PRIVATE_NAME
+        matches!(self.origin, Origin::Private)
     }
 
-    /// Maps an existing object, whatever its length: read-only, or read-write for structures
-    /// that both processes update (the transport's channel).
-    pub(crate) fn open(name: &str, writable: bool) -> Result<Self> {
-        let os = |op| {
-            move |source: io::Error| {
-                if source.kind() == io::ErrorKind::NotFound {
-                    ShmError::SegmentNotFound {
-                        name: name.to_owned(),
-                    }
-                } else {
-                    ShmError::Os {
-                        op,
-                        name: name.to_owned(),
-                        source,
-                    }
+    /// Maps a named object of another program (`/dev/shm/NAME`), whatever its length,
+    /// read-only, after checking that the name leads to a regular file of this user with one
+    /// name (see [`sys::open_named`]). Nothing is mapped when the check fails.
+    pub(crate) fn open_named(name: &str) -> Result<Self> {
+        let fd = sys::open_named(name, false).map_err(|err| match err {
+            OpenError::Os(source) if source.kind() == io::ErrorKind::NotFound => {
+                ShmError::SegmentNotFound {
+                    name: name.to_owned(),
                 }
             }
+            OpenError::Os(source) => ShmError::Os {
+                op: "open",
+                name: name.to_owned(),
+                source,
+            },
+            OpenError::NotASegment(reason) => ShmError::NotASegment {
+                name: name.to_owned(),
+                reason,
+            },
+        })?;
+        Self::map_whole(fd, name, false)
+    }
+
+    /// Maps all of `fd` and lets the descriptor go: a mapping costs no descriptor.
+    fn map_whole(fd: OwnedFd, name: &str, writable: bool) -> Result<Self> {
+        let os = |op| {
+            move |source: io::Error| ShmError::Os {
+                op,
+                name: name.to_owned(),
+                source,
+            }
         };
-        let fd = sys::open(name, writable).map_err(os("open"))?;
         let len = sys::len_of(&fd).map_err(os("stat"))?;
-        let len = usize::try_from(len).map_err(|_| ShmError::Os {
-            op: "map",
-            name: name.to_owned(),
-            source: io::Error::new(io::ErrorKind::InvalidData, "segment larger than memory"),
+        let len = usize::try_from(len).map_err(|_| {
+            os("map")(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "segment larger than memory",
+            ))
         })?;
         let ptr = sys::map(&fd, len, writable).map_err(os("map"))?;
         Ok(Segment {
             ptr,
             len,
             name: name.to_owned(),
-            owned: false,
-            unlinked: AtomicBool::new(false),
-            watch: (len > 0).then(|| guard::watch(ptr, len, writable)),
+            origin: Origin::Foreign { writable },
         })
     }
 
@@ -184,38 +217,45 @@ impl Segment {
     }
 
     /// The first byte of the mapping. Valid for `len()` bytes while `self` lives; writable
-    /// only for segments this process created or opened writable.
+    /// only for segments this process created or adopted writable.
     pub(crate) fn as_ptr(&self) -> *mut u8 {
         self.ptr
     }
 
-    /// Whether another process cut the object short while it was mapped here (see
-    /// [`crate::guard`]): its bytes from the cut on read as zero in this process, and writes
-    /// there reach nobody.
-    pub(crate) fn truncated(&self) -> bool {
-        self.watch.as_ref().is_some_and(Watch::truncated)
+    /// Whether the mapping is writable: a segment this process created, or a shared one a peer
+    /// sent.
+    pub(crate) fn is_writable(&self) -> bool {
+        match self.origin {
+            Origin::Own { .. } | Origin::Private => true,
+            Origin::Foreign { writable } => writable,
+        }
     }
 
-    /// Removes the object's name so that nobody can attach it any more. Mappings, ours and our
-    /// peers', stay valid until they are unmapped. Does nothing for segments we did not create,
-    /// or the second time.
-    pub(crate) fn unlink(&self) {
-        if self.owned && !self.unlinked.swap(true, Ordering::AcqRel) {
-            // A segment already removed (by an orphan sweep that misjudged us, or by hand) is
-            // gone either way; there is nobody to report the error to during teardown.
-            let _ = sys::unlink(&self.name);
+    /// Takes a segment this process created off the session's list, so that no other pool of
+    /// this process can attach it any more; its blocks and peers keep their mappings.
+    pub(crate) fn retire(&self) {
+        if let Origin::Own { session, .. } = &self.origin {
+            session.forget(&self.name);
+        }
+    }
+
+    /// The descriptor of a segment this process created, to send to a peer.
+    pub(crate) fn descriptor(&self) -> Option<BorrowedFd<'_>> {
+        match &self.origin {
+            Origin::Own { fd, .. } => Some(fd.as_fd()),
+            _ => None,
         }
     }
 }
 
 impl Drop for Segment {
     fn drop(&mut self) {
-        self.unlink();
-        // Unwatched before it is unmapped, so that the guard never patches an address range
-        // that the kernel may hand to someone else.
-        drop(self.watch.take());
-        // SAFETY: `ptr` and `len` come from `sys::map` in `create` or `open`; every block
-        // over this mapping holds an `Arc` of this segment, so none is left to use it.
+        if self.descriptor().is_some() {
+            crate::link::segment_retired();
+        }
+        self.retire();
+        // SAFETY: `ptr` and `len` come from `sys::map` or `sys::map_private`; every block over
+        // this mapping holds an `Arc` of this segment, so none is left to use it.
         unsafe { sys::unmap(self.ptr, self.len) };
     }
 }

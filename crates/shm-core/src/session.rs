@@ -1,35 +1,30 @@
-//! The session: one per process that has a pool, marked alive by a lock the kernel releases
-//! when the process dies.
+//! The session: one per process that has a pool, the id that every segment name it creates
+//! carries, and the list of its live segments.
 //!
-//! The lock is a small file in `/dev/shm` (`shm-SSSSSSSS-lock`) held with `flock`. A process
-//! that dies for any reason, SIGKILL included, loses the lock, and the orphan sweep
-//! ([`crate::sweep_orphans`]) can then take it and remove the session's segments. Unlike a
-//! pid, a lock cannot be mistaken for that of a newer process that happens to reuse the number.
+//! Segments are memfds that no name in `/dev/shm` reaches, so a session needs no lock file and
+//! leaves nothing behind: when the process dies, for any reason, the kernel frees every
+//! segment once the last descriptor and mapping of it are gone. The id tells a receiver whose
+//! segment a reference names (its own or its peer's), and the list lets any pool of this
+//! process attach a segment another pool of it created.
 
-use std::fs::File;
-use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 use crate::error::{Result, ShmError};
 use crate::name::SessionId;
+use crate::segment::Segment;
 use crate::sys;
 
 /// The live session of this process, shared by all its pools; created with the first pool and
-/// removed with the last.
+/// gone with the last.
 static CURRENT: Mutex<Weak<Session>> = Mutex::new(Weak::new());
 
-/// A held session lock. Dropping it removes the lock file and releases the lock.
+/// The session of this process's pools.
 #[derive(Debug)]
 pub(crate) struct Session {
     id: SessionId,
-    path: PathBuf,
-    /// Holds the `flock` for as long as the session lives.
-    _lock: File,
-    /// Pools of this session not yet closed: while there is one, the lock must stay.
-    open_pools: AtomicUsize,
+    /// The segments the pools of this process created and that still live, by name.
+    segments: Mutex<HashMap<String, Weak<Segment>>>,
 }
 
 impl Session {
@@ -39,7 +34,15 @@ impl Session {
         if let Some(session) = current.upgrade() {
             return Ok(session);
         }
-        let session = Arc::new(Session::create()?);
+        let random = sys::random_u64().map_err(|source| ShmError::Os {
+            op: "read random bytes for",
+            name: "a new session".to_owned(),
+            source,
+        })?;
+        let session = Arc::new(Session {
+            id: SessionId(random as u32),
+            segments: Mutex::new(HashMap::new()),
+        });
         *current = Arc::downgrade(&session);
         Ok(session)
     }
@@ -48,97 +51,27 @@ impl Session {
         self.id
     }
 
-    pub(crate) fn pool_opened(&self) {
-        self.open_pools.fetch_add(1, Ordering::AcqRel);
+    fn segments(&self) -> MutexGuard<'_, HashMap<String, Weak<Segment>>> {
+        // Every critical section leaves the map consistent.
+        self.segments.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    pub(crate) fn pool_closed(&self) {
-        self.open_pools.fetch_sub(1, Ordering::AcqRel);
+    /// Lists a segment a pool of this process created.
+    pub(crate) fn register(&self, segment: &Arc<Segment>) {
+        self.segments()
+            .insert(segment.name().to_owned(), Arc::downgrade(segment));
     }
 
-    fn create() -> Result<Session> {
-        loop {
-            let random = sys::random_u64().map_err(|source| ShmError::Os {
-                op: "read random bytes for",
-                name: "a new session".to_owned(),
-                source,
-            })?;
-            let id = SessionId(random as u32);
-            let name = id.lock_name();
-            let path = sys::segment_path(&name);
-            let file = File::options()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path);
-            let mut file = match file {
-                Ok(file) => file,
-                Err(err) if err.kind() == io::ErrorKind::AlreadyExists => continue,
-                Err(source) => {
-                    return Err(ShmError::Os {
-                        op: "create session lock",
-                        name,
-                        source,
-                    });
-                }
-            };
-            // A sweeper may hold the lock for a moment while it looks at this new, empty file;
-            // it leaves empty young locks alone, so waiting here is short.
-            let locked = file
-                .lock()
-                .and_then(|()| write!(file, "{}", std::process::id()));
-            if let Err(source) = locked {
-                let _ = std::fs::remove_file(&path);
-                // The pid did not fit: `/dev/shm` is full.
-                if source.raw_os_error() == Some(libc::ENOSPC) {
-                    return Err(ShmError::OutOfSharedMemory {
-                        requested: std::process::id().to_string().len() as u64,
-                        available: sys::shm_available().unwrap_or(0),
-                    });
-                }
-                return Err(ShmError::Os {
-                    op: "lock session",
-                    name,
-                    source,
-                });
-            }
-            return Ok(Session {
-                id,
-                path,
-                _lock: file,
-                open_pools: AtomicUsize::new(0),
-            });
-        }
+    /// The live segment of this process named `name`.
+    pub(crate) fn segment(&self, name: &str) -> Option<Arc<Segment>> {
+        let weak = self.segments().get(name).cloned();
+        // Upgraded outside the lock: dropping the last `Arc` of a segment takes the lock.
+        weak?.upgrade()
     }
-}
 
-/// Removes this process's session lock at once, for a process about to exit without running
-/// destructors (`std::process::exit` from a watchdog, say) after closing its pools with
-/// [`ShmPool::close_all`](crate::ShmPool::close_all). Without it, the lock would stay in
-/// `/dev/shm` until the next orphan sweep.
-///
-/// Refuses with [`ShmError::SessionInUse`] while a pool of the session is open: without its
-/// lock, a live pool's segments would look orphaned to every other process's sweep.
-pub fn end_session() -> Result<()> {
-    let current = CURRENT.lock().unwrap_or_else(PoisonError::into_inner);
-    if let Some(session) = current.upgrade() {
-        let open_pools = session.open_pools.load(Ordering::Acquire);
-        if open_pools > 0 {
-            return Err(ShmError::SessionInUse {
-                session: session.id,
-                open_pools,
-            });
-        }
-        let _ = std::fs::remove_file(&session.path);
-    }
-    Ok(())
-}
-
-impl Drop for Session {
-    fn drop(&mut self) {
-        // Remove the name first, then let the lock go with the file: a sweeper that opened the
-        // file in between sees a lock it can take, and finds no segments of ours to remove.
-        let _ = std::fs::remove_file(&self.path);
+    /// Takes a segment off the list: it is gone, or its pool closed.
+    pub(crate) fn forget(&self, name: &str) {
+        let removed = self.segments().remove(name);
+        drop(removed);
     }
 }

@@ -17,7 +17,9 @@ use shm_arrow::ColumnFrame;
 use shm_codec::{Index, Serde, ShmArray, SimpleFrame};
 use shm_flight::{RemoteConfig, RemoteWorker};
 use shm_tests::CleanShm;
-use shm_transport::{Callee, NetworkFault, TransportError, Worker, WorkerConfig, WorkerPool};
+use shm_transport::{
+    Callee, NetworkFault, RemoteErrorKind, TransportError, Worker, WorkerConfig, WorkerPool,
+};
 
 const SERVER: &str = env!("CARGO_BIN_EXE_shm-flight-test-server");
 
@@ -437,9 +439,7 @@ fn a_server_killed_mid_call_fails_that_call_then_says_it_restarted_then_serves()
         NetworkFault::Lost { method, .. } => assert_eq!(method, "sleep"),
         other => panic!("expected Lost, got {other:?}"),
     }
-    // The killed server's segments are an orphaned session; the next pool on this host (or
-    // `shm gc`) removes them.
-    shm_core::sweep_orphans().expect("sweep");
+    // The killed server's segments went with it: nothing to sweep.
 
     // The same address, a new server: the first call is refused as Restarted, and not run;
     // the next one runs.
@@ -522,8 +522,6 @@ fn kill_a_client_mid_stream(direction: &str) {
     let Serde(sum): Serde<f64> = observer.call("sum", &a).expect("the server serves on");
     assert_eq!(sum, 2.0 * (1 << 20) as f64);
 
-    // The killed client's segments are an orphaned session, which the next pool sweeps.
-    shm_core::sweep_orphans().expect("sweep");
     drop(observer);
     server.stop();
     clean.end();
@@ -613,23 +611,40 @@ fn over_tls_calls_carry_data_and_a_plain_client_is_turned_away() {
 }
 
 #[test]
-fn a_server_whose_dev_shm_is_full_answers_out_of_shared_memory_and_serves_on() {
+fn a_server_in_a_tiny_dev_shm_serves_calls_larger_than_it() {
     let clean = CleanShm::begin();
     let Some(server) = ServerProcess::start_with_private_dev_shm("8m") else {
         return;
     };
     let worker = remote(&server);
+    // 16 MiB through a server whose /dev/shm holds 8: its segments are memfds.
     let big = Array1::from_elem(2 << 20, 1.0f64).into_dyn();
+    let Serde(sum): Serde<f64> = worker
+        .call("sum", &big)
+        .expect("a call larger than /dev/shm");
+    assert_eq!(sum, (2 << 20) as f64);
+    drop(worker);
+    server.stop();
+    clean.end();
+}
+
+#[test]
+fn a_server_out_of_room_in_its_pool_says_so_and_serves_on() {
+    let clean = CleanShm::begin();
+    let server = ServerProcess::start(&["--capacity", &(8u64 << 20).to_string()]);
+    let worker = remote(&server);
+    let big = Array1::from_elem(2 << 20, 1.0f64).into_dyn();
+    // The arguments cannot be received: the caller learns why, with the numbers.
     match worker.call::<_, Serde<f64>>("sum", &big) {
-        Err(TransportError::Shm(shm_core::ShmError::OutOfSharedMemory {
-            requested,
-            available,
-        })) => {
-            eprintln!("the server said: {requested} bytes requested, {available} available");
-            assert!(requested >= 16 << 20, "{requested}");
-            assert!(available < 8 << 20, "{available}");
+        Err(TransportError::Remote(err)) if err.kind == RemoteErrorKind::BadArguments => {
+            assert!(
+                err.message
+                    .contains("capacity exceeded: 16777216 bytes requested")
+                    && err.message.contains("of 8388608 bytes"),
+                "{err:?}"
+            );
         }
-        other => panic!("expected OutOfSharedMemory from the server, got {other:?}"),
+        other => panic!("expected the server's capacity error, got {other:?}"),
     }
     // The server lives on, and serves what fits.
     let small = Array1::from_elem(100_000, 1.0f64).into_dyn();
@@ -749,7 +764,6 @@ fn threads_calling_while_timeouts_fire_and_the_server_is_killed_get_values_or_ty
             }
             let mut server = server.lock().expect("lock");
             server.kill();
-            shm_core::sweep_orphans().expect("sweep");
             *server = ServerProcess::start_on(&addr, &[]);
             kills.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }

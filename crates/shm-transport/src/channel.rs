@@ -42,7 +42,7 @@ use crate::error::{Result, TransportError, malformed};
 /// Identifies a channel block.
 const MAGIC: u64 = 0x7368_6d2d_6368_616e; // "shm-chan"
 /// The version of the channel layout and of the frames.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 const LINE: usize = 64;
 const BELLS: usize = LINE;
@@ -67,9 +67,8 @@ const SPIN: Duration = Duration::from_micros(50);
 const BUSY_SPIN: Duration = Duration::from_micros(4);
 
 /// The longest a parent's thread sleeps without looking again. Wakes come from the bell; this
-/// bound is for a bell that cannot ring any more — a worker that zeroed the sleeper count, or
-/// truncated the channel (after which a wake can no longer reach the sleeper's futex) and then
-/// died. Only threads waiting for a call sleep on the parent's bell, so an idle parent never
+/// bound is for a bell that cannot ring any more — a worker that zeroed the sleeper count and
+/// then died. Only threads waiting for a call sleep on the parent's bell, so an idle parent never
 /// wakes for it; a worker sleeps without a bound (its parent's death ends the process).
 const SLEEP_CHECK: Duration = Duration::from_secs(1);
 
@@ -289,13 +288,6 @@ impl Channel {
         Ok(Arc::new(channel))
     }
 
-    /// [`ShmError::Truncated`](shm_core::ShmError::Truncated) once someone has truncated the
-    /// channel's segment: the process lives on (the truncation guard mapped zeros in), but
-    /// the peer can no longer be reached through it.
-    pub(crate) fn check(&self) -> Result<()> {
-        Ok(self.block.check_intact()?)
-    }
-
     /// The parent's pid, as the parent wrote it.
     pub(crate) fn parent_pid(&self) -> u32 {
         u32::from_le(self.atomic_u32(20).load(Ordering::Acquire))
@@ -304,6 +296,11 @@ impl Channel {
     /// The name of the segment the channel lives in (the parent's session is in it).
     pub(crate) fn segment_name(&self) -> &str {
         self.block.name()
+    }
+
+    /// The block the channel lives in, for sending its segment to the worker.
+    pub(crate) fn block(&self) -> &ShmBlock {
+        &self.block
     }
 
     /// The reference the worker attaches the channel by.
@@ -380,25 +377,18 @@ impl Channel {
         ready: impl Fn() -> bool,
         stop: impl Fn() -> bool,
     ) -> Wake {
-        // A truncated channel is `ready` at once: what the caller does next reports it.
-        let spin_ready = &ready;
-        let ready = || ready() || self.block.is_truncated();
         let start = Instant::now();
         let (busy_until, spin_until) = (start + BUSY_SPIN, start + SPIN);
         let mut spins = 0u32;
         loop {
-            if spin_ready() {
+            if ready() {
                 return Wake::Ready;
             }
             spins = spins.wrapping_add(1);
-            // Look at the clock (and for a truncated channel) only now and then: both cost
-            // more than a look at the ring.
+            // Look at the clock only now and then: it costs more than a look at the ring.
             if !spins.is_multiple_of(16) {
                 std::hint::spin_loop();
                 continue;
-            }
-            if self.block.is_truncated() {
-                return Wake::Ready;
             }
             let now = Instant::now();
             if now >= spin_until {
@@ -484,11 +474,10 @@ impl FrameRing<'_> {
         self.channel.block.as_shared_ptr().wrapping_add(offset)
     }
 
-    /// How many frames the ring holds; an error when the channel was truncated or its
-    /// positions are impossible (the peer wrote garbage into them). Either error stays, so a
-    /// caller that meets it gives up rather than waiting for a ring that cannot move.
+    /// How many frames the ring holds; an error when its positions are impossible (the peer
+    /// wrote garbage into them). The error stays, so a caller that meets it gives up rather
+    /// than waiting for a ring that cannot move.
     pub(crate) fn occupied(&self) -> Result<u64> {
-        self.channel.check()?;
         let head = self.head().load(Ordering::Acquire);
         let tail = self.tail().load(Ordering::Acquire);
         let occupied = tail.wrapping_sub(head);
@@ -500,8 +489,7 @@ impl FrameRing<'_> {
         Ok(occupied)
     }
 
-    /// Frames in the ring by its positions alone, for the polls of a waiter (which notice a
-    /// truncated channel themselves, see [`Channel::wait`]).
+    /// Frames in the ring by its positions alone, for the polls of a waiter.
     fn positions(&self) -> u64 {
         let head = self.head().load(Ordering::Acquire);
         self.tail().load(Ordering::Acquire).wrapping_sub(head)
@@ -669,15 +657,10 @@ impl ReleaseRing<'_> {
     }
 }
 
-/// A pool for this crate's unit tests: no orphan sweep, so that tests running at once do not
-/// race each other's sessions.
+/// A pool for this crate's unit tests.
 #[cfg(test)]
 pub(crate) fn test_pool() -> shm_core::ShmPool {
-    shm_core::ShmPool::with_config(shm_core::PoolConfig {
-        sweep_orphans: false,
-        ..shm_core::PoolConfig::default()
-    })
-    .unwrap()
+    shm_core::ShmPool::new().unwrap()
 }
 
 #[cfg(test)]
@@ -688,7 +671,7 @@ mod tests {
     #[test]
     fn a_snapshot_of_the_control_area_reads_back_as_the_channel_state() {
         let pool = pool();
-        let channel = Channel::create(pool.alloc(channel_len()).unwrap(), 4321).unwrap();
+        let channel = Channel::create(pool.alloc_shared(channel_len()).unwrap(), 4321).unwrap();
         channel
             .frames(Direction::ToParent)
             .push(&[1, 2, 3])
@@ -723,7 +706,7 @@ mod tests {
     #[test]
     fn frames_cross_the_ring_in_order_and_a_full_ring_says_so() {
         let pool = pool();
-        let channel = Channel::create(pool.alloc(channel_len()).unwrap(), 1).unwrap();
+        let channel = Channel::create(pool.alloc_shared(channel_len()).unwrap(), 1).unwrap();
         let ring = channel.frames(Direction::ToWorker);
         for i in 0..SLOT_COUNT {
             assert!(ring.push(&[i as u8; 100]).unwrap());
@@ -743,7 +726,7 @@ mod tests {
     #[test]
     fn release_rings_carry_ids_in_order_and_refuse_when_full() {
         let pool = pool();
-        let channel = Channel::create(pool.alloc(channel_len()).unwrap(), 1).unwrap();
+        let channel = Channel::create(pool.alloc_shared(channel_len()).unwrap(), 1).unwrap();
         let ring = channel.releases(Direction::ToParent);
         for id in 0..RELEASE_COUNT as u64 {
             assert!(ring.push(id * 3));
@@ -759,7 +742,7 @@ mod tests {
     #[test]
     fn a_producer_waiting_for_room_is_woken_by_the_consumer() {
         let pool = pool();
-        let channel = Channel::create(pool.alloc(channel_len()).unwrap(), 1).unwrap();
+        let channel = Channel::create(pool.alloc_shared(channel_len()).unwrap(), 1).unwrap();
         let ring = channel.frames(Direction::ToParent);
         while ring.push(&[7; 8]).unwrap() {}
         std::thread::scope(|scope| {
@@ -781,7 +764,7 @@ mod tests {
     #[test]
     fn waits_end_at_their_deadline_and_when_told_to_stop() {
         let pool = pool();
-        let channel = Channel::create(pool.alloc(channel_len()).unwrap(), 1).unwrap();
+        let channel = Channel::create(pool.alloc_shared(channel_len()).unwrap(), 1).unwrap();
         let ring = channel.frames(Direction::ToWorker);
         let deadline = Instant::now() + Duration::from_millis(20);
         assert_eq!(
@@ -795,7 +778,7 @@ mod tests {
     #[test]
     fn a_peer_attaching_checks_the_header() {
         let pool = pool();
-        let channel = Channel::create(pool.alloc(channel_len()).unwrap(), 42).unwrap();
+        let channel = Channel::create(pool.alloc_shared(channel_len()).unwrap(), 42).unwrap();
         let reader = pool.attach_shared(&channel.to_ref()).unwrap();
         let opened = Channel::open(reader).unwrap();
         assert_eq!(opened.parent_pid(), 42);
@@ -829,7 +812,7 @@ mod tests {
     #[test]
     fn corrupt_slots_and_positions_are_errors_not_crashes() {
         let pool = pool();
-        let channel = Channel::create(pool.alloc(channel_len()).unwrap(), 1).unwrap();
+        let channel = Channel::create(pool.alloc_shared(channel_len()).unwrap(), 1).unwrap();
         let ring = channel.frames(Direction::ToParent);
 
         // A length word larger than the slot.

@@ -252,18 +252,24 @@ impl Conn {
         }
     }
 
-    /// Fixes the worker's session from its hello, after checking that the session's lock is
-    /// held by the worker's own process: a worker cannot claim another process's session.
+    /// Fixes the worker's session from its hello, after checking the pid the hello gives
+    /// against the child's. A session is only the prefix of the worker's segment names: the
+    /// descriptors of those segments come on the worker's own link, so claiming another
+    /// process's session gains nothing but the refusal of its own references — except ours,
+    /// which it may not claim.
     fn admit(&self, pid: u32, session: &str) -> Result<()> {
         let claimed: SessionId = session
             .parse()
             .map_err(|_| malformed(format!("the worker's hello names session {session:?}")))?;
-        let owner = claimed.owner_pid();
-        if pid != self.pid || owner != Some(self.pid) {
+        if pid != self.pid {
             return Err(malformed(format!(
-                "the worker (pid {}) says it is pid {pid} of session {claimed}, whose lock \
-                 names pid {owner:?}",
+                "the worker (pid {}) says it is pid {pid}",
                 self.pid
+            )));
+        }
+        if claimed == self.endpoint.admission().own() {
+            return Err(malformed(format!(
+                "the worker claims session {claimed}, which is the parent's"
             )));
         }
         self.endpoint.admission().set_peer(claimed);

@@ -20,12 +20,12 @@ pub enum RemoteErrorKind {
     BadArguments,
     /// The handler's result could not be encoded.
     BadResult,
-    /// The worker's `/dev/shm` could not hold the result (or the reply that carries it). The
+    /// The worker's memory could not hold the result (or the reply that carries it). The
     /// caller sees this as [`ShmError::OutOfSharedMemory`]; the worker goes on.
     OutOfSharedMemory {
         /// Bytes the worker asked for.
         requested: u64,
-        /// Bytes `/dev/shm` had free.
+        /// Bytes the worker's system had available.
         available: u64,
     },
 }

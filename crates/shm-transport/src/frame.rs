@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use shm_codec::{Decoder, Payload};
-use shm_core::{Reclaim, ShmBlock, ShmPool, ShmRef};
+use shm_core::{Reclaim, SegmentLink, ShmBlock, ShmError, ShmPool, ShmRef};
 
 use crate::channel::{Channel, SLOT_LEN, Side, Wake};
 use crate::error::{RemoteError, Result, malformed};
@@ -70,6 +70,9 @@ impl Decoding {
     }
 }
 
+/// A frame's bytes for the ring, and the loan id of the block it was spilled into, if any.
+type WireForm = (Vec<u8>, Option<u64>);
+
 /// Why a send did not happen.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Stall {
@@ -91,16 +94,19 @@ pub(crate) struct Endpoint {
     returner: Arc<Returner>,
     /// What the peer may name, and how its blocks are read.
     admission: Arc<Admission>,
+    /// Where the descriptors of our segments go to the peer, and the peer's come from.
+    link: Arc<SegmentLink>,
 }
 
 impl Endpoint {
-    /// `side`'s end of `channel`; blocks are allocated from, and attached through, `pool`, and
-    /// references are accepted as `admission` says.
+    /// `side`'s end of `channel`; blocks are allocated from `pool`, references are accepted as
+    /// `admission` says, and segments travel on `link`.
     pub(crate) fn new(
         channel: Arc<Channel>,
         side: Side,
         pool: ShmPool,
         admission: Arc<Admission>,
+        link: Arc<SegmentLink>,
     ) -> Self {
         let lender = Arc::new(Lender::new(Arc::clone(&channel), side.inbound()));
         let reclaimer: Weak<dyn Reclaim> = Arc::downgrade(&lender) as Weak<dyn Reclaim>;
@@ -113,6 +119,7 @@ impl Endpoint {
             lender,
             returner,
             admission,
+            link,
         }
     }
 
@@ -144,14 +151,24 @@ impl Endpoint {
         help: &dyn Fn(),
     ) -> Result<std::result::Result<(), Stall>> {
         self.returner.flush();
+        // The peer gets each segment's descriptor before the frame that names it.
+        for block in &blocks {
+            if let Err(stall) = self.offer(block, deadline)? {
+                return Ok(Err(stall));
+            }
+        }
         let mut ids = self.lender.lend(blocks);
         if let Some(loans) = frame.loans_mut() {
             loans.clone_from(&ids);
         }
-        let bytes = match self.wire_form(&frame) {
-            Ok((bytes, spill)) => {
+        let bytes = match self.wire_form(&frame, deadline) {
+            Ok(Ok((bytes, spill))) => {
                 ids.extend(spill);
                 bytes
+            }
+            Ok(Err(stall)) => {
+                self.lender.cancel(&ids);
+                return Ok(Err(stall));
             }
             Err(err) => {
                 self.lender.cancel(&ids);
@@ -179,17 +196,38 @@ impl Endpoint {
         }
     }
 
+    /// Sends the descriptor of `block`'s segment to the peer if it does not have it yet.
+    fn offer(
+        &self,
+        block: &ShmBlock,
+        deadline: Option<Instant>,
+    ) -> Result<std::result::Result<(), Stall>> {
+        match self.link.offer(block, deadline) {
+            Ok(()) => Ok(Ok(())),
+            Err(ShmError::LinkStalled) => Ok(Err(Stall::TimedOut)),
+            Err(ShmError::LinkClosed) => Ok(Err(Stall::Stopped)),
+            Err(err) => Err(err.into()),
+        }
+    }
+
     /// The bytes that go into the ring: the frame itself, or a pointer to a lent block that
     /// holds it (and that block's loan id).
-    fn wire_form(&self, frame: &Frame) -> Result<(Vec<u8>, Option<u64>)> {
+    fn wire_form(
+        &self,
+        frame: &Frame,
+        deadline: Option<Instant>,
+    ) -> Result<std::result::Result<WireForm, Stall>> {
         // Sized for a small call at once: growing the vector costs more than the encoding.
         let bytes = postcard::to_extend(frame, Vec::with_capacity(256))
             .map_err(|e| malformed(format!("cannot encode frame: {e}")))?;
         if bytes.len() <= SLOT_LEN - 4 {
-            return Ok((bytes, None));
+            return Ok(Ok((bytes, None)));
         }
         let mut block = self.pool.alloc(bytes.len())?;
         block.as_mut_slice()?.copy_from_slice(&bytes);
+        if let Err(stall) = self.offer(&block, deadline)? {
+            return Ok(Err(stall));
+        }
         let frame_ref = block.to_ref();
         let loan = self.lender.lend(vec![Arc::new(block)]);
         let pointer = Frame::Spilled {
@@ -197,7 +235,7 @@ impl Endpoint {
             loan: loan[0],
         };
         match postcard::to_stdvec(&pointer) {
-            Ok(bytes) => Ok((bytes, Some(loan[0]))),
+            Ok(bytes) => Ok(Ok((bytes, Some(loan[0])))),
             Err(e) => {
                 self.lender.cancel(&loan);
                 Err(malformed(format!("cannot encode frame: {e}")))
@@ -218,14 +256,16 @@ impl Endpoint {
         let Frame::Spilled { frame, loan } = frame else {
             return Ok(Some(frame));
         };
+        // Copied before it is parsed: the peer may still write its own block, and the parser
+        // reads some fields twice (a string's bytes, checked as UTF-8, then copied).
         let inner = self
             .admission
-            .check(&frame)
-            .and_then(|()| self.pool.attach(&frame))
+            .attach(&self.pool, &self.link, &frame)
+            .map(|block| block.as_slice().to_vec())
             .map_err(Into::into)
-            .and_then(|block| {
-                postcard::from_bytes::<Frame>(block.as_slice())
-                    .map_err(|e| malformed(format!("spilled frame of {} bytes: {e}", block.len())))
+            .and_then(|bytes| {
+                postcard::from_bytes::<Frame>(&bytes)
+                    .map_err(|e| malformed(format!("spilled frame of {} bytes: {e}", bytes.len())))
             });
         self.returner.release(&[loan]);
         match inner? {
@@ -257,6 +297,7 @@ impl Endpoint {
             Arc::clone(&self.returner),
             Arc::clone(&self.lender),
             Arc::clone(&self.admission),
+            Arc::clone(&self.link),
             payload.buffers(),
             loans,
         );
@@ -274,9 +315,11 @@ impl Endpoint {
         }
     }
 
-    /// The peer is dead: nothing we lent it is in use any more.
+    /// The peer is dead: nothing we lent it is in use any more, and its segments are freed
+    /// once nothing here views them.
     pub(crate) fn forget_loans(&self) {
         self.lender.forget_all();
+        self.link.forget_received();
     }
 
     /// Blocks lent to the peer and not yet returned.
@@ -294,12 +337,26 @@ mod tests {
     use crate::channel::{channel_len, test_pool as pool};
 
     fn pair(pool: &ShmPool) -> (Endpoint, Endpoint) {
-        let channel = Channel::create(pool.alloc(channel_len()).unwrap(), 1).unwrap();
+        let channel = Channel::create(pool.alloc_shared(channel_len()).unwrap(), 1).unwrap();
         let worker_channel = Channel::open(pool.attach_shared(&channel.to_ref()).unwrap()).unwrap();
         let admission = || Admission::new(pool.session(), None, false);
+        let (link, other) = SegmentLink::pair().unwrap();
+        let other = SegmentLink::from_fd(other).unwrap();
         (
-            Endpoint::new(channel, Side::Parent, pool.clone(), admission()),
-            Endpoint::new(worker_channel, Side::Worker, pool.clone(), admission()),
+            Endpoint::new(
+                channel,
+                Side::Parent,
+                pool.clone(),
+                admission(),
+                Arc::new(link),
+            ),
+            Endpoint::new(
+                worker_channel,
+                Side::Worker,
+                pool.clone(),
+                admission(),
+                Arc::new(other),
+            ),
         )
     }
 

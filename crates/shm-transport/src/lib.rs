@@ -10,8 +10,12 @@
 //! What can go wrong is a value, never a hang: a worker that dies fails every pending call with
 //! [`TransportError::WorkerDied`] at once; a call with a timeout returns
 //! [`TransportError::Timeout`]; a handler's error or panic comes back as a
-//! [`RemoteError`] and the worker goes on; a worker whose parent dies exits and removes what
-//! both left in `/dev/shm`.
+//! [`RemoteError`] and the worker goes on; a worker whose parent dies exits, and the kernel frees
+//! the segments of both.
+//!
+//! Segments reach the other side as descriptors, on a [`SegmentLink`](shm_core::SegmentLink)
+//! made at spawn beside the channel: a worker can name only segments it sent and the parent's,
+//! and the kernel's seals keep it from truncating or writing any segment it was sent.
 //!
 //! Who owns which block: arguments are allocated in the parent's pool and recycled once the
 //! reply has come (later, if the handler kept a view of them); results are allocated in the
@@ -61,7 +65,7 @@ mod workers;
 pub use callee::{Callee, DecodeReply};
 pub use channel::{CONTROL_LEN, ChannelState, PROTOCOL_VERSION, RingState};
 pub use error::{NetworkFault, RemoteError, RemoteErrorKind, Result, TransportError};
-pub use serve::{CHANNEL_ENV, Context, Router, is_worker, serve};
+pub use serve::{CHANNEL_ENV, Context, LINK_ENV, Router, is_worker, serve};
 pub use worker::{StderrSink, Worker, WorkerConfig};
 pub use workers::{Shutdown, WorkerPool};
 
@@ -78,12 +82,19 @@ pub mod fuzzing {
     /// Pushes `bytes` into a fresh channel as the parent would, and has the worker's end
     /// receive it: frame parsing, spills, loans and the decoding of a call's arguments.
     pub fn receive(pool: &ShmPool, bytes: &[u8]) -> crate::Result<()> {
-        let channel = Channel::create(pool.alloc(channel_len())?, std::process::id())?;
+        let channel = Channel::create(pool.alloc_shared(channel_len())?, std::process::id())?;
         if !channel.frames(Direction::ToWorker).push(bytes)? {
             return Ok(());
         }
         let admission = crate::trust::Admission::new(pool.session(), None, false);
-        let worker = Endpoint::new(channel, Side::Worker, pool.clone(), admission);
+        let (link, _parent_end) = shm_core::SegmentLink::pair()?;
+        let worker = Endpoint::new(
+            channel,
+            Side::Worker,
+            pool.clone(),
+            admission,
+            std::sync::Arc::new(link),
+        );
         if let Some(Frame::Call { args, loans, .. }) = worker.receive()? {
             let decoding = worker.decoder(&args, &loans)?;
             let _ = decoding.decoder.decode::<Serde<Vec<u8>>>(&args);

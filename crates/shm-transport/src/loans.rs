@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use shm_codec::Attacher;
-use shm_core::{Reclaim, ShmBlock, ShmPool, ShmRef};
+use shm_core::{Reclaim, SegmentLink, ShmBlock, ShmPool, ShmRef};
 
 use crate::channel::{Channel, Direction};
 use crate::trust::Admission;
@@ -169,6 +169,8 @@ pub(crate) struct LoanAttacher {
     lender: Arc<Lender>,
     /// Which references may be attached, and whether to copy them.
     admission: Arc<Admission>,
+    /// Where the peer's segments come from.
+    link: Arc<SegmentLink>,
     state: Mutex<AttachState>,
 }
 
@@ -192,6 +194,7 @@ impl LoanAttacher {
         returner: Arc<Returner>,
         lender: Arc<Lender>,
         admission: Arc<Admission>,
+        link: Arc<SegmentLink>,
         refs: &[ShmRef],
         loans: &[u64],
     ) -> Arc<Self> {
@@ -199,6 +202,7 @@ impl LoanAttacher {
             returner,
             lender,
             admission,
+            link,
             state: Mutex::new(AttachState {
                 loans: refs
                     .iter()
@@ -235,8 +239,7 @@ impl Attacher for LoanAttacher {
         if let Some((_, block)) = state.attached.iter().find(|(seen, _)| seen == r) {
             return Ok(Arc::clone(block));
         }
-        self.admission.check(r)?;
-        let mut block = pool.attach(r)?;
+        let mut block = self.admission.attach(pool, &self.link, r)?;
         let ids: Vec<u64> = state
             .loans
             .iter_mut()

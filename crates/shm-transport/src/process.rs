@@ -4,6 +4,8 @@
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, Weak};
@@ -11,13 +13,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use rustix::process::{Pid, WaitId, WaitIdOptions, WaitIdStatus, waitid};
-use shm_core::ShmPool;
+use shm_core::{SegmentLink, ShmPool};
 
 use crate::channel::{Channel, Side, channel_len};
 use crate::conn::{Conn, lock};
 use crate::error::{Result, TransportError};
 use crate::frame::Endpoint;
-use crate::serve::CHANNEL_ENV;
+use crate::serve::{CHANNEL_ENV, LINK_ENV};
 use crate::trust::Admission;
 use crate::worker::{StderrSink, WorkerConfig};
 
@@ -27,21 +29,50 @@ const STDERR_TAIL: usize = 20;
 impl Conn {
     pub(crate) fn start(config: &WorkerConfig, pool: &ShmPool, worker: u32) -> Result<Arc<Conn>> {
         let program = config.program.display().to_string();
-        let channel = Channel::create(pool.alloc(channel_len())?, std::process::id())?;
-        let mut child = Command::new(&config.program)
+        let channel = Channel::create(pool.alloc_shared(channel_len())?, std::process::id())?;
+        // The worker's end of the link is its only way to our segments; the channel's
+        // descriptor waits in it for the worker to start.
+        let (link, worker_link) = SegmentLink::pair()?;
+        link.offer(
+            channel.block(),
+            Some(Instant::now() + config.startup_timeout),
+        )?;
+        let worker_fd = worker_link.as_raw_fd();
+        let mut command = Command::new(&config.program);
+        command
             .args(&config.args)
             .envs(config.env.iter().map(|(k, v)| (k, v)))
             .env(CHANNEL_ENV, channel.to_ref().to_hex())
+            .env(LINK_ENV, worker_fd.to_string())
             .stdin(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|source| TransportError::Spawn {
-                program: program.clone(),
-                source,
-            })?;
+            .stderr(Stdio::piped());
+        // SAFETY: the closure runs in the child between fork and exec, where only
+        // async-signal-safe calls are allowed: it makes one `fcntl` system call on a
+        // descriptor that is open in the child (it was open in the parent at fork, and
+        // `worker_link` outlives `spawn`). Clearing close-on-exec there, and only there, is
+        // how the worker inherits its end of the link while other children spawned meanwhile
+        // do not.
+        unsafe {
+            command.pre_exec(move || {
+                let fd = rustix::fd::BorrowedFd::borrow_raw(worker_fd);
+                rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())?;
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().map_err(|source| TransportError::Spawn {
+            program: program.clone(),
+            source,
+        })?;
+        drop(worker_link);
         // The worker may name our session and, once its hello has said which, its own.
         let admission = Admission::new(pool.session(), None, config.untrusted);
-        let endpoint = Endpoint::new(channel, Side::Parent, pool.clone(), admission);
+        let endpoint = Endpoint::new(
+            channel,
+            Side::Parent,
+            pool.clone(),
+            admission,
+            Arc::new(link),
+        );
         let conn = Arc::new(Conn::new(worker, child.id(), pool, endpoint));
         let mut threads = Vec::new();
         let stderr = child.stderr.take();
@@ -119,9 +150,6 @@ impl Conn {
         for thread in threads {
             let _ = thread.join();
         }
-        // A worker killed before it could clean up leaves its segments; its session lock is
-        // free now, so the sweep removes exactly those.
-        let _ = shm_core::sweep_orphans();
     }
 }
 

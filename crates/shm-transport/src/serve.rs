@@ -3,23 +3,30 @@
 use std::collections::HashMap;
 use std::fmt::Display;
 use std::io::Write;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use shm_codec::{CodecError, Decode, Decoder, Encode, Encoder, Payload};
-use shm_core::{SessionId, ShmError, ShmPool, ShmRef};
+use shm_core::{SegmentLink, SessionId, ShmError, ShmPool, ShmRef};
 
 use crate::channel::{Channel, Direction, PROTOCOL_VERSION, Side};
 use crate::error::{RemoteError, RemoteErrorKind, Result, TransportError, malformed};
 use crate::frame::{Endpoint, Frame};
 use crate::trust::Admission;
 
-/// The environment variable through which a worker finds its channel.
+/// The environment variable through which a worker finds its channel: the hex form of the
+/// channel block's reference.
 pub const CHANNEL_ENV: &str = "SHM_TRANSPORT_CHANNEL";
 
-/// How long a worker whose parent died waits for the kernel to release the parent's session
-/// lock before it sweeps the parent's segments.
-const PARENT_LOCK_WAIT: Duration = Duration::from_secs(1);
+/// The environment variable that gives a worker the number of the descriptor it inherited:
+/// its end of the [`SegmentLink`] over which the parent's segments arrive (the channel's
+/// first).
+pub const LINK_ENV: &str = "SHM_TRANSPORT_LINK";
+
+/// Whether [`serve`] has taken the inherited link descriptor: it can own it only once.
+static LINK_TAKEN: AtomicBool = AtomicBool::new(false);
 
 /// What a handler can use besides its arguments: the worker's pool, to produce results in
 /// shared memory (`ShmArrayMut::zeros(ctx.pool(), …)`).
@@ -132,20 +139,26 @@ pub fn is_worker() -> bool {
 }
 
 /// Serves the parent until it asks for shutdown, then returns. If the parent dies, the worker
-/// removes the parent's orphaned segments and its own, and exits at once.
+/// exits at once; the kernel frees the segments of both.
 pub fn serve(router: Router) -> Result<()> {
-    let channel_ref = std::env::var(CHANNEL_ENV).map_err(|_| TransportError::NotAWorker {
-        variable: CHANNEL_ENV,
-    })?;
-    let channel_ref = ShmRef::from_hex(&channel_ref)?;
+    let variable =
+        |name| std::env::var(name).map_err(|_| TransportError::NotAWorker { variable: name });
+    let channel_ref = ShmRef::from_hex(&variable(CHANNEL_ENV)?)?;
+    let link = inherited_link(&variable(LINK_ENV)?)?;
     let pool = ShmPool::new()?;
-    let channel = Channel::open(pool.attach_shared(&channel_ref)?)?;
+    let channel = Channel::open(link.attach_shared(&channel_ref)?)?;
     let parent_session = SessionId::of_segment(channel.segment_name());
-    watch_parent(channel.parent_pid(), parent_session, pool.clone())?;
+    watch_parent(channel.parent_pid(), pool.clone())?;
     // The parent may name its own session (the channel's) and ours; it spawned us, so its
     // blocks are read in place.
     let admission = Admission::new(pool.session(), parent_session, false);
-    let endpoint = Endpoint::new(channel, Side::Worker, pool.clone(), admission);
+    let endpoint = Endpoint::new(
+        channel,
+        Side::Worker,
+        pool.clone(),
+        admission,
+        Arc::new(link),
+    );
     let encoder = Encoder::new(pool.clone());
     let requests = endpoint.channel().frames(Direction::ToWorker);
     send(
@@ -166,7 +179,7 @@ pub fn serve(router: Router) -> Result<()> {
                 requests.wait_for_frame(None, || false);
                 continue;
             }
-            // A truncated channel or impossible ring positions stay broken: nothing more can
+            // Impossible ring positions stay broken: nothing more can
             // come through this channel.
             Err(err) if requests.occupied().is_err() => return Err(err),
             Err(err) => {
@@ -294,10 +307,33 @@ fn send(
     }
 }
 
+/// This process's end of the link its parent made, from the descriptor number in
+/// [`LINK_ENV`]: checked to be an open socket before it is owned, owned once, and kept from
+/// the worker's own children.
+fn inherited_link(number: &str) -> Result<SegmentLink> {
+    let bad = |why: &str| malformed(format!("{LINK_ENV}={number:?}: {why}"));
+    let fd: RawFd = number.parse().map_err(|_| bad("not a descriptor number"))?;
+    // SAFETY: `fcntl(F_GETFD)` takes no argument and only reads the descriptor table; an
+    // unused number is an error (EBADF), not undefined behaviour.
+    if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(bad("no such open descriptor"));
+    }
+    if LINK_TAKEN.swap(true, Ordering::AcqRel) {
+        return Err(bad("this process serves already"));
+    }
+    // SAFETY: the descriptor is open (checked above), the parent passed it to this process
+    // for the link alone, and `LINK_TAKEN` makes this the only owner that will ever be made
+    // of it in this process.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    rustix::io::fcntl_setfd(&owned, rustix::io::FdFlags::CLOEXEC)
+        .map_err(|e| bad(&format!("cannot keep it from children: {e}")))?;
+    Ok(SegmentLink::from_fd(owned)?)
+}
+
 /// Ends the worker as soon as the parent process is gone: a thread waits on a pidfd of the
-/// parent (no timer), then removes the parent's segments — once the kernel has released its
-/// session lock — and this process's own, and exits.
-fn watch_parent(parent: u32, parent_session: Option<SessionId>, pool: ShmPool) -> Result<()> {
+/// parent (no timer), then exits; the kernel frees the segments of both processes once their
+/// last descriptors and mappings are gone.
+fn watch_parent(parent: u32, pool: ShmPool) -> Result<()> {
     use rustix::process::{Pid, PidfdFlags, getppid, pidfd_open};
     let gone = |what: &str| {
         malformed(format!(
@@ -327,11 +363,7 @@ fn watch_parent(parent: u32, parent_session: Option<SessionId>, pool: ShmPool) -
                 std::io::stderr(),
                 "parent process {parent} is gone; worker exits"
             );
-            if let Some(session) = parent_session {
-                let _ = shm_core::sweep_session(session, PARENT_LOCK_WAIT);
-            }
             pool.close_all();
-            let _ = shm_core::end_session();
             std::process::exit(70);
         })
         .map(drop)

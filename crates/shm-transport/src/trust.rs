@@ -2,15 +2,16 @@
 //!
 //! A reference is accepted only for a segment of one of two sessions: ours, or the peer's.
 //! Both are fixed at the handshake — the worker learns the parent's from the channel's name,
-//! the parent learns the worker's from its hello and checks it against the pid in that
-//! session's lock — so a peer cannot make this process map a third process's memory. A block
-//! of a third session that this process wants to send on (a reply of one worker passed to
+//! the parent learns the worker's from its hello — and a segment of the peer's session is
+//! resolved only among the descriptors that came on this peer's link, never by a name in
+//! `/dev/shm`: a peer cannot make this process map anything it did not send itself. A block of
+//! a third session that this process wants to send on (a reply of one worker passed to
 //! another) is copied into a block of its own first; see [`Admission::localize`].
 
 use std::sync::{Arc, OnceLock};
 
 use shm_codec::Payload;
-use shm_core::{SessionId, ShmBlock, ShmError, ShmPool, ShmRef};
+use shm_core::{SegmentLink, SessionId, ShmBlock, ShmError, ShmPool, ShmRef};
 
 /// The sessions one side of a channel accepts references to, and how it reads them.
 #[derive(Debug)]
@@ -35,6 +36,11 @@ impl Admission {
         Arc::new(admission)
     }
 
+    /// Our own session.
+    pub(crate) fn own(&self) -> SessionId {
+        self.own
+    }
+
     /// Fixes the peer's session (once; later calls change nothing and say so).
     pub(crate) fn set_peer(&self, peer: SessionId) -> bool {
         self.peer.set(peer).is_ok()
@@ -43,6 +49,22 @@ impl Admission {
     /// Whether blocks are copied into private memory before decoding.
     pub(crate) fn private_copies(&self) -> bool {
         self.private_copies
+    }
+
+    /// The block a reference from the peer names, once it is checked: one of ours (a block we
+    /// lent, sent back) from `pool`, or one of the peer's, whose descriptor came on `link`.
+    pub(crate) fn attach(
+        &self,
+        pool: &ShmPool,
+        link: &SegmentLink,
+        r: &ShmRef,
+    ) -> shm_core::Result<ShmBlock> {
+        self.check(r)?;
+        if SessionId::of_segment(&r.name) == Some(self.own) {
+            pool.attach(r)
+        } else {
+            link.attach(r)
+        }
     }
 
     /// Whether the peer may name segment `name`.

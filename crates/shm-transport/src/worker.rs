@@ -51,8 +51,8 @@ pub struct WorkerConfig {
     /// The pool that argument blocks are allocated from; `None` for a new pool.
     pub pool: Option<ShmPool>,
     /// Whether the worker is untrusted: every block of its replies is copied into private
-    /// memory before it is validated and decoded, so that the worker can neither rewrite nor
-    /// truncate what the parent has checked and reads. Costs one copy of every reply byte
+    /// memory before it is validated and decoded, so that the worker cannot rewrite what the
+    /// parent has checked and reads (no peer can truncate a segment: they are sealed). Costs one copy of every reply byte
     /// (`cargo xtask bench` measures it). Default `false`: replies are read in place.
     pub untrusted: bool,
 }

@@ -136,21 +136,36 @@ fn router() -> Router {
             std::process::abort()
         })
         .handle("foreign", |Serde(hex): Serde<String>, _| {
-            hostile::forge_reply(1, &hex);
+            hostile::forge_reply(
+                1,
+                shm_core::ShmRef::from_hex(&hex).map_err(|e| e.to_string())?,
+            );
             // Let the parent read the forgery before the transport's own reply comes.
             std::thread::sleep(Duration::from_millis(500));
             Ok::<_, String>(())
         })
+        .handle(
+            "forge_descriptor",
+            |Serde((id, kind)): Serde<(u64, String)>, _| {
+                hostile::forge_descriptor(id, &kind)?;
+                // Let the parent read the forgery before the transport's own reply comes.
+                std::thread::sleep(Duration::from_millis(500));
+                Ok::<_, String>(())
+            },
+        )
         .handle(
             "truncate_later",
             |Serde((n, delay_ms)): Serde<(usize, u64)>, ctx| {
                 let mut out =
                     ShmArrayMut::<f64, Ix1>::zeros(ctx.pool(), n).map_err(|e| e.to_string())?;
                 out.view_mut().fill(1.5);
-                hostile::later(delay_ms, move || hostile::cut_own_segments(n * 8, 0));
+                hostile::later(delay_ms, move || hostile::cut_own_segments(n * 8));
                 Ok::<_, String>(out.freeze())
             },
         )
+        .handle("sabotage_report", |(): (), _| {
+            Ok::<_, String>(Serde(hostile::report()))
+        })
         .handle(
             "rewrite_later",
             |Serde((rows, delay_ms)): Serde<(usize, u64)>, _| {
@@ -159,8 +174,7 @@ fn router() -> Router {
             },
         )
         .handle("truncate_channel", |(): (), _| {
-            hostile::cut_channel();
-            Ok::<_, String>(())
+            Ok::<_, String>(Serde(hostile::cut_channel()))
         })
         .handle(
             "jam",
@@ -174,18 +188,41 @@ fn router() -> Router {
 }
 
 /// What a hostile worker of the same user can do beyond sending bad bytes: name other
-/// processes' memory, truncate or rewrite segments after sending them, corrupt the channel.
+/// processes' memory, send descriptors that are not segments, try to truncate its segments or
+/// the channel after sending them, rewrite them through its own mappings, corrupt the channel.
 mod hostile {
-    use std::os::unix::fs::FileExt;
+    use std::io::IoSlice;
+    use std::mem::MaybeUninit;
+    use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
     use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
     use std::time::Duration;
 
     use arrow::array::{RecordBatch, StringArray};
-    use std::sync::atomic::{AtomicU64, Ordering};
 
     use shm_codec::{Payload, SERDE_CODEC};
-    use shm_core::{ShmPool, ShmRef, list_segments};
-    use shm_transport::{CHANNEL_ENV, RemoteError};
+    use shm_core::{SegmentLink, ShmPool, ShmRef};
+    use shm_transport::{CHANNEL_ENV, LINK_ENV, RemoteError};
+
+    /// Attempts to change a segment after sending it, and how many the kernel refused.
+    static TRIED: AtomicUsize = AtomicUsize::new(0);
+    static REFUSED: AtomicUsize = AtomicUsize::new(0);
+    /// Segments rewritten through this worker's own mappings.
+    static SCRIBBLED: AtomicUsize = AtomicUsize::new(0);
+
+    /// (tried, refused, rewritten) so far.
+    pub fn report() -> (usize, usize, usize) {
+        (
+            TRIED.load(Ordering::SeqCst),
+            REFUSED.load(Ordering::SeqCst),
+            SCRIBBLED.load(Ordering::SeqCst),
+        )
+    }
+
+    fn attempt(refused: bool) {
+        TRIED.fetch_add(1, Ordering::SeqCst);
+        REFUSED.fetch_add(usize::from(refused), Ordering::SeqCst);
+    }
 
     /// The channel's frames as they travel (postcard), written here from the layout rather
     /// than through the transport, which would not send what a hostile worker sends.
@@ -211,37 +248,121 @@ mod hostile {
     }
 
     /// Puts a reply to call `id` into the reply ring, ahead of the transport's own, whose
-    /// serde value is the block a hex reference names: another process's memory.
-    pub fn forge_reply(id: u64, hex: &str) {
-        let r = ShmRef::from_hex(hex).expect("a reference");
+    /// serde value is the block `r` names.
+    pub fn forge_reply(id: u64, r: ShmRef) {
         let payload = Payload::from_refs(SERDE_CODEC, Vec::new(), vec![r], Vec::new());
         let frame = WireFrame::Reply {
             id,
             outcome: Ok(payload),
             loans: vec![1],
         };
-        push_to_parent(&postcard::to_stdvec(&frame).expect("a frame"));
+        push_to_parent(channel(), &postcard::to_stdvec(&frame).expect("a frame"));
+    }
+
+    /// Sends, on the link and under a name of this worker's session, a descriptor of `kind`
+    /// that is not a segment (or, for `unsent`, nothing), then forges a reply to call `id`
+    /// that names it.
+    pub fn forge_descriptor(id: u64, kind: &str) -> Result<(), String> {
+        let session = ShmPool::new().map_err(|e| e.to_string())?.session();
+        let name = format!("/shm-{session}-{:016x}", 0x1234_5678_9abc_def0u64 + id);
+        let file = |path: &str| std::fs::File::open(path).map(OwnedFd::from);
+        let fd: Option<OwnedFd> = match kind {
+            "file" => Some(file("/etc/passwd").map_err(|e| e.to_string())?),
+            "directory" => Some(file("/tmp").map_err(|e| e.to_string())?),
+            "fifo" => {
+                let (reader, writer) = std::io::pipe().map_err(|e| e.to_string())?;
+                std::mem::forget(writer);
+                Some(OwnedFd::from(reader))
+            }
+            "unsealed" => {
+                let memfd = rustix::fs::memfd_create("unsealed", rustix::fs::MemfdFlags::CLOEXEC)
+                    .map_err(|e| e.to_string())?;
+                rustix::fs::ftruncate(&memfd, 4096).map_err(|e| e.to_string())?;
+                Some(memfd)
+            }
+            "unsent" => None,
+            other => return Err(format!("unknown kind {other}")),
+        };
+        if let Some(fd) = &fd {
+            send_on_link(&name, fd.as_fd());
+        }
+        forge_reply(
+            id,
+            ShmRef {
+                name,
+                size: 4096,
+                offset: 0,
+                content_size: 4096,
+            },
+        );
+        Ok(())
+    }
+
+    /// Writes `+NAME` with `fd` into this worker's end of the link, as docs/format.md says.
+    fn send_on_link(name: &str, fd: BorrowedFd<'_>) {
+        let number: i32 = std::env::var(LINK_ENV).unwrap().parse().unwrap();
+        // SAFETY: the transport keeps this descriptor open for as long as the worker serves.
+        let link = unsafe { BorrowedFd::borrow_raw(number) };
+        let message = [b"+", name.as_bytes()].concat();
+        let fds = [fd];
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut control = rustix::net::SendAncillaryBuffer::new(&mut space);
+        control.push(rustix::net::SendAncillaryMessage::ScmRights(&fds));
+        rustix::net::sendmsg(
+            link,
+            &[IoSlice::new(&message)],
+            &mut control,
+            rustix::net::SendFlags::empty(),
+        )
+        .expect("the link takes the message");
     }
 
     /// Sends a hello as the transport would, but naming the parent's session (the one in the
-    /// channel's name) as this worker's own.
+    /// channel's name) as this worker's own. Runs instead of `serve`, so it takes the link.
     pub fn forge_hello() {
-        let channel = ShmRef::from_hex(&std::env::var(CHANNEL_ENV).expect("a worker")).unwrap();
-        let parents = shm_core::SessionId::of_segment(&channel.name).expect("an shm name");
+        let channel_ref = ShmRef::from_hex(&std::env::var(CHANNEL_ENV).expect("a worker")).unwrap();
+        let parents = shm_core::SessionId::of_segment(&channel_ref.name).expect("an shm name");
+        let number: i32 = std::env::var(LINK_ENV).unwrap().parse().unwrap();
+        // SAFETY: the parent passed this descriptor for the link; nothing else here owns it.
+        let link = SegmentLink::from_fd(unsafe { OwnedFd::from_raw_fd(number) }).unwrap();
+        let channel = link.attach_shared(&channel_ref).expect("the channel");
         let frame = WireFrame::Hello {
             version: shm_transport::PROTOCOL_VERSION,
             pid: std::process::id(),
             session: parents.to_string(),
         };
-        push_to_parent(&postcard::to_stdvec(&frame).expect("a frame"));
+        push_to_parent(
+            channel.as_shared_ptr(),
+            &postcard::to_stdvec(&frame).expect("a frame"),
+        );
+        std::mem::forget((channel, link));
+    }
+
+    /// The mappings of this process whose `/proc/self/maps` line `pick` selects, as
+    /// (address, length).
+    fn mappings(pick: impl Fn(&str) -> bool) -> Vec<(usize, usize)> {
+        let maps = std::fs::read_to_string("/proc/self/maps").expect("maps");
+        maps.lines()
+            .filter(|line| pick(line))
+            .map(|line| {
+                let (range, _) = line.split_once(' ').unwrap();
+                let (start, end) = range.split_once('-').unwrap();
+                let start = usize::from_str_radix(start, 16).unwrap();
+                (start, usize::from_str_radix(end, 16).unwrap() - start)
+            })
+            .collect()
+    }
+
+    /// The first byte of the channel, as this worker maps it (read-write).
+    fn channel() -> *mut u8 {
+        let r = ShmRef::from_hex(&std::env::var(CHANNEL_ENV).expect("a worker")).unwrap();
+        let memfd = format!("/memfd:{} (deleted)", &r.name[1..]);
+        let found = mappings(|line| line.ends_with(&memfd) && line.contains(" rw-s "));
+        found.first().expect("the channel is mapped").0 as *mut u8
     }
 
     /// Writes one frame into the ring towards the parent and rings the parent's bell.
-    fn push_to_parent(bytes: &[u8]) {
-        let pool = ShmPool::new().expect("a pool");
-        let channel = ShmRef::from_hex(&std::env::var(CHANNEL_ENV).expect("a worker")).unwrap();
-        let channel = pool.attach_shared(&channel).expect("the channel");
-        let base = channel.as_shared_ptr();
+    fn push_to_parent(base: *mut u8, bytes: &[u8]) {
         // SAFETY: offsets of the layout in docs/format.md, inside the channel block and 8-byte
         // aligned; this thread is the ring's only producer while it writes.
         unsafe {
@@ -266,31 +387,50 @@ mod hostile {
         });
     }
 
-    fn own_segments(at_least: usize) -> Vec<std::path::PathBuf> {
-        let session = ShmPool::new().expect("the worker's pool").session();
-        list_segments()
-            .expect("a listing")
-            .into_iter()
-            .filter(|s| s.session == session && s.len >= at_least as u64)
-            .map(|s| std::path::Path::new("/dev/shm").join(&s.name[1..]))
+    /// The memfds of this project that process `pid` holds of at least `at_least` bytes,
+    /// opened read-write through `/proc/PID/fd`, as any process of the same user can.
+    fn memfds(pid: &str, prefix: &str, at_least: u64) -> Vec<std::fs::File> {
+        let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(|entry| {
+                let path = entry.ok()?.path();
+                let target = std::fs::read_link(&path).ok()?;
+                if !target.to_string_lossy().starts_with(prefix) {
+                    return None;
+                }
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&path);
+                file.ok()
+                    .filter(|f| f.metadata().is_ok_and(|m| m.len() >= at_least))
+            })
             .collect()
     }
 
-    /// Truncates this worker's segments of at least `at_least` bytes to `len`.
-    pub fn cut_own_segments(at_least: usize, len: u64) {
-        for path in own_segments(at_least) {
-            let file = std::fs::OpenOptions::new().write(true).open(path);
-            let _ = file.and_then(|f| f.set_len(len));
+    /// Tries to truncate this worker's segments of at least `at_least` bytes.
+    pub fn cut_own_segments(at_least: usize) {
+        let session = ShmPool::new().expect("the worker's pool").session();
+        let prefix = format!("/memfd:shm-{session}-");
+        for file in memfds("self", &prefix, at_least as u64) {
+            attempt(file.set_len(0).is_err());
         }
     }
 
-    /// Overwrites every segment of this worker that could hold `rows` strings with 0xff bytes:
-    /// every offset becomes -1 and every length huge.
+    /// Overwrites, through this worker's own writable mappings, every segment of its that
+    /// could hold `rows` strings with 0xff bytes: every offset becomes -1 and every length
+    /// huge. The seals stop everyone but the creator; the creator can always do this.
     pub fn scribble_own_segments(rows: usize) {
-        for path in own_segments(rows * 4) {
-            if let Ok(file) = std::fs::OpenOptions::new().write(true).open(path) {
-                let len = file.metadata().map_or(0, |m| m.len());
-                let _ = file.write_all_at(&vec![0xff; len as usize], 0);
+        let session = ShmPool::new().expect("the worker's pool").session();
+        let tag = format!("/memfd:shm-{session}-");
+        for (start, len) in mappings(|line| line.contains(&tag) && line.contains(" rw-s ")) {
+            if len >= rows * 4 {
+                // SAFETY: a whole writable mapping of this process; the test wants its bytes
+                // changed under the parent, which reads it (or a private copy of it).
+                unsafe { std::ptr::write_bytes(start as *mut u8, 0xff, len) };
+                SCRIBBLED.fetch_add(1, Ordering::SeqCst);
             }
         }
     }
@@ -301,16 +441,14 @@ mod hostile {
         RecordBatch::try_from_iter([("text", Arc::new(text) as _)]).expect("a batch")
     }
 
-    fn channel_path() -> std::path::PathBuf {
-        let hex = std::env::var(CHANNEL_ENV).expect("a worker");
-        let r = ShmRef::from_hex(&hex).expect("the channel's reference");
-        std::path::Path::new("/dev/shm").join(&r.name[1..])
-    }
-
-    /// Truncates the channel to nothing.
-    pub fn cut_channel() {
-        let file = std::fs::OpenOptions::new().write(true).open(channel_path());
-        let _ = file.and_then(|f| f.set_len(0));
+    /// Tries to truncate the channel, through the parent's descriptor of it in
+    /// `/proc/PPID/fd`; returns (tried, refused).
+    pub fn cut_channel() -> (usize, usize) {
+        let r = ShmRef::from_hex(&std::env::var(CHANNEL_ENV).expect("a worker")).unwrap();
+        let parent = std::os::unix::process::parent_id().to_string();
+        let files = memfds(&parent, &format!("/memfd:{}", &r.name[1..]), 0);
+        let refused = files.iter().filter(|f| f.set_len(0).is_err()).count();
+        (files.len(), refused)
     }
 
     /// How to corrupt the head (the consumer's position) of the ring of calls.
@@ -323,22 +461,26 @@ mod hostile {
     }
 
     /// Writes `jam` into the head of the ring of calls (offset 192 of the channel; its tail
-    /// is at 256, as the layout in `crates/shm-transport/src/channel.rs` says).
+    /// is at 256, as the layout in `crates/shm-transport/src/channel.rs` says), then says so
+    /// on stderr.
     pub fn jam_request_ring(jam: Jam) {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(channel_path())
-            .expect("the channel");
-        let mut tail = [0u8; 8];
-        file.read_exact_at(&mut tail, 256).expect("the tail");
-        let tail = u64::from_le_bytes(tail);
-        let head = match jam {
-            Jam::Full => tail.wrapping_sub(64),
-            Jam::Impossible => tail.wrapping_add(1000),
+        let base = channel();
+        // SAFETY: both words are inside the channel block and 8-byte aligned.
+        let (head, tail) = unsafe {
+            (
+                &*base.add(192).cast::<AtomicU64>(),
+                &*base.add(256).cast::<AtomicU64>(),
+            )
         };
-        file.write_all_at(&head.to_le_bytes(), 192)
-            .expect("the head");
+        let tail = tail.load(Ordering::Acquire);
+        head.store(
+            match jam {
+                Jam::Full => tail.wrapping_sub(64),
+                Jam::Impossible => tail.wrapping_add(1000),
+            },
+            Ordering::Release,
+        );
+        eprintln!("jammed");
     }
 }
 

@@ -22,7 +22,7 @@ impl PoolShared {
                 return Ok(Arc::clone(segment));
             }
         }
-        let segment = Arc::new(Segment::open(name, false)?);
+        let segment = Arc::new(Segment::open_named(name)?);
         let (segment, evicted) = {
             let mut state = self.lock();
             let tick = state.tick;

@@ -10,12 +10,15 @@ use crate::segment::Segment;
 use crate::sys;
 
 impl PoolShared {
-    pub(super) fn alloc_whole(self: &Arc<Self>, size: usize) -> Result<ShmBlock> {
+    /// A block that is a whole segment of its own: from the free list or new; or, when
+    /// `shared`, always new, unsealed against writes for a peer to map writable, and never
+    /// recycled.
+    pub(super) fn alloc_whole(self: &Arc<Self>, size: usize, shared: bool) -> Result<ShmBlock> {
         let len = size
             .checked_next_multiple_of(PAGE)
             .ok_or(ShmError::OutOfSharedMemory {
                 requested: size as u64,
-                available: sys::shm_available().unwrap_or(0),
+                available: sys::memory_available(),
             })?;
         let evicted;
         {
@@ -23,7 +26,7 @@ impl PoolShared {
             if state.closed {
                 return Err(ShmError::PoolClosed);
             }
-            if let Some(segment) = state.take_free(len) {
+            if !shared && let Some(segment) = state.take_free(len) {
                 state
                     .live
                     .insert(segment.name().to_owned(), Arc::downgrade(&segment));
@@ -41,8 +44,8 @@ impl PoolShared {
             evicted = self.reserve_bytes(&mut state, len as u64)?;
         }
         drop(evicted);
-        let segment = match self.create_segment(len, SegmentHolds::Block) {
-            Ok(segment) => Arc::new(segment),
+        let segment = match self.create_segment(len, SegmentHolds::Block, shared) {
+            Ok(segment) => segment,
             Err(err) => {
                 self.lock().owned_bytes -= len as u64;
                 return Err(err);
@@ -53,7 +56,7 @@ impl PoolShared {
         if state.closed {
             state.owned_bytes -= len as u64;
             drop(state);
-            segment.unlink();
+            segment.retire();
             return Err(ShmError::PoolClosed);
         }
         state
@@ -61,13 +64,8 @@ impl PoolShared {
             .insert(segment.name().to_owned(), Arc::downgrade(&segment));
         state.live_blocks += 1;
         drop(state);
-        Ok(ShmBlock::new(
-            segment,
-            0,
-            len,
-            size,
-            self.lease(Slot::Whole),
-        ))
+        let slot = if shared { Slot::Shared } else { Slot::Whole };
+        Ok(ShmBlock::new(segment, 0, len, size, self.lease(slot)))
     }
 }
 
@@ -98,7 +96,7 @@ impl State {
         }
         self.free_bytes -= segment.len() as u64;
         self.owned_bytes -= segment.len() as u64;
-        segment.unlink();
+        segment.retire();
         Some(segment)
     }
 }

@@ -20,11 +20,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 use crate::block::ShmBlock;
-use crate::cleanup;
 use crate::error::{Result, ShmError};
 use crate::name::{SegmentHolds, SessionId, validate_name};
 use crate::reference::ShmRef;
-use crate::segment::{CreateError, Segment};
+use crate::segment::Segment;
 use crate::session::Session;
 use crate::sys;
 
@@ -40,8 +39,6 @@ const SLAB_LEN: usize = 1 << 20;
 pub const BLOCK_ALIGN: usize = 64;
 /// New segments are sized in whole pages.
 const PAGE: usize = 4096;
-/// How many random names to try before giving up on creating a segment.
-const NAME_ATTEMPTS: usize = 16;
 
 /// How a pool behaves. `PoolConfig::default()` suits most programs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -51,15 +48,12 @@ pub struct PoolConfig {
     pub capacity: Option<u64>,
     /// Bytes of idle segments kept for reuse. Default 2 GiB.
     pub cache_bytes: u64,
-    /// Bytes of idle attached mappings kept, so that a peer's recycled segment is not mapped
-    /// afresh. Default 4 GiB.
+    /// Bytes of idle mappings of other programs' named segments kept, so that a segment
+    /// attached again is not mapped afresh. Default 4 GiB.
     pub attach_cache_bytes: u64,
     /// Requests of at most this many bytes share slab segments. Default 64 KiB; at least 64
     /// bytes (the smallest slot), at most 512 KiB.
     pub slab_threshold: usize,
-    /// Whether creating the pool first removes the segments of dead sessions
-    /// ([`sweep_orphans`](crate::sweep_orphans)). Default `true`.
-    pub sweep_orphans: bool,
 }
 
 impl Default for PoolConfig {
@@ -69,7 +63,6 @@ impl Default for PoolConfig {
             cache_bytes: 2 << 30,
             attach_cache_bytes: 4 << 30,
             slab_threshold: 64 << 10,
-            sweep_orphans: true,
         }
     }
 }
@@ -143,6 +136,8 @@ pub(crate) struct Lease {
 enum Slot {
     /// The block is a whole segment.
     Whole,
+    /// The block is a whole segment that a peer may write (see [`ShmPool::alloc_shared`]).
+    Shared,
     /// The block is slot `index` of slab `slab` of size class `class`.
     Slab {
         class: usize,
@@ -194,11 +189,7 @@ impl ShmPool {
     /// A pool with the given configuration.
     pub fn with_config(mut config: PoolConfig) -> Result<Self> {
         config.slab_threshold = config.slab_threshold.clamp(BLOCK_ALIGN, SLAB_LEN / 2);
-        if config.sweep_orphans {
-            cleanup::sweep_orphans()?;
-        }
         let session = Session::current()?;
-        session.pool_opened();
         let mut slabs = Vec::new();
         let mut slot_len = BLOCK_ALIGN;
         while slot_len <= config.slab_threshold.next_power_of_two() && slot_len <= SLAB_LEN / 2 {
@@ -259,32 +250,62 @@ impl ShmPool {
         if size <= self.shared.config.slab_threshold {
             self.shared.alloc_slot(size)
         } else {
-            self.shared.alloc_whole(size)
+            self.shared.alloc_whole(size, false)
         }
     }
 
-    /// Maps the block a peer's reference names, after checking the reference against the
+    /// A writable block of `size` bytes in a segment of its own that a peer may map writable
+    /// too: for structures both sides update through atomics or a publication protocol (the
+    /// transport's channel). Other blocks' segments are sealed so that only their creator can
+    /// write them; this one is not, and it is never recycled for data.
+    pub fn alloc_shared(&self, size: usize) -> Result<ShmBlock> {
+        self.shared.alloc_whole(size, true)
+    }
+
+    /// The block a reference names, read-only, after checking the reference against the
     /// segment: the name's form, an offset aligned to [`BLOCK_ALIGN`], `offset + size` without
-    /// overflow and inside the segment, `content_size <= size`. The block is read-only, and so
-    /// is the mapping: nothing in this process can write a peer's memory. Attaching a segment
-    /// that is already mapped reuses the mapping.
+    /// overflow and inside the segment, `content_size <= size`.
+    ///
+    /// A reference here names a live segment of this process (made by any of its pools). A
+    /// segment of another process is not reached by its name: its descriptor arrives on a
+    /// [`SegmentLink`](crate::SegmentLink), which attaches it (here such a name is
+    /// [`ShmError::NoDescriptor`]); a named object of another program is attached with
+    /// [`attach_segment`](Self::attach_segment).
     pub fn attach(&self, r: &ShmRef) -> Result<ShmBlock> {
         let end = check_ref(r)?;
-        let segment = self.shared.mapping(&r.name)?;
+        let segment = self.segment_of(&r.name)?;
         block_of(segment, r, end)
     }
 
-    /// Maps a whole segment, whatever its length, read-only: for segments another program made
-    /// (Python's `SharedMemory`, say), whose length no reference states. `name` may lack the
-    /// leading slash, as Python's `SharedMemory.name` does. The block starts at the segment's
-    /// first byte and holds all of it; the mapping is shared with [`attach`](Self::attach).
-    pub fn attach_segment(&self, name: &str) -> Result<ShmBlock> {
+    /// Maps a whole named segment of another program (Python's `SharedMemory`, say),
+    /// whatever its length, read-only. `name` may lack the leading slash, as Python's
+    /// `SharedMemory.name` does. The block starts at the segment's first byte and holds all of
+    /// it; the mapping is shared with [`attach`](Self::attach).
+    ///
+    /// The name must lead to a regular file of this user with a single name: a symbolic link,
+    /// a hard link, a FIFO, a directory or a device is [`ShmError::NotASegment`], refused
+    /// before anything is mapped (and without blocking on a FIFO).
+    ///
+    /// # Safety
+    ///
+    /// A named object is not sealed: the program that made it can still write it, and cut it
+    /// short, which makes reading the cut pages kill this process with SIGBUS. The caller
+    /// promises that the other program neither shrinks the object nor writes the bytes this
+    /// process reads while the block lives — the same promise a numpy program makes when it
+    /// shares an array through `SharedMemory`.
+    pub unsafe fn attach_segment(&self, name: &str) -> Result<ShmBlock> {
         let name = if name.starts_with('/') {
             name.to_owned()
         } else {
             format!("/{name}")
         };
         validate_name(&name)?;
+        if SessionId::of_segment(&name).is_some() {
+            return Err(ShmError::NotASegment {
+                name,
+                reason: "segments of this project are attached by reference, not by name",
+            });
+        }
         let segment = self.shared.mapping(&name)?;
         let len = segment.len() as u64;
         let r = ShmRef {
@@ -296,24 +317,55 @@ impl ShmPool {
         block_of(segment, &r, len)
     }
 
-    /// Maps the block a reference names read-write, for structures that both processes update
-    /// through atomics or a publication protocol (the transport's channel), with the checks of
-    /// [`attach`](Self::attach). The mapping is the block's own, not shared with other blocks.
-    /// Plain data is never attached this way: `as_slice` views of it would race the peer.
+    /// The block a reference to a segment of this process names, mapped read-write, for
+    /// structures that both sides update through atomics or a publication protocol (the
+    /// transport's channel), with the checks of [`attach`](Self::attach). Plain data is never
+    /// attached this way: `as_slice` views of it would race the other side.
     pub fn attach_shared(&self, r: &ShmRef) -> Result<ShmBlock> {
         let end = check_ref(r)?;
         if self.shared.lock().closed {
             return Err(ShmError::PoolClosed);
         }
-        block_of(Arc::new(Segment::open(&r.name, true)?), r, end)
+        let segment =
+            self.shared
+                .session
+                .segment(&r.name)
+                .ok_or_else(|| ShmError::SegmentNotFound {
+                    name: r.name.clone(),
+                })?;
+        block_of(segment, r, end)
+    }
+
+    /// The segment `name` names for [`attach`](Self::attach).
+    fn segment_of(&self, name: &str) -> Result<Arc<Segment>> {
+        match SessionId::of_segment(name) {
+            Some(session) if session == self.session() => {
+                if self.shared.lock().closed {
+                    return Err(ShmError::PoolClosed);
+                }
+                self.shared
+                    .session
+                    .segment(name)
+                    .ok_or_else(|| ShmError::SegmentNotFound {
+                        name: name.to_owned(),
+                    })
+            }
+            Some(_) => Err(ShmError::NoDescriptor {
+                name: name.to_owned(),
+            }),
+            None => Err(ShmError::NotASegment {
+                name: name.to_owned(),
+                reason: "a segment of another program is attached by name (attach_segment), \
+                         not by reference",
+            }),
+        }
     }
 
     /// A copy of `block`'s content in private memory that no other process can reach, write or
     /// truncate: what a reader of an untrusted peer validates and reads instead of the peer's
     /// block, which the peer could change after validation. The copy is aligned like any
     /// block; it cannot be sent (it names no segment, so encoders copy out of it), and its
-    /// memory is recycled for later copies, as blocks are. Fails with
-    /// [`ShmError::Truncated`] when the peer truncated the block during the copy.
+    /// memory is recycled for later copies, as blocks are.
     pub fn private_copy(&self, block: &ShmBlock) -> Result<ShmBlock> {
         let len = block.len().next_multiple_of(PAGE);
         let reused = {
@@ -355,13 +407,13 @@ impl ShmPool {
             self.shared.lease(Slot::Private),
         );
         copy.as_mut_slice()?.copy_from_slice(block.as_slice());
-        block.check_intact()?;
         Ok(copy)
     }
 
-    /// Unlinks every segment this pool created, drops its caches, and refuses further
+    /// Releases every segment this pool created, drops its caches, and refuses further
     /// allocations with [`ShmError::PoolClosed`]. Blocks still alive stay readable (and
-    /// writable by their owner), but nobody can attach them any more.
+    /// writable by their owner), but no other pool of this process can attach them any more;
+    /// a peer that holds a segment's descriptor keeps its memory until it lets go.
     pub fn close_all(&self) {
         self.shared.close();
     }
@@ -405,7 +457,7 @@ impl ShmPool {
 }
 
 /// Checks the numbers of a reference that need no segment; returns `offset + size`.
-fn check_ref(r: &ShmRef) -> Result<u64> {
+pub(crate) fn check_ref(r: &ShmRef) -> Result<u64> {
     validate_name(&r.name)?;
     // Every block starts 64-byte aligned, and readers rely on it (atomics in the channel,
     // Arrow buffers): a reference that says otherwise is refused, not trusted.
@@ -432,7 +484,7 @@ fn check_ref(r: &ShmRef) -> Result<u64> {
 }
 
 /// The block `r` names in `segment`, once the segment is known to be long enough.
-fn block_of(segment: Arc<Segment>, r: &ShmRef, end: u64) -> Result<ShmBlock> {
+pub(crate) fn block_of(segment: Arc<Segment>, r: &ShmRef, end: u64) -> Result<ShmBlock> {
     let segment_len = segment.len() as u64;
     if end > segment_len {
         return Err(ShmError::RefOutOfBounds {
@@ -505,39 +557,32 @@ impl PoolShared {
         Ok(evicted)
     }
 
-    /// Creates and reserves a segment of `len` bytes under a fresh random name.
-    fn create_segment(&self, len: usize, holds: SegmentHolds) -> Result<Segment> {
-        let available = sys::shm_available().map_err(|source| ShmError::Os {
-            op: "statvfs",
-            name: sys::SHM_DIR.to_owned(),
+    /// Creates, reserves and seals a segment of `len` bytes under a fresh random name, listed
+    /// in the session so that other pools of this process can attach it.
+    fn create_segment(
+        &self,
+        len: usize,
+        holds: SegmentHolds,
+        shared: bool,
+    ) -> Result<Arc<Segment>> {
+        let random = sys::random_u64().map_err(|source| ShmError::Os {
+            op: "read random bytes for",
+            name: "a segment name".to_owned(),
             source,
         })?;
-        // Checking first spares the system a reservation that would fill `/dev/shm` page by
-        // page before failing; `Segment::create` still reports a race lost to another process.
+        let name = self.session.id().segment_name(random, holds);
+        // Checked first: reserving more than the system has would push everything else out
+        // of memory page by page (or wake the OOM killer) before it failed.
+        let available = sys::memory_available();
         if len as u64 > available {
             return Err(ShmError::OutOfSharedMemory {
                 requested: len as u64,
                 available,
             });
         }
-        let session = self.session.id();
-        for _ in 0..NAME_ATTEMPTS {
-            let random = sys::random_u64().map_err(|source| ShmError::Os {
-                op: "read random bytes for",
-                name: "a segment name".to_owned(),
-                source,
-            })?;
-            match Segment::create(&session.segment_name(random, holds), len) {
-                Ok(segment) => return Ok(segment),
-                Err(CreateError::NameTaken) => continue,
-                Err(CreateError::Failed(err)) => return Err(err),
-            }
-        }
-        Err(ShmError::Os {
-            op: "create",
-            name: format!("a segment of session {session}"),
-            source: std::io::Error::from(std::io::ErrorKind::AlreadyExists),
-        })
+        let segment = Arc::new(Segment::create(&name, len, shared, &self.session)?);
+        self.session.register(&segment);
+        Ok(segment)
     }
 
     /// Takes back a block's region; called when an allocated block is dropped.
@@ -549,14 +594,9 @@ impl PoolShared {
             match slot {
                 Slot::Whole => {
                     state.live.remove(segment.name());
-                    // A segment someone truncated is not handed out again: its tail is
-                    // private zero pages now, which no peer would see.
-                    if state.closed
-                        || segment.len() as u64 > self.config.cache_bytes
-                        || segment.truncated()
-                    {
+                    if state.closed || segment.len() as u64 > self.config.cache_bytes {
                         state.owned_bytes -= segment.len() as u64;
-                        segment.unlink();
+                        segment.retire();
                     } else {
                         state.tick += 1;
                         let tick = state.tick;
@@ -570,6 +610,11 @@ impl PoolShared {
                             dropped.extend(state.evict_free());
                         }
                     }
+                }
+                Slot::Shared => {
+                    state.live.remove(segment.name());
+                    state.owned_bytes -= segment.len() as u64;
+                    segment.retire();
                 }
                 Slot::Slab { class, slab, index } => {
                     dropped.extend(state.release_slot(class, slab, index));
@@ -590,9 +635,6 @@ impl PoolShared {
     fn close(&self) {
         let released = {
             let mut state = self.lock();
-            if !state.closed {
-                self.session.pool_closed();
-            }
             state.closed = true;
             let mut released: Vec<Arc<Segment>> = state
                 .live
@@ -614,7 +656,7 @@ impl PoolShared {
             released
         };
         for segment in &released {
-            segment.unlink();
+            segment.retire();
         }
     }
 }
@@ -624,8 +666,6 @@ impl Drop for PoolShared {
         self.close();
     }
 }
-
-impl State {}
 
 #[cfg(test)]
 mod tests;

@@ -50,8 +50,8 @@ impl PoolShared {
                 evicted = self.reserve_bytes(&mut state, SLAB_LEN as u64)?;
             }
             drop(evicted);
-            let segment = match self.create_segment(SLAB_LEN, SegmentHolds::Slab) {
-                Ok(segment) => Arc::new(segment),
+            let segment = match self.create_segment(SLAB_LEN, SegmentHolds::Slab, false) {
+                Ok(segment) => segment,
                 Err(err) => {
                     self.lock().owned_bytes -= SLAB_LEN as u64;
                     return Err(err);
@@ -62,7 +62,7 @@ impl PoolShared {
             if state.closed {
                 state.owned_bytes -= SLAB_LEN as u64;
                 drop(state);
-                segment.unlink();
+                segment.retire();
                 return Err(ShmError::PoolClosed);
             }
             let slots = (SLAB_LEN / slot_len) as u32;
@@ -107,7 +107,7 @@ impl State {
         }
         let empty = slabs[slab].take()?;
         self.owned_bytes -= SLAB_LEN as u64;
-        empty.segment.unlink();
+        empty.segment.retire();
         Some(empty.segment)
     }
 
@@ -119,7 +119,7 @@ impl State {
                 if entry.as_ref().is_some_and(|slab| slab.live == 0)
                     && let Some(slab) = entry.take()
                 {
-                    slab.segment.unlink();
+                    slab.segment.retire();
                     taken.push(slab.segment);
                 }
             }

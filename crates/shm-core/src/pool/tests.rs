@@ -25,11 +25,38 @@ fn leaves_shm_clean(test: impl FnOnce()) {
 }
 
 fn quiet_pool(config: PoolConfig) -> ShmPool {
-    ShmPool::with_config(PoolConfig {
-        sweep_orphans: false,
-        ..config
-    })
-    .unwrap()
+    ShmPool::with_config(config).unwrap()
+}
+
+/// Attaches a named object of the tests: nothing writes or truncates one while it is mapped.
+fn attach_named(pool: &ShmPool, name: &str) -> Result<ShmBlock> {
+    // SAFETY: the tests' named objects are written once, before they are attached, and never
+    // shrunk while mapped; names that are refused map nothing.
+    unsafe { pool.attach_segment(name) }
+}
+
+/// A named object in `/dev/shm` such as another program (Python's `SharedMemory`) makes,
+/// removed when dropped.
+struct Named {
+    name: String,
+}
+
+impl Named {
+    fn new(content: &[u8]) -> Named {
+        let name = format!("/psm_test_{:016x}", sys::random_u64().unwrap());
+        std::fs::write(sys::segment_path(&name), content).unwrap();
+        Named { name }
+    }
+
+    fn path(&self) -> std::path::PathBuf {
+        sys::segment_path(&self.name)
+    }
+}
+
+impl Drop for Named {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(self.path());
+    }
 }
 
 #[test]
@@ -82,22 +109,50 @@ fn small_allocations_share_slab_segments() {
 }
 
 #[test]
-fn segments_are_private_to_their_user_and_named_for_macos() {
-    use std::os::unix::fs::PermissionsExt;
+fn segments_are_sealed_memfds_that_no_name_reaches() {
     leaves_shm_clean(|| {
         let pool = quiet_pool(PoolConfig::default());
         for size in [10, 1 << 20] {
-            let block = pool.alloc(size).unwrap();
-            assert!(
-                block.name().len() <= 30,
-                "{} is too long for macOS",
-                block.name()
+            let mut block = pool.alloc(size).unwrap();
+            block.as_mut_slice().unwrap().fill(5);
+            assert!(block.name().len() <= 30, "{}", block.name());
+            assert!(!sys::segment_path(block.name()).exists());
+            let fd = block.segment().descriptor().unwrap();
+            let seals = rustix::fs::fcntl_get_seals(fd).unwrap();
+            use rustix::fs::SealFlags;
+            assert!(seals.contains(
+                SealFlags::SHRINK | SealFlags::GROW | SealFlags::FUTURE_WRITE | SealFlags::SEAL
+            ));
+            // What a peer holding the descriptor could try: every one is refused by the kernel.
+            let len = block.segment().len() as u64;
+            assert_eq!(
+                rustix::fs::ftruncate(fd, len / 2),
+                Err(rustix::io::Errno::PERM)
             );
-            let mode = std::fs::metadata(sys::segment_path(block.name()))
-                .unwrap()
-                .permissions()
-                .mode();
-            assert_eq!(mode & 0o777, 0o600, "{}", block.name());
+            assert_eq!(
+                rustix::fs::ftruncate(fd, len * 2),
+                Err(rustix::io::Errno::PERM)
+            );
+            assert_eq!(
+                rustix::io::pwrite(fd, b"x", 0),
+                Err(rustix::io::Errno::PERM)
+            );
+            assert!(sys::map(&fd.try_clone_to_owned().unwrap(), 4096, true).is_err());
+            // Reopening through /proc gives no way around the seals either.
+            let reopened = rustix::fs::open(
+                format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd)),
+                rustix::fs::OFlags::RDWR,
+                rustix::fs::Mode::empty(),
+            )
+            .unwrap();
+            assert!(sys::map(&reopened, 4096, true).is_err());
+            assert_eq!(
+                rustix::fs::fcntl_add_seals(&reopened, SealFlags::WRITE),
+                Err(rustix::io::Errno::PERM)
+            );
+            // The owner writes on through the mapping it made before sealing.
+            block.as_mut_slice().unwrap().fill(6);
+            assert!(block.as_slice().iter().all(|&b| b == 6));
         }
     });
 }
@@ -125,33 +180,98 @@ fn attaching_twice_reuses_one_mapping() {
         let a = reader.attach(&block.to_ref()).unwrap();
         let b = reader.attach(&block.to_ref()).unwrap();
         assert_eq!(a.as_ptr(), b.as_ptr());
-        assert_eq!(reader.stats().segments_attached, 1);
+        assert_eq!(
+            a.as_ptr(),
+            block.as_ptr(),
+            "a segment of this process is not mapped again"
+        );
+        assert_eq!(reader.stats().segments_attached, 0);
         assert!(b.as_slice().iter().all(|&x| x == 0xab));
+        let named = Named::new(&[1; 8192]);
+        let c = attach_named(&reader, &named.name).unwrap();
+        let d = attach_named(&reader, &named.name).unwrap();
+        assert_eq!(c.as_ptr(), d.as_ptr());
+        assert_eq!(reader.stats().segments_attached, 1);
     });
 }
 
 #[test]
-fn mappings_of_segments_their_owner_unlinked_are_released() {
+fn mappings_of_named_segments_their_owner_removed_are_released() {
     leaves_shm_clean(|| {
-        let owner = quiet_pool(PoolConfig::default());
         let reader = quiet_pool(PoolConfig::default());
-        let first = owner.alloc(2 << 20).unwrap();
-        drop(reader.attach(&first.to_ref()).unwrap());
+        let first = Named::new(&[1; 2 << 20]);
+        drop(attach_named(&reader, &first.name).unwrap());
         assert_eq!(
             reader.stats().segments_attached,
             1,
             "idle mapping is cached"
         );
         drop(first);
-        owner.trim();
-        let second = owner.alloc(5 << 20).unwrap();
-        let _view = reader.attach(&second.to_ref()).unwrap();
+        let second = Named::new(&[2; 5 << 20]);
+        let _view = attach_named(&reader, &second.name).unwrap();
         let stats = reader.stats();
         assert_eq!(
             stats.segments_attached, 1,
-            "the unlinked segment is still mapped"
+            "the removed segment is still mapped"
         );
         assert_eq!(stats.bytes_mapped, 5 << 20);
+    });
+}
+
+#[test]
+fn names_that_lead_elsewhere_are_refused_before_anything_is_mapped() {
+    leaves_shm_clean(|| {
+        let pool = quiet_pool(PoolConfig::default());
+        let target = Named::new(b"SECRET-of-another-program");
+        let planted = |suffix: &str| format!("/psm_test_{}_{suffix}", std::process::id());
+        let path = |name: &str| sys::segment_path(name);
+        let mut cases: Vec<(String, &str)> = Vec::new();
+        let symlink = planted("symlink");
+        std::os::unix::fs::symlink("/etc/passwd", path(&symlink)).unwrap();
+        cases.push((symlink, "symbolic link"));
+        let hardlink = planted("hardlink");
+        std::fs::hard_link(target.path(), path(&hardlink)).unwrap();
+        cases.push((hardlink, "hard link"));
+        let fifo = planted("fifo");
+        let c_path = std::ffi::CString::new(path(&fifo).to_str().unwrap()).unwrap();
+        // SAFETY: a valid C string and a plain mode.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        cases.push((fifo, "FIFO"));
+        let dir = planted("dir");
+        std::fs::create_dir(path(&dir)).unwrap();
+        cases.push((dir, "directory"));
+        let device = planted("device");
+        let c_path = std::ffi::CString::new(path(&device).to_str().unwrap()).unwrap();
+        // SAFETY: a valid C string; the device is /dev/null's (1, 3). Only root may make it.
+        if unsafe { libc::mknod(c_path.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(1, 3)) } == 0
+        {
+            cases.push((device, "device"));
+        }
+        for (name, what) in &cases {
+            let started = std::time::Instant::now();
+            match attach_named(&pool, name) {
+                Err(ShmError::NotASegment { name: n, .. }) => assert_eq!(&n, name),
+                Err(ShmError::Os { .. }) if *what == "device" => {}
+                other => panic!("{what}: expected NotASegment, got {other:?}"),
+            }
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(1),
+                "{what}"
+            );
+        }
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        assert!(
+            !maps.contains(&planted("")) && !maps.contains("/etc/passwd"),
+            "a refused name left a mapping:\n{maps}"
+        );
+        assert_eq!(pool.stats().segments_attached, 0);
+        for (name, what) in cases {
+            if what == "directory" {
+                std::fs::remove_dir(path(&name)).unwrap();
+            } else {
+                std::fs::remove_file(path(&name)).unwrap();
+            }
+        }
     });
 }
 
@@ -165,68 +285,13 @@ fn attached_blocks_are_read_only() {
             Err(ShmError::ReadOnly { name }) => assert_eq!(name, block.name()),
             other => panic!("expected ReadOnly, got {other:?}"),
         }
-        // Not only by convention: the mapping itself is read-only.
-        let address = view.as_ptr() as usize;
-        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-        let mapping = maps
-            .lines()
-            .find(|line| {
-                let (range, _) = line.split_once(' ').unwrap();
-                let (start, end) = range.split_once('-').unwrap();
-                let start = usize::from_str_radix(start, 16).unwrap();
-                let end = usize::from_str_radix(end, 16).unwrap();
-                (start..end).contains(&address)
-            })
-            .unwrap();
-        assert!(mapping.contains(" r--s "), "attached mapping: {mapping}");
-    });
-}
-
-#[test]
-fn a_segment_truncated_under_its_readers_reads_as_zeros_instead_of_killing_them() {
-    leaves_shm_clean(|| {
-        let pool = quiet_pool(PoolConfig::default());
-        let mut block = pool.alloc(1 << 20).unwrap();
-        block.as_mut_slice().unwrap().fill(7);
-        let view = pool.attach(&block.to_ref()).unwrap();
-        assert!(!view.is_truncated());
-        // What a hostile peer of the same user can do to any segment it can name.
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(sys::segment_path(block.name()))
-            .unwrap()
-            .set_len(PAGE as u64)
-            .unwrap();
-        let bytes = view.as_slice();
-        assert_eq!(bytes[PAGE - 1], 7, "the bytes before the cut are intact");
-        assert_eq!(bytes[PAGE], 0, "past the cut: zeros, not SIGBUS");
-        assert!(bytes[PAGE..].iter().all(|&b| b == 0));
-        assert!(view.is_truncated());
-        match view.check_intact() {
-            Err(ShmError::Truncated { name, mapped }) => {
-                assert_eq!(name, block.name());
-                assert_eq!(mapped, 1 << 20);
-            }
-            other => panic!("expected Truncated, got {other:?}"),
-        }
-        assert!(matches!(
-            pool.private_copy(&view),
-            Err(ShmError::Truncated { .. })
-        ));
-        // The owner's own mapping survives a write past the cut just the same.
-        assert!(!block.is_truncated());
-        block.as_mut_slice().unwrap()[PAGE * 2] = 1;
-        assert!(block.is_truncated());
-        let name = block.name().to_owned();
-        drop(view);
-        let cached = pool.stats().bytes_cached;
-        drop(block);
-        assert_eq!(
-            pool.stats().bytes_cached,
-            cached,
-            "a truncated segment is not reused"
+        // In this process it is the owner's own mapping; a peer maps it read-only (see the
+        // link's tests).
+        let mapping = crate::test_support::mapping_of(view.as_ptr() as usize);
+        assert!(
+            mapping.contains(" rw-s "),
+            "one mapping per segment: {mapping}"
         );
-        assert!(!sys::segment_path(&name).exists());
     });
 }
 
@@ -279,22 +344,26 @@ fn private_copies_hold_the_content_and_cannot_be_named() {
 fn whole_segments_attach_by_name_with_or_without_the_slash() {
     leaves_shm_clean(|| {
         let pool = quiet_pool(PoolConfig::default());
-        let mut block = pool.alloc(100_000).unwrap();
-        block.as_mut_slice().unwrap().fill(3);
-        let name = block.name().to_owned();
+        let own = pool.alloc(100_000).unwrap();
+        let named = Named::new(&[3; 100_000]);
+        let name = named.name.clone();
         for given in [name.as_str(), &name[1..]] {
-            let whole = pool.attach_segment(given).unwrap();
+            let whole = attach_named(&pool, given).unwrap();
             assert_eq!(whole.name(), name);
-            assert_eq!(whole.len(), 102_400, "the segment's length, page-rounded");
-            assert!(whole.as_slice()[..100_000].iter().all(|&b| b == 3));
+            assert_eq!(whole.len(), 100_000);
+            assert!(whole.as_slice().iter().all(|&b| b == 3));
         }
         assert!(matches!(
-            pool.attach_segment("no-such-segment"),
+            attach_named(&pool, "no-such-segment"),
             Err(ShmError::SegmentNotFound { .. })
         ));
         assert!(matches!(
-            pool.attach_segment("a/b"),
+            attach_named(&pool, "a/b"),
             Err(ShmError::InvalidName { .. })
+        ));
+        assert!(matches!(
+            attach_named(&pool, own.name()),
+            Err(ShmError::NotASegment { .. })
         ));
     });
 }
@@ -313,7 +382,7 @@ fn bad_refs_are_typed_errors() {
         };
         assert!(matches!(
             pool.attach(&missing),
-            Err(ShmError::SegmentNotFound { name }) if name == missing.name
+            Err(ShmError::NoDescriptor { name }) if name == missing.name
         ));
 
         let malformed = ShmRef {
@@ -412,10 +481,10 @@ fn capacity_is_enforced_with_the_numbers() {
 }
 
 #[test]
-fn exhausting_dev_shm_is_an_error_not_a_crash() {
+fn asking_for_more_memory_than_there_is_is_an_error_not_a_crash() {
     leaves_shm_clean(|| {
         let pool = quiet_pool(PoolConfig::default());
-        let available = crate::shm_available().unwrap();
+        let available = sys::memory_available();
         let request = available + (1 << 30);
         match pool.alloc(request as usize) {
             Err(ShmError::OutOfSharedMemory {
@@ -434,7 +503,7 @@ fn exhausting_dev_shm_is_an_error_not_a_crash() {
 }
 
 #[test]
-fn close_all_unlinks_live_blocks_which_stay_readable() {
+fn close_all_releases_live_blocks_which_stay_readable() {
     leaves_shm_clean(|| {
         let pool = quiet_pool(PoolConfig::default());
         let mut big = pool.alloc(1 << 20).unwrap();
@@ -442,10 +511,15 @@ fn close_all_unlinks_live_blocks_which_stay_readable() {
         let mut small = pool.alloc(10).unwrap();
         small.as_mut_slice().unwrap().fill(3);
         drop(pool.alloc(2 << 20).unwrap());
-        let names = [big.name().to_owned(), small.name().to_owned()];
+        let other = quiet_pool(PoolConfig::default());
+        assert!(other.attach(&big.to_ref()).is_ok());
         pool.close_all();
-        for name in &names {
-            assert!(!sys::segment_path(name).exists(), "{name} still linked");
+        for r in [big.to_ref(), small.to_ref()] {
+            assert!(
+                matches!(other.attach(&r), Err(ShmError::SegmentNotFound { .. })),
+                "{} can still be attached",
+                r.name
+            );
         }
         assert!(big.as_slice().iter().all(|&b| b == 9));
         assert!(small.as_slice().iter().all(|&b| b == 3));
@@ -454,22 +528,6 @@ fn close_all_unlinks_live_blocks_which_stay_readable() {
             pool.attach(&big.to_ref()),
             Err(ShmError::PoolClosed)
         ));
-    });
-}
-
-#[test]
-fn a_session_cannot_be_ended_while_a_pool_of_it_is_open() {
-    leaves_shm_clean(|| {
-        let pool = quiet_pool(PoolConfig::default());
-        let lock = sys::segment_path(&pool.session().lock_name());
-        match crate::end_session() {
-            Err(ShmError::SessionInUse { open_pools, .. }) => assert_eq!(open_pools, 1),
-            other => panic!("expected SessionInUse, got {other:?}"),
-        }
-        assert!(lock.exists(), "the live pool's lock was removed");
-        pool.close_all();
-        crate::end_session().unwrap();
-        assert!(!lock.exists());
     });
 }
 

@@ -102,6 +102,16 @@ fn main() {
     if let Some(max) = flag(&args, "--max-payload").and_then(|m| m.parse().ok()) {
         config.max_payload = max;
     }
+    if let Some(capacity) = flag(&args, "--capacity").and_then(|m| m.parse().ok()) {
+        let pool = shm_core::ShmPool::with_config(shm_core::PoolConfig {
+            capacity: Some(capacity),
+            ..shm_core::PoolConfig::default()
+        });
+        config.pool = Some(pool.unwrap_or_else(|e| {
+            eprintln!("cannot make a pool: {e}");
+            std::process::exit(1);
+        }));
+    }
     #[cfg(feature = "tls")]
     if let (Some(cert), Some(key)) = (flag(&args, "--tls-cert"), flag(&args, "--tls-key")) {
         let read = |path: &str| {

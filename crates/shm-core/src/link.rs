@@ -1,0 +1,583 @@
+//! `SegmentLink`: how segments reach another process — as descriptors, never as names.
+//!
+//! Two processes that exchange references hold the two ends of a Unix socket pair. Before a
+//! reference to one of its segments leaves, the sender passes the segment's descriptor once
+//! (`SCM_RIGHTS`) with the segment's name; the receiver maps it (only if it is a memfd sealed
+//! against any change of length) and from then on resolves references to that name in this
+//! link's table. Nothing is looked up in `/dev/shm`, so no symbolic link, hard link or FIFO
+//! planted there can stand in for a segment, and the kernel frees every segment when the last
+//! descriptor and mapping of it are gone.
+//!
+//! A descriptor is sent before the message that names it, so the receiver finds it waiting in
+//! the socket when it reads that message: resolving a reference drains the socket without
+//! blocking, and a name whose descriptor never came is [`ShmError::NoDescriptor`] at once.
+//! When a segment of the sender is gone (its pool released it), the sender tells the receiver
+//! to forget it, so the memory is freed on both sides.
+//!
+//! The messages, one per datagram (`SOCK_SEQPACKET`): `+NAME` with one descriptor, or `-NAME`
+//! without. docs/format.md describes them for readers in other languages.
+
+use std::collections::HashMap;
+use std::io::{IoSlice, IoSliceMut};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::Instant;
+
+use rustix::event::{PollFd, PollFlags, Timespec};
+use rustix::fs::FileType;
+use rustix::net::{
+    AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags,
+    SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketFlags, SocketType,
+};
+
+use crate::block::ShmBlock;
+use crate::error::{Result, ShmError};
+use crate::name::{SessionId, validate_name};
+use crate::pool::{block_of, check_ref};
+use crate::reference::ShmRef;
+use crate::segment::Segment;
+#[cfg(test)]
+use crate::sys;
+
+/// Segments one peer may have sent and not yet withdrawn; past this, what it sends is refused.
+pub const MAX_RECEIVED_SEGMENTS: usize = 1 << 16;
+
+/// Longest message: a tag and a segment name (at most 255 bytes).
+const MESSAGE_LEN: usize = 256;
+
+/// Segments of this process that died since the process started, so that a link learns
+/// cheaply whether any segment it sent may be gone.
+static RETIRED: AtomicU64 = AtomicU64::new(0);
+
+/// Counts a segment of this process that is gone (called from its destructor).
+pub(crate) fn segment_retired() {
+    RETIRED.fetch_add(1, Ordering::Relaxed);
+}
+
+/// One end of a link between two processes, over which segment descriptors travel.
+#[derive(Debug)]
+pub struct SegmentLink {
+    socket: OwnedFd,
+    sent: Mutex<Sent>,
+    received: Mutex<HashMap<String, Arc<Segment>>>,
+    /// Held while reading the socket: a thread that did not find a name looks again under it,
+    /// so it never misses a descriptor another thread has taken from the socket and is still
+    /// mapping.
+    draining: Mutex<()>,
+}
+
+/// The segments of this process whose descriptors the peer holds.
+#[derive(Debug, Default)]
+struct Sent {
+    segments: HashMap<String, Weak<Segment>>,
+    /// `RETIRED` when the list was last checked for segments that are gone.
+    checked: u64,
+    /// Names whose withdrawal did not fit into the socket yet.
+    withdrawn: Vec<String>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section leaves its data consistent.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn link_error(what: &'static str) -> impl Fn(rustix::io::Errno) -> ShmError {
+    move |errno| ShmError::Os {
+        op: what,
+        name: "the segment link".to_owned(),
+        source: errno.into(),
+    }
+}
+
+impl SegmentLink {
+    /// A connected pair of link ends: one for this process, one to hand to another (a child
+    /// inherits it). Both are close-on-exec; a spawner clears the flag in the child only.
+    pub fn pair() -> Result<(SegmentLink, OwnedFd)> {
+        let (ours, theirs) = rustix::net::socketpair(
+            AddressFamily::UNIX,
+            SocketType::SEQPACKET,
+            SocketFlags::CLOEXEC,
+            None,
+        )
+        .map_err(link_error("create"))?;
+        Ok((SegmentLink::new(ours), theirs))
+    }
+
+    /// This process's end of a link whose descriptor it was given (inherited from its parent,
+    /// say). Refused unless `fd` is a socket.
+    pub fn from_fd(fd: OwnedFd) -> Result<SegmentLink> {
+        let stat = rustix::fs::fstat(&fd).map_err(link_error("stat"))?;
+        if FileType::from_raw_mode(stat.st_mode) != FileType::Socket {
+            return Err(ShmError::NotASegment {
+                name: "the segment link".to_owned(),
+                reason: "its descriptor is not a socket",
+            });
+        }
+        Ok(SegmentLink::new(fd))
+    }
+
+    fn new(socket: OwnedFd) -> Self {
+        SegmentLink {
+            socket,
+            sent: Mutex::new(Sent {
+                checked: RETIRED.load(Ordering::Relaxed),
+                ..Sent::default()
+            }),
+            received: Mutex::new(HashMap::new()),
+            draining: Mutex::new(()),
+        }
+    }
+
+    /// The socket, for a spawner to hand the other end's number to a child.
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        self.socket.as_fd()
+    }
+
+    /// Makes sure the peer can attach `block`: sends its segment's descriptor unless it was
+    /// sent before. Does nothing for a block of another process (the peer got it from its
+    /// owner) or private memory. Waits for room in the socket until `deadline` (forever with
+    /// `None`, unless the peer hangs up).
+    pub fn offer(&self, block: &ShmBlock, deadline: Option<Instant>) -> Result<()> {
+        let segment = block.segment();
+        let Some(fd) = segment.descriptor() else {
+            return Ok(());
+        };
+        let mut sent = lock(&self.sent);
+        self.withdraw_gone(&mut sent, deadline)?;
+        if sent.segments.contains_key(segment.name()) {
+            return Ok(());
+        }
+        self.send(b'+', segment.name(), Some(fd), deadline)?;
+        sent.segments
+            .insert(segment.name().to_owned(), Arc::downgrade(segment));
+        Ok(())
+    }
+
+    /// Tells the peer about segments of ours it holds that are gone here, so that it lets go
+    /// of them too; cheap when none died since the last look.
+    fn withdraw_gone(&self, sent: &mut Sent, deadline: Option<Instant>) -> Result<()> {
+        let retired = RETIRED.load(Ordering::Relaxed);
+        if retired != sent.checked {
+            sent.checked = retired;
+            let gone: Vec<String> = sent
+                .segments
+                .iter()
+                .filter(|(_, segment)| segment.strong_count() == 0)
+                .map(|(name, _)| name.clone())
+                .collect();
+            for name in &gone {
+                sent.segments.remove(name);
+            }
+            sent.withdrawn.extend(gone);
+        }
+        while let Some(name) = sent.withdrawn.last() {
+            // Withdrawals never wait: the memory stays until the peer reads them, nothing more.
+            match self.send(
+                b'-',
+                name,
+                None,
+                Some(deadline.unwrap_or_else(Instant::now)),
+            ) {
+                Ok(()) => {
+                    sent.withdrawn.pop();
+                }
+                Err(ShmError::LinkStalled) => break,
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(())
+    }
+
+    fn send(
+        &self,
+        tag: u8,
+        name: &str,
+        fd: Option<BorrowedFd<'_>>,
+        deadline: Option<Instant>,
+    ) -> Result<()> {
+        let message = [&[tag][..], name.as_bytes()].concat();
+        loop {
+            let fds: Vec<BorrowedFd<'_>> = fd.into_iter().collect();
+            let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+            let mut control = SendAncillaryBuffer::new(&mut space);
+            if !fds.is_empty() {
+                control.push(SendAncillaryMessage::ScmRights(&fds));
+            }
+            match rustix::net::sendmsg(
+                &self.socket,
+                &[IoSlice::new(&message)],
+                &mut control,
+                SendFlags::DONTWAIT | SendFlags::NOSIGNAL,
+            ) {
+                Ok(_) => return Ok(()),
+                Err(rustix::io::Errno::INTR) => {}
+                Err(rustix::io::Errno::AGAIN) => self.wait(PollFlags::OUT, deadline)?,
+                Err(rustix::io::Errno::PIPE | rustix::io::Errno::CONNRESET) => {
+                    return Err(ShmError::LinkClosed);
+                }
+                Err(errno) => return Err(link_error("send a descriptor on")(errno)),
+            }
+        }
+    }
+
+    /// Waits until the socket is ready for `flags`, or fails at `deadline`.
+    fn wait(&self, flags: PollFlags, deadline: Option<Instant>) -> Result<()> {
+        let timeout = match deadline {
+            None => None,
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(ShmError::LinkStalled);
+                }
+                Some(Timespec::try_from(left).unwrap_or(Timespec {
+                    tv_sec: i64::MAX,
+                    tv_nsec: 0,
+                }))
+            }
+        };
+        let mut fds = [PollFd::new(&self.socket, flags)];
+        match rustix::event::poll(&mut fds, timeout.as_ref()) {
+            Ok(0) => Err(ShmError::LinkStalled),
+            Ok(_) if fds[0].revents().intersects(PollFlags::HUP | PollFlags::ERR) => {
+                Err(ShmError::LinkClosed)
+            }
+            Ok(_) | Err(rustix::io::Errno::INTR) => Ok(()),
+            Err(errno) => Err(link_error("wait on")(errno)),
+        }
+    }
+
+    /// The block a reference to one of the peer's segments names, read-only, with the checks
+    /// of [`ShmPool::attach`](crate::ShmPool::attach).
+    pub fn attach(&self, r: &ShmRef) -> Result<ShmBlock> {
+        let end = check_ref(r)?;
+        let segment = self.received(&r.name)?;
+        block_of(segment, r, end)
+    }
+
+    /// The block a reference names in a segment the peer shares for both sides to write (see
+    /// [`ShmPool::alloc_shared`](crate::ShmPool::alloc_shared)): the transport's channel.
+    pub fn attach_shared(&self, r: &ShmRef) -> Result<ShmBlock> {
+        let end = check_ref(r)?;
+        let segment = self.received(&r.name)?;
+        if !segment.is_writable() {
+            return Err(ShmError::NotASegment {
+                name: r.name.clone(),
+                reason: "it is sealed against writes, and this structure is written by both sides",
+            });
+        }
+        block_of(segment, r, end)
+    }
+
+    /// The peer's segment `name`, reading what waits in the socket if it is not known yet.
+    fn received(&self, name: &str) -> Result<Arc<Segment>> {
+        let known = || lock(&self.received).get(name).cloned();
+        if let Some(segment) = known() {
+            return Ok(segment);
+        }
+        let _draining = lock(&self.draining);
+        if let Some(segment) = known() {
+            return Ok(segment);
+        }
+        self.drain()?;
+        lock(&self.received)
+            .get(name)
+            .cloned()
+            .ok_or_else(|| ShmError::NoDescriptor {
+                name: name.to_owned(),
+            })
+    }
+
+    /// Reads every message waiting in the socket, without blocking.
+    fn drain(&self) -> Result<()> {
+        loop {
+            let mut data = [0u8; MESSAGE_LEN];
+            let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+            let mut control = RecvAncillaryBuffer::new(&mut space);
+            let received = rustix::net::recvmsg(
+                &self.socket,
+                &mut [IoSliceMut::new(&mut data)],
+                &mut control,
+                RecvFlags::DONTWAIT | RecvFlags::CMSG_CLOEXEC,
+            );
+            let message = match received {
+                Ok(message) => message,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(rustix::io::Errno::AGAIN) => return Ok(()),
+                Err(errno) => return Err(link_error("receive a descriptor on")(errno)),
+            };
+            // Taken at once, so that every descriptor that came is closed if refused.
+            let mut fds: Vec<OwnedFd> = control
+                .drain()
+                .filter_map(|message| match message {
+                    RecvAncillaryMessage::ScmRights(fds) => Some(fds),
+                    _ => None,
+                })
+                .flatten()
+                .collect();
+            if message.bytes == 0 && fds.is_empty() {
+                // The peer closed its end; what it sent before is all there is.
+                return Ok(());
+            }
+            let malformed = |reason| {
+                Err(ShmError::NotASegment {
+                    name: String::from_utf8_lossy(&data[..message.bytes.min(MESSAGE_LEN)])
+                        .into_owned(),
+                    reason,
+                })
+            };
+            if message
+                .flags
+                .intersects(ReturnFlags::TRUNC | ReturnFlags::CTRUNC)
+            {
+                return malformed("the link message is longer than a tag, a name and a descriptor");
+            }
+            let Some((&tag, name)) = data[..message.bytes].split_first() else {
+                return malformed("the link message is empty");
+            };
+            let Ok(name) = std::str::from_utf8(name) else {
+                return malformed("the link message's name is not UTF-8");
+            };
+            validate_name(name)?;
+            if SessionId::of_segment(name).is_none() {
+                return malformed("the link message names no segment of this project");
+            }
+            match (tag, fds.pop(), fds.is_empty()) {
+                (b'+', Some(fd), true) => self.adopt(name, fd)?,
+                (b'-', None, true) => {
+                    let forgotten = lock(&self.received).remove(name);
+                    drop(forgotten);
+                }
+                _ => {
+                    return malformed(
+                        "the link message is neither +NAME with one descriptor nor -NAME",
+                    );
+                }
+            }
+        }
+    }
+
+    fn adopt(&self, name: &str, fd: OwnedFd) -> Result<()> {
+        {
+            let received = lock(&self.received);
+            if received.contains_key(name) {
+                return Err(ShmError::NotASegment {
+                    name: name.to_owned(),
+                    reason: "the peer sent a second descriptor under a name it already used",
+                });
+            }
+            if received.len() >= MAX_RECEIVED_SEGMENTS {
+                return Err(ShmError::TooManySegments {
+                    held: received.len(),
+                    limit: MAX_RECEIVED_SEGMENTS,
+                });
+            }
+        }
+        // Mapped outside the lock: it is the slow part.
+        let segment = Arc::new(Segment::adopt(fd, name)?);
+        lock(&self.received).insert(name.to_owned(), segment);
+        Ok(())
+    }
+
+    /// Lets go of every segment the peer sent (it died): their memory is freed once no block
+    /// built on them is left here.
+    pub fn forget_received(&self) {
+        let forgotten = std::mem::take(&mut *lock(&self.received));
+        drop(forgotten);
+    }
+
+    /// Segments of the peer this end holds.
+    pub fn received_count(&self) -> usize {
+        lock(&self.received).len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+
+    use super::*;
+    use crate::test_support::mapping_of;
+    use crate::{PoolConfig, ShmPool};
+
+    fn pool() -> ShmPool {
+        ShmPool::with_config(PoolConfig::default()).unwrap()
+    }
+
+    /// Both ends of a link in this process: `a` sends, `b` receives.
+    fn pair() -> (SegmentLink, SegmentLink) {
+        let (a, b) = SegmentLink::pair().unwrap();
+        (a, SegmentLink::from_fd(b).unwrap())
+    }
+
+    #[test]
+    fn a_block_offered_once_is_attached_read_only_by_the_peer() {
+        let pool = pool();
+        let (a, b) = pair();
+        let mut block = pool.alloc(3 << 20).unwrap();
+        block.as_mut_slice().unwrap().fill(0x5a);
+        let r = block.to_ref();
+        assert!(matches!(b.attach(&r), Err(ShmError::NoDescriptor { .. })));
+        a.offer(&block, None).unwrap();
+        a.offer(&block, None).unwrap();
+        let view = b.attach(&r).unwrap();
+        let again = b.attach(&r).unwrap();
+        assert_eq!(view.as_ptr(), again.as_ptr(), "one mapping per segment");
+        assert_ne!(view.as_ptr(), block.as_ptr(), "the peer's own mapping");
+        assert!(view.as_slice().iter().all(|&x| x == 0x5a));
+        assert_eq!(b.received_count(), 1, "sent once");
+        assert!(mapping_of(view.as_ptr() as usize).contains(" r--s "));
+        assert!(!view.is_writable());
+        assert!(matches!(
+            b.attach_shared(&r),
+            Err(ShmError::NotASegment { .. })
+        ));
+        // The owner writes, the peer sees it: one memory.
+        block.as_mut_slice().unwrap()[7] = 1;
+        assert_eq!(view.as_slice()[7], 1);
+    }
+
+    #[test]
+    fn a_shared_block_is_writable_on_both_sides() {
+        let pool = pool();
+        let (a, b) = pair();
+        let block = pool.alloc_shared(4096).unwrap();
+        a.offer(&block, None).unwrap();
+        let peer = b.attach_shared(&block.to_ref()).unwrap();
+        assert!(mapping_of(peer.as_ptr() as usize).contains(" rw-s "));
+        // SAFETY: both pointers are valid for 4096 bytes; nothing else uses the block.
+        unsafe {
+            peer.as_shared_ptr().write(9);
+            assert_eq!(block.as_ptr().read(), 9);
+        }
+    }
+
+    #[test]
+    fn descriptors_that_are_not_sealed_memfds_are_refused() {
+        let (a, b) = pair();
+        let name = "/shm-00000001-0000000000000001";
+        let file = std::fs::File::open("/etc/passwd").unwrap();
+        a.send(b'+', name, Some(file.as_fd()), None).unwrap();
+        let r = ShmRef {
+            name: name.to_owned(),
+            size: 64,
+            offset: 0,
+            content_size: 64,
+        };
+        assert!(matches!(
+            b.attach(&r),
+            Err(ShmError::NotASegment { reason, .. }) if reason.contains("sealed")
+        ));
+        let memfd = sys::create_memfd("unsealed").unwrap();
+        sys::reserve(&memfd, 4096).unwrap();
+        a.send(b'+', name, Some(memfd.as_fd()), None).unwrap();
+        assert!(matches!(b.attach(&r), Err(ShmError::NotASegment { .. })));
+        let (fifo_read, _fifo_write) = std::io::pipe().unwrap();
+        a.send(b'+', name, Some(fifo_read.as_fd()), None).unwrap();
+        assert!(matches!(b.attach(&r), Err(ShmError::NotASegment { .. })));
+        assert_eq!(b.received_count(), 0);
+        // Garbage names and a withdrawal without a name are refused too.
+        a.send(b'+', "/etc/passwd", Some(memfd.as_fd()), None)
+            .unwrap();
+        assert!(matches!(b.attach(&r), Err(ShmError::InvalidName { .. })));
+        a.send(b'*', name, None, None).unwrap();
+        assert!(matches!(b.attach(&r), Err(ShmError::NotASegment { .. })));
+    }
+
+    #[test]
+    fn a_name_cannot_be_given_a_second_descriptor() {
+        let pool = pool();
+        let (a, b) = pair();
+        let first = pool.alloc(1 << 20).unwrap();
+        let second = pool.alloc(1 << 20).unwrap();
+        a.offer(&first, None).unwrap();
+        let view = b.attach(&first.to_ref()).unwrap();
+        let fd = second.segment().descriptor().unwrap();
+        a.send(b'+', first.name(), Some(fd), None).unwrap();
+        assert!(matches!(
+            b.attach(&second.to_ref()),
+            Err(ShmError::NotASegment { reason, .. }) if reason.contains("second descriptor")
+        ));
+        assert_eq!(b.attach(&first.to_ref()).unwrap().as_ptr(), view.as_ptr());
+    }
+
+    #[test]
+    fn a_segment_gone_at_its_owner_is_withdrawn_from_the_peer() {
+        let pool = pool();
+        let (a, b) = pair();
+        let first = pool.alloc(2 << 20).unwrap();
+        a.offer(&first, None).unwrap();
+        drop(b.attach(&first.to_ref()).unwrap());
+        assert_eq!(b.received_count(), 1);
+        let name = first.name().to_owned();
+        drop(first);
+        pool.trim();
+        let second = pool.alloc(2 << 20).unwrap();
+        assert_ne!(second.name(), name);
+        a.offer(&second, None).unwrap();
+        b.attach(&second.to_ref()).unwrap();
+        assert_eq!(b.received_count(), 1, "the first segment was withdrawn");
+    }
+
+    #[test]
+    fn a_peer_that_never_reads_stalls_only_until_the_deadline() {
+        let pool = pool();
+        let (a, _b) = pair();
+        let deadline = Instant::now() + std::time::Duration::from_millis(50);
+        let mut blocks = Vec::new();
+        let outcome = loop {
+            let block = pool.alloc(100_000).unwrap();
+            match a.offer(&block, Some(deadline)) {
+                Ok(()) => blocks.push(block),
+                Err(err) => break err,
+            }
+            assert!(blocks.len() < 100_000, "the socket never filled");
+        };
+        assert!(matches!(outcome, ShmError::LinkStalled), "{outcome:?}");
+        assert!(Instant::now() >= deadline);
+    }
+
+    #[test]
+    fn threads_resolving_at_once_never_miss_a_descriptor_another_one_is_taking() {
+        let pool = pool();
+        for _ in 0..20 {
+            let (a, b) = pair();
+            let blocks: Vec<ShmBlock> = (0..64).map(|_| pool.alloc(100_000).unwrap()).collect();
+            for block in &blocks {
+                a.offer(block, None).unwrap();
+            }
+            let barrier = std::sync::Barrier::new(8);
+            std::thread::scope(|scope| {
+                for chunk in blocks.chunks(8) {
+                    let (b, barrier) = (&b, &barrier);
+                    scope.spawn(move || {
+                        barrier.wait();
+                        for block in chunk {
+                            b.attach(&block.to_ref()).unwrap();
+                        }
+                    });
+                }
+            });
+            assert_eq!(b.received_count(), 64);
+        }
+    }
+
+    #[test]
+    fn a_peer_that_closed_its_end_is_link_closed() {
+        let pool = pool();
+        let (a, b) = pair();
+        drop(b);
+        let block = pool.alloc(4096).unwrap();
+        assert!(matches!(a.offer(&block, None), Err(ShmError::LinkClosed)));
+    }
+
+    #[test]
+    fn a_link_end_must_be_a_socket() {
+        let file = std::fs::File::open("/etc/passwd").unwrap();
+        assert!(matches!(
+            SegmentLink::from_fd(file.into()),
+            Err(ShmError::NotASegment { .. })
+        ));
+    }
+}
