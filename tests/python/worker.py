@@ -6,8 +6,13 @@ id, says hello, and serves these methods on serde arguments until told to shut d
   echo     u64 -> u64
   add      (u64, u64) -> u64
   shout    String -> String (upper case)
+  spill    u64 n -> String of n "z"s: a reply too large for a ring slot, sent as a Spilled frame
+           in a lent block
 
-Anything else gets an UnknownMethod error reply. The parent's tests start it with
+Anything else gets an UnknownMethod error reply. This worker never reads the release ring
+towards itself: the blocks of its spilled replies never come back to it, and it reuses them in
+turn (a parent that has read a spilled frame is done with its block). That makes it the peer the
+parent must bound: one that never drains what is returned to it. The parent's tests start it with
 `Worker::spawn(WorkerConfig::new(python).args([this file]))`.
 """
 
@@ -185,7 +190,33 @@ def handle(method, payload):
         return varint(r.varint() + r.varint())
     if method == "shout":
         return string(r.string().upper())
+    if method == "spill":
+        return string("z" * r.varint())
     raise LookupError(method)
+
+
+class Spills:
+    """Blocks for replies too large for a ring slot: slots of one sealed segment, sent once on
+    the link, used in turn. A block is reused 128 frames later, when the parent has long read
+    it: it reads frames in order, and at most 64 wait in the ring."""
+
+    SLOT, COUNT = 64 << 10, 128
+
+    def __init__(self, link, session):
+        self.name = f"/shm-{session}-{secrets.token_hex(8)}"
+        self.fd, self.map = link.create(self.name, self.SLOT * self.COUNT)
+        link.offer(self.name, self.fd)
+        self.next = 0
+
+    def spill(self, frame, loan):
+        """The Spilled frame (variant 4) that points to `frame`, written into the next block."""
+        if len(frame) > self.SLOT:
+            raise ValueError(f"a frame of {len(frame)} bytes is too large to spill here")
+        offset = (self.next % self.COUNT) * self.SLOT
+        self.next += 1
+        self.map[offset:offset + len(frame)] = frame
+        ref = string(self.name) + varint(self.SLOT) + varint(offset) + varint(len(frame))
+        return varint(4) + ref + varint(loan)
 
 
 def reply(call_id, value=None, error=None):
@@ -200,8 +231,11 @@ def reply(call_id, value=None, error=None):
 
 def main():
     r = Reader(bytes.fromhex(os.environ["SHM_TRANSPORT_CHANNEL"]))
-    channel = Channel(read_ref(r), Link.from_env("SHM_TRANSPORT_LINK"))
+    link = Link.from_env("SHM_TRANSPORT_LINK")
+    channel = Channel(read_ref(r), link)
     session = take_session()
+    spills = Spills(link, session)
+    lent = 0
     channel.push(varint(0) + varint(4) + varint(os.getpid()) + string(session))
     idle_since = time.monotonic()
     while True:
@@ -223,9 +257,13 @@ def main():
         if loans:
             raise SystemExit("this worker was lent blocks it does not read")
         try:
-            channel.push(reply(call_id, value=handle(method, args)))
+            frame = reply(call_id, value=handle(method, args))
         except LookupError:
-            channel.push(reply(call_id, error=(method, 2, f"no handler named {method!r}")))
+            frame = reply(call_id, error=(method, 2, f"no handler named {method!r}"))
+        if len(frame) > SLOT_LEN - 4:
+            lent += 1
+            frame = spills.spill(frame, lent)
+        channel.push(frame)
 
 
 if __name__ == "__main__":

@@ -204,6 +204,50 @@ pub fn process_runs(pid: u32) -> bool {
     !matches!(state, Some("Z") | Some("X") | None)
 }
 
+/// This process's resident memory, in bytes.
+pub fn rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|l| l.trim().trim_end_matches(" kB").parse().ok())
+        .expect("VmRSS");
+    kib * 1024
+}
+
+/// Runs 10,000 calls through an honest worker (`binary`, the test worker) of `pool`, each
+/// with a fresh argument block of the pool, and checks that the pool keeps recycling — a
+/// hostile neighbour of the same pool fills nothing — and that this process's memory stays
+/// flat.
+pub fn an_honest_neighbour_runs_on(binary: &str, pool: &shm_core::ShmPool) {
+    use shm_codec::Serde;
+    let honest = shm_transport::Worker::spawn(shm_transport::WorkerConfig {
+        pool: Some(pool.clone()),
+        ..shm_transport::WorkerConfig::new(binary)
+    })
+    .expect("the honest worker starts");
+    let a = ndarray::Array1::from_elem(8_200, 1.0f64);
+    for _ in 0..100 {
+        let Serde(_): Serde<f64> = honest.call("sum", &a).expect("sum");
+    }
+    let (created, resident) = (pool.stats().segments_created, rss());
+    for _ in 0..10_000 {
+        let Serde(sum): Serde<f64> = honest.call("sum", &a).expect("sum");
+        assert_eq!(sum, 8_200.0);
+    }
+    let created = pool.stats().segments_created - created;
+    assert!(
+        created <= 2,
+        "the honest worker's arguments stopped being recycled: {created} new segments"
+    );
+    let grown = rss().saturating_sub(resident);
+    assert!(
+        grown < 32 << 20,
+        "the parent grew by {grown} bytes over 10,000 calls"
+    );
+    honest.shutdown();
+}
+
 /// The Python interpreter of the test environment (`SHM_PYTHON`, which `cargo xtask test`
 /// always sets). `None` — the caller skips, and this says so — only outside `cargo xtask test`;
 /// with `SHM_REQUIRE_PYTHON` set, a missing interpreter fails the test instead.

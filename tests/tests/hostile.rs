@@ -297,6 +297,75 @@ enum Jam {
 }
 
 #[test]
+fn a_worker_that_jams_its_returns_fails_only_its_own_calls() {
+    let clean = CleanShm::begin();
+    let pool = shm_core::ShmPool::new().unwrap();
+    let hostile = Worker::spawn(WorkerConfig {
+        pool: Some(pool.clone()),
+        ..WorkerConfig::new(WORKER)
+    })
+    .unwrap();
+    hostile.call::<_, ()>("jam_returns", &()).unwrap();
+    let a = Array1::from_elem(100_000, 1.0f64);
+    for _ in 0..3 {
+        match hostile.call::<_, Serde<f64>>("sum", &a) {
+            Err(TransportError::Malformed { what }) => {
+                assert!(what.contains("returned blocks"), "{what}")
+            }
+            other => panic!("expected the jammed returns to be malformed, got {other:?}"),
+        }
+    }
+    shm_tests::an_honest_neighbour_runs_on(WORKER, &pool);
+    hostile.shutdown();
+    drop(pool);
+    clean.end();
+}
+
+#[test]
+fn a_worker_that_never_gives_blocks_back_meets_its_loan_limit() {
+    let clean = CleanShm::begin();
+    let pool = shm_core::ShmPool::new().unwrap();
+    let limit = 16u64 << 20;
+    let hoarder = Worker::spawn(WorkerConfig {
+        pool: Some(pool.clone()),
+        ..WorkerConfig::new(WORKER).loan_limit(limit)
+    })
+    .unwrap();
+    let a = Array1::from_elem(1 << 17, 1.0f64); // 1 MiB
+    let mut kept = 0;
+    let refused = loop {
+        match hoarder.call::<_, ()>("keep", &a) {
+            Ok(()) => kept += 1,
+            Err(err) => break err,
+        }
+        assert!(kept <= 16, "kept {kept} MiB past a limit of 16 MiB");
+    };
+    match refused {
+        TransportError::LoanLimit {
+            on_loan,
+            requested,
+            limit: l,
+        } => {
+            assert_eq!(l, limit);
+            assert!(
+                on_loan + requested > limit && on_loan <= limit,
+                "{refused:?}"
+            );
+        }
+        other => panic!("expected LoanLimit, got {other:?}"),
+    }
+    assert!(kept >= 14, "only {kept} arrays kept before the limit");
+    shm_tests::an_honest_neighbour_runs_on(WORKER, &pool);
+    // Once it lets go, it is served again.
+    hoarder.call::<_, ()>("forget", &()).unwrap();
+    let Serde(sum): Serde<f64> = hoarder.call("sum", &a).unwrap();
+    assert_eq!(sum, (1 << 17) as f64);
+    hoarder.shutdown();
+    drop(pool);
+    clean.end();
+}
+
+#[test]
 fn untrusted_workers_round_trip_every_value() {
     let clean = CleanShm::begin();
     let worker = spawn(true);

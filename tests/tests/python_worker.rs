@@ -1,12 +1,15 @@
 //! The channel's half of docs/format.md, proven: `tests/python/worker.py`, a worker written from
 //! that page alone in Python's standard library, is spawned, called from several threads,
-//! answers an unknown method with the right error, and shuts down, leaving `/dev/shm` clean.
+//! answers an unknown method with the right error, sends replies in lent blocks of its own
+//! sealed segment, and shuts down, leaving `/dev/shm` untouched. It never takes back what is
+//! returned to it, which the parent bounds: its calls fail, its neighbours' do not.
 
 use shm_codec::Serde;
-use shm_tests::{CleanShm, python};
+use shm_tests::{CleanShm, an_honest_neighbour_runs_on, python, rss};
 use shm_transport::{RemoteErrorKind, TransportError, Worker, WorkerConfig};
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/python/worker.py");
+const WORKER: &str = env!("CARGO_BIN_EXE_shm-test-worker");
 
 #[test]
 fn a_worker_written_in_python_from_the_format_page_serves_calls() {
@@ -40,5 +43,42 @@ fn a_worker_written_in_python_from_the_format_page_serves_calls() {
         }
     });
     worker.shutdown();
+    clean.end();
+}
+
+#[test]
+fn a_worker_that_never_drains_what_is_returned_to_it_fails_only_its_own_calls() {
+    let Some(python) = python() else { return };
+    let clean = CleanShm::begin();
+    let pool = shm_core::ShmPool::new().unwrap();
+    let worker = Worker::spawn(WorkerConfig {
+        pool: Some(pool.clone()),
+        ..WorkerConfig::new(python).args([SCRIPT])
+    })
+    .unwrap();
+    // Each reply comes in a lent block, which the parent returns once it has read it; the
+    // worker never takes the returns, so they wait in the parent, up to a bound.
+    let resident = rss();
+    let mut calls = 0u64;
+    let refused = loop {
+        match worker.call::<_, Serde<String>>("spill", &Serde(5_000u64)) {
+            Ok(Serde(text)) => assert!(text.len() == 5_000 && text.bytes().all(|b| b == b'z')),
+            Err(err) => break err,
+        }
+        calls += 1;
+        assert!(calls < 100_000, "the parent queued returns without end");
+    };
+    match refused {
+        TransportError::Malformed { what } => {
+            assert!(what.contains("takes no blocks back"), "{what}")
+        }
+        other => panic!("expected the worker's calls to fail, got {other:?}"),
+    }
+    assert!(calls > 16_384, "refused after {calls} calls");
+    let grown = rss().saturating_sub(resident);
+    assert!(grown < 32 << 20, "the parent grew by {grown} bytes");
+    an_honest_neighbour_runs_on(WORKER, &pool);
+    worker.shutdown();
+    drop(pool);
     clean.end();
 }

@@ -643,8 +643,16 @@ impl ReleaseRing<'_> {
         head == tail || tail.wrapping_sub(head) > RELEASE_COUNT as u64
     }
 
+    /// Whether the positions are impossible (more ids than the ring holds): the peer that
+    /// produces into it broke it, and nothing more can come through.
+    pub(crate) fn is_corrupt(&self) -> bool {
+        let head = self.head().load(Ordering::Relaxed);
+        let tail = self.tail().load(Ordering::Acquire);
+        tail.wrapping_sub(head) > RELEASE_COUNT as u64
+    }
+
     /// Takes the next loan id, if any. One consumer at a time. A corrupt pair of positions
-    /// reads as empty: the worst a peer can do is keep its own blocks from being returned.
+    /// reads as empty (and [`is_corrupt`](Self::is_corrupt) says so).
     pub(crate) fn pop(&self) -> Option<u64> {
         let head = self.head().load(Ordering::Relaxed);
         let tail = self.tail().load(Ordering::Acquire);

@@ -108,6 +108,22 @@ pub enum TransportError {
         theirs: u32,
     },
 
+    /// The peer holds more of our blocks on loan than it may (`WorkerConfig::loan_limit`): it
+    /// does not give them back. The call's arguments are not sent; the peer's other calls fail
+    /// the same way until it returns some, and other workers are untouched.
+    #[error(
+        "the peer holds {on_loan} bytes of our blocks on loan; {requested} more would pass its \
+         limit of {limit} bytes"
+    )]
+    LoanLimit {
+        /// Bytes the peer holds on loan now.
+        on_loan: u64,
+        /// Bytes the call would have lent it.
+        requested: u64,
+        /// The limit.
+        limit: u64,
+    },
+
     /// The peer sent something that breaks the protocol (a corrupt frame or channel).
     #[error("malformed message from the peer: {what}")]
     Malformed {

@@ -10,8 +10,8 @@ use shm_codec::{Decoder, Payload};
 use shm_core::{Reclaim, SegmentLink, ShmBlock, ShmError, ShmPool, ShmRef};
 
 use crate::channel::{Channel, SLOT_LEN, Side, Wake};
-use crate::error::{RemoteError, Result, malformed};
-use crate::loans::{Lender, LoanAttacher, Returner};
+use crate::error::{RemoteError, Result, TransportError, malformed};
+use crate::loans::{Lender, LoanAttacher, MAX_WAITING_RETURNS, Refusal, Returner};
 use crate::trust::Admission;
 
 /// A control message. Payloads inside travel as references; the frames themselves are small.
@@ -70,6 +70,25 @@ impl Decoding {
     }
 }
 
+/// The error for a send the lender refused.
+fn refused(refusal: Refusal) -> TransportError {
+    match refusal {
+        Refusal::OverLimit {
+            on_loan,
+            requested,
+            limit,
+        } => TransportError::LoanLimit {
+            on_loan,
+            requested,
+            limit,
+        },
+        Refusal::CorruptReturns => malformed(
+            "the peer's ring of returned blocks has impossible positions: nothing it holds can \
+             come back",
+        ),
+    }
+}
+
 /// A frame's bytes for the ring, and the loan id of the block it was spilled into, if any.
 type WireForm = (Vec<u8>, Option<u64>);
 
@@ -100,15 +119,21 @@ pub(crate) struct Endpoint {
 
 impl Endpoint {
     /// `side`'s end of `channel`; blocks are allocated from `pool`, references are accepted as
-    /// `admission` says, and segments travel on `link`.
+    /// `admission` says, segments travel on `link`, and the peer may hold at most
+    /// `loan_limit` bytes of our blocks at once.
     pub(crate) fn new(
         channel: Arc<Channel>,
         side: Side,
         pool: ShmPool,
         admission: Arc<Admission>,
         link: Arc<SegmentLink>,
+        loan_limit: u64,
     ) -> Self {
-        let lender = Arc::new(Lender::new(Arc::clone(&channel), side.inbound()));
+        let lender = Arc::new(Lender::new(
+            Arc::clone(&channel),
+            side.inbound(),
+            loan_limit,
+        ));
         let reclaimer: Weak<dyn Reclaim> = Arc::downgrade(&lender) as Weak<dyn Reclaim>;
         pool.add_reclaimer(reclaimer);
         let returner = Returner::new(Arc::clone(&channel), side.outbound());
@@ -151,13 +176,20 @@ impl Endpoint {
         help: &dyn Fn(),
     ) -> Result<std::result::Result<(), Stall>> {
         self.returner.flush();
+        self.lender.reclaim();
+        if self.returner.overflowed() {
+            return Err(malformed(format!(
+                "the peer takes no blocks back: more than {MAX_WAITING_RETURNS} returns waited \
+                 for room in its release ring"
+            )));
+        }
         // The peer gets each segment's descriptor before the frame that names it.
         for block in &blocks {
             if let Err(stall) = self.offer(block, deadline)? {
                 return Ok(Err(stall));
             }
         }
-        let mut ids = self.lender.lend(blocks);
+        let mut ids = self.lender.lend(blocks).map_err(refused)?;
         if let Some(loans) = frame.loans_mut() {
             loans.clone_from(&ids);
         }
@@ -229,7 +261,7 @@ impl Endpoint {
             return Ok(Err(stall));
         }
         let frame_ref = block.to_ref();
-        let loan = self.lender.lend(vec![Arc::new(block)]);
+        let loan = self.lender.lend(vec![Arc::new(block)]).map_err(refused)?;
         let pointer = Frame::Spilled {
             frame: frame_ref,
             loan: loan[0],
@@ -349,6 +381,7 @@ mod tests {
                 pool.clone(),
                 admission(),
                 Arc::new(link),
+                u64::MAX,
             ),
             Endpoint::new(
                 worker_channel,
@@ -356,6 +389,7 @@ mod tests {
                 pool.clone(),
                 admission(),
                 Arc::new(other),
+                u64::MAX,
             ),
         )
     }

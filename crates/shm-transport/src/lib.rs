@@ -94,6 +94,7 @@ pub mod fuzzing {
             pool.clone(),
             admission,
             std::sync::Arc::new(link),
+            u64::MAX,
         );
         if let Some(Frame::Call { args, loans, .. }) = worker.receive()? {
             let decoding = worker.decoder(&args, &loans)?;

@@ -24,11 +24,29 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use shm_codec::Attacher;
 use shm_core::{Reclaim, SegmentLink, ShmBlock, ShmPool, ShmRef};
 
-use crate::channel::{Channel, Direction};
+use crate::channel::{Channel, Direction, RELEASE_COUNT};
 use crate::trust::Admission;
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Ids waiting for room in the release ring towards the peer past which the peer counts as one
+/// that takes nothing back. A peer that serves drains the ring whenever it receives a frame, so
+/// an honest one never lets more than the ring's length wait.
+pub(crate) const MAX_WAITING_RETURNS: usize = 4 * RELEASE_COUNT;
+
+/// Why the peer may not be lent anything more.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// It holds this many bytes on loan; `requested` more would pass `limit`.
+    OverLimit {
+        on_loan: u64,
+        requested: u64,
+        limit: u64,
+    },
+    /// It wrote impossible positions into the ring it returns loans through.
+    CorruptReturns,
 }
 
 /// The blocks one side has lent to its peer, by loan id, and the ring through which the peer
@@ -39,44 +57,81 @@ pub(crate) struct Lender {
     /// The ring the peer returns our loans through (this side is its consumer).
     returns: Direction,
     next: AtomicU64,
+    /// Bytes the peer may hold on loan at once.
+    limit: u64,
     /// Held while draining `returns`, which has a single consumer.
-    lent: Mutex<HashMap<u64, Arc<ShmBlock>>>,
+    lent: Mutex<Lent>,
+    /// Whether the peer broke the ring it returns loans through: nothing it holds can come
+    /// back, so it is lent nothing more.
+    corrupt: AtomicBool,
+}
+
+#[derive(Debug, Default)]
+struct Lent {
+    blocks: HashMap<u64, Arc<ShmBlock>>,
+    /// Capacity of `blocks`, in bytes.
+    bytes: u64,
+}
+
+impl Lent {
+    fn remove(&mut self, id: u64) -> Option<Arc<ShmBlock>> {
+        let block = self.blocks.remove(&id)?;
+        self.bytes -= block.capacity() as u64;
+        Some(block)
+    }
 }
 
 impl Lender {
-    /// A lender whose loans come back through the release ring in direction `returns`.
-    pub(crate) fn new(channel: Arc<Channel>, returns: Direction) -> Self {
+    /// A lender whose loans come back through the release ring in direction `returns`, and
+    /// whose peer may hold at most `limit` bytes of them at once.
+    pub(crate) fn new(channel: Arc<Channel>, returns: Direction, limit: u64) -> Self {
         Lender {
             channel,
             returns,
             next: AtomicU64::new(1),
-            lent: Mutex::new(HashMap::new()),
+            limit,
+            lent: Mutex::new(Lent::default()),
+            corrupt: AtomicBool::new(false),
         }
     }
 
-    /// Lends `blocks` to the peer; the ids go into the frame, one per block, in order.
-    pub(crate) fn lend(&self, blocks: Vec<Arc<ShmBlock>>) -> Vec<u64> {
+    /// Lends `blocks` to the peer; the ids go into the frame, one per block, in order. Lends
+    /// nothing when the peer would hold more than its limit, or broke its ring of returns.
+    pub(crate) fn lend(&self, blocks: Vec<Arc<ShmBlock>>) -> Result<Vec<u64>, Refusal> {
         if blocks.is_empty() {
-            return Vec::new();
+            return Ok(Vec::new());
+        }
+        if self.corrupt.load(Ordering::Acquire) {
+            return Err(Refusal::CorruptReturns);
+        }
+        let requested: u64 = blocks.iter().map(|b| b.capacity() as u64).sum();
+        let mut lent = lock(&self.lent);
+        if lent.bytes.saturating_add(requested) > self.limit {
+            return Err(Refusal::OverLimit {
+                on_loan: lent.bytes,
+                requested,
+                limit: self.limit,
+            });
         }
         let first = self.next.fetch_add(blocks.len() as u64, Ordering::Relaxed);
         let ids: Vec<u64> = (first..first + blocks.len() as u64).collect();
-        lock(&self.lent).extend(ids.iter().copied().zip(blocks));
-        ids
+        lent.bytes += requested;
+        lent.blocks.extend(ids.iter().copied().zip(blocks));
+        Ok(ids)
     }
 
     /// Takes back loans the peer never saw (the frame that carried them was not sent).
     pub(crate) fn cancel(&self, ids: &[u64]) {
         let dropped: Vec<Arc<ShmBlock>> = {
             let mut lent = lock(&self.lent);
-            ids.iter().filter_map(|id| lent.remove(id)).collect()
+            ids.iter().filter_map(|&id| lent.remove(id)).collect()
         };
         drop(dropped);
     }
 
     /// Forgets every loan: the peer is dead, and nothing of ours is in use there any more.
     pub(crate) fn forget_all(&self) {
-        let dropped: Vec<Arc<ShmBlock>> = lock(&self.lent).drain().map(|(_, b)| b).collect();
+        let dropped = std::mem::take(&mut *lock(&self.lent));
         drop(dropped);
     }
 
@@ -85,6 +140,7 @@ impl Lender {
     fn holding(&self, r: &ShmRef) -> Option<Arc<ShmBlock>> {
         let end = r.offset.checked_add(r.size)?;
         lock(&self.lent)
+            .blocks
             .values()
             .find(|b| {
                 b.name() == r.name
@@ -97,21 +153,24 @@ impl Lender {
     /// Blocks currently lent.
     #[cfg(test)]
     pub(crate) fn outstanding(&self) -> usize {
-        lock(&self.lent).len()
+        lock(&self.lent).blocks.len()
     }
 }
 
 impl Reclaim for Lender {
     fn reclaim(&self) {
         // Most calls find nothing returned: look before taking the lock.
-        if self.channel.releases(self.returns).is_empty() {
+        let ring = self.channel.releases(self.returns);
+        if ring.is_empty() {
+            if ring.is_corrupt() {
+                self.corrupt.store(true, Ordering::Release);
+            }
             return;
         }
         let returned: Vec<Arc<ShmBlock>> = {
             let mut lent = lock(&self.lent);
-            let ring = self.channel.releases(self.returns);
             std::iter::from_fn(|| ring.pop())
-                .filter_map(|id| lent.remove(&id))
+                .filter_map(|id| lent.remove(id))
                 .collect()
         };
         // Dropped outside the lock: returning a block to the pool takes the pool's lock.
@@ -120,7 +179,8 @@ impl Reclaim for Lender {
 }
 
 /// Gives the peer's blocks back: writes loan ids into the release ring towards the peer.
-/// Never blocks; ids that find the ring full wait here and go first next time.
+/// Never blocks; ids that find the ring full wait here and go first next time — up to
+/// [`MAX_WAITING_RETURNS`], past which the peer is one that takes nothing back.
 #[derive(Debug)]
 pub(crate) struct Returner {
     channel: Arc<Channel>,
@@ -129,6 +189,9 @@ pub(crate) struct Returner {
     waiting: Mutex<Vec<u64>>,
     /// Whether `waiting` holds ids, so that a send need not take the lock to learn it does not.
     pending: AtomicBool,
+    /// Whether more than [`MAX_WAITING_RETURNS`] ids waited at once: the peer does not drain
+    /// its ring, and what it is owed is dropped rather than queued without end.
+    overflowed: AtomicBool,
 }
 
 impl Returner {
@@ -139,6 +202,7 @@ impl Returner {
             ring,
             waiting: Mutex::new(Vec::new()),
             pending: AtomicBool::new(false),
+            overflowed: AtomicBool::new(false),
         })
     }
 
@@ -149,6 +213,10 @@ impl Returner {
         let ring = self.channel.releases(self.ring);
         let written = waiting.iter().take_while(|&&id| ring.push(id)).count();
         waiting.drain(..written);
+        if waiting.len() > MAX_WAITING_RETURNS {
+            self.overflowed.store(true, Ordering::Release);
+            waiting.clear();
+        }
         self.pending.store(!waiting.is_empty(), Ordering::Release);
     }
 
@@ -157,6 +225,11 @@ impl Returner {
         if self.pending.load(Ordering::Acquire) {
             self.release(&[]);
         }
+    }
+
+    /// Whether the peer let more than [`MAX_WAITING_RETURNS`] returns wait.
+    pub(crate) fn overflowed(&self) -> bool {
+        self.overflowed.load(Ordering::Acquire)
     }
 }
 

@@ -72,6 +72,7 @@ impl Conn {
             pool.clone(),
             admission,
             Arc::new(link),
+            config.loan_limit,
         );
         let conn = Arc::new(Conn::new(worker, child.id(), pool, endpoint));
         let mut threads = Vec::new();

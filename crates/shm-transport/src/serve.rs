@@ -152,12 +152,14 @@ pub fn serve(router: Router) -> Result<()> {
     // The parent may name its own session (the channel's) and ours; it spawned us, so its
     // blocks are read in place.
     let admission = Admission::new(pool.session(), parent_session, false);
+    // The parent may keep our results for as long as it likes: it holds what it asked for.
     let endpoint = Endpoint::new(
         channel,
         Side::Worker,
         pool.clone(),
         admission,
         Arc::new(link),
+        u64::MAX,
     );
     let encoder = Encoder::new(pool.clone());
     let requests = endpoint.channel().frames(Direction::ToWorker);

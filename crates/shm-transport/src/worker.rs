@@ -55,6 +55,11 @@ pub struct WorkerConfig {
     /// parent has checked and reads (no peer can truncate a segment: they are sealed). Costs one copy of every reply byte
     /// (`cargo xtask bench` measures it). Default `false`: replies are read in place.
     pub untrusted: bool,
+    /// Bytes of the parent's blocks the worker may hold on loan at once (arguments it has not
+    /// finished with). A worker that keeps more — one that never gives blocks back — gets
+    /// [`TransportError::LoanLimit`](crate::TransportError::LoanLimit) for its calls instead of
+    /// filling the pool its neighbours share. Default 4 GiB.
+    pub loan_limit: u64,
 }
 
 impl WorkerConfig {
@@ -68,6 +73,7 @@ impl WorkerConfig {
             startup_timeout: Duration::from_secs(10),
             grace: Duration::from_secs(2),
             pool: None,
+            loan_limit: 4 << 30,
             untrusted: false,
         }
     }
@@ -92,6 +98,12 @@ impl WorkerConfig {
     /// Reads the worker's replies from private copies (see [`untrusted`](Self::untrusted)).
     pub fn untrusted(mut self, untrusted: bool) -> Self {
         self.untrusted = untrusted;
+        self
+    }
+
+    /// Sets [`loan_limit`](Self::loan_limit).
+    pub fn loan_limit(mut self, bytes: u64) -> Self {
+        self.loan_limit = bytes;
         self
     }
 }

@@ -173,6 +173,10 @@ fn router() -> Router {
                 Ok::<_, String>(shm_arrow::ColumnFrame(hostile::strings(rows)))
             },
         )
+        .handle("jam_returns", |(): (), _| {
+            hostile::jam_returns_to_parent();
+            Ok::<_, String>(())
+        })
         .handle("truncate_channel", |(): (), _| {
             Ok::<_, String>(Serde(hostile::cut_channel()))
         })
@@ -449,6 +453,20 @@ mod hostile {
         let files = memfds(&parent, &format!("/memfd:{}", &r.name[1..]), 0);
         let refused = files.iter().filter(|f| f.set_len(0).is_err()).count();
         (files.len(), refused)
+    }
+
+    /// Writes an impossible tail (a million ids ahead of the head) into the release ring towards
+    /// the parent (head at 704, tail at 768): nothing this worker holds can come back.
+    pub fn jam_returns_to_parent() {
+        let base = channel();
+        // SAFETY: both words are inside the channel block and 8-byte aligned.
+        let (head, tail) = unsafe {
+            (
+                &*base.add(704).cast::<AtomicU64>(),
+                &*base.add(768).cast::<AtomicU64>(),
+            )
+        };
+        tail.store(head.load(Ordering::Acquire) + 1_000_000, Ordering::Release);
     }
 
     /// How to corrupt the head (the consumer's position) of the ring of calls.
