@@ -280,7 +280,7 @@ impl SegmentLink {
         if let Some(segment) = known() {
             return Ok(segment);
         }
-        self.drain()?;
+        self.drain(name)?;
         lock(&self.received)
             .get(name)
             .cloned()
@@ -289,8 +289,9 @@ impl SegmentLink {
             })
     }
 
-    /// Reads every message waiting in the socket, without blocking.
-    fn drain(&self) -> Result<()> {
+    /// Reads the messages waiting in the socket, without blocking, until the one that brings
+    /// `wanted`, or until none is left.
+    fn drain(&self, wanted: &str) -> Result<()> {
         loop {
             let mut data = [0u8; MESSAGE_LEN];
             let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
@@ -344,7 +345,12 @@ impl SegmentLink {
                 return malformed("the link message names no segment of this project");
             }
             match (tag, fds.pop(), fds.is_empty()) {
-                (b'+', Some(fd), true) => self.adopt(name, fd)?,
+                (b'+', Some(fd), true) => {
+                    self.adopt(name, fd)?;
+                    if name == wanted {
+                        return Ok(());
+                    }
+                }
                 (b'-', None, true) => {
                     let forgotten = lock(&self.received).remove(name);
                     drop(forgotten);

@@ -16,7 +16,7 @@ impl PoolShared {
     pub(super) fn alloc_whole(self: &Arc<Self>, size: usize, shared: bool) -> Result<ShmBlock> {
         let len = size
             .checked_next_multiple_of(PAGE)
-            .ok_or(ShmError::OutOfSharedMemory {
+            .ok_or_else(|| ShmError::OutOfSharedMemory {
                 requested: size as u64,
                 available: sys::memory_available(),
             })?;

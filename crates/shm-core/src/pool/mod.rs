@@ -37,6 +37,9 @@ use slab::SlabClass;
 const SLAB_LEN: usize = 1 << 20;
 /// The smallest slot, and the alignment of every block.
 pub const BLOCK_ALIGN: usize = 64;
+/// Segments of at least this many bytes are checked against the memory available before they
+/// are reserved.
+const CHECKED_LEN: usize = 64 << 20;
 /// New segments are sized in whole pages.
 const PAGE: usize = 4096;
 
@@ -571,14 +574,17 @@ impl PoolShared {
             source,
         })?;
         let name = self.session.id().segment_name(random, holds);
-        // Checked first: reserving more than the system has would push everything else out
-        // of memory page by page (or wake the OOM killer) before it failed.
-        let available = sys::memory_available();
-        if len as u64 > available {
-            return Err(ShmError::OutOfSharedMemory {
-                requested: len as u64,
-                available,
-            });
+        // Large requests are checked first: reserving more than the system has would push
+        // everything else out of memory page by page (or wake the OOM killer) before it
+        // failed. Small ones skip the check, which costs more than their reservation.
+        if len >= CHECKED_LEN {
+            let available = sys::memory_available();
+            if len as u64 > available {
+                return Err(ShmError::OutOfSharedMemory {
+                    requested: len as u64,
+                    available,
+                });
+            }
         }
         let segment = Arc::new(Segment::create(&name, len, shared, &self.session)?);
         self.session.register(&segment);
