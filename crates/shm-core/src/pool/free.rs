@@ -14,12 +14,12 @@ impl PoolShared {
     /// `shared`, always new, unsealed against writes for a peer to map writable, and never
     /// recycled.
     pub(super) fn alloc_whole(self: &Arc<Self>, size: usize, shared: bool) -> Result<ShmBlock> {
-        let len = size
-            .checked_next_multiple_of(PAGE)
-            .ok_or_else(|| ShmError::OutOfSharedMemory {
-                requested: size as u64,
-                available: sys::memory_available(),
-            })?;
+        let len =
+            size.checked_next_multiple_of(PAGE)
+                .ok_or_else(|| ShmError::OutOfSharedMemory {
+                    requested: size as u64,
+                    available: sys::memory_available(),
+                })?;
         let evicted;
         {
             let mut state = self.lock();
