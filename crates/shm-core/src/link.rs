@@ -399,6 +399,51 @@ impl SegmentLink {
     }
 }
 
+/// Entry points for the fuzzer (`crates/shm-fuzz`): what a link end does with a message a peer
+/// wrote. Not part of the API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::io::IoSlice;
+    use std::mem::MaybeUninit;
+    use std::os::fd::BorrowedFd;
+
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+
+    use super::SegmentLink;
+    use crate::ShmBlock;
+
+    /// The descriptor of the segment of a block this process created.
+    pub fn descriptor(block: &ShmBlock) -> Option<BorrowedFd<'_>> {
+        block.segment().descriptor()
+    }
+
+    /// Sends `message` as it is, with `fd` beside it, on a fresh link, and has the other end
+    /// read it: how many segments that end holds afterwards, or the error it gave.
+    pub fn receive(message: &[u8], fd: Option<BorrowedFd<'_>>) -> crate::Result<usize> {
+        let (ours, theirs) = SegmentLink::pair()?;
+        let theirs = SegmentLink::from_fd(theirs)?;
+        let fds: Vec<BorrowedFd<'_>> = fd.into_iter().collect();
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        if !fds.is_empty() {
+            control.push(SendAncillaryMessage::ScmRights(&fds));
+        }
+        // A message longer than the socket takes is the sender's error, not the receiver's.
+        if rustix::net::sendmsg(
+            ours.as_fd(),
+            &[IoSlice::new(message)],
+            &mut control,
+            SendFlags::DONTWAIT,
+        )
+        .is_err()
+        {
+            return Ok(0);
+        }
+        theirs.drain("")?;
+        Ok(theirs.received_count())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::fd::AsFd;

@@ -80,6 +80,11 @@ pub const TARGETS: &[Target] = &[
         run: channel_frame,
         seeds: |h| shm_transport::fuzzing::seeds(&h.pool),
     },
+    Target {
+        name: "link-message",
+        run: link_message,
+        seeds: link_message_seeds,
+    },
 ];
 
 fn batch() -> RecordBatch {
@@ -279,4 +284,34 @@ fn ipc_seeds(h: &Harness) -> Vec<Vec<u8>> {
 
 fn channel_frame(h: &Harness, data: &[u8]) -> bool {
     shm_transport::fuzzing::receive(&h.pool, data).is_ok()
+}
+
+/// A message on a segment link: the first byte picks the descriptor that travels with the rest
+/// (none, a sealed segment of the harness, a pipe, this program's own executable), the rest is
+/// the message itself.
+fn link_message(h: &Harness, data: &[u8]) -> bool {
+    use std::os::fd::AsFd;
+    let Some((&kind, message)) = data.split_first() else {
+        return false;
+    };
+    let sealed = h.array.blocks().first().cloned();
+    let pipe = std::io::pipe().ok();
+    let file = std::env::current_exe()
+        .ok()
+        .and_then(|path| std::fs::File::open(path).ok());
+    let fd = match kind % 4 {
+        0 => None,
+        1 => sealed.as_deref().and_then(shm_core::fuzzing::descriptor),
+        2 => pipe.as_ref().map(|(reader, _)| reader.as_fd()),
+        _ => file.as_ref().map(|f| f.as_fd()),
+    };
+    shm_core::fuzzing::receive(message, fd).is_ok()
+}
+
+fn link_message_seeds(h: &Harness) -> Vec<Vec<u8>> {
+    let name = h.array.buffers()[0].name.as_bytes();
+    vec![
+        [&[1u8, b'+'][..], name].concat(),
+        [&[0u8, b'-'][..], name].concat(),
+    ]
 }
