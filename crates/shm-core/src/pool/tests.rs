@@ -225,6 +225,21 @@ fn names_that_lead_elsewhere_are_refused_before_anything_is_mapped() {
         let target = Named::new(b"SECRET-of-another-program");
         let planted = |suffix: &str| format!("/psm_test_{}_{suffix}", std::process::id());
         let path = |name: &str| sys::segment_path(name);
+        // Removed when the test ends, failed or not.
+        struct Planted(Vec<std::path::PathBuf>);
+        impl Drop for Planted {
+            fn drop(&mut self) {
+                for path in &self.0 {
+                    let _ = std::fs::remove_file(path).or_else(|_| std::fs::remove_dir(path));
+                }
+            }
+        }
+        let _planted = Planted(
+            ["symlink", "hardlink", "fifo", "dir", "device"]
+                .iter()
+                .map(|suffix| path(&planted(suffix)))
+                .collect(),
+        );
         let mut cases: Vec<(String, &str)> = Vec::new();
         let symlink = planted("symlink");
         std::os::unix::fs::symlink("/etc/passwd", path(&symlink)).unwrap();
@@ -265,13 +280,6 @@ fn names_that_lead_elsewhere_are_refused_before_anything_is_mapped() {
             "a refused name left a mapping:\n{maps}"
         );
         assert_eq!(pool.stats().segments_attached, 0);
-        for (name, what) in cases {
-            if what == "directory" {
-                std::fs::remove_dir(path(&name)).unwrap();
-            } else {
-                std::fs::remove_file(path(&name)).unwrap();
-            }
-        }
     });
 }
 
