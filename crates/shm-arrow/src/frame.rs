@@ -307,7 +307,7 @@ fn decode_unguarded(
             blocks: &mut blocks,
             validate,
         };
-        let data = context.build(node, field.data_type())?;
+        let data = context.build(node, field.data_type(), false)?;
         fields.push(Arc::clone(field));
         columns.push(make_array(data));
     }
@@ -329,7 +329,10 @@ struct BuildContext<'a> {
 }
 
 impl BuildContext<'_> {
-    fn buffer(&mut self, r: BufRef) -> shm_codec::Result<Buffer> {
+    /// The buffer `r` names, in place — or, if `checked` (its bytes carry an invariant that
+    /// validation checks) and the block is a peer's that the decoder copies, as a copy in this
+    /// process, so that a peer rewriting its block cannot make a checked buffer invalid.
+    fn buffer(&mut self, r: BufRef, checked: bool) -> shm_codec::Result<Buffer> {
         let index = r.block as usize;
         let Some(slot) = self.blocks.get_mut(index) else {
             return Err(invalid(format!(
@@ -345,10 +348,21 @@ impl BuildContext<'_> {
                 block
             }
         };
-        block_buffer(&block, r.offset, r.len)
+        let buffer = block_buffer(&block, r.offset, r.len)?;
+        if checked && self.decoder.must_copy(&block) {
+            return Ok(Buffer::from_slice_ref(buffer.as_slice()));
+        }
+        Ok(buffer)
     }
 
-    fn build(&mut self, node: &Node, data_type: &DataType) -> shm_codec::Result<ArrayData> {
+    /// The array `node` describes. `within_checked` when a parent's validity depends on this
+    /// node's values (run ends), so its buffers are copied like offsets are.
+    fn build(
+        &mut self,
+        node: &Node,
+        data_type: &DataType,
+        within_checked: bool,
+    ) -> shm_codec::Result<ArrayData> {
         // Arrow's layout tables assume sizes that a schema from outside may not have.
         if let DataType::FixedSizeBinary(size) | DataType::FixedSizeList(_, size) = data_type
             && *size < 0
@@ -380,7 +394,8 @@ impl BuildContext<'_> {
         let nulls = match &node.nulls {
             None => None,
             Some(nulls) => {
-                let bits = self.buffer(nulls.bits)?;
+                // Any bits are a valid bitmap: read in place.
+                let bits = self.buffer(nulls.bits, false)?;
                 let bit_offset =
                     usize::try_from(nulls.bit_offset).map_err(|_| invalid("bit offset"))?;
                 let fits = bit_offset
@@ -407,10 +422,11 @@ impl BuildContext<'_> {
                 })
             }
         };
+        let checked = within_checked || carries_invariants(data_type);
         let buffers = node
             .buffers
             .iter()
-            .map(|r| self.buffer(*r))
+            .map(|r| self.buffer(*r, checked))
             .collect::<shm_codec::Result<Vec<_>>>()?;
         // Arrow's validation views fixed-width buffers as typed slices, and panics on one that
         // is misaligned or not a whole number of elements: check both first.
@@ -429,11 +445,12 @@ impl BuildContext<'_> {
                 )));
             }
         }
+        let run_ends = matches!(data_type, DataType::RunEndEncoded(..));
         let children = node
             .children
             .iter()
             .zip(child_types)
-            .map(|(child, t)| self.build(child, t))
+            .map(|(child, t)| self.build(child, t, within_checked || run_ends))
             .collect::<shm_codec::Result<Vec<_>>>()?;
         let builder = ArrayDataBuilder::new(data_type.clone())
             .len(len)
@@ -455,6 +472,29 @@ impl BuildContext<'_> {
             Ok(data)
         }
     }
+}
+
+/// Whether a node of `data_type` has buffers whose bytes must hold an invariant that Arrow's
+/// validation checks and its readers then rely on: offsets, string bytes, dictionary keys,
+/// union type ids, views. Numbers, bitmaps and fixed-size bytes are valid whatever they hold.
+fn carries_invariants(data_type: &DataType) -> bool {
+    matches!(
+        data_type,
+        DataType::Utf8
+            | DataType::LargeUtf8
+            | DataType::Utf8View
+            | DataType::Binary
+            | DataType::LargeBinary
+            | DataType::BinaryView
+            | DataType::List(_)
+            | DataType::LargeList(_)
+            | DataType::ListView(_)
+            | DataType::LargeListView(_)
+            | DataType::Map(..)
+            | DataType::Dictionary(..)
+            | DataType::Union(..)
+            | DataType::RunEndEncoded(..)
+    )
 }
 
 /// The registry's codec for [`ColumnFrame`]s (register it with

@@ -617,7 +617,13 @@ impl<T: Element, D: Dimension> ShmArray<T, D> {
         codec: &'static str,
     ) -> Result<Self> {
         let dim = checked_dim::<T, D>(&meta.typestr, &meta.shape)?;
-        let storage = storage_of(payload, decoder, codec)?;
+        let storage = match storage_of(payload, decoder, codec)? {
+            // A byte of a bool must stay 0 or 1 after it is checked: a peer's is copied first.
+            Storage::Block(block) if T::DTYPE == DType::Bool && decoder.must_copy(&block) => {
+                Storage::Heap(Arc::new(HeapBytes::copy_of(block.as_slice())))
+            }
+            storage => storage,
+        };
         Self::from_parts(storage, dim, &meta.strides, meta.origin)
     }
 }

@@ -69,6 +69,9 @@ impl Encoder {
 pub struct Decoder {
     pool: ShmPool,
     attacher: Option<Arc<dyn Attacher>>,
+    /// Whether bytes of a peer's blocks that carry an invariant are copied before they are
+    /// checked (see [`Decoder::copying_invariants`]).
+    copy_invariants: bool,
 }
 
 impl std::fmt::Debug for Decoder {
@@ -76,6 +79,7 @@ impl std::fmt::Debug for Decoder {
         f.debug_struct("Decoder")
             .field("pool", &self.pool)
             .field("attacher", &self.attacher.is_some())
+            .field("copy_invariants", &self.copy_invariants)
             .finish()
     }
 }
@@ -94,6 +98,7 @@ impl Decoder {
         Decoder {
             pool,
             attacher: None,
+            copy_invariants: false,
         }
     }
 
@@ -102,7 +107,25 @@ impl Decoder {
         Decoder {
             pool,
             attacher: Some(attacher),
+            copy_invariants: false,
         }
+    }
+
+    /// Sets whether the bytes of a peer's blocks that carry an invariant are copied into this
+    /// process before they are checked: `bool` arrays (a byte other than 0 or 1 is undefined
+    /// behaviour), serde values (UTF-8), and Arrow offsets, strings, dictionary keys, union type
+    /// ids and views. A peer can rewrite its own blocks at any time, even after they were
+    /// checked; plain numbers it rewrites only change their values, so they are read in place.
+    /// A transport turns this on for what it reads from a worker.
+    pub fn copying_invariants(mut self, on: bool) -> Self {
+        self.copy_invariants = on;
+        self
+    }
+
+    /// Whether the checked bytes of `block` must be copied before they are checked: it is a
+    /// peer's memory and [`copying_invariants`](Self::copying_invariants) is on.
+    pub fn must_copy(&self, block: &ShmBlock) -> bool {
+        self.copy_invariants && block.is_peer_memory()
     }
 
     /// The pool blocks are attached with.
@@ -198,6 +221,11 @@ fn decode_serde<T: DeserializeOwned>(payload: &Payload, decoder: &Decoder) -> Re
         [] => postcard::from_bytes(&payload.inline).map_err(malformed(payload.inline.len())),
         [r] => {
             let block = decoder.attach(r)?;
+            if decoder.must_copy(&block) {
+                // postcard checks a string's bytes, then copies them: two reads.
+                let bytes = block.as_slice().to_vec();
+                return postcard::from_bytes(&bytes).map_err(malformed(bytes.len()));
+            }
             postcard::from_bytes(block.as_slice()).map_err(malformed(block.len()))
         }
         more => Err(CodecError::BufferCount {

@@ -108,6 +108,14 @@ impl ShmBlock {
         self.lease.is_some()
     }
 
+    /// Whether the block is another process's memory, which that process can still write
+    /// through its own mapping (its seals stop everyone else): a block a peer sent, or a named
+    /// segment of another program. What such a block holds can change while it is read, so
+    /// shm-codec's decoders copy the bytes whose validity they check before checking them.
+    pub fn is_peer_memory(&self) -> bool {
+        self.segment.is_foreign()
+    }
+
     /// Whether the block is a [private copy](crate::ShmPool::private_copy) rather than shared
     /// memory.
     pub fn is_private(&self) -> bool {

@@ -222,6 +222,12 @@ impl Segment {
         self.ptr
     }
 
+    /// Whether the memory belongs to another process, which can still write it through its
+    /// own mapping: a segment a peer sent, or a named segment of another program.
+    pub(crate) fn is_foreign(&self) -> bool {
+        matches!(self.origin, Origin::Foreign { .. })
+    }
+
     /// Whether the mapping is writable: a segment this process created, or a shared one a peer
     /// sent.
     pub(crate) fn is_writable(&self) -> bool {

@@ -333,7 +333,11 @@ impl Endpoint {
             payload.buffers(),
             loans,
         );
-        let decoder = Decoder::with_attacher(self.pool.clone(), attacher.clone());
+        // The parent reads a worker's blocks, which the worker can rewrite whenever it likes:
+        // what validation checks is copied first (an untrusted worker's blocks are private
+        // copies already). A worker trusts the parent that started it, and reads in place.
+        let decoder = Decoder::with_attacher(self.pool.clone(), attacher.clone())
+            .copying_invariants(self.side == Side::Parent);
         Ok(Decoding {
             decoder,
             attacher: Some(attacher),

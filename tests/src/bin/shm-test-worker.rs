@@ -163,6 +163,19 @@ fn router() -> Router {
                 Ok::<_, String>(out.freeze())
             },
         )
+        .handle(
+            "bools_rewrite_later",
+            |Serde((n, delay_ms)): Serde<(usize, u64)>, ctx| {
+                let mut out =
+                    ShmArrayMut::<bool, Ix1>::zeros(ctx.pool(), n).map_err(|e| e.to_string())?;
+                out.view_mut()
+                    .iter_mut()
+                    .enumerate()
+                    .for_each(|(i, b)| *b = i % 3 == 0);
+                hostile::later(delay_ms, move || hostile::scribble_own_segments(n / 4));
+                Ok::<_, String>(out.freeze())
+            },
+        )
         .handle("sabotage_report", |(): (), _| {
             Ok::<_, String>(Serde(hostile::report()))
         })
