@@ -470,3 +470,68 @@ fn dropping_a_pool_user_and_worker_leaves_nothing() {
     drop(pool);
     clean.end();
 }
+
+/// Runs `step` on another thread; fails the test if it takes longer than `bound` (rather than
+/// hanging the test when a lifecycle step waits for ever).
+fn within<T: Send + 'static>(
+    what: &str,
+    bound: Duration,
+    step: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let started = Instant::now();
+    std::thread::spawn(move || {
+        let _ = tx.send(step());
+    });
+    let value = rx
+        .recv_timeout(bound)
+        .unwrap_or_else(|_| panic!("{what} did not return within {bound:?}"));
+    assert!(
+        started.elapsed() < bound,
+        "{what} took {:?}",
+        started.elapsed()
+    );
+    value
+}
+
+#[test]
+fn restart_shutdown_and_drop_end_quickly_while_a_child_of_the_worker_holds_its_stderr() {
+    let clean = CleanShm::begin();
+    let bound = Duration::from_secs(2);
+    let sleeper = |worker: &Worker| -> u32 {
+        let Serde(pid) = worker.call("spawn_sleeper", &()).unwrap();
+        assert!(process_runs(pid));
+        pid
+    };
+    let gone = |pid: u32| {
+        let started = Instant::now();
+        while process_runs(pid) {
+            assert!(
+                started.elapsed() < HANG_GUARD,
+                "the worker's child {pid} outlived it"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+
+    let mut worker = spawn();
+    let child = sleeper(&worker);
+    let mut worker = within("restart", bound, move || {
+        worker.restart().unwrap();
+        worker
+    });
+    gone(child);
+    let Serde(x): Serde<u64> = worker.call("echo", &Serde(5u64)).unwrap();
+    assert_eq!(x, 5);
+    worker.restart().unwrap();
+
+    let child = sleeper(&worker);
+    within("shutdown", bound, move || worker.shutdown());
+    gone(child);
+
+    let worker = spawn();
+    let child = sleeper(&worker);
+    within("drop", bound, move || drop(worker));
+    gone(child);
+    clean.end();
+}

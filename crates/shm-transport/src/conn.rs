@@ -172,8 +172,19 @@ pub(crate) struct Conn {
     pub(crate) life: Mutex<Life>,
     pub(crate) dead: AtomicBool,
     pub(crate) stderr_tail: Arc<Mutex<VecDeque<String>>>,
-    /// The threads that reap the process and forward its stderr; joined when it is gone.
-    pub(crate) threads: Mutex<Vec<JoinHandle<()>>>,
+    /// The threads that reap the process and forward its stderr.
+    pub(crate) threads: Mutex<Threads>,
+}
+
+/// The threads of a worker process: the reaper, joined once the process is gone (which a kill
+/// makes certain), and the stderr forwarder, which ends only when every process holding the
+/// pipe has closed it — a grandchild may hold it for ever — so it is waited for briefly, for
+/// the last lines, then left to end by itself.
+#[derive(Debug, Default)]
+pub(crate) struct Threads {
+    pub(crate) reaper: Option<JoinHandle<()>>,
+    /// The forwarder, and what tells that it has ended.
+    pub(crate) forwarder: Option<(JoinHandle<()>, std::sync::mpsc::Receiver<()>)>,
 }
 
 impl std::fmt::Debug for Conn {
@@ -200,7 +211,7 @@ impl Conn {
             life: Mutex::new(Life::default()),
             dead: AtomicBool::new(false),
             stderr_tail: Arc::new(Mutex::new(VecDeque::new())),
-            threads: Mutex::new(Vec::new()),
+            threads: Mutex::new(Threads::default()),
         }
     }
 

@@ -16,7 +16,7 @@ use rustix::process::{Pid, WaitId, WaitIdOptions, WaitIdStatus, waitid};
 use shm_core::{SegmentLink, ShmPool};
 
 use crate::channel::{Channel, Side, channel_len};
-use crate::conn::{Conn, lock};
+use crate::conn::{Conn, Threads, lock};
 use crate::error::{Result, TransportError};
 use crate::frame::Endpoint;
 use crate::serve::{CHANNEL_ENV, LINK_ENV};
@@ -25,6 +25,10 @@ use crate::worker::{StderrSink, WorkerConfig};
 
 /// Lines of a worker's stderr kept for start-up failure reports.
 const STDERR_TAIL: usize = 20;
+
+/// How long stopping a worker waits for the last lines of its stderr once it is gone: a
+/// descendant of the worker that outlived it may hold the pipe open for ever.
+const STDERR_DRAIN: Duration = Duration::from_millis(100);
 
 impl Conn {
     pub(crate) fn start(config: &WorkerConfig, pool: &ShmPool, worker: u32) -> Result<Arc<Conn>> {
@@ -45,7 +49,9 @@ impl Conn {
             .env(CHANNEL_ENV, channel.to_ref().to_hex())
             .env(LINK_ENV, worker_fd.to_string())
             .stdin(Stdio::null())
-            .stderr(Stdio::piped());
+            .stderr(Stdio::piped())
+            // A group of its own, so that stopping the worker stops what it started too.
+            .process_group(0);
         // SAFETY: the closure runs in the child between fork and exec, where only
         // async-signal-safe calls are allowed: it makes one `fcntl` system call on a
         // descriptor that is open in the child (it was open in the parent at fork, and
@@ -75,7 +81,7 @@ impl Conn {
             config.loan_limit,
         );
         let conn = Arc::new(Conn::new(worker, child.id(), pool, endpoint));
-        let mut threads = Vec::new();
+        let mut threads = Threads::default();
         let stderr = child.stderr.take();
         let started = stderr
             .map(|stderr| {
@@ -88,11 +94,11 @@ impl Conn {
             })
             .transpose()
             .and_then(|forwarder| {
-                threads.extend(forwarder);
+                threads.forwarder = forwarder;
                 reap(&mut child, Arc::downgrade(&conn))
             });
         match started {
-            Ok(reaper) => threads.push(reaper),
+            Ok(reaper) => threads.reaper = Some(reaper),
             Err(source) => {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -125,11 +131,13 @@ impl Conn {
         {
             let life = lock(&self.life);
             // The pid is still ours: the reaper marks the worker ended (under `life`, which we
-            // hold) before it reaps it, so the process has not been reaped and its pid cannot
-            // have been reused. A kill that fails finds the process already gone.
+            // hold) before it reaps it, so the process has not been reaped and its pid — which
+            // is also its process group's id — cannot have been reused. The group goes too: the
+            // processes the worker started. A kill that fails finds them already gone.
             if life.ended.is_none()
                 && let Some(pid) = i32::try_from(self.pid).ok().and_then(Pid::from_raw)
             {
+                let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
                 let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
             }
         }
@@ -146,10 +154,22 @@ impl Conn {
         self.kill_and_reap();
     }
 
+    /// Joins the reaper (the process is gone or killed, so it ends) and the stderr forwarder
+    /// if it ends within [`STDERR_DRAIN`]; otherwise leaves the forwarder to end by itself.
     fn join_threads(&self) {
         let threads = std::mem::take(&mut *lock(&self.threads));
-        for thread in threads {
-            let _ = thread.join();
+        if let Some(reaper) = threads.reaper {
+            let _ = reaper.join();
+        }
+        if let Some((forwarder, ended)) = threads.forwarder {
+            // The sender is dropped when the thread ends: `Disconnected` is the news.
+            let timed_out = matches!(
+                ended.recv_timeout(STDERR_DRAIN),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+            );
+            if !timed_out {
+                let _ = forwarder.join();
+            }
         }
     }
 }
@@ -167,7 +187,7 @@ fn describe(status: Option<WaitIdStatus>) -> String {
 }
 
 /// Waits for the worker process to end, marks it dead before reaping it (so that nobody can
-/// signal a reused pid), then reaps it.
+/// signal a reused pid), kills what it started (its process group), then reaps it.
 fn reap(child: &mut Child, conn: Weak<Conn>) -> std::io::Result<JoinHandle<()>> {
     let pid = i32::try_from(child.id())
         .ok()
@@ -190,6 +210,9 @@ fn reap(child: &mut Child, conn: Weak<Conn>) -> std::io::Result<JoinHandle<()>> 
             if let Some(conn) = conn.upgrade() {
                 conn.ended(ended);
             }
+            // What the worker started ends with it. Its pid names its process group, and the
+            // unreaped worker keeps the number from being reused, so this reaches only them.
+            let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
             let _ = waitid(WaitId::Pid(pid), WaitIdOptions::EXITED);
         })
 }
@@ -201,10 +224,13 @@ fn forward_stderr(
     worker: u32,
     sink: StderrSink,
     tail: Arc<Mutex<VecDeque<String>>>,
-) -> std::io::Result<JoinHandle<()>> {
-    std::thread::Builder::new()
+) -> std::io::Result<(JoinHandle<()>, std::sync::mpsc::Receiver<()>)> {
+    let (ended, ended_rx) = std::sync::mpsc::channel();
+    let thread = std::thread::Builder::new()
         .name("shm-worker-stderr".into())
         .spawn(move || {
+            // Dropped when the thread ends, however it ends: that is the signal.
+            let _ended = ended;
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 let line = format!("[worker {worker}] {line}");
@@ -221,5 +247,6 @@ fn forward_stderr(
                 }
                 tail.push_back(line);
             }
-        })
+        })?;
+    Ok((thread, ended_rx))
 }

@@ -67,6 +67,16 @@ fn router() -> Router {
         .handle("pid", |(): (), _| {
             Ok::<_, String>(Serde(std::process::id()))
         })
+        .handle("spawn_sleeper", |(): (), _| {
+            // A child that outlives the call and holds the worker's stderr, as a library that
+            // starts a helper process would.
+            let child = std::process::Command::new("sleep")
+                .arg("600")
+                .stdin(std::process::Stdio::null())
+                .spawn()
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(Serde(child.id()))
+        })
         .handle("sum", |a: ShmArray<f64, IxDyn>, _| {
             Ok::<_, String>(Serde(a.view().sum()))
         })
