@@ -91,6 +91,22 @@ fn link_error(what: &'static str) -> impl Fn(rustix::io::Errno) -> ShmError {
     }
 }
 
+/// One datagram: `message`, with `fd` beside it if given. Never blocks, never raises SIGPIPE.
+fn send_message(
+    socket: BorrowedFd<'_>,
+    message: &[u8],
+    fd: Option<BorrowedFd<'_>>,
+) -> rustix::io::Result<()> {
+    let fds: Vec<BorrowedFd<'_>> = fd.into_iter().collect();
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !fds.is_empty() {
+        control.push(SendAncillaryMessage::ScmRights(&fds));
+    }
+    let flags = SendFlags::DONTWAIT | SendFlags::NOSIGNAL;
+    rustix::net::sendmsg(socket, &[IoSlice::new(message)], &mut control, flags).map(drop)
+}
+
 impl SegmentLink {
     /// A connected pair of link ends: one for this process, one to hand to another (a child
     /// inherits it). Both are close-on-exec; a spawner clears the flag in the child only.
@@ -199,19 +215,8 @@ impl SegmentLink {
     ) -> Result<()> {
         let message = [&[tag][..], name.as_bytes()].concat();
         loop {
-            let fds: Vec<BorrowedFd<'_>> = fd.into_iter().collect();
-            let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
-            let mut control = SendAncillaryBuffer::new(&mut space);
-            if !fds.is_empty() {
-                control.push(SendAncillaryMessage::ScmRights(&fds));
-            }
-            match rustix::net::sendmsg(
-                &self.socket,
-                &[IoSlice::new(&message)],
-                &mut control,
-                SendFlags::DONTWAIT | SendFlags::NOSIGNAL,
-            ) {
-                Ok(_) => return Ok(()),
+            match send_message(self.socket.as_fd(), &message, fd) {
+                Ok(()) => return Ok(()),
                 Err(rustix::io::Errno::INTR) => {}
                 Err(rustix::io::Errno::AGAIN) => self.wait(PollFlags::OUT, deadline)?,
                 Err(rustix::io::Errno::PIPE | rustix::io::Errno::CONNRESET) => {
@@ -403,11 +408,7 @@ impl SegmentLink {
 /// wrote. Not part of the API.
 #[doc(hidden)]
 pub mod fuzzing {
-    use std::io::IoSlice;
-    use std::mem::MaybeUninit;
     use std::os::fd::BorrowedFd;
-
-    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
 
     use super::SegmentLink;
     use crate::ShmBlock;
@@ -422,21 +423,8 @@ pub mod fuzzing {
     pub fn receive(message: &[u8], fd: Option<BorrowedFd<'_>>) -> crate::Result<usize> {
         let (ours, theirs) = SegmentLink::pair()?;
         let theirs = SegmentLink::from_fd(theirs)?;
-        let fds: Vec<BorrowedFd<'_>> = fd.into_iter().collect();
-        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
-        let mut control = SendAncillaryBuffer::new(&mut space);
-        if !fds.is_empty() {
-            control.push(SendAncillaryMessage::ScmRights(&fds));
-        }
         // A message longer than the socket takes is the sender's error, not the receiver's.
-        if rustix::net::sendmsg(
-            ours.as_fd(),
-            &[IoSlice::new(message)],
-            &mut control,
-            SendFlags::DONTWAIT,
-        )
-        .is_err()
-        {
+        if super::send_message(ours.as_fd(), message, fd).is_err() {
             return Ok(0);
         }
         theirs.drain("")?;
