@@ -136,7 +136,12 @@ impl Endpoint {
         ));
         let reclaimer: Weak<dyn Reclaim> = Arc::downgrade(&lender) as Weak<dyn Reclaim>;
         pool.add_reclaimer(reclaimer);
-        let returner = Returner::new(Arc::clone(&channel), side.outbound());
+        // A worker trusts its parent to drain what it returns; the parent bounds a worker.
+        let max_waiting = match side {
+            Side::Parent => MAX_WAITING_RETURNS,
+            Side::Worker => usize::MAX,
+        };
+        let returner = Returner::new(Arc::clone(&channel), side.outbound(), max_waiting);
         Endpoint {
             channel,
             side,

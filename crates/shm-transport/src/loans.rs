@@ -159,16 +159,21 @@ impl Lender {
 
 impl Reclaim for Lender {
     fn reclaim(&self) {
-        // Most calls find nothing returned: look before taking the lock.
+        // Most calls find nothing returned: look before taking the lock. (Impossible positions
+        // read as empty too, and are looked at under the lock.)
         let ring = self.channel.releases(self.returns);
-        if ring.is_empty() {
-            if ring.is_corrupt() {
-                self.corrupt.store(true, Ordering::Release);
-            }
+        if ring.is_empty() && !ring.is_corrupt() {
             return;
         }
         let returned: Vec<Arc<ShmBlock>> = {
             let mut lent = lock(&self.lent);
+            // Under the lock the head cannot move — this side is the ring's only consumer, and
+            // consumes only here — so impossible positions are the peer's doing, not a look
+            // taken while another thread of ours was consuming.
+            if ring.is_corrupt() {
+                self.corrupt.store(true, Ordering::Release);
+                return;
+            }
             std::iter::from_fn(|| ring.pop())
                 .filter_map(|id| lent.remove(id))
                 .collect()
@@ -179,8 +184,9 @@ impl Reclaim for Lender {
 }
 
 /// Gives the peer's blocks back: writes loan ids into the release ring towards the peer.
-/// Never blocks; ids that find the ring full wait here and go first next time — up to
-/// [`MAX_WAITING_RETURNS`], past which the peer is one that takes nothing back.
+/// Never blocks; ids that find the ring full wait here and go first next time — on the
+/// parent's side up to [`MAX_WAITING_RETURNS`], past which the worker is one that takes nothing
+/// back. A worker keeps every id for its parent, which it trusts to drain.
 #[derive(Debug)]
 pub(crate) struct Returner {
     channel: Arc<Channel>,
@@ -189,19 +195,23 @@ pub(crate) struct Returner {
     waiting: Mutex<Vec<u64>>,
     /// Whether `waiting` holds ids, so that a send need not take the lock to learn it does not.
     pending: AtomicBool,
-    /// Whether more than [`MAX_WAITING_RETURNS`] ids waited at once: the peer does not drain
-    /// its ring, and what it is owed is dropped rather than queued without end.
+    /// How many ids may wait before the peer counts as one that does not drain its ring.
+    max_waiting: usize,
+    /// Whether more than `max_waiting` ids waited at once: what the peer is owed is dropped
+    /// rather than queued without end.
     overflowed: AtomicBool,
 }
 
 impl Returner {
-    /// A returner writing into the release ring in direction `ring`.
-    pub(crate) fn new(channel: Arc<Channel>, ring: Direction) -> Arc<Self> {
+    /// A returner writing into the release ring in direction `ring`, with at most
+    /// `max_waiting` ids waiting for room.
+    pub(crate) fn new(channel: Arc<Channel>, ring: Direction, max_waiting: usize) -> Arc<Self> {
         Arc::new(Returner {
             channel,
             ring,
             waiting: Mutex::new(Vec::new()),
             pending: AtomicBool::new(false),
+            max_waiting,
             overflowed: AtomicBool::new(false),
         })
     }
@@ -213,7 +223,7 @@ impl Returner {
         let ring = self.channel.releases(self.ring);
         let written = waiting.iter().take_while(|&&id| ring.push(id)).count();
         waiting.drain(..written);
-        if waiting.len() > MAX_WAITING_RETURNS {
+        if waiting.len() > self.max_waiting {
             self.overflowed.store(true, Ordering::Release);
             waiting.clear();
         }
@@ -227,7 +237,7 @@ impl Returner {
         }
     }
 
-    /// Whether the peer let more than [`MAX_WAITING_RETURNS`] returns wait.
+    /// Whether the peer let more than the bound of returns wait.
     pub(crate) fn overflowed(&self) -> bool {
         self.overflowed.load(Ordering::Acquire)
     }
