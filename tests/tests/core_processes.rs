@@ -12,7 +12,8 @@ fn a_child_reads_what_the_parent_wrote() {
     let pool = ShmPool::new().unwrap();
     for size in [0, 1, 1000, 64 << 10, (64 << 10) + 1, 32 << 20] {
         let mut block = pool.alloc(size).unwrap();
-        fill_pattern(block.as_mut_slice().unwrap(), 7);
+        fill_pattern(block.as_mut_slice(), 7);
+        let block = block.freeze();
         let hex = block.to_ref().to_hex();
         let (mut child, _link) = ChildProcess::spawn_linked(CHILD, &["read", &hex, "7"], &[&block]);
         assert_eq!(child.read_line(), format!("ok {size}"), "size {size}");
@@ -67,7 +68,7 @@ fn a_peer_that_opens_our_segments_through_proc_can_change_none_of_them() {
     let mut blocks = Vec::new();
     for size in [100, 1 << 20] {
         let mut block = pool.alloc(size).unwrap();
-        fill_pattern(block.as_mut_slice().unwrap(), 9);
+        fill_pattern(block.as_mut_slice(), 9);
         blocks.push(block);
     }
     let pid = std::process::id().to_string();

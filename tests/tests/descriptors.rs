@@ -54,7 +54,8 @@ fn with_few_descriptors() {
     let (blocks, views): (Vec<_>, Vec<_>) = (0..BLOCKS)
         .map(|i| {
             let mut block = owner.alloc(4096).unwrap();
-            block.as_mut_slice().unwrap().fill(i as u8);
+            block.as_mut_slice().fill(i as u8);
+            let block = block.freeze();
             sender.offer(&block, None).unwrap();
             let view = receiver.attach(&block.to_ref()).unwrap();
             (block, view)

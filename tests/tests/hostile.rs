@@ -85,6 +85,45 @@ fn a_worker_cannot_make_the_parent_map_a_third_process_memory() {
 }
 
 #[test]
+fn a_worker_cannot_make_the_parent_read_memory_the_parent_is_still_writing() {
+    let clean = CleanShm::begin();
+    // Blocks the parent is writing, in a slab (where the worker may know the segment from
+    // another block) and in a segment of their own. The worker names each by its numbers, in
+    // a reply to its first call.
+    for size in [100, 1 << 20] {
+        let worker = spawn(false);
+        let mut block = worker.pool().alloc(size).unwrap();
+        block.as_mut_slice().fill(9);
+        let forged = shm_core::ShmRef {
+            name: block.name().to_owned(),
+            offset: block.offset() as u64,
+            size: block.capacity() as u64,
+            content_size: block.len() as u64,
+        };
+        match worker.call::<_, Serde<Vec<u8>>>("foreign", &Serde(forged.to_hex())) {
+            Err(TransportError::Codec(err)) => {
+                let ShmError::NotFrozen { name, offset, .. } = shm_err(&err) else {
+                    panic!("expected NotFrozen, got {err:?}");
+                };
+                assert_eq!((name.as_str(), *offset), (block.name(), forged.offset));
+            }
+            other => panic!("size {size}: expected NotFrozen, got {other:?}"),
+        }
+        // Still the parent's alone to write.
+        block.as_mut_slice().fill(1);
+        // Once frozen, the same numbers are a view of the frozen block, as the parent froze it.
+        let frozen = block.freeze();
+        let view = worker.pool().attach(&forged).unwrap();
+        assert!(view.as_slice().iter().all(|&b| b == 1));
+        drop((view, frozen));
+        let Serde(x): Serde<u64> = worker.call("echo", &Serde(7u64)).unwrap();
+        assert_eq!(x, 7);
+        worker.shutdown();
+    }
+    clean.end();
+}
+
+#[test]
 fn a_worker_cannot_pass_off_files_fifos_directories_or_unsealed_memory_as_segments() {
     let clean = CleanShm::begin();
     for kind in ["file", "directory", "fifo", "unsealed", "unsent"] {

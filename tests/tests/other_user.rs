@@ -45,7 +45,7 @@ fn planted_files_and_other_users_sessions_never_make_our_pools_fail() {
     // A live pool of this user (root), with a block in it: a memfd that no name reaches.
     let pool = ShmPool::new().unwrap();
     let mut mine = pool.alloc(1 << 20).unwrap();
-    mine.as_mut_slice().unwrap().fill(5);
+    mine.as_mut_slice().fill(5);
     let outcome = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", TEST, "--nocapture", "--test-threads=1"])
         .env(INSIDE, "1")
@@ -86,7 +86,7 @@ fn as_the_other_user() {
     );
     let pool = ShmPool::new().unwrap();
     let mut block = pool.alloc(100_000).unwrap();
-    block.as_mut_slice().unwrap().fill(3);
+    block.as_mut_slice().fill(3);
     let worker = Worker::spawn(WorkerConfig::new(WORKER)).unwrap();
     let Serde(x): Serde<u64> = worker.call("echo", &Serde(11u64)).unwrap();
     assert_eq!(x, 11);

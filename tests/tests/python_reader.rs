@@ -473,9 +473,7 @@ fn a_reader_written_from_the_format_page_decodes_every_payload_kind() {
             received.slice(9, 30).slice(2, 13),
         ),
     ] {
-        let ipc = Arc::new(
-            write_ipc_block(&pool, &value.schema(), std::slice::from_ref(&value)).unwrap(),
-        );
+        let ipc = write_ipc_block(&pool, &value.schema(), std::slice::from_ref(&value)).unwrap();
         let payload = cases.encoder.encode(&ColumnFrame(value.clone())).unwrap();
         let expect = format!(r#"{{"ipc": "{}"}}"#, ipc.to_ref().to_hex());
         cases.add("arrow", label, payload, expect);

@@ -151,7 +151,7 @@ impl Encode for ColumnFrame {
             let mut node = plan.node(encoder, &compact_if_copied(encoder, column));
             if plan.copies.len() > start {
                 let mut block = encoder.pool().alloc(plan.cursor as usize)?;
-                let bytes = block.as_mut_slice()?;
+                let bytes = block.as_mut_slice();
                 for (buffer, offset) in &plan.copies[start..] {
                     let offset = *offset as usize;
                     bytes[offset..offset + buffer.len()].copy_from_slice(buffer.as_slice());

@@ -29,12 +29,13 @@ fn invalid(reason: impl Into<String>) -> CodecError {
     }
 }
 
-/// Writes `batches` (all of `schema`) as one Arrow IPC stream into a new block of `pool`.
+/// Writes `batches` (all of `schema`) as one Arrow IPC stream into a new block of `pool`,
+/// frozen: ready to send, or to read back with [`read_ipc_block`].
 pub fn write_ipc_block(
     pool: &ShmPool,
     schema: &SchemaRef,
     batches: &[RecordBatch],
-) -> Result<ShmBlock, CodecError> {
+) -> Result<Arc<ShmBlock>, CodecError> {
     let mut writer =
         StreamWriter::try_new(Vec::new(), schema).map_err(|e| invalid(e.to_string()))?;
     for batch in batches {
@@ -42,8 +43,8 @@ pub fn write_ipc_block(
     }
     let bytes = writer.into_inner().map_err(|e| invalid(e.to_string()))?;
     let mut block = pool.alloc(bytes.len())?;
-    block.as_mut_slice()?.copy_from_slice(&bytes);
-    Ok(block)
+    block.as_mut_slice().copy_from_slice(&bytes);
+    Ok(block.freeze())
 }
 
 /// Reads every batch of the IPC stream in `block`, zero-copy: the batches' buffers point into

@@ -12,7 +12,7 @@ use ndarray::{
     ArrayBase, ArrayView, ArrayViewMut, Data, Dimension, IntoDimension, ShapeBuilder, SliceArg,
 };
 use serde::{Deserialize, Serialize};
-use shm_core::{ShmBlock, ShmPool};
+use shm_core::{ShmBlock, ShmBlockMut, ShmPool};
 
 use crate::codec::{AnyValue, Codec, Decode, Decoder, Encode, Encoder};
 use crate::element::{DType, Element, as_bytes, cast, cast_mut};
@@ -545,11 +545,11 @@ impl<S: Data<Elem = T>, T: Element, D: Dimension> Encode for ArrayBase<S, D> {
             return Ok(Payload::new(ARRAY_CODEC, meta, Vec::new(), inline));
         }
         let mut block = encoder.pool().alloc(nbytes)?;
-        write(block.as_mut_slice()?);
+        write(block.as_mut_slice());
         Ok(Payload::new(
             ARRAY_CODEC,
             meta,
-            vec![Arc::new(block)],
+            vec![block.freeze()],
             Vec::new(),
         ))
     }
@@ -677,7 +677,7 @@ pub(crate) fn storage_of(
 /// An array being produced in shared memory: allocated zeroed, filled through
 /// [`view_mut`](Self::view_mut), then frozen into a [`ShmArray`] that is sent without a copy.
 pub struct ShmArrayMut<T: Element, D: Dimension> {
-    block: ShmBlock,
+    block: ShmBlockMut,
     dim: D,
     fortran: bool,
     _element: std::marker::PhantomData<T>,
@@ -710,7 +710,7 @@ impl<T: Element, D: Dimension> ShmArrayMut<T, D> {
         // Checks the order before allocating.
         contiguous_strides(dim.slice(), order, size_of::<T>())?;
         let mut block = pool.alloc(byte_len::<T>(dim.slice())?)?;
-        block.as_mut_slice()?.fill(0);
+        block.as_mut_slice().fill(0);
         Ok(ShmArrayMut {
             block,
             dim,
@@ -721,7 +721,7 @@ impl<T: Element, D: Dimension> ShmArrayMut<T, D> {
 
     /// The elements, for writing.
     pub fn view_mut(&mut self) -> ArrayViewMut<'_, T, D> {
-        let bytes = self.block.as_mut_slice().unwrap_or_default();
+        let bytes = self.block.as_mut_slice();
         let elements = cast_mut::<T>(bytes).unwrap_or_default();
         ArrayViewMut::from_shape(self.dim.clone().set_f(self.fortran), elements)
             .expect("the block was sized and aligned for this shape")
@@ -730,7 +730,7 @@ impl<T: Element, D: Dimension> ShmArrayMut<T, D> {
     /// The finished array, read-only from now on.
     pub fn freeze(self) -> ShmArray<T, D> {
         let order = if self.fortran { Order::F } else { Order::C };
-        let block = Arc::new(self.block);
+        let block = self.block.freeze();
         register_live(&block);
         let itemsize = size_of::<T>() as i64;
         let strides = contiguous_strides(self.dim.slice(), order, size_of::<T>())

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use shm_core::{ShmBlock, ShmPool, ShmRef};
+use shm_core::{ShmBlock, ShmBlockMut, ShmPool, ShmRef};
 
 use crate::error::{CodecError, Result};
 use crate::payload::Payload;
@@ -48,8 +48,8 @@ impl Encoder {
 
     /// A block this encoder's codec has filled, frozen for sending: from now on, encoding a
     /// view into it (an `ArrayView`, an Arrow buffer) sends a reference to it, not a copy.
-    pub fn freeze(&self, block: ShmBlock) -> Arc<ShmBlock> {
-        let block = Arc::new(block);
+    pub fn freeze(&self, block: ShmBlockMut) -> Arc<ShmBlock> {
+        let block = block.freeze();
         crate::array::register_live(&block);
         block
     }
@@ -191,11 +191,11 @@ impl<T: Serialize> Encode for Serde<T> {
             return Ok(Payload::new(SERDE_CODEC, Vec::new(), Vec::new(), bytes));
         }
         let mut block = encoder.pool().alloc(bytes.len())?;
-        block.as_mut_slice()?.copy_from_slice(&bytes);
+        block.as_mut_slice().copy_from_slice(&bytes);
         Ok(Payload::new(
             SERDE_CODEC,
             Vec::new(),
-            vec![Arc::new(block)],
+            vec![block.freeze()],
             Vec::new(),
         ))
     }

@@ -145,11 +145,20 @@ pub enum ShmError {
         capacity: u64,
     },
 
-    /// Write access was asked of a block this process attached: its memory belongs to its owner.
-    #[error("block in {name} is read-only here: it was attached, and its owner may read it")]
-    ReadOnly {
+    /// A reference names memory of this process that no frozen block spans: a block still
+    /// being written (a `ShmBlockMut`, which has no reference to give out), or memory that is
+    /// free. Attaching it would let a view race its writer.
+    #[error(
+        "no frozen block of this process spans {size} bytes at offset {offset} of {name}: \
+         memory is attached only once its writer has frozen it"
+    )]
+    NotFrozen {
         /// The segment name.
         name: String,
+        /// Where the reference starts.
+        offset: u64,
+        /// Bytes the reference spans.
+        size: u64,
     },
 
     /// A peer named a segment outside the sessions it may name: neither its own nor ours. A

@@ -34,18 +34,19 @@
 //!
 //! # fn main() -> Result<(), shm_core::ShmError> {
 //! let pool = ShmPool::new()?;
-//! let mut block = pool.alloc(1 << 20)?;
-//! block.as_mut_slice()?.fill(7);
+//! let mut block = pool.alloc(1 << 20)?; // a ShmBlockMut: writable, and no reference yet
+//! block.as_mut_slice().fill(7);
+//! let block = block.freeze(); // an Arc<ShmBlock>: read-only from now on
 //!
 //! // The reference is all another process needs; here it travels as bytes.
 //! let wire: Vec<u8> = block.to_ref().to_bytes();
 //!
-//! // In the other process (another pool; here the same process, for the example):
+//! // In the other process (another pool; here the same process, for the example; another
+//! // process gets the segment's descriptor on a `SegmentLink` and attaches through it):
 //! let reader = ShmPool::new()?;
 //! let view = reader.attach(&ShmRef::from_bytes(&wire)?)?;
 //! assert_eq!(view.len(), 1 << 20);
 //! assert!(view.as_slice().iter().all(|&b| b == 7));
-//! assert!(!view.is_writable(), "attached memory is read-only");
 //! # drop(view);
 //! # Ok(())
 //! # }
@@ -63,7 +64,7 @@ mod segment;
 mod session;
 mod sys;
 
-pub use block::{DropHook, ShmBlock};
+pub use block::{DropHook, ShmAtomicBlock, ShmBlock, ShmBlockMut};
 pub use cleanup::{
     SegmentEntry, SessionEntry, SessionState, SweepReport, list_files, list_segments,
     list_sessions, sweep_orphans, sweep_session,

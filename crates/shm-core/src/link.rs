@@ -32,7 +32,7 @@ use rustix::net::{
     SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketFlags, SocketType,
 };
 
-use crate::block::ShmBlock;
+use crate::block::{ShmAtomicBlock, ShmBlock};
 use crate::error::{Result, ShmError};
 use crate::name::{SessionId, validate_name};
 use crate::pool::{block_of, check_ref};
@@ -156,7 +156,15 @@ impl SegmentLink {
     /// owner) or private memory. Waits for room in the socket until `deadline` (forever with
     /// `None`, unless the peer hangs up).
     pub fn offer(&self, block: &ShmBlock, deadline: Option<Instant>) -> Result<()> {
-        let segment = block.segment();
+        self.offer_segment(block.segment(), deadline)
+    }
+
+    /// [`offer`](Self::offer) for a block both sides write (the transport's channel).
+    pub fn offer_atomic(&self, block: &ShmAtomicBlock, deadline: Option<Instant>) -> Result<()> {
+        self.offer_segment(block.block().segment(), deadline)
+    }
+
+    fn offer_segment(&self, segment: &Arc<Segment>, deadline: Option<Instant>) -> Result<()> {
         let Some(fd) = segment.descriptor() else {
             return Ok(());
         };
@@ -263,16 +271,16 @@ impl SegmentLink {
 
     /// The block a reference names in a segment the peer shares for both sides to write (see
     /// [`ShmPool::alloc_shared`](crate::ShmPool::alloc_shared)): the transport's channel.
-    pub fn attach_shared(&self, r: &ShmRef) -> Result<ShmBlock> {
+    pub fn attach_shared(&self, r: &ShmRef) -> Result<ShmAtomicBlock> {
         let end = check_ref(r)?;
         let segment = self.received(&r.name)?;
-        if !segment.is_writable() {
+        if !segment.is_shared() {
             return Err(ShmError::NotASegment {
                 name: r.name.clone(),
                 reason: "it is sealed against writes, and this structure is written by both sides",
             });
         }
-        block_of(segment, r, end)
+        block_of(segment, r, end).map(ShmAtomicBlock::new)
     }
 
     /// The peer's segment `name`, reading what waits in the socket if it is not known yet.
@@ -455,7 +463,9 @@ mod tests {
         let pool = pool();
         let (a, b) = pair();
         let mut block = pool.alloc(3 << 20).unwrap();
-        block.as_mut_slice().unwrap().fill(0x5a);
+        block.as_mut_slice().fill(0x5a);
+        block.as_mut_slice()[7] = 1;
+        let block = block.freeze();
         let r = block.to_ref();
         assert!(matches!(b.attach(&r), Err(ShmError::NoDescriptor { .. })));
         a.offer(&block, None).unwrap();
@@ -464,16 +474,14 @@ mod tests {
         let again = b.attach(&r).unwrap();
         assert_eq!(view.as_ptr(), again.as_ptr(), "one mapping per segment");
         assert_ne!(view.as_ptr(), block.as_ptr(), "the peer's own mapping");
-        assert!(view.as_slice().iter().all(|&x| x == 0x5a));
+        assert!(view.as_slice()[..7].iter().all(|&x| x == 0x5a));
         assert_eq!(b.received_count(), 1, "sent once");
         assert!(mapping_of(view.as_ptr() as usize).contains(" r--s "));
-        assert!(!view.is_writable());
+        assert!(view.is_peer_memory());
         assert!(matches!(
             b.attach_shared(&r),
             Err(ShmError::NotASegment { .. })
         ));
-        // The owner writes, the peer sees it: one memory.
-        block.as_mut_slice().unwrap()[7] = 1;
         assert_eq!(view.as_slice()[7], 1);
     }
 
@@ -482,12 +490,12 @@ mod tests {
         let pool = pool();
         let (a, b) = pair();
         let block = pool.alloc_shared(4096).unwrap();
-        a.offer(&block, None).unwrap();
+        a.offer_atomic(&block, None).unwrap();
         let peer = b.attach_shared(&block.to_ref()).unwrap();
         assert!(mapping_of(peer.as_ptr() as usize).contains(" rw-s "));
         // SAFETY: both pointers are valid for 4096 bytes; nothing else uses the block.
         unsafe {
-            peer.as_shared_ptr().write(9);
+            peer.as_ptr().write(9);
             assert_eq!(block.as_ptr().read(), 9);
         }
     }
@@ -528,8 +536,8 @@ mod tests {
     fn a_name_cannot_be_given_a_second_descriptor() {
         let pool = pool();
         let (a, b) = pair();
-        let first = pool.alloc(1 << 20).unwrap();
-        let second = pool.alloc(1 << 20).unwrap();
+        let first = pool.alloc(1 << 20).unwrap().freeze();
+        let second = pool.alloc(1 << 20).unwrap().freeze();
         a.offer(&first, None).unwrap();
         let view = b.attach(&first.to_ref()).unwrap();
         let fd = second.segment().descriptor().unwrap();
@@ -545,14 +553,14 @@ mod tests {
     fn a_segment_gone_at_its_owner_is_withdrawn_from_the_peer() {
         let pool = pool();
         let (a, b) = pair();
-        let first = pool.alloc(2 << 20).unwrap();
+        let first = pool.alloc(2 << 20).unwrap().freeze();
         a.offer(&first, None).unwrap();
         drop(b.attach(&first.to_ref()).unwrap());
         assert_eq!(b.received_count(), 1);
         let name = first.name().to_owned();
         drop(first);
         pool.trim();
-        let second = pool.alloc(2 << 20).unwrap();
+        let second = pool.alloc(2 << 20).unwrap().freeze();
         assert_ne!(second.name(), name);
         a.offer(&second, None).unwrap();
         b.attach(&second.to_ref()).unwrap();
@@ -566,7 +574,7 @@ mod tests {
         let deadline = Instant::now() + std::time::Duration::from_millis(50);
         let mut blocks = Vec::new();
         let outcome = loop {
-            let block = pool.alloc(100_000).unwrap();
+            let block = pool.alloc(100_000).unwrap().freeze();
             match a.offer(&block, Some(deadline)) {
                 Ok(()) => blocks.push(block),
                 Err(err) => break err,
@@ -582,7 +590,9 @@ mod tests {
         let pool = pool();
         for _ in 0..20 {
             let (a, b) = pair();
-            let blocks: Vec<ShmBlock> = (0..64).map(|_| pool.alloc(100_000).unwrap()).collect();
+            let blocks: Vec<Arc<ShmBlock>> = (0..64)
+                .map(|_| pool.alloc(100_000).unwrap().freeze())
+                .collect();
             for block in &blocks {
                 a.offer(block, None).unwrap();
             }
@@ -607,7 +617,7 @@ mod tests {
         let pool = pool();
         let (a, b) = pair();
         drop(b);
-        let block = pool.alloc(4096).unwrap();
+        let block = pool.alloc(4096).unwrap().freeze();
         assert!(matches!(a.offer(&block, None), Err(ShmError::LinkClosed)));
     }
 

@@ -11,10 +11,12 @@
 //! named object of another program (Python's `SharedMemory`, say), opened without following
 //! links and checked before it is mapped.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 
+use crate::block::ShmBlock;
 use crate::error::{Result, ShmError};
 use crate::session::Session;
 use crate::sys::{self, OpenError};
@@ -28,7 +30,15 @@ pub(crate) const PRIVATE_NAME: &str = "(private)";
 enum Origin {
     /// A memfd this process created; the descriptor is kept for sending it to peers, and the
     /// session lists it so that other pools of the process can attach it.
-    Own { fd: OwnedFd, session: Arc<Session> },
+    Own {
+        fd: OwnedFd,
+        session: Arc<Session>,
+        /// Whether a peer may map it writable (the seals leave writes open).
+        shared: bool,
+        /// The frozen blocks of the segment, by offset: the only parts of it that may be
+        /// attached by reference in this process (see [`crate::ShmBlockMut::freeze`]).
+        frozen: Mutex<BTreeMap<usize, Weak<ShmBlock>>>,
+    },
     /// A sealed memfd a peer sent, or a named object of another program; mapped writable only
     /// for a structure both sides update.
     Foreign { writable: bool },
@@ -107,6 +117,8 @@ impl Segment {
             origin: Origin::Own {
                 fd,
                 session: Arc::clone(session),
+                shared,
+                frozen: Mutex::new(BTreeMap::new()),
             },
         };
         if let Origin::Own { fd, .. } = &segment.origin {
@@ -120,7 +132,7 @@ impl Segment {
     /// sealed against shrinking and growing, so the peer can never cut it short under this
     /// mapping. A segment sealed against writes is mapped read-only; one that is not (the
     /// transport's channel, which both sides update) read-write, and
-    /// [`is_writable`](Self::is_writable) says so.
+    /// [`is_shared`](Self::is_shared) says so.
     pub(crate) fn adopt(fd: OwnedFd, name: &str) -> Result<Self> {
         let os = |op| {
             move |source: io::Error| ShmError::Os {
@@ -228,12 +240,13 @@ impl Segment {
         matches!(self.origin, Origin::Foreign { .. })
     }
 
-    /// Whether the mapping is writable: a segment this process created, or a shared one a peer
-    /// sent.
-    pub(crate) fn is_writable(&self) -> bool {
+    /// Whether both sides may write the segment: one this process created for that (see
+    /// [`crate::ShmPool::alloc_shared`]), or one a peer sent unsealed against writes.
+    pub(crate) fn is_shared(&self) -> bool {
         match self.origin {
-            Origin::Own { .. } | Origin::Private => true,
+            Origin::Own { shared, .. } => shared,
             Origin::Foreign { writable } => writable,
+            Origin::Private => false,
         }
     }
 
@@ -243,6 +256,45 @@ impl Segment {
         if let Origin::Own { session, .. } = &self.origin {
             session.forget(&self.name);
         }
+    }
+
+    /// Lists the frozen block at `offset` of a segment this process created.
+    pub(crate) fn list_frozen(&self, offset: usize, block: Weak<ShmBlock>) {
+        if let Origin::Own { frozen, .. } = &self.origin {
+            frozen
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(offset, block);
+        }
+    }
+
+    /// Takes the frozen block at `offset` off the list; called as it is dropped, before its
+    /// region can be handed out again (so the entry is its own).
+    pub(crate) fn unlist_frozen(&self, offset: usize) {
+        if let Origin::Own { frozen, .. } = &self.origin {
+            let removed = frozen
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&offset);
+            drop(removed);
+        }
+    }
+
+    /// The live frozen block of this segment that spans `[offset, end)`, if one does.
+    pub(crate) fn frozen_spanning(&self, offset: u64, end: u64) -> Option<Arc<ShmBlock>> {
+        let Origin::Own { frozen, .. } = &self.origin else {
+            return None;
+        };
+        let start = usize::try_from(offset).ok()?;
+        let candidate = frozen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .range(..=start)
+            .next_back()
+            .map(|(_, weak)| weak.clone())?;
+        // Upgraded outside the lock: dropping the last `Arc` of a block takes the lock.
+        let block = candidate.upgrade()?;
+        block.spans(offset, end).then_some(block)
     }
 
     /// The descriptor of a segment this process created, to send to a peer.

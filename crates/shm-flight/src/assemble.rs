@@ -16,7 +16,7 @@ use arrow::array::{ArrayData, ArrayRef, RecordBatch, make_array};
 use arrow::buffer::Buffer;
 use arrow::datatypes::{DataType, SchemaRef};
 use shm_codec::Encoder;
-use shm_core::ShmBlock;
+use shm_core::ShmBlockMut;
 
 use crate::wire::WireError;
 
@@ -79,11 +79,11 @@ pub(crate) fn declared_layout(batch: &RecordBatch) -> Option<Vec<u64>> {
 struct Column {
     shape: Shape,
     nullable: bool,
-    validity: ShmBlock,
+    validity: ShmBlockMut,
     nulls: u64,
-    values: ShmBlock,
+    values: ShmBlockMut,
     /// Variable-length data and how much of it is written (`Bytes` only).
-    data: Option<(ShmBlock, usize)>,
+    data: Option<(ShmBlockMut, usize)>,
 }
 
 /// A frame being assembled from its record batches.
@@ -147,7 +147,7 @@ impl Assembly {
             let mut values = pool.alloc(values)?;
             if let Shape::Bytes(_) = shape {
                 // The first offset; every batch writes the ones after its rows.
-                values.as_mut_slice()?.fill(0);
+                values.as_mut_slice().fill(0);
             }
             columns.push(Column {
                 shape,
@@ -243,7 +243,7 @@ impl Assembly {
             if nulls > 0 || column.nullable {
                 let into = column
                     .validity
-                    .as_mut_slice()?
+                    .as_mut_slice()
                     .get_mut(at / 8..at / 8 + bitmap)
                     .ok_or_else(|| protocol(format!("nulls in non-nullable field {c}")))?;
                 match validity.get(..bitmap) {
@@ -266,7 +266,7 @@ impl Assembly {
                     let from = values.get(..len).ok_or_else(|| {
                         protocol(format!("field {c}: {} bytes of values", values.len()))
                     })?;
-                    column.values.as_mut_slice()?[at * width..at * width + len]
+                    column.values.as_mut_slice()[at * width..at * width + len]
                         .copy_from_slice(from);
                 }
                 Shape::Bool => {
@@ -275,7 +275,7 @@ impl Assembly {
                     let from = values.get(..bitmap).ok_or_else(|| {
                         protocol(format!("field {c}: {} bytes of bits", values.len()))
                     })?;
-                    column.values.as_mut_slice()?[at / 8..at / 8 + bitmap].copy_from_slice(from);
+                    column.values.as_mut_slice()[at / 8..at / 8 + bitmap].copy_from_slice(from);
                 }
                 Shape::Bytes(width) => {
                     let (offsets, data) = (slice(next)?, slice(next + 1)?);
@@ -307,11 +307,11 @@ impl Assembly {
                             ))
                         })?;
                     let into = block
-                        .as_mut_slice()?
+                        .as_mut_slice()
                         .get_mut(*written..*written + from.len())
                         .ok_or_else(|| protocol(format!("field {c}: more data than declared")))?;
                     into.copy_from_slice(from);
-                    let dest = column.values.as_mut_slice()?;
+                    let dest = column.values.as_mut_slice();
                     for i in 1..=n {
                         let rebased = offset(i)?
                             .checked_sub(first)
@@ -355,7 +355,7 @@ impl Assembly {
         let mut ids: Vec<&i64> = dictionaries.keys().collect();
         ids.sort();
         let mut ids = ids.into_iter();
-        let shared = |block: ShmBlock, len: usize| -> Result<Buffer, WireError> {
+        let shared = |block: ShmBlockMut, len: usize| -> Result<Buffer, WireError> {
             Ok(shm_arrow::block_buffer(
                 &encoder.freeze(block),
                 0,

@@ -28,7 +28,7 @@ use futures::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use shm_arrow::{COLUMNS_CODEC, ColumnFrame};
 use shm_codec::{Attacher, Decoder, Encoder, Payload};
-use shm_core::{ShmBlock, ShmPool, ShmRef};
+use shm_core::{ShmBlock, ShmBlockMut, ShmPool, ShmRef};
 use shm_transport::RemoteError;
 
 use crate::assemble::Assembly;
@@ -453,7 +453,7 @@ where
 /// Copies the data messages into `blocks`, in order, until the stream ends.
 async fn fill_blocks<S>(
     stream: &mut S,
-    blocks: &mut [ShmBlock],
+    blocks: &mut [ShmBlockMut],
     received: &Counter,
 ) -> Result<(), WireError>
 where
@@ -474,7 +474,7 @@ where
                     "the payload declared {total} bytes of blocks and more came"
                 )));
             };
-            let into = &mut block.as_mut_slice()?[at..];
+            let into = &mut block.as_mut_slice()[at..];
             let n = into.len().min(body.len());
             into[..n].copy_from_slice(&body[..n]);
             body = &body[n..];
@@ -551,7 +551,7 @@ where
             ));
         }
         let mut block = encoder.pool().alloc(message.data_body.len())?;
-        block.as_mut_slice()?.copy_from_slice(&message.data_body);
+        block.as_mut_slice().copy_from_slice(&message.data_body);
         let body =
             shm_arrow::block_buffer(&encoder.freeze(block), 0, message.data_body.len() as u64)?;
         let had_schema = schema.is_some();

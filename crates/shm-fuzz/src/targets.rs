@@ -13,7 +13,7 @@ use shm_codec::{
     ARRAY_CODEC, Decoder, Encoder, FRAME_CODEC, Index, Payload, Registry, Serde, SerdeCodec,
     ShmArray, SimpleFrame, TUPLE_CODEC,
 };
-use shm_core::{ShmBlock, ShmPool, ShmRef};
+use shm_core::{ShmPool, ShmRef};
 
 /// What the targets decode against: a pool, and payloads whose blocks are real, so that fuzzed
 /// metadata reaches the code that checks it against memory.
@@ -25,6 +25,8 @@ pub struct Harness {
     frame: Payload,
     tuple: Payload,
     columns: Payload,
+    /// Channel frames to start from, and the blocks they name (attachable while they live).
+    channel: (Vec<Vec<u8>>, Vec<std::sync::Arc<shm_core::ShmBlock>>),
 }
 
 /// A named decoder of foreign bytes.
@@ -78,7 +80,7 @@ pub const TARGETS: &[Target] = &[
     Target {
         name: "channel-frame",
         run: channel_frame,
-        seeds: |h| shm_transport::fuzzing::seeds(&h.pool),
+        seeds: |h| h.channel.0.clone(),
     },
     Target {
         name: "link-message",
@@ -137,6 +139,7 @@ impl Harness {
             .register(SerdeCodec::<Vec<u8>>::new("serde"));
         Harness {
             decoder: Decoder::new(pool.clone()),
+            channel: shm_transport::fuzzing::seeds(&pool),
             pool,
             registry,
             array,
@@ -260,10 +263,8 @@ fn ipc(h: &Harness, data: &[u8]) -> bool {
     let Ok(mut block) = h.pool.alloc(data.len()) else {
         return false;
     };
-    if let Ok(bytes) = block.as_mut_slice() {
-        bytes.copy_from_slice(data);
-    }
-    let block: Arc<ShmBlock> = Arc::new(block);
+    block.as_mut_slice().copy_from_slice(data);
+    let block = block.freeze();
     let Ok(batches) = read_ipc_block(&block) else {
         return false;
     };

@@ -35,7 +35,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 use std::time::{Duration, Instant};
 
 use rustix::thread::futex;
-use shm_core::ShmBlock;
+use shm_core::ShmAtomicBlock;
 
 use crate::error::{Result, TransportError, malformed};
 
@@ -236,26 +236,42 @@ pub(crate) enum Wake {
 /// A view of a channel block, shared by everything that uses the channel.
 #[derive(Debug)]
 pub(crate) struct Channel {
-    block: ShmBlock,
+    block: ShmAtomicBlock,
 }
 
 impl Channel {
-    /// Lays out a fresh channel in `block` (allocated by the parent, at least
-    /// [`channel_len`] bytes, not yet shared).
-    pub(crate) fn create(mut block: ShmBlock, parent_pid: u32) -> Result<Arc<Self>> {
-        let bytes = block.as_mut_slice()?;
-        bytes[..SLOTS].fill(0);
-        bytes[0..8].copy_from_slice(&MAGIC.to_le_bytes());
-        bytes[8..12].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
-        bytes[12..16].copy_from_slice(&(SLOT_LEN as u32).to_le_bytes());
-        bytes[16..20].copy_from_slice(&(SLOT_COUNT as u32).to_le_bytes());
-        bytes[20..24].copy_from_slice(&parent_pid.to_le_bytes());
-        bytes[24..28].copy_from_slice(&(RELEASE_COUNT as u32).to_le_bytes());
-        Ok(Arc::new(Channel { block }))
+    /// Lays out a fresh channel in `block` (made by the parent's
+    /// [`alloc_shared`](shm_core::ShmPool::alloc_shared), so zero-filled; at least
+    /// [`channel_len`] bytes; not yet shared).
+    pub(crate) fn create(block: ShmAtomicBlock, parent_pid: u32) -> Result<Arc<Self>> {
+        if block.len() < channel_len() {
+            return Err(malformed(format!(
+                "channel block of {} bytes, at least {} expected",
+                block.len(),
+                channel_len()
+            )));
+        }
+        let channel = Channel { block };
+        let word = |at: usize, value: u32| {
+            channel
+                .atomic_u32(at)
+                .store(value.to_le(), Ordering::Relaxed)
+        };
+        word(8, PROTOCOL_VERSION);
+        word(12, SLOT_LEN as u32);
+        word(16, SLOT_COUNT as u32);
+        word(20, parent_pid);
+        word(24, RELEASE_COUNT as u32);
+        // The magic last: a header with it is complete. The worker learns of the channel only
+        // after this (through its environment and the link), which orders the rest.
+        channel
+            .atomic_u64(0)
+            .store(MAGIC.to_le(), Ordering::Release);
+        Ok(Arc::new(channel))
     }
 
     /// A channel the parent laid out, as the worker attached it; checks the header.
-    pub(crate) fn open(block: ShmBlock) -> Result<Arc<Self>> {
+    pub(crate) fn open(block: ShmAtomicBlock) -> Result<Arc<Self>> {
         if block.len() < channel_len() {
             return Err(malformed(format!(
                 "channel block of {} bytes, at least {} expected",
@@ -299,7 +315,7 @@ impl Channel {
     }
 
     /// The block the channel lives in, for sending its segment to the worker.
-    pub(crate) fn block(&self) -> &ShmBlock {
+    pub(crate) fn block(&self) -> &ShmAtomicBlock {
         &self.block
     }
 
@@ -328,13 +344,13 @@ impl Channel {
         // which `self` keeps mapped for the lifetime of the borrow; the block starts 64-byte
         // aligned and `offset` is a multiple of 8, so the address is aligned for u64. Both
         // processes touch these words only through atomics.
-        unsafe { &*self.block.as_shared_ptr().add(offset).cast::<AtomicU64>() }
+        unsafe { &*self.block.as_ptr().add(offset).cast::<AtomicU64>() }
     }
 
     fn atomic_u32(&self, offset: usize) -> &AtomicU32 {
         debug_assert!(offset.is_multiple_of(4) && offset + 4 <= SLOTS);
         // SAFETY: as in `atomic_u64`, for a 4-byte aligned word of the control area.
-        unsafe { &*self.block.as_shared_ptr().add(offset).cast::<AtomicU32>() }
+        unsafe { &*self.block.as_ptr().add(offset).cast::<AtomicU32>() }
     }
 
     fn bell_seq(&self, side: Side) -> &AtomicU32 {
@@ -471,7 +487,7 @@ impl FrameRing<'_> {
         let slot = (position % SLOT_COUNT as u64) as usize;
         let offset = SLOTS + (self.direction as usize * SLOT_COUNT + slot) * SLOT_LEN;
         // In bounds: `direction < 2` and `slot < SLOT_COUNT`.
-        self.channel.block.as_shared_ptr().wrapping_add(offset)
+        self.channel.block.as_ptr().wrapping_add(offset)
     }
 
     /// How many frames the ring holds; an error when its positions are impossible (the peer
@@ -686,7 +702,7 @@ mod tests {
             .unwrap();
         channel.frames(Direction::ToParent).push(&[4]).unwrap();
         assert!(channel.releases(Direction::ToWorker).push(9));
-        let control = channel.block.as_slice()[..CONTROL_LEN].to_vec();
+        let control = channel.block.snapshot(0..CONTROL_LEN).unwrap();
         let state = ChannelState::parse(&control).unwrap();
         assert_eq!(
             (
@@ -791,26 +807,24 @@ mod tests {
         let opened = Channel::open(reader).unwrap();
         assert_eq!(opened.parent_pid(), 42);
 
-        let mut block = pool.alloc(channel_len()).unwrap();
-        block.as_mut_slice().unwrap()[..64].fill(0);
-        let garbage = pool.attach(&block.to_ref()).unwrap();
+        let garbage = pool.alloc_shared(channel_len()).unwrap();
         assert!(matches!(
             Channel::open(garbage),
             Err(TransportError::Malformed { .. })
         ));
 
-        let mut newer = pool.alloc(channel_len()).unwrap();
-        let bytes = newer.as_mut_slice().unwrap();
-        bytes[0..8].copy_from_slice(&MAGIC.to_le_bytes());
-        bytes[8..12].copy_from_slice(&(PROTOCOL_VERSION + 1).to_le_bytes());
-        let newer = pool.attach(&newer.to_ref()).unwrap();
+        let newer = pool.alloc_shared(channel_len()).unwrap();
+        // SAFETY: the block is fresh, 64-byte aligned, and used by nothing else.
+        unsafe {
+            newer.as_ptr().cast::<u64>().write(MAGIC.to_le());
+            (newer.as_ptr().add(8).cast::<u32>()).write((PROTOCOL_VERSION + 1).to_le());
+        }
         assert!(matches!(
             Channel::open(newer),
             Err(TransportError::ProtocolMismatch { theirs, .. }) if theirs == PROTOCOL_VERSION + 1
         ));
 
-        let small = pool.alloc(1000).unwrap();
-        let small = pool.attach(&small.to_ref()).unwrap();
+        let small = pool.alloc_shared(1000).unwrap();
         assert!(matches!(
             Channel::open(small),
             Err(TransportError::Malformed { .. })

@@ -261,12 +261,13 @@ impl Endpoint {
             return Ok(Ok((bytes, None)));
         }
         let mut block = self.pool.alloc(bytes.len())?;
-        block.as_mut_slice()?.copy_from_slice(&bytes);
+        block.as_mut_slice().copy_from_slice(&bytes);
+        let block = block.freeze();
         if let Err(stall) = self.offer(&block, deadline)? {
             return Ok(Err(stall));
         }
         let frame_ref = block.to_ref();
-        let loan = self.lender.lend(vec![Arc::new(block)]).map_err(refused)?;
+        let loan = self.lender.lend(vec![block]).map_err(refused)?;
         let pointer = Frame::Spilled {
             frame: frame_ref,
             loan: loan[0],
@@ -332,7 +333,6 @@ impl Endpoint {
         }
         let attacher = LoanAttacher::new(
             Arc::clone(&self.returner),
-            Arc::clone(&self.lender),
             Arc::clone(&self.admission),
             Arc::clone(&self.link),
             payload.buffers(),
@@ -444,9 +444,9 @@ mod tests {
         let pool = pool();
         let (parent, worker) = pair(&pool);
         let mut a = pool.alloc(100_000).unwrap();
-        a.as_mut_slice().unwrap().fill(1);
+        a.as_mut_slice().fill(1);
         let b = pool.alloc(200_000).unwrap();
-        let blocks = vec![Arc::new(a), Arc::new(b)];
+        let blocks = vec![a.freeze(), b.freeze()];
         let args = Payload::new("two", Vec::new(), blocks.clone(), Vec::new());
         let mut sent = args.clone();
         let frame = Frame::Call {
@@ -507,7 +507,7 @@ mod tests {
             .unwrap()
             .is_ok()
         {}
-        let block = Arc::new(pool.alloc(10).unwrap());
+        let block = pool.alloc(10).unwrap().freeze();
         let deadline = Instant::now() + Duration::from_millis(20);
         let stall = parent
             .send(small(), vec![block], Some(deadline), &never, &never, &|| {})

@@ -73,8 +73,10 @@ pub use workers::{Shutdown, WorkerPool};
 /// into its ring. Not part of the API.
 #[doc(hidden)]
 pub mod fuzzing {
+    use std::sync::Arc;
+
     use shm_codec::{Payload, Serde};
-    use shm_core::ShmPool;
+    use shm_core::{ShmBlock, ShmPool};
 
     use crate::channel::{Channel, Direction, Side, channel_len};
     use crate::frame::{Endpoint, Frame};
@@ -105,8 +107,8 @@ pub mod fuzzing {
     }
 
     /// Valid frames to start from: calls with inline and block arguments, a hello, a shutdown
-    /// and a spilled frame.
-    pub fn seeds(pool: &ShmPool) -> Vec<Vec<u8>> {
+    /// and a spilled frame; and the blocks they name, which can be attached while they live.
+    pub fn seeds(pool: &ShmPool) -> (Vec<Vec<u8>>, Vec<Arc<ShmBlock>>) {
         let encoder = shm_codec::Encoder::new(pool.clone());
         let mut frames = vec![Frame::Hello {
             version: crate::PROTOCOL_VERSION,
@@ -114,9 +116,8 @@ pub mod fuzzing {
             session: pool.session().to_string(),
         }];
         frames.push(Frame::Shutdown);
-        // A call too large for a slot, spilled into a block. The block goes back to the pool
-        // when this function returns and keeps its bytes until a block of its size is
-        // allocated again, which the target does not do.
+        let mut blocks = Vec::new();
+        // A call too large for a slot, spilled into a block.
         let spilled = Frame::Call {
             id: 2,
             method: "m".repeat(100_000),
@@ -125,16 +126,18 @@ pub mod fuzzing {
         };
         if let Ok(bytes) = postcard::to_stdvec(&spilled)
             && let Ok(mut block) = pool.alloc(bytes.len())
-            && let Ok(into) = block.as_mut_slice()
         {
-            into.copy_from_slice(&bytes);
+            block.as_mut_slice().copy_from_slice(&bytes);
+            let block = block.freeze();
             frames.push(Frame::Spilled {
                 frame: block.to_ref(),
                 loan: 7,
             });
+            blocks.push(block);
         }
         for value in [vec![1u8; 10], vec![2u8; 2 << 20]] {
             if let Ok(args) = encoder.encode(&Serde(value)) {
+                blocks.extend(args.blocks().iter().cloned());
                 let loans = (1..=args.buffers().len() as u64).collect();
                 frames.push(Frame::Call {
                     id: 1,
@@ -144,10 +147,11 @@ pub mod fuzzing {
                 });
             }
         }
-        frames
+        let frames = frames
             .iter()
             .filter_map(|f| postcard::to_stdvec(f).ok())
-            .collect()
+            .collect();
+        (frames, blocks)
     }
 }
 

@@ -13,7 +13,10 @@
 //! slot travels in a lent block that the receiver returns once it has read the frame. When the
 //! peer dies, every loan to it is dropped at once; when the receiver re-sends a block it holds,
 //! it lends its own attached block, whose hook returns the first loan only after the second
-//! comes back — so a block stays alive across any number of hops. A peer that returns ids it
+//! comes back — so a block stays alive across any number of hops. A reference a peer sends
+//! back to one of our own blocks attaches as a view that holds our frozen block (see
+//! `ShmPool::attach`), so that block lives as long as the view, loan or no loan; a reference
+//! to our memory that no frozen block spans is refused. A peer that returns ids it
 //! was never lent, or returns them early, can only cause its own reads to see recycled bytes;
 //! the owner's memory is never freed while the owner itself still uses it.
 
@@ -135,21 +138,6 @@ impl Lender {
         drop(dropped);
     }
 
-    /// The lent block that holds all of `r`'s range, if `r` names one of our own blocks: a
-    /// peer sending our block back to us, one hop later.
-    fn holding(&self, r: &ShmRef) -> Option<Arc<ShmBlock>> {
-        let end = r.offset.checked_add(r.size)?;
-        lock(&self.lent)
-            .blocks
-            .values()
-            .find(|b| {
-                b.name() == r.name
-                    && b.offset() as u64 <= r.offset
-                    && end <= (b.offset() + b.capacity()) as u64
-            })
-            .cloned()
-    }
-
     /// Blocks currently lent.
     #[cfg(test)]
     pub(crate) fn outstanding(&self) -> usize {
@@ -247,9 +235,6 @@ impl Returner {
 /// the peer when the last value built on it is dropped.
 pub(crate) struct LoanAttacher {
     returner: Arc<Returner>,
-    /// Our own loans: a reference to one of our blocks keeps that block alive, even if the
-    /// peer dies and its loans are forgotten.
-    lender: Arc<Lender>,
     /// Which references may be attached, and whether to copy them.
     admission: Arc<Admission>,
     /// Where the peer's segments come from.
@@ -275,7 +260,6 @@ impl LoanAttacher {
     /// An attacher for a payload whose references are `refs`, lent under `loans` (one each).
     pub(crate) fn new(
         returner: Arc<Returner>,
-        lender: Arc<Lender>,
         admission: Arc<Admission>,
         link: Arc<SegmentLink>,
         refs: &[ShmRef],
@@ -283,7 +267,6 @@ impl LoanAttacher {
     ) -> Arc<Self> {
         Arc::new(LoanAttacher {
             returner,
-            lender,
             admission,
             link,
             state: Mutex::new(AttachState {
@@ -332,9 +315,6 @@ impl Attacher for LoanAttacher {
         if !ids.is_empty() {
             let returner = Arc::clone(&self.returner);
             block.on_drop(Box::new(move || returner.release(&ids)));
-        }
-        if let Some(own) = self.lender.holding(r) {
-            block.on_drop(Box::new(move || drop(own)));
         }
         // For an untrusted peer, what is validated and read is a private copy; the peer's
         // block goes back (its hooks run) as soon as it is copied.

@@ -37,7 +37,7 @@ impl Conn {
         // The worker's end of the link is its only way to our segments; the channel's
         // descriptor waits in it for the worker to start.
         let (link, worker_link) = SegmentLink::pair()?;
-        link.offer(
+        link.offer_atomic(
             channel.block(),
             Some(Instant::now() + config.startup_timeout),
         )?;

@@ -104,8 +104,8 @@ impl Admission {
                     return Ok(block);
                 }
                 let mut copy = pool.alloc(block.len())?;
-                copy.as_mut_slice()?.copy_from_slice(block.as_slice());
-                Ok(Arc::new(copy))
+                copy.as_mut_slice().copy_from_slice(block.as_slice());
+                Ok(copy.freeze())
             })
             .collect::<shm_core::Result<Vec<Arc<ShmBlock>>>>()?;
         Ok(Payload::new(

@@ -47,7 +47,8 @@ fn run(args: &[&str]) -> Result<(), Box<dyn std::error::Error>> {
         }
         ["write", size, seed] => {
             let mut block = pool.alloc(size.parse()?)?;
-            fill_pattern(block.as_mut_slice()?, seed.parse()?);
+            fill_pattern(block.as_mut_slice(), seed.parse()?);
+            let block = block.freeze();
             inherited_link().offer(&block, None)?;
             writeln!(out, "{}", block.to_ref().to_hex())?;
             out.flush()?;
@@ -79,7 +80,8 @@ fn run(args: &[&str]) -> Result<(), Box<dyn std::error::Error>> {
         }
         ["hold", size] => {
             let mut block = pool.alloc(size.parse()?)?;
-            fill_pattern(block.as_mut_slice()?, 1);
+            fill_pattern(block.as_mut_slice(), 1);
+            let block = block.freeze();
             let link = inherited_link();
             link.offer(&block, None)?;
             writeln!(out, "{}", block.to_ref().to_hex())?;

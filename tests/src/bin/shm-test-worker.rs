@@ -359,7 +359,7 @@ mod hostile {
             session: parents.to_string(),
         };
         push_to_parent(
-            channel.as_shared_ptr(),
+            channel.as_ptr(),
             &postcard::to_stdvec(&frame).expect("a frame"),
         );
         std::mem::forget((channel, link));

@@ -8,7 +8,7 @@
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
-use shm_core::{PoolConfig, SegmentLink, ShmPool};
+use shm_core::{PoolConfig, SegmentLink, ShmBlockMut, ShmPool};
 
 mod common;
 use common::{Error, human, median_of as median, write_section};
@@ -56,7 +56,7 @@ fn main() -> Result<(), Error> {
         let fresh = median(runs, || {
             let start = Instant::now();
             let mut block = fresh_pool.alloc(size)?;
-            block.as_mut_slice()?.copy_from_slice(&src);
+            block.as_mut_slice().copy_from_slice(&src);
             let time = start.elapsed();
             drop(block);
             Ok(time)
@@ -66,7 +66,7 @@ fn main() -> Result<(), Error> {
         let recycled = median(runs, || {
             let start = Instant::now();
             let mut block = recycling_pool.alloc(size)?;
-            block.as_mut_slice()?.copy_from_slice(&src);
+            block.as_mut_slice().copy_from_slice(&src);
             Ok(start.elapsed())
         })?;
         if recycling_pool.stats().segments_created != created {
@@ -224,7 +224,7 @@ fn receiving(report: &mut String, quick: bool) -> Result<(), Error> {
     while left > 0 {
         let n = left.min(batch);
         let blocks: Vec<_> = (0..n)
-            .map(|_| owner.alloc(1 << 20))
+            .map(|_| owner.alloc(1 << 20).map(ShmBlockMut::freeze))
             .collect::<Result<_, _>>()?;
         let (sender, receiver) = SegmentLink::pair()?;
         let receiver = SegmentLink::from_fd(receiver)?;
@@ -304,7 +304,8 @@ fn sealed_reply(report: &mut String, quick: bool) -> Result<(), Error> {
         eprintln!("... sealed reply, {} KiB, {runs} runs", size >> 10);
         let src = vec![0x3cu8; size];
         let mut block = pool.alloc(size)?;
-        block.as_mut_slice()?.copy_from_slice(&src);
+        block.as_mut_slice().copy_from_slice(&src);
+        let block = block.freeze();
         let read = |bytes: &[u8]| {
             bytes
                 .iter()

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use super::{PAGE, PoolShared, Slot, State};
-use crate::block::ShmBlock;
+use crate::block::ShmBlockMut;
 use crate::error::{Result, ShmError};
 use crate::name::SegmentHolds;
 use crate::segment::Segment;
@@ -13,7 +13,7 @@ impl PoolShared {
     /// A block that is a whole segment of its own: from the free list or new; or, when
     /// `shared`, always new, unsealed against writes for a peer to map writable, and never
     /// recycled.
-    pub(super) fn alloc_whole(self: &Arc<Self>, size: usize, shared: bool) -> Result<ShmBlock> {
+    pub(super) fn alloc_whole(self: &Arc<Self>, size: usize, shared: bool) -> Result<ShmBlockMut> {
         let len =
             size.checked_next_multiple_of(PAGE)
                 .ok_or_else(|| ShmError::OutOfSharedMemory {
@@ -33,7 +33,7 @@ impl PoolShared {
                 state.live_blocks += 1;
                 let capacity = segment.len();
                 drop(state);
-                return Ok(ShmBlock::new(
+                return Ok(ShmBlockMut::new(
                     segment,
                     0,
                     capacity,
@@ -65,7 +65,7 @@ impl PoolShared {
         state.live_blocks += 1;
         drop(state);
         let slot = if shared { Slot::Shared } else { Slot::Whole };
-        Ok(ShmBlock::new(segment, 0, len, size, self.lease(slot)))
+        Ok(ShmBlockMut::new(segment, 0, len, size, self.lease(slot)))
     }
 }
 

@@ -19,7 +19,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
-use crate::block::ShmBlock;
+use crate::block::{ShmAtomicBlock, ShmBlock, ShmBlockMut};
 use crate::error::{Result, ShmError};
 use crate::name::{SegmentHolds, SessionId, validate_name};
 use crate::reference::ShmRef;
@@ -248,7 +248,7 @@ impl ShmPool {
     /// created and its memory reserved, so that a full `/dev/shm` is reported here as
     /// [`ShmError::OutOfSharedMemory`] rather than as a SIGBUS on first write. A recycled
     /// block holds stale bytes.
-    pub fn alloc(&self, size: usize) -> Result<ShmBlock> {
+    pub fn alloc(&self, size: usize) -> Result<ShmBlockMut> {
         self.shared.reclaim();
         if size <= self.shared.config.slab_threshold {
             self.shared.alloc_slot(size)
@@ -257,27 +257,47 @@ impl ShmPool {
         }
     }
 
-    /// A writable block of `size` bytes in a segment of its own that a peer may map writable
-    /// too: for structures both sides update through atomics or a publication protocol (the
-    /// transport's channel). Other blocks' segments are sealed so that only their creator can
-    /// write them; this one is not, and it is never recycled for data.
-    pub fn alloc_shared(&self, size: usize) -> Result<ShmBlock> {
-        self.shared.alloc_whole(size, true)
+    /// A block of `size` bytes in a segment of its own that a peer may map writable too: for
+    /// structures both sides update through atomics or a publication protocol (the transport's
+    /// channel). Other blocks' segments are sealed so that only their creator can write them;
+    /// this one is not, it is never recycled for data, and it hands out no slices.
+    pub fn alloc_shared(&self, size: usize) -> Result<ShmAtomicBlock> {
+        let block = self.shared.alloc_whole(size, true)?;
+        Ok(ShmAtomicBlock::new(block.into_unlisted()))
     }
 
     /// The block a reference names, read-only, after checking the reference against the
     /// segment: the name's form, an offset aligned to [`BLOCK_ALIGN`], `offset + size` without
     /// overflow and inside the segment, `content_size <= size`.
     ///
-    /// A reference here names a live segment of this process (made by any of its pools). A
-    /// segment of another process is not reached by its name: its descriptor arrives on a
+    /// A reference here names a frozen block of this process (made by any of its pools; see
+    /// [`ShmBlockMut::freeze`]), or a range inside one; the view keeps that block alive, so its
+    /// memory is not recycled while the view lives. A range no frozen block spans — memory
+    /// still being written, or free — is [`ShmError::NotFrozen`]. A segment of another process
+    /// is not reached by its name: its descriptor arrives on a
     /// [`SegmentLink`](crate::SegmentLink), which attaches it (here such a name is
     /// [`ShmError::NoDescriptor`]); a named object of another program is attached with
     /// [`attach_segment`](Self::attach_segment).
     pub fn attach(&self, r: &ShmRef) -> Result<ShmBlock> {
         let end = check_ref(r)?;
         let segment = self.segment_of(&r.name)?;
-        block_of(segment, r, end)
+        let segment_len = segment.len() as u64;
+        if end > segment_len {
+            return Err(ShmError::RefOutOfBounds {
+                name: r.name.clone(),
+                offset: r.offset,
+                size: r.size,
+                segment_len,
+            });
+        }
+        let frozen = segment
+            .frozen_spanning(r.offset, end)
+            .ok_or_else(|| ShmError::NotFrozen {
+                name: r.name.clone(),
+                offset: r.offset,
+                size: r.size,
+            })?;
+        Ok(ShmBlock::view_of(frozen, r))
     }
 
     /// Maps a whole named segment of another program (Python's `SharedMemory`, say),
@@ -320,11 +340,11 @@ impl ShmPool {
         block_of(segment, &r, len)
     }
 
-    /// The block a reference to a segment of this process names, mapped read-write, for
-    /// structures that both sides update through atomics or a publication protocol (the
-    /// transport's channel), with the checks of [`attach`](Self::attach). Plain data is never
-    /// attached this way: `as_slice` views of it would race the other side.
-    pub fn attach_shared(&self, r: &ShmRef) -> Result<ShmBlock> {
+    /// The block a reference to a segment of this process made by
+    /// [`alloc_shared`](Self::alloc_shared) names, mapped read-write, for structures that both
+    /// sides update through atomics or a publication protocol (the transport's channel), with
+    /// the checks of [`attach`](Self::attach).
+    pub fn attach_shared(&self, r: &ShmRef) -> Result<ShmAtomicBlock> {
         let end = check_ref(r)?;
         if self.shared.lock().closed {
             return Err(ShmError::PoolClosed);
@@ -336,7 +356,13 @@ impl ShmPool {
                 .ok_or_else(|| ShmError::SegmentNotFound {
                     name: r.name.clone(),
                 })?;
-        block_of(segment, r, end)
+        if !segment.is_shared() {
+            return Err(ShmError::NotASegment {
+                name: r.name.clone(),
+                reason: "it is sealed against writes, and this structure is written by both sides",
+            });
+        }
+        block_of(segment, r, end).map(ShmAtomicBlock::new)
     }
 
     /// The segment `name` names for [`attach`](Self::attach).
@@ -402,15 +428,15 @@ impl ShmPool {
             },
         };
         let capacity = segment.len();
-        let mut copy = ShmBlock::new(
+        let mut copy = ShmBlockMut::new(
             segment,
             0,
             capacity,
             block.len(),
             self.shared.lease(Slot::Private),
         );
-        copy.as_mut_slice()?.copy_from_slice(block.as_slice());
-        Ok(copy)
+        copy.as_mut_slice().copy_from_slice(block.as_slice());
+        Ok(copy.into_unlisted())
     }
 
     /// Releases every segment this pool created, drops its caches, and refuses further
@@ -527,11 +553,11 @@ impl PoolShared {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn lease(self: &Arc<Self>, slot: Slot) -> Option<Lease> {
-        Some(Lease {
+    fn lease(self: &Arc<Self>, slot: Slot) -> Lease {
+        Lease {
             pool: Arc::downgrade(self),
             slot,
-        })
+        }
     }
 
     /// Counts `len` new bytes against the capacity, first evicting idle segments if that makes

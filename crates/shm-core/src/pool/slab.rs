@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use super::{BLOCK_ALIGN, PoolShared, SLAB_LEN, Slot, State};
-use crate::block::ShmBlock;
+use crate::block::ShmBlockMut;
 use crate::error::{Result, ShmError};
 use crate::name::SegmentHolds;
 use crate::segment::Segment;
@@ -19,7 +19,7 @@ pub(super) struct Slab {
 }
 
 impl PoolShared {
-    pub(super) fn alloc_slot(self: &Arc<Self>, size: usize) -> Result<ShmBlock> {
+    pub(super) fn alloc_slot(self: &Arc<Self>, size: usize) -> Result<ShmBlockMut> {
         let slot_len = size.max(BLOCK_ALIGN).next_power_of_two();
         let class = slot_len.trailing_zeros() as usize - BLOCK_ALIGN.trailing_zeros() as usize;
         loop {
@@ -39,7 +39,7 @@ impl PoolShared {
                 if let Some((slab, index, segment)) = found {
                     state.live_blocks += 1;
                     drop(state);
-                    return Ok(ShmBlock::new(
+                    return Ok(ShmBlockMut::new(
                         segment,
                         index as usize * slot_len,
                         slot_len,

@@ -68,7 +68,7 @@ fn recycled_blocks_create_no_new_segment() {
         let warm = pool.stats().segments_created;
         for i in 0..1000 {
             let mut block = pool.alloc(size - (i % 7) * 4096).unwrap();
-            block.as_mut_slice().unwrap()[0] = i as u8;
+            block.as_mut_slice()[0] = i as u8;
         }
         let stats = pool.stats();
         assert_eq!(stats.segments_created, warm, "recycling created segments");
@@ -81,10 +81,10 @@ fn recycled_blocks_create_no_new_segment() {
 fn small_allocations_share_slab_segments() {
     leaves_shm_clean(|| {
         let pool = quiet_pool(PoolConfig::default());
-        let blocks: Vec<ShmBlock> = (0..10_000)
+        let blocks: Vec<ShmBlockMut> = (0..10_000)
             .map(|i| {
                 let mut block = pool.alloc(1 + i % 200).unwrap();
-                block.as_mut_slice().unwrap().fill((i % 251) as u8);
+                block.as_mut_slice().fill((i % 251) as u8);
                 block
             })
             .collect();
@@ -114,7 +114,7 @@ fn segments_are_sealed_memfds_that_no_name_reaches() {
         let pool = quiet_pool(PoolConfig::default());
         for size in [10, 1 << 20] {
             let mut block = pool.alloc(size).unwrap();
-            block.as_mut_slice().unwrap().fill(5);
+            block.as_mut_slice().fill(5);
             assert!(block.name().len() <= 30, "{}", block.name());
             assert!(!sys::segment_path(block.name()).exists());
             let fd = block.segment().descriptor().unwrap();
@@ -151,7 +151,7 @@ fn segments_are_sealed_memfds_that_no_name_reaches() {
                 Err(rustix::io::Errno::PERM)
             );
             // The owner writes on through the mapping it made before sealing.
-            block.as_mut_slice().unwrap().fill(6);
+            block.as_mut_slice().fill(6);
             assert!(block.as_slice().iter().all(|&b| b == 6));
         }
     });
@@ -161,7 +161,7 @@ fn segments_are_sealed_memfds_that_no_name_reaches() {
 fn zero_size_blocks_are_valid() {
     leaves_shm_clean(|| {
         let pool = quiet_pool(PoolConfig::default());
-        let block = pool.alloc(0).unwrap();
+        let block = pool.alloc(0).unwrap().freeze();
         assert!(block.is_empty());
         let r = block.to_ref();
         assert_eq!(r.content_size, 0);
@@ -176,7 +176,8 @@ fn attaching_twice_reuses_one_mapping() {
         let owner = quiet_pool(PoolConfig::default());
         let reader = quiet_pool(PoolConfig::default());
         let mut block = owner.alloc(3 << 20).unwrap();
-        block.as_mut_slice().unwrap().fill(0xab);
+        block.as_mut_slice().fill(0xab);
+        let block = block.freeze();
         let a = reader.attach(&block.to_ref()).unwrap();
         let b = reader.attach(&block.to_ref()).unwrap();
         assert_eq!(a.as_ptr(), b.as_ptr());
@@ -284,22 +285,67 @@ fn names_that_lead_elsewhere_are_refused_before_anything_is_mapped() {
 }
 
 #[test]
-fn attached_blocks_are_read_only() {
+fn memory_is_attached_only_once_frozen() {
     leaves_shm_clean(|| {
         let pool = quiet_pool(PoolConfig::default());
-        let block = pool.alloc(100_000).unwrap();
-        let mut view = pool.attach(&block.to_ref()).unwrap();
-        match view.as_mut_slice() {
-            Err(ShmError::ReadOnly { name }) => assert_eq!(name, block.name()),
-            other => panic!("expected ReadOnly, got {other:?}"),
+        let reader = quiet_pool(PoolConfig::default());
+        // Writable blocks give out no reference; one made up from their numbers is refused, in
+        // a whole segment and in a slab, so no view can race their writer.
+        for size in [100, 100_000] {
+            let mut block = pool.alloc(size).unwrap();
+            block.as_mut_slice().fill(1);
+            let forged = ShmRef {
+                name: block.name().to_owned(),
+                offset: block.offset() as u64,
+                size: block.capacity() as u64,
+                content_size: block.len() as u64,
+            };
+            match reader.attach(&forged) {
+                Err(ShmError::NotFrozen { name, offset, size }) => {
+                    assert_eq!(
+                        (name.as_str(), offset, size),
+                        (block.name(), forged.offset, forged.size)
+                    );
+                }
+                other => panic!("expected NotFrozen, got {other:?}"),
+            }
+            let frozen = block.freeze();
+            // A range inside the frozen block is a view of it; one past its end is not.
+            let inner = ShmRef {
+                size: 64,
+                content_size: 64,
+                ..forged.clone()
+            };
+            assert_eq!(reader.attach(&inner).unwrap().as_slice(), &[1; 64]);
+            let beyond = ShmRef {
+                size: forged.size + 64,
+                content_size: 0,
+                ..forged.clone()
+            };
+            assert!(matches!(
+                reader.attach(&beyond),
+                Err(ShmError::NotFrozen { .. } | ShmError::RefOutOfBounds { .. })
+            ));
+            // A view keeps the frozen block, so its memory is not handed out again.
+            let view = reader.attach(&frozen.to_ref()).unwrap();
+            drop(frozen);
+            assert_eq!(pool.stats().live_blocks, 1);
+            let reuse = pool.alloc(size).unwrap();
+            assert_ne!(
+                (reuse.name(), reuse.offset()),
+                (view.name(), view.offset()),
+                "memory a view shows was handed out for writing"
+            );
+            assert!(view.as_slice().iter().all(|&b| b == 1));
+            drop(reuse);
+            drop(view);
+            assert_eq!(pool.stats().live_blocks, 0);
+            // Free memory is not attachable either.
+            assert!(matches!(
+                reader.attach(&forged),
+                Err(ShmError::NotFrozen { .. })
+            ));
         }
-        // In this process it is the owner's own mapping; a peer maps it read-only (see the
-        // link's tests).
-        let mapping = crate::test_support::mapping_of(view.as_ptr() as usize);
-        assert!(
-            mapping.contains(" rw-s "),
-            "one mapping per segment: {mapping}"
-        );
     });
 }
 
@@ -311,10 +357,10 @@ fn private_copies_hold_the_content_and_cannot_be_named() {
             let mut block = pool.alloc(size).unwrap();
             block
                 .as_mut_slice()
-                .unwrap()
                 .iter_mut()
                 .enumerate()
                 .for_each(|(i, b)| *b = i as u8);
+            let block = block.freeze();
             let view = pool.attach(&block.to_ref()).unwrap();
             let copy = pool.private_copy(&view).unwrap();
             assert_eq!(copy.as_slice(), view.as_slice());
@@ -336,7 +382,7 @@ fn private_copies_hold_the_content_and_cannot_be_named() {
             );
             // Its memory serves the next copy of that size.
             drop(copy);
-            let again = pool.alloc(size).unwrap();
+            let again = pool.alloc(size).unwrap().freeze();
             let copy = pool.private_copy(&again).unwrap();
             assert_eq!(
                 pool.stats().bytes_cached,
@@ -380,7 +426,7 @@ fn whole_segments_attach_by_name_with_or_without_the_slash() {
 fn bad_refs_are_typed_errors() {
     leaves_shm_clean(|| {
         let pool = quiet_pool(PoolConfig::default());
-        let block = pool.alloc(1 << 20).unwrap();
+        let block = pool.alloc(1 << 20).unwrap().freeze();
         let good = block.to_ref();
         let segment_len = (1u64 << 20).next_multiple_of(PAGE as u64);
 
@@ -505,7 +551,7 @@ fn asking_for_more_memory_than_there_is_is_an_error_not_a_crash() {
             other => panic!("expected OutOfSharedMemory, got {other:?}"),
         }
         let mut block = pool.alloc(1 << 20).unwrap();
-        block.as_mut_slice().unwrap().fill(1);
+        block.as_mut_slice().fill(1);
         assert_eq!(pool.stats().live_blocks, 1);
     });
 }
@@ -515,9 +561,10 @@ fn close_all_releases_live_blocks_which_stay_readable() {
     leaves_shm_clean(|| {
         let pool = quiet_pool(PoolConfig::default());
         let mut big = pool.alloc(1 << 20).unwrap();
-        big.as_mut_slice().unwrap().fill(9);
+        big.as_mut_slice().fill(9);
         let mut small = pool.alloc(10).unwrap();
-        small.as_mut_slice().unwrap().fill(3);
+        small.as_mut_slice().fill(3);
+        let (big, small) = (big.freeze(), small.freeze());
         drop(pool.alloc(2 << 20).unwrap());
         let other = quiet_pool(PoolConfig::default());
         assert!(other.attach(&big.to_ref()).is_ok());
@@ -572,7 +619,7 @@ fn many_threads_share_one_pool() {
                     for i in 0..300usize {
                         let size = [17, 4000, 70_000, 300_000, 2 << 20][i % 5];
                         let mut block = pool.alloc(size).unwrap();
-                        block.as_mut_slice().unwrap().fill(thread);
+                        block.as_mut_slice().fill(thread);
                         std::thread::yield_now();
                         assert!(
                             block.as_slice().iter().all(|&b| b == thread),
