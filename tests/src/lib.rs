@@ -3,6 +3,7 @@
 
 pub mod model;
 
+use shm_transport::CalleeExt;
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -221,10 +222,9 @@ pub fn rss() -> u64 {
 /// flat.
 pub fn an_honest_neighbour_runs_on(binary: &str, pool: &shm_core::ShmPool) {
     use shm_codec::Serde;
-    let honest = shm_transport::Worker::spawn(shm_transport::WorkerConfig {
-        pool: Some(pool.clone()),
-        ..shm_transport::WorkerConfig::new(binary)
-    })
+    let honest = shm_transport::Worker::spawn(
+        shm_transport::WorkerConfig::new(binary).with_pool(pool.clone()),
+    )
     .expect("the honest worker starts");
     let a = ndarray::Array1::from_elem(8_200, 1.0f64);
     for _ in 0..100 {

@@ -11,6 +11,7 @@ use ndarray::Ix1;
 use shm_codec::{Serde, ShmArray, ShmArrayMut};
 use shm_core::ShmPool;
 use shm_tests::CleanShm;
+use shm_transport::CalleeExt;
 use shm_transport::{Worker, WorkerConfig};
 
 const WORKER: &str = env!("CARGO_BIN_EXE_shm-test-worker");
@@ -90,11 +91,7 @@ fn inside() {
     let clean = CleanShm::begin();
     let full = Filler::fill();
     let pool = ShmPool::new().unwrap();
-    let worker = Worker::spawn(WorkerConfig {
-        pool: Some(pool.clone()),
-        ..WorkerConfig::new(WORKER)
-    })
-    .unwrap();
+    let worker = Worker::spawn(WorkerConfig::new(WORKER).with_pool(pool.clone())).unwrap();
 
     // An argument of 1 GiB, sixteen times the mount, written once into a block of the pool.
     let n = 1usize << 27;

@@ -12,6 +12,7 @@ use shm_arrow::ColumnFrame;
 use shm_codec::{Serde, ShmArray};
 use shm_core::ShmError;
 use shm_tests::{ChildProcess, CleanShm};
+use shm_transport::CalleeExt;
 use shm_transport::{TransportError, Worker, WorkerConfig};
 
 const WORKER: &str = env!("CARGO_BIN_EXE_shm-test-worker");
@@ -21,7 +22,7 @@ const CHILD: &str = env!("CARGO_BIN_EXE_shm-test-child");
 const HANG_GUARD: Duration = Duration::from_secs(30);
 
 fn spawn(untrusted: bool) -> Worker {
-    Worker::spawn(WorkerConfig::new(WORKER).untrusted(untrusted)).unwrap()
+    Worker::spawn(WorkerConfig::new(WORKER).with_untrusted(untrusted)).unwrap()
 }
 
 /// Runs `f` on another thread and fails the test if it does not return within the guard.
@@ -174,7 +175,7 @@ fn shm_err(err: &shm_codec::CodecError) -> &ShmError {
 fn a_worker_cannot_claim_another_session_at_the_handshake() {
     let clean = CleanShm::begin();
     // The forged hello names the parent's own session.
-    match Worker::spawn(WorkerConfig::new(WORKER).args(["--forge-hello"])) {
+    match Worker::spawn(WorkerConfig::new(WORKER).with_args(["--forge-hello"])) {
         Err(TransportError::Malformed { what }) => {
             assert!(what.contains("which is the parent's"), "{what}")
         }
@@ -337,7 +338,7 @@ fn spawn_watched() -> (Worker, std::sync::Arc<std::sync::atomic::AtomicBool>) {
             flag.store(true, std::sync::atomic::Ordering::SeqCst);
         }
     }));
-    let worker = Worker::spawn(WorkerConfig::new(WORKER).stderr(sink)).unwrap();
+    let worker = Worker::spawn(WorkerConfig::new(WORKER).with_stderr(sink)).unwrap();
     (worker, jammed)
 }
 
@@ -362,11 +363,7 @@ enum Jam {
 fn a_worker_that_jams_its_returns_fails_only_its_own_calls() {
     let clean = CleanShm::begin();
     let pool = shm_core::ShmPool::new().unwrap();
-    let hostile = Worker::spawn(WorkerConfig {
-        pool: Some(pool.clone()),
-        ..WorkerConfig::new(WORKER)
-    })
-    .unwrap();
+    let hostile = Worker::spawn(WorkerConfig::new(WORKER).with_pool(pool.clone())).unwrap();
     hostile.call::<_, ()>("jam_returns", &()).unwrap();
     let a = Array1::from_elem(100_000, 1.0f64);
     for _ in 0..3 {
@@ -388,10 +385,11 @@ fn a_worker_that_never_gives_blocks_back_meets_its_loan_limit() {
     let clean = CleanShm::begin();
     let pool = shm_core::ShmPool::new().unwrap();
     let limit = 16u64 << 20;
-    let hoarder = Worker::spawn(WorkerConfig {
-        pool: Some(pool.clone()),
-        ..WorkerConfig::new(WORKER).loan_limit(limit)
-    })
+    let hoarder = Worker::spawn(
+        WorkerConfig::new(WORKER)
+            .with_pool(pool.clone())
+            .with_loan_limit(limit),
+    )
     .unwrap();
     let a = Array1::from_elem(1 << 17, 1.0f64); // 1 MiB
     let mut kept = 0;

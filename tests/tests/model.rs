@@ -20,7 +20,7 @@ use shm_tests::model::{
     Answer, Command, Digests, Reply, Rng, batch, bytes, digest_batch, digest_bytes, digest_f64,
     digest_frame, digest_tagged, f64_array, frame, i32_array, length,
 };
-use shm_transport::{TransportError, Worker, WorkerConfig};
+use shm_transport::{CalleeExt, TransportError, Worker, WorkerConfig};
 
 const WORKER: &str = env!("CARGO_BIN_EXE_shm-test-worker");
 
@@ -134,7 +134,7 @@ impl Shared {
         }
         let revived = match epoch % 3 {
             0 => worker.restart(),
-            turn => Worker::spawn(WorkerConfig::new(WORKER).untrusted(turn == 1))
+            turn => Worker::spawn(WorkerConfig::new(WORKER).with_untrusted(turn == 1))
                 .map(|new| drop(std::mem::replace(&mut *worker, new))),
         };
         if let Err(err) = revived {

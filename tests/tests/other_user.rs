@@ -11,7 +11,7 @@ use std::process::Command;
 
 use shm_codec::Serde;
 use shm_core::ShmPool;
-use shm_transport::{Worker, WorkerConfig};
+use shm_transport::{CalleeExt, Worker, WorkerConfig};
 
 const WORKER: &str = env!("CARGO_BIN_EXE_shm-test-worker");
 /// Set in the re-run as the other user.

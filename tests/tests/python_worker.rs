@@ -6,7 +6,7 @@
 
 use shm_codec::Serde;
 use shm_tests::{CleanShm, an_honest_neighbour_runs_on, python, rss};
-use shm_transport::{RemoteErrorKind, TransportError, Worker, WorkerConfig};
+use shm_transport::{CalleeExt, RemoteErrorKind, TransportError, Worker, WorkerConfig};
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/python/worker.py");
 const WORKER: &str = env!("CARGO_BIN_EXE_shm-test-worker");
@@ -15,7 +15,7 @@ const WORKER: &str = env!("CARGO_BIN_EXE_shm-test-worker");
 fn a_worker_written_in_python_from_the_format_page_serves_calls() {
     let Some(python) = python() else { return };
     let clean = CleanShm::begin();
-    let worker = Worker::spawn(WorkerConfig::new(python).args([SCRIPT])).unwrap();
+    let worker = Worker::spawn(WorkerConfig::new(python).with_args([SCRIPT])).unwrap();
     let Serde(x): Serde<u64> = worker.call("echo", &Serde(42u64)).unwrap();
     assert_eq!(x, 42);
     let Serde(sum): Serde<u64> = worker.call("add", &Serde((2u64, 300u64))).unwrap();
@@ -51,10 +51,11 @@ fn a_worker_that_never_drains_what_is_returned_to_it_fails_only_its_own_calls() 
     let Some(python) = python() else { return };
     let clean = CleanShm::begin();
     let pool = shm_core::ShmPool::new().unwrap();
-    let worker = Worker::spawn(WorkerConfig {
-        pool: Some(pool.clone()),
-        ..WorkerConfig::new(python).args([SCRIPT])
-    })
+    let worker = Worker::spawn(
+        WorkerConfig::new(python)
+            .with_args([SCRIPT])
+            .with_pool(pool.clone()),
+    )
     .unwrap();
     // Each reply comes in a lent block, which the parent returns once it has read it; the
     // worker never takes the returns, so they wait in the parent, up to a bound.

@@ -8,6 +8,7 @@ use ndarray::{Array1, Array2, Ix1, IxDyn};
 use shm_codec::{Index, Serde, ShmArray, SimpleFrame};
 use shm_core::ShmPool;
 use shm_tests::{ChildProcess, CleanShm, process_runs};
+use shm_transport::CalleeExt;
 use shm_transport::{RemoteErrorKind, StderrSink, TransportError, Worker, WorkerConfig};
 
 const WORKER: &str = env!("CARGO_BIN_EXE_shm-test-worker");
@@ -90,7 +91,7 @@ fn many_threads_call_one_worker_and_every_reply_finds_its_call() {
 #[test]
 fn handler_errors_panics_and_unknown_methods_come_back_and_the_worker_goes_on() {
     let clean = CleanShm::begin();
-    let worker = Worker::spawn(WorkerConfig::new(WORKER).stderr(StderrSink::Discard)).unwrap();
+    let worker = Worker::spawn(WorkerConfig::new(WORKER).with_stderr(StderrSink::Discard)).unwrap();
     let remote = |result: Result<(), TransportError>| match result {
         Err(TransportError::Remote(remote)) => remote,
         other => panic!("expected a remote error, got {other:?}"),
@@ -118,7 +119,7 @@ fn handler_errors_panics_and_unknown_methods_come_back_and_the_worker_goes_on() 
 #[test]
 fn a_worker_killed_mid_call_fails_every_pending_call_and_restarts() {
     let clean = CleanShm::begin();
-    let mut worker = spawn();
+    let worker = spawn();
     let Serde(pid): Serde<u32> = worker.call("pid", &()).unwrap();
     let results = Mutex::new(Vec::new());
     std::thread::scope(|scope| {
@@ -157,7 +158,7 @@ fn a_worker_killed_mid_call_fails_every_pending_call_and_restarts() {
 #[test]
 fn a_hung_handler_times_out_and_the_worker_can_be_restarted() {
     let clean = CleanShm::begin();
-    let mut worker = spawn();
+    let worker = spawn();
     let args = Array1::from_elem(1 << 16, 2.0f64);
     match worker.call_timeout::<_, ()>("sleep", &Serde(60_000u64), Duration::from_millis(300)) {
         Err(TransportError::Timeout { method, timeout }) => {
@@ -190,8 +191,8 @@ fn workers_that_cannot_start_are_typed_errors() {
         other => panic!("expected Spawn, got {other:?}"),
     }
     let config = WorkerConfig::new(WORKER)
-        .args(["--fail-at-start"])
-        .stderr(StderrSink::Discard);
+        .with_args(["--fail-at-start"])
+        .with_stderr(StderrSink::Discard);
     match Worker::spawn(config) {
         Err(TransportError::StartFailed { status, stderr, .. }) => {
             assert_eq!(status, "exit code 3");
@@ -207,9 +208,10 @@ fn worker_stderr_reaches_the_parent_with_a_prefix() {
     let clean = CleanShm::begin();
     let lines = Arc::new(Mutex::new(Vec::new()));
     let sink = Arc::clone(&lines);
-    let config = WorkerConfig::new(WORKER).stderr(StderrSink::Lines(Arc::new(move |l: &str| {
-        sink.lock().unwrap().push(l.to_owned());
-    })));
+    let config =
+        WorkerConfig::new(WORKER).with_stderr(StderrSink::Lines(Arc::new(move |l: &str| {
+            sink.lock().unwrap().push(l.to_owned());
+        })));
     let worker = Worker::spawn(config).unwrap();
     worker
         .call::<_, ()>("stderr", &Serde("hello from the worker"))
@@ -461,9 +463,7 @@ fn a_worker_whose_parent_is_killed_exits_and_cleans_up() {
 fn dropping_a_pool_user_and_worker_leaves_nothing() {
     let clean = CleanShm::begin();
     let pool = ShmPool::new().unwrap();
-    let mut config = WorkerConfig::new(WORKER);
-    config.pool = Some(pool.clone());
-    let worker = Worker::spawn(config).unwrap();
+    let worker = Worker::spawn(WorkerConfig::new(WORKER).with_pool(pool.clone())).unwrap();
     let a = Array1::from_elem(1 << 20, 1.0f64);
     let _: Serde<f64> = worker.call("sum", &a).unwrap();
     drop(worker);
@@ -514,9 +514,9 @@ fn restart_shutdown_and_drop_end_quickly_while_a_child_of_the_worker_holds_its_s
         }
     };
 
-    let mut worker = spawn();
+    let worker = spawn();
     let child = sleeper(&worker);
-    let mut worker = within("restart", bound, move || {
+    let worker = within("restart", bound, move || {
         worker.restart().unwrap();
         worker
     });

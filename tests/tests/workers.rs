@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use ndarray::Array1;
 use shm_codec::Serde;
 use shm_tests::CleanShm;
-use shm_transport::{Shutdown, TransportError, WorkerConfig, WorkerPool};
+use shm_transport::CalleeExt;
+use shm_transport::{ShutdownMode, TransportError, WorkerConfig, WorkerPool};
 
 const WORKER: &str = env!("CARGO_BIN_EXE_shm-test-worker");
 
@@ -26,7 +27,7 @@ fn wait_until(done: impl Fn() -> bool) {
 }
 
 fn pool(workers: usize) -> WorkerPool {
-    WorkerPool::new(WorkerConfig::new(WORKER), Some(workers)).unwrap()
+    WorkerPool::with_workers(WorkerConfig::new(WORKER), workers).unwrap()
 }
 
 #[test]
@@ -90,6 +91,52 @@ fn broadcast_writes_the_block_once_and_reaches_every_worker() {
 }
 
 #[test]
+fn calls_while_a_slow_worker_restarts_end_by_their_timeout() {
+    let clean = CleanShm::begin();
+    // Each start of this worker takes 2 s.
+    let config = WorkerConfig::new(WORKER).with_args(["--slow-start", "2000"]);
+    let workers = WorkerPool::with_workers(config, 1).unwrap();
+    let before = workers.pids();
+    assert!(matches!(
+        workers.call::<_, ()>("abort", &()),
+        Err(TransportError::WorkerDied { .. })
+    ));
+    // The restart is under way in the background; no call waits for it.
+    let started = Instant::now();
+    let mut calls = 0;
+    while workers.pids() == before && started.elapsed() < Duration::from_millis(1500) {
+        let call = Instant::now();
+        let result =
+            workers.call_timeout::<_, Serde<u64>>("echo", &Serde(1u64), Duration::from_millis(100));
+        assert!(
+            call.elapsed() < Duration::from_millis(200),
+            "a call with a 100 ms timeout took {:?} while its worker restarted",
+            call.elapsed()
+        );
+        assert!(
+            matches!(
+                result,
+                Err(TransportError::WorkerDied { .. } | TransportError::Timeout { .. })
+            ),
+            "{result:?}"
+        );
+        calls += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(calls >= 10, "only {calls} calls during the restart");
+    // Then the new process serves.
+    while workers.pids() == before {
+        assert!(started.elapsed() < Duration::from_secs(30), "no restart");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let Serde(x): Serde<u64> = workers.call("echo", &Serde(9u64)).unwrap();
+    assert_eq!(x, 9);
+    assert!(workers.failed_restarts().is_empty());
+    drop(workers);
+    clean.end();
+}
+
+#[test]
 fn a_dying_worker_fails_only_its_own_calls_and_comes_back() {
     let clean = CleanShm::begin();
     let workers = pool(2);
@@ -128,12 +175,12 @@ fn shutdown_drains_or_cancels_the_calls_in_flight() {
     std::thread::scope(|scope| {
         let call = scope.spawn(|| workers.call::<_, ()>("sleep", &Serde(300u64)));
         wait_until(|| workers.in_flight().iter().sum::<usize>() == 1);
-        workers.shutdown(Shutdown::Drain);
+        workers.shutdown(ShutdownMode::Drain);
         call.join().unwrap().expect("a drained call finishes");
     });
     assert!(matches!(
         workers.call::<_, Serde<u64>>("echo", &Serde(1u64)),
-        Err(TransportError::PoolShutDown { workers: 2 })
+        Err(TransportError::PoolShutdown { workers: 2 })
     ));
     drop(workers);
 
@@ -142,7 +189,7 @@ fn shutdown_drains_or_cancels_the_calls_in_flight() {
         let call = scope.spawn(|| workers.call::<_, ()>("sleep", &Serde(60_000u64)));
         wait_until(|| workers.in_flight().iter().sum::<usize>() == 1);
         let started = Instant::now();
-        workers.shutdown(Shutdown::Cancel);
+        workers.shutdown(ShutdownMode::Cancel);
         assert!(matches!(
             call.join().unwrap(),
             Err(TransportError::WorkerDied { .. })

@@ -5,9 +5,9 @@ use std::time::{Duration, Instant};
 
 use arrow_flight::FlightData;
 use arrow_flight::flight_service_client::FlightServiceClient;
-use shm_codec::{Decode, Encode, Encoder, Payload};
+use shm_codec::{Encoder, Payload};
 use shm_core::ShmPool;
-use shm_transport::{Callee, DecodeReply, NetworkFault, TransportError};
+use shm_transport::{Callee, DecodeReply, Lifecycle, NetworkFault, TransportError};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::wire::{
@@ -182,25 +182,6 @@ impl RemoteWorker {
     /// The instance of the server that answered last (it changes when the server restarts).
     pub fn server_instance(&self) -> Option<u64> {
         lock(&self.state).instance
-    }
-
-    /// Calls `method` with `args` and decodes its result as `R`.
-    pub fn call<A: Encode + ?Sized, R: Decode>(
-        &self,
-        method: &str,
-        args: &A,
-    ) -> Result<R, TransportError> {
-        (self as &dyn Callee).call(method, args)
-    }
-
-    /// [`call`](Self::call) with a timeout.
-    pub fn call_timeout<A: Encode + ?Sized, R: Decode>(
-        &self,
-        method: &str,
-        args: &A,
-        timeout: Duration,
-    ) -> Result<R, TransportError> {
-        (self as &dyn Callee).call_timeout(method, args, timeout)
     }
 
     fn fault(&self, fault: NetworkFault) -> TransportError {
@@ -503,13 +484,19 @@ impl Callee for RemoteWorker {
         &self.pool
     }
 
+    fn describe(&self) -> String {
+        format!("remote {}", self.config.addr)
+    }
+}
+
+impl Lifecycle for RemoteWorker {
     fn is_alive(&self) -> bool {
         lock(&self.state)
             .down_since
             .is_none_or(|since| since.elapsed() >= DOWN_FOR)
     }
 
-    fn restart(&mut self) -> Result<(), TransportError> {
+    fn restart(&self) -> Result<(), TransportError> {
         let mut state = lock(&self.state);
         state.client = None;
         state.down_since = None;
@@ -522,14 +509,10 @@ impl Callee for RemoteWorker {
     }
 
     fn shutdown(self: Box<Self>) {
-        self.cancel();
+        Lifecycle::cancel(&*self);
     }
 
     fn pid(&self) -> Option<u32> {
         None
-    }
-
-    fn describe(&self) -> String {
-        format!("remote {}", self.config.addr)
     }
 }

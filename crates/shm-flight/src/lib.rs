@@ -32,7 +32,7 @@
 //! ```no_run
 //! use shm_codec::Serde;
 //! use shm_flight::{RemoteConfig, RemoteWorker, Server, ServerConfig};
-//! use shm_transport::Router;
+//! use shm_transport::{CalleeExt, Router};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! // On the worker host:

@@ -18,7 +18,8 @@ use shm_codec::{Index, Serde, ShmArray, SimpleFrame};
 use shm_flight::{RemoteConfig, RemoteWorker};
 use shm_tests::CleanShm;
 use shm_transport::{
-    Callee, NetworkFault, RemoteErrorKind, TransportError, Worker, WorkerConfig, WorkerPool,
+    CalleeExt, Lifecycle, NetworkFault, RemoteErrorKind, TransportError, Worker, WorkerConfig,
+    WorkerPool,
 };
 
 const SERVER: &str = env!("CARGO_BIN_EXE_shm-flight-test-server");
@@ -330,7 +331,7 @@ fn each_network_fault_is_a_typed_error_with_the_address_and_the_numbers() {
     assert_eq!(at, format!("http://{addr}"));
     assert!(matches!(fault, NetworkFault::Refused { .. }), "{fault:?}");
     assert!(
-        !(&nobody as &dyn Callee).is_alive(),
+        !(&nobody as &dyn Lifecycle).is_alive(),
         "a refused worker counts as down"
     );
 
@@ -532,13 +533,12 @@ fn a_worker_pool_mixes_local_and_remote_workers_running_the_same_handlers() {
     let clean = CleanShm::begin();
     let server = ServerProcess::start(&[]);
     let pool = shm_core::ShmPool::new().expect("pool");
-    let mut config = WorkerConfig::new(SERVER);
-    config.pool = Some(pool.clone());
-    let local = Worker::spawn(config).expect("a local worker");
+    let local =
+        Worker::spawn(WorkerConfig::new(SERVER).with_pool(pool.clone())).expect("a local worker");
     let local_pid = local.pid();
     let remote = RemoteWorker::new(RemoteConfig::new(server.url()).pool(pool.clone()))
         .expect("a remote worker");
-    let workers: Vec<Box<dyn Callee>> = vec![Box::new(local), Box::new(remote)];
+    let workers: Vec<Box<dyn Lifecycle>> = vec![Box::new(local), Box::new(remote)];
     let workers = WorkerPool::from_workers(pool.clone(), workers);
     assert_eq!(workers.pids(), vec![Some(local_pid), None]);
 
@@ -564,7 +564,7 @@ fn a_worker_pool_mixes_local_and_remote_workers_running_the_same_handlers() {
         assert!(d.view().iter().all(|&x| x == 2.0));
     }
     drop(doubled);
-    workers.shutdown(shm_transport::Shutdown::Drain);
+    workers.shutdown(shm_transport::ShutdownMode::Drain);
     drop((workers, pool));
     server.stop();
     clean.end();

@@ -1,10 +1,14 @@
-//! `Callee`: one calling interface for every kind of worker — a local process ([`Worker`])
-//! or a worker on another host (shm-flight's `RemoteWorker`) — so that user code and
-//! [`WorkerPool`](crate::WorkerPool) can mix them.
+//! The calling interface every kind of worker shares — a local process ([`Worker`]), a worker
+//! on another host (shm-flight's `RemoteWorker`), a [`WorkerPool`](crate::WorkerPool) of
+//! either — in three parts:
 //!
-//! The interface is object-safe: arguments arrive encoded (a [`Payload`] that holds its
-//! blocks) and the reply goes to a decoding callback, so a `Box<dyn Callee>` can be called;
-//! [`call`](trait.Callee.html#method.call) on `dyn Callee` adds the typed layer.
+//! - [`Callee`], small and object-safe: calls with arguments already encoded (a [`Payload`]
+//!   that holds its blocks) and hands the reply to a decoding callback, so a `&dyn Callee` or a
+//!   `Box<dyn Callee>` can be called.
+//! - [`CalleeExt`], the typed `call` and `call_timeout`, written once for every `Callee`
+//!   (`dyn Callee` included): `use shm_transport::CalleeExt` brings them into scope.
+//! - [`Lifecycle`], what a pool does to its workers: is it alive, restart it, cancel its calls,
+//!   shut it down.
 
 use std::time::Duration;
 
@@ -35,13 +39,72 @@ pub trait Callee: Send + Sync + std::fmt::Debug {
     /// The pool arguments are best encoded into (a local worker reads them in place).
     fn pool(&self) -> &ShmPool;
 
+    /// Who the worker is, for messages: `worker 3 (pid 1234)`, `remote 10.0.0.7:7000`.
+    fn describe(&self) -> String;
+}
+
+/// The typed calls of every [`Callee`]: arguments encoded into its pool, the result decoded as
+/// `R`.
+///
+/// ```no_run
+/// use shm_codec::Serde;
+/// use shm_transport::{CalleeExt, Worker, WorkerConfig};
+///
+/// # fn main() -> Result<(), shm_transport::TransportError> {
+/// let worker = Worker::spawn(WorkerConfig::new("my-worker"))?;
+/// let Serde(sum): Serde<f64> = worker.call("sum", &Serde(vec![1.0, 2.0]))?;
+/// let Serde(again): Serde<f64> =
+///     worker.call_timeout("sum", &Serde(vec![sum]), std::time::Duration::from_secs(1))?;
+/// # let _ = again;
+/// # Ok(())
+/// # }
+/// ```
+pub trait CalleeExt: Callee {
+    /// Calls `method` with `args` and decodes its result as `R`; waits as long as it takes,
+    /// or until the worker dies.
+    fn call<A: Encode + ?Sized, R: Decode>(&self, method: &str, args: &A) -> Result<R> {
+        call_decoded(self, method, args, None)
+    }
+
+    /// [`call`](Self::call) with a timeout. After a timeout the worker may still be busy with
+    /// the call; restart it ([`Lifecycle::restart`]) if it is hung.
+    fn call_timeout<A: Encode + ?Sized, R: Decode>(
+        &self,
+        method: &str,
+        args: &A,
+        timeout: Duration,
+    ) -> Result<R> {
+        call_decoded(self, method, args, Some(timeout))
+    }
+}
+
+impl<C: Callee + ?Sized> CalleeExt for C {}
+
+fn call_decoded<C: Callee + ?Sized, A: Encode + ?Sized, R: Decode>(
+    callee: &C,
+    method: &str,
+    args: &A,
+    timeout: Option<Duration>,
+) -> Result<R> {
+    let args = Encoder::new(callee.pool().clone()).encode(args)?;
+    let mut value = None;
+    callee.call_with(method, args, timeout, &mut |payload, decoder| {
+        value = Some(R::decode(payload, decoder)?);
+        Ok(())
+    })?;
+    value.ok_or_else(|| crate::error::malformed(format!("{method}: the reply was not decoded")))
+}
+
+/// A worker's life, as a [`WorkerPool`](crate::WorkerPool) manages it.
+pub trait Lifecycle: Callee {
     /// Whether the worker can take calls now: a local worker's process lives; a remote
     /// worker's last connection did not fail within the last second.
     fn is_alive(&self) -> bool;
 
-    /// Brings a dead worker back: a local worker is started again; a remote one reconnects
-    /// on its next call anyway, so this only clears what it remembers of the failure.
-    fn restart(&mut self) -> Result<()>;
+    /// Brings a dead worker back: a local worker is started again (calls meanwhile fail at
+    /// once, as the dead worker's would); a remote one reconnects on its next call anyway, so
+    /// this only clears what it remembers of the failure.
+    fn restart(&self) -> Result<()>;
 
     /// Fails every call in flight at once (a local worker is killed; a remote worker's calls
     /// are cancelled and its connection dropped).
@@ -53,41 +116,6 @@ pub trait Callee: Send + Sync + std::fmt::Debug {
 
     /// The process id of a local worker; `None` for a remote one.
     fn pid(&self) -> Option<u32>;
-
-    /// Who the worker is, for messages: `worker 3 (pid 1234)`, `remote 10.0.0.7:7000`.
-    fn describe(&self) -> String;
-}
-
-impl dyn Callee {
-    /// Calls `method` with `args` and decodes its result as `R`.
-    pub fn call<A: Encode + ?Sized, R: Decode>(&self, method: &str, args: &A) -> Result<R> {
-        self.call_decoded(method, args, None)
-    }
-
-    /// [`call`](Self::call) with a timeout.
-    pub fn call_timeout<A: Encode + ?Sized, R: Decode>(
-        &self,
-        method: &str,
-        args: &A,
-        timeout: Duration,
-    ) -> Result<R> {
-        self.call_decoded(method, args, Some(timeout))
-    }
-
-    fn call_decoded<A: Encode + ?Sized, R: Decode>(
-        &self,
-        method: &str,
-        args: &A,
-        timeout: Option<Duration>,
-    ) -> Result<R> {
-        let args = Encoder::new(self.pool().clone()).encode(args)?;
-        let mut value = None;
-        self.call_with(method, args, timeout, &mut |payload, decoder| {
-            value = Some(R::decode(payload, decoder)?);
-            Ok(())
-        })?;
-        value.ok_or_else(|| crate::error::malformed(format!("{method}: the reply was not decoded")))
-    }
 }
 
 impl Callee for Worker {
@@ -105,11 +133,17 @@ impl Callee for Worker {
         Worker::pool(self)
     }
 
+    fn describe(&self) -> String {
+        format!("worker {} (pid {})", self.id(), Worker::pid(self))
+    }
+}
+
+impl Lifecycle for Worker {
     fn is_alive(&self) -> bool {
         Worker::is_alive(self)
     }
 
-    fn restart(&mut self) -> Result<()> {
+    fn restart(&self) -> Result<()> {
         Worker::restart(self)
     }
 
@@ -123,9 +157,5 @@ impl Callee for Worker {
 
     fn pid(&self) -> Option<u32> {
         Some(Worker::pid(self))
-    }
-
-    fn describe(&self) -> String {
-        format!("worker {} (pid {})", self.id(), Worker::pid(self))
     }
 }

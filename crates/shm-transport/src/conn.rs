@@ -28,7 +28,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use shm_codec::{Decode, Encode, Encoder, Payload};
+use shm_codec::{Encode, Encoder, Payload};
 use shm_core::{SessionId, ShmPool};
 
 use crate::channel::{Direction, PROTOCOL_VERSION, Side, Wake};
@@ -287,21 +287,9 @@ impl Conn {
         Ok(())
     }
 
-    /// Calls `method`; every blocking step — encoding into a fresh block, waiting to send,
-    /// waiting for the reply — ends by the deadline.
-    pub(crate) fn call<A: Encode + ?Sized, R: Decode>(
-        &self,
-        method: &str,
-        args: &A,
-        timeout: Option<Duration>,
-    ) -> Result<R> {
-        self.call_decode(method, args, timeout, |payload, decoder| {
-            Ok(R::decode(payload, decoder)?)
-        })
-    }
-
-    /// [`call`](Self::call) with the reply handed to `decode`, while the call still counts as
-    /// under way (see [`Life::calls`]).
+    /// Calls `method`, handing the reply to `decode` while the call still counts as under way
+    /// (see [`Life::calls`]); every blocking step — encoding into a fresh block, waiting to
+    /// send, waiting for the reply — ends by the deadline.
     pub(crate) fn call_decode<T>(
         &self,
         method: &str,

@@ -138,13 +138,6 @@ pub enum TransportError {
         variable: &'static str,
     },
 
-    /// The worker was shut down.
-    #[error("worker {worker} is shut down")]
-    ShutDown {
-        /// The worker's id.
-        worker: u32,
-    },
-
     /// A remote worker could not be reached, or its connection failed during a call.
     #[error("remote worker {addr}: {fault}")]
     Network {
@@ -167,7 +160,7 @@ pub enum TransportError {
 
     /// The worker pool was shut down (or has no worker left to call).
     #[error("the worker pool of {workers} workers is shut down")]
-    PoolShutDown {
+    PoolShutdown {
         /// How many workers the pool had.
         workers: usize,
     },

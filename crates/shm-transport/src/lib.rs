@@ -32,7 +32,7 @@
 //! ```no_run
 //! use ndarray::Array1;
 //! use shm_codec::{Serde, ShmArray};
-//! use shm_transport::{Router, Worker, WorkerConfig, is_worker, serve};
+//! use shm_transport::{CalleeExt, Router, Worker, WorkerConfig, is_worker, serve};
 //!
 //! fn main() -> Result<(), Box<dyn std::error::Error>> {
 //!     if is_worker() {
@@ -56,18 +56,18 @@ mod conn;
 mod error;
 mod frame;
 mod loans;
+mod pool;
 mod process;
 mod serve;
 mod trust;
 mod worker;
-mod workers;
 
-pub use callee::{Callee, DecodeReply};
+pub use callee::{Callee, CalleeExt, DecodeReply, Lifecycle};
 pub use channel::{CONTROL_LEN, ChannelState, PROTOCOL_VERSION, RingState};
 pub use error::{NetworkFault, RemoteError, RemoteErrorKind, Result, TransportError};
+pub use pool::{ShutdownMode, WorkerPool};
 pub use serve::{CHANNEL_ENV, Context, LINK_ENV, Router, is_worker, serve};
 pub use worker::{StderrSink, Worker, WorkerConfig};
-pub use workers::{Shutdown, WorkerPool};
 
 /// Entry points for the fuzzer (`crates/shm-fuzz`): what the worker does with bytes a peer put
 /// into its ring. Not part of the API.

@@ -2,11 +2,10 @@
 //! death, restarting it, and shutting it down without leaving a process or a segment behind.
 //! The process itself — start, stderr, reaping, killing — is in `process.rs`.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
-use shm_codec::{Decode, Encode};
 use shm_core::ShmPool;
 
 use crate::conn::Conn;
@@ -33,37 +32,38 @@ impl std::fmt::Debug for StderrSink {
     }
 }
 
-/// How to start a worker.
+/// How to start a worker: the program, and defaults for everything else that the `with_*`
+/// methods change.
+///
+/// ```
+/// use std::time::Duration;
+/// use shm_transport::{StderrSink, WorkerConfig};
+///
+/// let config = WorkerConfig::new("/usr/local/bin/my-worker")
+///     .with_args(["--threads", "4"])
+///     .with_env("RUST_LOG", "info")
+///     .with_stderr(StderrSink::Discard)
+///     .with_startup_timeout(Duration::from_secs(30))
+///     .with_loan_limit(1 << 30);
+/// assert_eq!(config.startup_timeout(), Duration::from_secs(30));
+/// ```
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct WorkerConfig {
-    /// The executable; it must call [`serve`](crate::serve) when started as a worker.
-    pub program: std::path::PathBuf,
-    /// Its arguments.
-    pub args: Vec<String>,
-    /// Extra environment variables.
-    pub env: Vec<(String, String)>,
-    /// Where its stderr goes.
-    pub stderr: StderrSink,
-    /// How long the worker may take to start serving. Default 10 s.
-    pub startup_timeout: Duration,
-    /// How long [`Worker::shutdown`] waits for a clean exit before it kills. Default 2 s.
-    pub grace: Duration,
-    /// The pool that argument blocks are allocated from; `None` for a new pool.
-    pub pool: Option<ShmPool>,
-    /// Whether the worker is untrusted: every block of its replies is copied into private
-    /// memory before it is validated and decoded, so that the worker cannot rewrite what the
-    /// parent has checked and reads (no peer can truncate a segment: they are sealed). Costs one copy of every reply byte
-    /// (`cargo xtask bench` measures it). Default `false`: replies are read in place.
-    pub untrusted: bool,
-    /// Bytes of the parent's blocks the worker may hold on loan at once (arguments it has not
-    /// finished with). A worker that keeps more — one that never gives blocks back — gets
-    /// [`TransportError::LoanLimit`](crate::TransportError::LoanLimit) for its calls instead of
-    /// filling the pool its neighbours share. Default 4 GiB.
-    pub loan_limit: u64,
+    pub(crate) program: std::path::PathBuf,
+    pub(crate) args: Vec<String>,
+    pub(crate) env: Vec<(String, String)>,
+    pub(crate) stderr: StderrSink,
+    pub(crate) startup_timeout: Duration,
+    pub(crate) grace: Duration,
+    pub(crate) pool: Option<ShmPool>,
+    pub(crate) untrusted: bool,
+    pub(crate) loan_limit: u64,
 }
 
 impl WorkerConfig {
-    /// A configuration that runs `program` with defaults for everything else.
+    /// A configuration that runs `program` (an executable that calls
+    /// [`serve`](crate::serve) when started as a worker) with defaults for everything else.
     pub fn new(program: impl Into<std::path::PathBuf>) -> Self {
         WorkerConfig {
             program: program.into(),
@@ -84,38 +84,122 @@ impl WorkerConfig {
     }
 
     /// Adds arguments.
-    pub fn args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, args: I) -> Self {
+    pub fn with_args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, args: I) -> Self {
         self.args.extend(args.into_iter().map(Into::into));
         self
     }
 
-    /// Sets where stderr goes.
-    pub fn stderr(mut self, sink: StderrSink) -> Self {
+    /// Adds an environment variable of the worker.
+    pub fn with_env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Sets where the worker's stderr goes. Default: this process's stderr.
+    pub fn with_stderr(mut self, sink: StderrSink) -> Self {
         self.stderr = sink;
         self
     }
 
-    /// Reads the worker's replies from private copies (see [`untrusted`](Self::untrusted)).
-    pub fn untrusted(mut self, untrusted: bool) -> Self {
+    /// Sets how long the worker may take to start serving. Default 10 s.
+    pub fn with_startup_timeout(mut self, timeout: Duration) -> Self {
+        self.startup_timeout = timeout;
+        self
+    }
+
+    /// Sets how long shutting the worker down waits for a clean exit before it kills.
+    /// Default 2 s.
+    pub fn with_grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+
+    /// Sets the pool that argument blocks are allocated from. Default: a new pool per worker
+    /// (a [`WorkerPool`](crate::WorkerPool) gives all its workers one).
+    pub fn with_pool(mut self, pool: ShmPool) -> Self {
+        self.pool = Some(pool);
+        self
+    }
+
+    /// Sets whether the worker is untrusted: every block of its replies is copied into
+    /// private memory before it is validated and decoded, so that the worker cannot rewrite
+    /// what the parent has checked and reads. Costs one copy of every reply byte
+    /// (`cargo xtask bench` measures it). Default `false`: replies are read in place, with
+    /// the bytes that carry an invariant copied before they are checked.
+    pub fn with_untrusted(mut self, untrusted: bool) -> Self {
         self.untrusted = untrusted;
         self
     }
 
-    /// Sets [`loan_limit`](Self::loan_limit).
-    pub fn loan_limit(mut self, bytes: u64) -> Self {
+    /// Sets the bytes of the parent's blocks the worker may hold on loan at once (arguments
+    /// it has not finished with). A worker that keeps more — one that never gives blocks back
+    /// — gets [`TransportError::LoanLimit`](crate::TransportError::LoanLimit) for its calls
+    /// instead of filling the pool its neighbours share. Default 4 GiB.
+    pub fn with_loan_limit(mut self, bytes: u64) -> Self {
         self.loan_limit = bytes;
         self
+    }
+
+    /// The executable.
+    pub fn program(&self) -> &std::path::Path {
+        &self.program
+    }
+
+    /// Its arguments.
+    pub fn args(&self) -> &[String] {
+        &self.args
+    }
+
+    /// Its extra environment variables.
+    pub fn env(&self) -> &[(String, String)] {
+        &self.env
+    }
+
+    /// Where its stderr goes.
+    pub fn stderr(&self) -> &StderrSink {
+        &self.stderr
+    }
+
+    /// How long it may take to start.
+    pub fn startup_timeout(&self) -> Duration {
+        self.startup_timeout
+    }
+
+    /// How long shutting it down waits before it kills.
+    pub fn grace(&self) -> Duration {
+        self.grace
+    }
+
+    /// The pool its arguments come from, if one was set.
+    pub fn pool(&self) -> Option<&ShmPool> {
+        self.pool.as_ref()
+    }
+
+    /// Whether its replies are read from private copies.
+    pub fn is_untrusted(&self) -> bool {
+        self.untrusted
+    }
+
+    /// The bytes of the parent's blocks it may hold on loan.
+    pub fn loan_limit(&self) -> u64 {
+        self.loan_limit
     }
 }
 
 /// A worker process and the channel to it. Calls may come from many threads at once; each
-/// reply is matched to its call by id.
+/// reply is matched to its call by id. The typed calls come from [`CalleeExt`](crate::CalleeExt),
+/// restarting and stopping from [`Lifecycle`](crate::Lifecycle) (and the inherent methods of
+/// the same names).
 #[derive(Debug)]
 pub struct Worker {
     config: WorkerConfig,
     pool: ShmPool,
     id: u32,
-    conn: Arc<Conn>,
+    /// The channel to the process now. A restart builds the next one without this lock and
+    /// swaps it in under it, so calls never wait for a worker to start.
+    conn: RwLock<Arc<Conn>>,
+    /// Held by a restart from start to swap: two restarts at once start one process.
+    restarting: Mutex<()>,
 }
 
 static NEXT_WORKER: AtomicU32 = AtomicU32::new(1);
@@ -133,7 +217,8 @@ impl Worker {
             config,
             pool,
             id,
-            conn,
+            conn: RwLock::new(conn),
+            restarting: Mutex::new(()),
         })
     }
 
@@ -144,7 +229,7 @@ impl Worker {
 
     /// The worker's process id.
     pub fn pid(&self) -> u32 {
-        self.conn.pid
+        self.conn().pid
     }
 
     /// The pool argument blocks come from; produce arguments in place here to send them
@@ -155,53 +240,47 @@ impl Worker {
 
     /// Whether the worker process is alive.
     pub fn is_alive(&self) -> bool {
-        !self.conn.dead.load(Ordering::Acquire)
+        !self.conn().dead.load(Ordering::Acquire)
     }
 
-    /// Calls `method` with `args` and decodes its result as `R`; waits as long as it takes,
-    /// or until the worker dies.
-    pub fn call<A: Encode + ?Sized, R: Decode>(&self, method: &str, args: &A) -> Result<R> {
-        self.conn.call(method, args, None)
-    }
-
-    /// [`call`](Self::call) with a timeout. After a timeout the worker may still be busy with
-    /// the call; [`restart`](Self::restart) it if it is hung.
-    pub fn call_timeout<A: Encode + ?Sized, R: Decode>(
-        &self,
-        method: &str,
-        args: &A,
-        timeout: Duration,
-    ) -> Result<R> {
-        self.conn.call(method, args, Some(timeout))
-    }
-
-    /// Kills the worker (if it still runs), removes what it left in `/dev/shm`, and starts a
-    /// new one with the same configuration.
-    pub fn restart(&mut self) -> Result<()> {
-        self.conn.kill_and_reap();
-        self.conn = Conn::start(&self.config, &self.pool, self.id)?;
+    /// Kills the worker (if it still runs) and starts a new one with the same configuration.
+    /// Calls made meanwhile fail at once with
+    /// [`WorkerDied`](crate::TransportError::WorkerDied), as calls to the dead worker would:
+    /// none waits for the new process to start.
+    pub fn restart(&self) -> Result<()> {
+        let _restarting = self
+            .restarting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.conn().kill_and_reap();
+        let next = Conn::start(&self.config, &self.pool, self.id)?;
+        let previous = std::mem::replace(
+            &mut *self.conn.write().unwrap_or_else(PoisonError::into_inner),
+            next,
+        );
+        drop(previous);
         Ok(())
     }
 
     /// The channel to the worker process now.
-    pub(crate) fn conn(&self) -> &Conn {
-        &self.conn
+    pub(crate) fn conn(&self) -> Arc<Conn> {
+        Arc::clone(&self.conn.read().unwrap_or_else(PoisonError::into_inner))
     }
 
     /// Kills the worker process at once: pending calls fail with `WorkerDied`.
     pub(crate) fn kill(&self) {
-        self.conn.kill_and_reap();
+        self.conn().kill_and_reap();
     }
 
     /// Asks the worker to finish, waits up to the grace period, then kills it. Pending calls
     /// fail; the worker's segments are removed either way. Dropping a `Worker` does the same.
     pub fn shutdown(self) {
-        self.conn.shutdown(self.config.grace);
+        // `Drop` does it.
     }
 }
 
 impl Drop for Worker {
     fn drop(&mut self) {
-        self.conn.shutdown(self.config.grace);
+        self.conn().shutdown(self.config.grace);
     }
 }

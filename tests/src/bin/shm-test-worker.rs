@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use ndarray::{Array1, Ix1, IxDyn};
 use shm_codec::{Serde, ShmArray, ShmArrayMut, SimpleFrame};
+use shm_transport::CalleeExt;
 use shm_transport::{Router, Worker, WorkerConfig, is_worker, serve};
 
 /// Arrays a handler was asked to keep, to test views held past the call.
@@ -23,6 +24,13 @@ fn main() {
     if args.iter().any(|a| a == "--fail-at-start") {
         eprintln!("this worker refuses to start");
         std::process::exit(3);
+    }
+    if let Some(at) = args.iter().position(|a| a == "--slow-start") {
+        let ms = args
+            .get(at + 1)
+            .and_then(|ms| ms.parse().ok())
+            .unwrap_or(1000);
+        std::thread::sleep(Duration::from_millis(ms));
     }
     if args.iter().any(|a| a == "--forge-hello") {
         hostile::forge_hello();

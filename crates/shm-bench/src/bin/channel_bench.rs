@@ -17,6 +17,7 @@ use shm_transport::{Router, TransportError, Worker, WorkerConfig, is_worker, ser
 
 mod common;
 use common::{Error, median, ms, sample, write_section};
+use shm_transport::CalleeExt;
 
 fn router() -> Router {
     Router::new()

@@ -22,6 +22,7 @@ use shm_transport::{Router, Worker, WorkerConfig, is_worker, serve};
 
 mod common;
 use common::{Error, KINDS, buffers, human, mixed_batch};
+use shm_transport::CalleeExt;
 
 fn main() {
     let result = if is_worker() {

@@ -23,6 +23,7 @@ use shm_transport::{Router, Worker, WorkerConfig, is_worker, serve};
 
 mod common;
 use common::{Error, gbs, human, median, mixed_batch as batch, ms, sample, write_section};
+use shm_transport::CalleeExt;
 
 fn router() -> Router {
     Router::new()
@@ -607,7 +608,7 @@ fn untrusted(report: &mut String, quick: bool) -> Result<(), Error> {
     };
     let rows = if quick { 1_000_000 } else { 10_000_000 };
     let trusted = Worker::spawn(WorkerConfig::current_exe()?)?;
-    let untrusted = Worker::spawn(WorkerConfig::current_exe()?.untrusted(true))?;
+    let untrusted = Worker::spawn(WorkerConfig::current_exe()?.with_untrusted(true))?;
     writeln!(
         report,
         "\n## Untrusted workers: replies read from private copies\n"
@@ -695,7 +696,7 @@ fn median_call(runs: usize, call: impl FnMut() -> Result<(), Error>) -> Result<D
 /// How long a caller waits to learn that its worker died, and how long a restart takes.
 fn faults(report: &mut String) -> Result<(), Error> {
     eprintln!("... faults");
-    let mut worker = Worker::spawn(WorkerConfig::current_exe()?)?;
+    let worker = Worker::spawn(WorkerConfig::current_exe()?)?;
     let mut detections = Vec::new();
     let mut restarts = Vec::new();
     for _ in 0..5 {

@@ -27,6 +27,7 @@ use shm_transport::{Router, Worker, WorkerConfig, is_worker, serve};
 #[path = "../../../shm-bench/src/bin/common/mod.rs"]
 mod common;
 use common::{Error, gbs, human, median, ms, sample, write_section};
+use shm_transport::CalleeExt;
 
 fn router() -> Router {
     Router::new()

@@ -15,6 +15,7 @@ use ndarray::{Array1, IxDyn};
 use shm_arrow::ColumnFrame;
 use shm_codec::{Serde, ShmArray, ShmArrayMut, SimpleFrame};
 use shm_flight::{RemoteConfig, RemoteWorker, Server, ServerConfig};
+use shm_transport::CalleeExt;
 use shm_transport::{Router, is_worker, serve};
 
 fn router() -> Router {

@@ -15,13 +15,13 @@ use std::time::Duration;
 use shm_codec::{Decode, Encode, Encoder, Payload};
 use shm_core::ShmPool;
 
-use crate::callee::Callee;
+use crate::callee::{Callee, CalleeExt, DecodeReply, Lifecycle};
 use crate::error::{Result, TransportError};
 use crate::worker::{Worker, WorkerConfig};
 
 /// How [`WorkerPool::shutdown`] treats calls in flight.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Shutdown {
+pub enum ShutdownMode {
     /// Refuse new calls, let the calls in flight finish, then stop the workers.
     Drain,
     /// Refuse new calls and kill the workers at once: calls in flight fail with
@@ -32,9 +32,10 @@ pub enum Shutdown {
 /// One worker of the pool and what the pool knows about it.
 #[derive(Debug)]
 struct Slot {
-    /// `None` once the pool is shut down. Calls hold the read lock; a restart takes the write
-    /// lock, after the calls in flight (which fail fast: their worker is dead) have let go.
-    worker: RwLock<Option<Box<dyn Callee>>>,
+    /// `None` once the pool is shut down. Calls and restarts hold the read lock (a restart
+    /// swaps the worker's process in under a lock of the worker's own, so calls meanwhile fail
+    /// fast instead of waiting for it to start); shutting down takes the write lock.
+    worker: RwLock<Option<Box<dyn Lifecycle>>>,
     in_flight: AtomicUsize,
     restarting: AtomicBool,
 }
@@ -43,7 +44,7 @@ struct Slot {
 struct Shared {
     slots: Vec<Slot>,
     closed: AtomicBool,
-    /// Calls in flight over all workers, for `Shutdown::Drain`.
+    /// Calls in flight over all workers, for `ShutdownMode::Drain`.
     busy: Mutex<usize>,
     idle: Condvar,
     /// Restarts that failed, with the reason, for the caller to see.
@@ -51,7 +52,8 @@ struct Shared {
 }
 
 /// N workers serving the same handlers. Share it between threads by reference (it is `Sync`)
-/// or in an `Arc`.
+/// or in an `Arc`. It is a [`Callee`] itself: the typed calls come from [`CalleeExt`], and
+/// each goes to the worker with the fewest calls in flight.
 #[derive(Debug)]
 pub struct WorkerPool {
     shared: Arc<Shared>,
@@ -88,19 +90,24 @@ impl Drop for InFlight<'_> {
 }
 
 impl WorkerPool {
-    /// Starts `workers` workers (`None`: one per available core) from `config`, all sharing
-    /// one shared-memory pool (`config.pool`, or a new one). Fails if any worker fails to
-    /// start; those already started are shut down.
-    pub fn new(mut config: WorkerConfig, workers: Option<usize>) -> Result<Self> {
-        let count = workers
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-            .max(1);
-        let pool = match &config.pool {
+    /// Starts one worker per available core from `config`; see
+    /// [`with_workers`](Self::with_workers).
+    pub fn new(config: WorkerConfig) -> Result<Self> {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Self::with_workers(config, cores)
+    }
+
+    /// Starts `workers` workers (at least one) from `config`, all sharing one shared-memory
+    /// pool (the config's [`pool`](WorkerConfig::with_pool), or a new one). Fails if any worker
+    /// fails to start; those already started are shut down.
+    pub fn with_workers(config: WorkerConfig, workers: usize) -> Result<Self> {
+        let count = workers.max(1);
+        let pool = match config.pool() {
             Some(pool) => pool.clone(),
             None => ShmPool::new()?,
         };
-        config.pool = Some(pool.clone());
-        let mut workers: Vec<Box<dyn Callee>> = Vec::with_capacity(count);
+        let config = config.with_pool(pool.clone());
+        let mut workers: Vec<Box<dyn Lifecycle>> = Vec::with_capacity(count);
         for _ in 0..count {
             // A worker that fails to start drops (and so shuts down) those already started.
             workers.push(Box::new(Worker::spawn(config.clone())?));
@@ -109,10 +116,10 @@ impl WorkerPool {
     }
 
     /// A pool over workers started elsewhere: local [`Worker`]s (best spawned with
-    /// `config.pool = Some(pool.clone())`, so that a value encoded once is read in place by
+    /// `config.with_pool(pool.clone())`, so that a value encoded once is read in place by
     /// each of them), remote workers, or a mix. Arguments are encoded into `pool`. A pool
-    /// without workers fails every call with [`TransportError::PoolShutDown`].
-    pub fn from_workers(pool: ShmPool, workers: Vec<Box<dyn Callee>>) -> Self {
+    /// without workers fails every call with [`TransportError::PoolShutdown`].
+    pub fn from_workers(pool: ShmPool, workers: Vec<Box<dyn Lifecycle>>) -> Self {
         let slots = workers
             .into_iter()
             .map(|worker| Slot {
@@ -180,21 +187,6 @@ impl WorkerPool {
         lock(&self.shared.failed_restarts).clone()
     }
 
-    /// Calls `method` on the worker with the fewest calls in flight.
-    pub fn call<A: Encode + ?Sized, R: Decode>(&self, method: &str, args: &A) -> Result<R> {
-        self.call_on(self.pick()?, method, args, None)
-    }
-
-    /// [`call`](Self::call) with a timeout.
-    pub fn call_timeout<A: Encode + ?Sized, R: Decode>(
-        &self,
-        method: &str,
-        args: &A,
-        timeout: Duration,
-    ) -> Result<R> {
-        self.call_on(self.pick()?, method, args, Some(timeout))
-    }
-
     /// Calls `method` on every worker with the same arguments, encoded once: a block is
     /// written once and lent to each worker. The outer error is a failure to encode; the
     /// results come in worker order.
@@ -208,7 +200,16 @@ impl WorkerPool {
             let calls: Vec<_> = (0..self.len())
                 .map(|i| {
                     let payload = &payload;
-                    scope.spawn(move || self.call_on::<Payload, R>(i, method, payload, None))
+                    scope.spawn(move || {
+                        let mut value = None;
+                        self.call_on(i, method, payload.clone(), None, &mut |reply, decoder| {
+                            value = Some(R::decode(reply, decoder)?);
+                            Ok(())
+                        })?;
+                        value.ok_or_else(|| {
+                            crate::error::malformed(format!("{method}: the reply was not decoded"))
+                        })
+                    })
                 })
                 .collect();
             calls
@@ -222,8 +223,9 @@ impl WorkerPool {
         }))
     }
 
-    /// Calls `method` once per item, at most `in_flight` calls at a time (at least one),
-    /// spread over the workers. Results come back in the order of `items`, whatever order the
+    /// Calls `method` once per item, at most `in_flight` calls at a time (at least one; each
+    /// waits on a thread of its own, so `in_flight` is also the number of threads), spread
+    /// over the workers. Results come back in the order of `items`, whatever order the
     /// calls finish in; `progress(done, started)` is called after each call finishes.
     pub fn map<A, R, I>(
         &self,
@@ -279,12 +281,12 @@ impl WorkerPool {
             .collect()
     }
 
-    /// Stops the pool: new calls fail with [`TransportError::PoolShutDown`]; calls in flight
-    /// finish ([`Shutdown::Drain`]) or fail at once ([`Shutdown::Cancel`]); then every
+    /// Stops the pool: new calls fail with [`TransportError::PoolShutdown`]; calls in flight
+    /// finish ([`ShutdownMode::Drain`]) or fail at once ([`ShutdownMode::Cancel`]); then every
     /// worker is stopped and its segments removed. Dropping the pool drains it.
-    pub fn shutdown(&self, how: Shutdown) {
+    pub fn shutdown(&self, how: ShutdownMode) {
         self.shared.closed.store(true, Ordering::Release);
-        if how == Shutdown::Cancel {
+        if how == ShutdownMode::Cancel {
             for slot in &self.shared.slots {
                 if let Some(worker) = slot
                     .worker
@@ -321,7 +323,7 @@ impl WorkerPool {
     /// its call then fails with the worker's death and starts its restart).
     fn pick(&self) -> Result<usize> {
         if self.shared.closed.load(Ordering::Acquire) {
-            return Err(TransportError::PoolShutDown {
+            return Err(TransportError::PoolShutdown {
                 workers: self.len(),
             });
         }
@@ -340,30 +342,27 @@ impl WorkerPool {
         let slots = &self.shared.slots;
         least(&mut slots.iter().enumerate().filter(|(_, s)| alive(s)))
             .or_else(|| least(&mut slots.iter().enumerate()))
-            .ok_or(TransportError::PoolShutDown { workers: 0 })
+            .ok_or(TransportError::PoolShutdown { workers: 0 })
     }
 
-    fn call_on<A: Encode + ?Sized, R: Decode>(
+    fn call_on(
         &self,
         index: usize,
         method: &str,
-        args: &A,
+        args: Payload,
         timeout: Option<Duration>,
-    ) -> Result<R> {
+        decode: &mut DecodeReply<'_>,
+    ) -> Result<()> {
         let slot = &self.shared.slots[index];
         let result = {
             let _in_flight = InFlight::start(slot, &self.shared);
             let worker = slot.worker.read().unwrap_or_else(PoisonError::into_inner);
             let Some(worker) = worker.as_ref() else {
-                return Err(TransportError::PoolShutDown {
+                return Err(TransportError::PoolShutdown {
                     workers: self.len(),
                 });
             };
-            let worker: &dyn Callee = worker.as_ref();
-            match timeout {
-                Some(timeout) => worker.call_timeout(method, args, timeout),
-                None => worker.call(method, args),
-            }
+            worker.call_with(method, args, timeout, decode)
         };
         if matches!(result, Err(TransportError::WorkerDied { .. })) {
             self.restart_in_background(index);
@@ -385,9 +384,9 @@ impl WorkerPool {
             .spawn(move || {
                 let slot = &shared.slots[index];
                 {
-                    let mut worker = slot.worker.write().unwrap_or_else(PoisonError::into_inner);
+                    let worker = slot.worker.read().unwrap_or_else(PoisonError::into_inner);
                     if !shared.closed.load(Ordering::Acquire)
-                        && let Some(worker) = worker.as_mut()
+                        && let Some(worker) = worker.as_ref()
                         && !worker.is_alive()
                         && let Err(err) = worker.restart()
                     {
@@ -402,8 +401,30 @@ impl WorkerPool {
     }
 }
 
+impl Callee for WorkerPool {
+    /// Calls `method` on the worker with the fewest calls in flight; a worker found dead is
+    /// restarted in the background.
+    fn call_with(
+        &self,
+        method: &str,
+        args: Payload,
+        timeout: Option<Duration>,
+        decode: &mut DecodeReply<'_>,
+    ) -> Result<()> {
+        self.call_on(self.pick()?, method, args, timeout, decode)
+    }
+
+    fn pool(&self) -> &ShmPool {
+        &self.pool
+    }
+
+    fn describe(&self) -> String {
+        format!("a pool of {} workers", self.len())
+    }
+}
+
 impl Drop for WorkerPool {
     fn drop(&mut self) {
-        self.shutdown(Shutdown::Drain);
+        self.shutdown(ShutdownMode::Drain);
     }
 }
