@@ -43,11 +43,7 @@ fn with_few_descriptors() {
     let open = || std::fs::read_dir("/proc/self/fd").unwrap().count();
     let at_start = open();
     // The smallest slab threshold: each 4 KiB block is a segment of its own.
-    let owner = ShmPool::with_config(PoolConfig {
-        slab_threshold: 64,
-        ..PoolConfig::default()
-    })
-    .unwrap();
+    let owner = ShmPool::with_config(PoolConfig::default().with_slab_threshold(64)).unwrap();
     let (sender, receiver) = SegmentLink::pair().unwrap();
     let receiver = SegmentLink::from_fd(receiver).unwrap();
     // Each descriptor is taken as soon as it is sent, as a peer resolving references does.

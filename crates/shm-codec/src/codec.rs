@@ -135,7 +135,7 @@ impl Decoder {
 
     /// Attaches the block a reference names. The block is remembered as backing live values,
     /// so that encoding a view into it sends a reference instead of a copy (unless the
-    /// attacher returned a [private copy](shm_core::ShmBlock::private_copy)).
+    /// attacher returned a [private copy](shm_core::ShmPool::private_copy)).
     pub fn attach(&self, r: &ShmRef) -> Result<Arc<ShmBlock>> {
         let block = match &self.attacher {
             Some(attacher) => attacher.attach(&self.pool, r)?,

@@ -271,11 +271,8 @@ fn serde_values_travel_inline_or_in_a_block_of_their_own() {
 fn large_serde_values_in_one_tuple_keep_their_own_blocks() {
     // A pool that keeps no idle segment: a block nobody holds is unlinked at once.
     for cache_bytes in [2 << 30, 0] {
-        let pool = ShmPool::with_config(PoolConfig {
-            cache_bytes,
-            ..PoolConfig::default()
-        })
-        .unwrap();
+        let pool =
+            ShmPool::with_config(PoolConfig::default().with_cache_bytes(cache_bytes)).unwrap();
         let encoder = Encoder::new(pool.clone());
         let payload = encoder
             .encode(&(Serde(vec![1u8; 2 << 20]), Serde(vec![2u8; 2 << 20])))

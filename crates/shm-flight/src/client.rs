@@ -13,7 +13,7 @@ use tonic::transport::{Channel, Endpoint};
 use crate::wire::{
     self, CallHead, Counter, MESSAGE_SLACK, Outcome, Refusal, ReplyHead, WIRE_VERSION, WireError,
 };
-use crate::{DEFAULT_MAX_MESSAGE, DEFAULT_MAX_PAYLOAD, DEFAULT_WHOLE_BATCH_BYTES, STREAM_WINDOW};
+use crate::{Limits, STREAM_WINDOW};
 
 /// How long a remote worker whose connection failed counts as down for a [`WorkerPool`]
 /// (which then prefers other workers); its next call reconnects either way.
@@ -21,69 +21,98 @@ use crate::{DEFAULT_MAX_MESSAGE, DEFAULT_MAX_PAYLOAD, DEFAULT_WHOLE_BATCH_BYTES,
 /// [`WorkerPool`]: shm_transport::WorkerPool
 pub const DOWN_FOR: Duration = Duration::from_secs(1);
 
-/// How to reach a remote worker.
+/// How to reach a remote worker: the server's address, and defaults for everything else
+/// that the `with_*` methods change.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct RemoteConfig {
-    /// The server's address: `http://host:port`, or `https://host:port` with TLS.
-    pub addr: String,
-    /// The bearer token the server requires, if it does.
-    pub token: Option<String>,
-    /// How long connecting may take. Default 5 s.
-    pub connect_timeout: Duration,
-    /// The largest result accepted, in bytes; a larger one fails the call. Default 16 GiB.
-    pub max_payload: u64,
-    /// The largest Arrow frame sent as one Flight record batch; a larger one goes as batches
-    /// of about [`SPLIT_BATCH_BYTES`](crate::SPLIT_BATCH_BYTES). Either way the receiver copies
-    /// a frame of flat columns once; see [`DEFAULT_WHOLE_BATCH_BYTES`](crate::DEFAULT_WHOLE_BATCH_BYTES).
-    /// Default 8 MiB.
-    pub whole_batch_bytes: usize,
-    /// The largest single gRPC message accepted. Default 256 MiB.
-    pub max_message: usize,
-    /// The pool results are received into; `None` for a new one.
-    pub pool: Option<ShmPool>,
-    /// The certificate authority (PEM) that signed the server's certificate, and the name
-    /// the certificate must carry; `None` uses the address's host name and the system's
-    /// roots are not consulted — a CA must be given for `https`.
+    pub(crate) addr: String,
+    pub(crate) token: Option<String>,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) limits: Limits,
+    pub(crate) pool: Option<ShmPool>,
     #[cfg(feature = "tls")]
-    pub tls: Option<ClientTls>,
+    pub(crate) tls: Option<ClientTls>,
 }
 
 /// How a client checks a server's certificate.
 #[cfg(feature = "tls")]
 #[derive(Clone, Debug)]
-pub struct ClientTls {
-    /// The certificate authority, PEM.
-    pub ca_pem: Vec<u8>,
-    /// The name the server's certificate must carry; `None` for the address's host.
-    pub domain: Option<String>,
+pub(crate) struct ClientTls {
+    pub(crate) ca_pem: Vec<u8>,
+    pub(crate) domain: Option<String>,
 }
 
 impl RemoteConfig {
-    /// A configuration for the server at `addr` (`http://host:port`).
+    /// A configuration for the server at `addr`: `http://host:port`, or `https://host:port`
+    /// with TLS.
     pub fn new(addr: impl Into<String>) -> Self {
         RemoteConfig {
             addr: addr.into(),
             token: None,
             connect_timeout: Duration::from_secs(5),
-            max_payload: DEFAULT_MAX_PAYLOAD,
-            whole_batch_bytes: DEFAULT_WHOLE_BATCH_BYTES,
-            max_message: DEFAULT_MAX_MESSAGE,
+            limits: Limits::default(),
             pool: None,
             #[cfg(feature = "tls")]
             tls: None,
         }
     }
 
-    /// Sends `token` with every call.
-    pub fn token(mut self, token: impl Into<String>) -> Self {
+    /// Sends `token` with every call (`authorization: Bearer <token>`).
+    pub fn with_token(mut self, token: impl Into<String>) -> Self {
         self.token = Some(token.into());
         self
     }
 
+    /// Sets how long connecting may take. Default 5 s.
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Sets the largest result accepted and how Arrow frames are sent (see [`Limits`]).
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
     /// Receives results into `pool` (share one with a `WorkerPool` of mixed workers).
-    pub fn pool(mut self, pool: ShmPool) -> Self {
+    /// Default: a new pool.
+    pub fn with_pool(mut self, pool: ShmPool) -> Self {
         self.pool = Some(pool);
         self
+    }
+
+    /// Speaks TLS, trusting the certificate authority `ca_pem` (PEM) for the server's
+    /// certificate, which must carry `domain` (`None`: the address's host name). The
+    /// system's roots are not consulted.
+    #[cfg(feature = "tls")]
+    pub fn with_tls(mut self, ca_pem: impl Into<Vec<u8>>, domain: Option<String>) -> Self {
+        self.tls = Some(ClientTls {
+            ca_pem: ca_pem.into(),
+            domain,
+        });
+        self
+    }
+
+    /// The server's address.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// How long connecting may take.
+    pub fn connect_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+
+    /// What the client accepts and how it sends frames.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// The pool results are received into, if one was set.
+    pub fn pool(&self) -> Option<&ShmPool> {
+        self.pool.as_ref()
     }
 }
 
@@ -227,7 +256,7 @@ impl RemoteWorker {
             None => endpoint,
         };
         let channel = endpoint.connect().await.map_err(|e| refused(chain(&e)))?;
-        let max_message = self.config.max_message.max(wire::CHUNK) + MESSAGE_SLACK;
+        let max_message = self.config.limits.max_message().max(wire::CHUNK) + MESSAGE_SLACK;
         let client = FlightServiceClient::new(channel)
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(usize::MAX);
@@ -315,7 +344,7 @@ impl RemoteWorker {
             &mut stream,
             head,
             &self.encoder,
-            self.config.max_payload,
+            self.config.limits.max_payload(),
             &progress.received,
         )
         .await
@@ -429,7 +458,7 @@ impl Callee for RemoteWorker {
         let outgoing = wire::outgoing(
             args,
             &self.pool,
-            self.config.whole_batch_bytes,
+            self.config.limits.whole_batch_bytes(),
             Arc::clone(&sent),
         )
         .map_err(|err| match err {

@@ -39,10 +39,10 @@
 //! let router = Router::new().handle("add", |Serde((a, b)): Serde<(i64, i64)>, _| {
 //!     Ok::<_, String>(Serde(a + b))
 //! });
-//! let server = Server::start(router, ServerConfig::new("0.0.0.0:7000".parse()?).token("s3cret"))?;
+//! let server = Server::start(router, ServerConfig::new("0.0.0.0:7000".parse()?).with_token("s3cret"))?;
 //!
 //! // On the calling host:
-//! let worker = RemoteWorker::new(RemoteConfig::new("http://10.0.0.7:7000").token("s3cret"))?;
+//! let worker = RemoteWorker::new(RemoteConfig::new("http://10.0.0.7:7000").with_token("s3cret"))?;
 //! let Serde(sum): Serde<i64> = worker.call("add", &Serde((2, 3)))?;
 //! assert_eq!(sum, 5);
 //! # drop(server);
@@ -55,11 +55,7 @@ mod client;
 mod server;
 mod wire;
 
-#[cfg(feature = "tls")]
-pub use client::ClientTls;
 pub use client::{DOWN_FOR, RemoteConfig, RemoteWorker};
-#[cfg(feature = "tls")]
-pub use server::ServerTls;
 pub use server::{Server, ServerConfig};
 pub use wire::{CHUNK, SPLIT_BATCH_BYTES, WIRE_VERSION};
 
@@ -80,6 +76,75 @@ pub const DEFAULT_WHOLE_BATCH_BYTES: usize = 8 << 20;
 
 /// Default for the largest single gRPC message a side accepts: 256 MiB.
 pub const DEFAULT_MAX_MESSAGE: usize = 256 << 20;
+
+/// What one side of a remote call accepts, and how it sends Arrow frames: the same three
+/// numbers for a client ([`RemoteConfig::with_limits`]) and a server
+/// ([`ServerConfig::with_limits`]).
+///
+/// ```
+/// use shm_flight::{Limits, RemoteConfig};
+///
+/// let limits = Limits::default().with_max_payload(1 << 30);
+/// let config = RemoteConfig::new("http://10.0.0.7:7000").with_limits(limits);
+/// assert_eq!(config.limits().max_payload(), 1 << 30);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Limits {
+    max_payload: u64,
+    whole_batch_bytes: usize,
+    max_message: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_payload: DEFAULT_MAX_PAYLOAD,
+            whole_batch_bytes: DEFAULT_WHOLE_BATCH_BYTES,
+            max_message: DEFAULT_MAX_MESSAGE,
+        }
+    }
+}
+
+impl Limits {
+    /// Sets the largest payload accepted, in bytes: a server refuses larger arguments before
+    /// it reads any of their data, a client fails a call whose result is larger. Default
+    /// 16 GiB.
+    pub fn with_max_payload(mut self, bytes: u64) -> Self {
+        self.max_payload = bytes;
+        self
+    }
+
+    /// Sets the largest Arrow frame sent as one Flight record batch; a larger one goes as
+    /// batches of about [`SPLIT_BATCH_BYTES`]. Default 8 MiB (see
+    /// [`DEFAULT_WHOLE_BATCH_BYTES`]).
+    pub fn with_whole_batch_bytes(mut self, bytes: usize) -> Self {
+        self.whole_batch_bytes = bytes;
+        self
+    }
+
+    /// Sets the largest single gRPC message accepted (a chunk, or one record batch of an
+    /// Arrow frame). Default 256 MiB.
+    pub fn with_max_message(mut self, bytes: usize) -> Self {
+        self.max_message = bytes;
+        self
+    }
+
+    /// The largest payload accepted.
+    pub fn max_payload(&self) -> u64 {
+        self.max_payload
+    }
+
+    /// The largest Arrow frame sent as one record batch.
+    pub fn whole_batch_bytes(&self) -> usize {
+        self.whole_batch_bytes
+    }
+
+    /// The largest single gRPC message accepted.
+    pub fn max_message(&self) -> usize {
+        self.max_message
+    }
+}
 
 /// Entry points for the mutation tests: what a server does with the messages of a call, and
 /// the messages a client sends. Not part of the API.

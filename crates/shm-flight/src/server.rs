@@ -18,56 +18,38 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::wire::{
     self, CallHead, Counter, MESSAGE_SLACK, Outcome, Refusal, ReplyHead, WIRE_VERSION, WireError,
 };
-use crate::{DEFAULT_MAX_MESSAGE, DEFAULT_MAX_PAYLOAD, DEFAULT_WHOLE_BATCH_BYTES, STREAM_WINDOW};
+use crate::{Limits, STREAM_WINDOW};
 
-/// How to run a remote worker.
+/// How to run a remote worker: where to listen, and defaults for everything else that the
+/// `with_*` methods change.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct ServerConfig {
-    /// Where to listen. Port 0 picks a free port ([`Server::local_addr`] says which).
-    pub addr: SocketAddr,
-    /// The bearer token every call must carry (`authorization: Bearer <token>`); `None`
-    /// accepts every caller — only for a listener no one else can reach.
-    pub token: Option<String>,
-    /// The largest arguments a call may bring, in bytes; larger calls are refused before
-    /// any of their data is read. Default 16 GiB.
-    pub max_payload: u64,
-    /// The largest Arrow frame sent as one Flight record batch; a larger one goes as batches
-    /// of about [`SPLIT_BATCH_BYTES`](crate::SPLIT_BATCH_BYTES). Either way the receiver copies
-    /// a frame of flat columns once; see [`DEFAULT_WHOLE_BATCH_BYTES`](crate::DEFAULT_WHOLE_BATCH_BYTES).
-    /// Default 8 MiB.
-    pub whole_batch_bytes: usize,
-    /// The largest single gRPC message the server accepts (a chunk, or one record batch of
-    /// an Arrow frame). Default 256 MiB.
-    pub max_message: usize,
-    /// The threads that move data (handlers run on a thread of their own, one at a time).
-    /// Default 2.
-    pub io_threads: usize,
-    /// The pool that received arguments and results live in; `None` for a new one.
-    pub pool: Option<ShmPool>,
-    /// The server's certificate chain and private key, PEM; `None` for plain TCP.
+    pub(crate) addr: SocketAddr,
+    pub(crate) token: Option<String>,
+    pub(crate) limits: Limits,
+    pub(crate) io_threads: usize,
+    pub(crate) pool: Option<ShmPool>,
     #[cfg(feature = "tls")]
-    pub tls: Option<ServerTls>,
+    pub(crate) tls: Option<ServerTls>,
 }
 
 /// A server's TLS identity.
 #[cfg(feature = "tls")]
 #[derive(Clone, Debug)]
-pub struct ServerTls {
-    /// The certificate chain, PEM.
-    pub cert_pem: Vec<u8>,
-    /// The private key, PEM.
-    pub key_pem: Vec<u8>,
+pub(crate) struct ServerTls {
+    pub(crate) cert_pem: Vec<u8>,
+    pub(crate) key_pem: Vec<u8>,
 }
 
 impl ServerConfig {
-    /// A configuration listening on `addr` with defaults for everything else.
+    /// A configuration listening on `addr` (port 0 picks a free port, which
+    /// [`Server::local_addr`] reports) with defaults for everything else.
     pub fn new(addr: SocketAddr) -> Self {
         ServerConfig {
             addr,
             token: None,
-            max_payload: DEFAULT_MAX_PAYLOAD,
-            whole_batch_bytes: DEFAULT_WHOLE_BATCH_BYTES,
-            max_message: DEFAULT_MAX_MESSAGE,
+            limits: Limits::default(),
             io_threads: 2,
             pool: None,
             #[cfg(feature = "tls")]
@@ -75,10 +57,56 @@ impl ServerConfig {
         }
     }
 
-    /// Requires `token` of every caller.
-    pub fn token(mut self, token: impl Into<String>) -> Self {
+    /// Requires `token` of every caller (`authorization: Bearer <token>`). Default: none,
+    /// which accepts every caller — only for a listener no one else can reach.
+    pub fn with_token(mut self, token: impl Into<String>) -> Self {
         self.token = Some(token.into());
         self
+    }
+
+    /// Sets the largest arguments a call may bring (refused before any of their data is
+    /// read) and how Arrow frames are sent (see [`Limits`]).
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Sets the threads that move data (handlers run on a thread of their own, one at a
+    /// time). Default 2.
+    pub fn with_io_threads(mut self, threads: usize) -> Self {
+        self.io_threads = threads;
+        self
+    }
+
+    /// Sets the pool received arguments and results live in. Default: a new pool.
+    pub fn with_pool(mut self, pool: ShmPool) -> Self {
+        self.pool = Some(pool);
+        self
+    }
+
+    /// Speaks TLS with this certificate chain and private key (PEM).
+    #[cfg(feature = "tls")]
+    pub fn with_tls(mut self, cert_pem: impl Into<Vec<u8>>, key_pem: impl Into<Vec<u8>>) -> Self {
+        self.tls = Some(ServerTls {
+            cert_pem: cert_pem.into(),
+            key_pem: key_pem.into(),
+        });
+        self
+    }
+
+    /// Where the server listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// What the server accepts and how it sends frames.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// The threads that move data.
+    pub fn io_threads(&self) -> usize {
+        self.io_threads
     }
 }
 
@@ -111,10 +139,10 @@ impl Server {
             encoder: Encoder::new(pool),
             token: config.token.clone().map(|t| format!("Bearer {t}")),
             instance,
-            max_payload: config.max_payload,
-            whole_batch_bytes: config.whole_batch_bytes,
+            max_payload: config.limits.max_payload(),
+            whole_batch_bytes: config.limits.whole_batch_bytes(),
         };
-        let max_message = config.max_message.max(wire::CHUNK) + MESSAGE_SLACK;
+        let max_message = config.limits.max_message().max(wire::CHUNK) + MESSAGE_SLACK;
         let service = FlightServiceServer::new(service)
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(usize::MAX);

@@ -252,8 +252,8 @@ fn every_payload_kind_round_trips_through_a_remote_worker() {
         .call("batch", &ColumnFrame(batch.clone()))
         .expect("batch");
     assert_eq!(back, batch);
-    let mut config = RemoteConfig::new(server.url());
-    config.whole_batch_bytes = 64 << 10;
+    let config = RemoteConfig::new(server.url())
+        .with_limits(shm_flight::Limits::default().with_whole_batch_bytes(64 << 10));
     let splitting = RemoteWorker::new(config).expect("client");
     let big_batch = mixed_batch(300_000);
     let Serde(rows): Serde<usize> = splitting
@@ -345,15 +345,15 @@ fn each_network_fault_is_a_typed_error_with_the_address_and_the_numbers() {
         }
         other => panic!("expected Unauthenticated, got {other:?}"),
     }
-    let wrong =
-        RemoteWorker::new(RemoteConfig::new(server.url()).token("open sesame!")).expect("client");
+    let wrong = RemoteWorker::new(RemoteConfig::new(server.url()).with_token("open sesame!"))
+        .expect("client");
     let (_, fault) = network_fault(wrong.call::<_, Serde<u32>>("pid", &()));
     assert!(
         matches!(fault, NetworkFault::Unauthenticated { .. }),
         "{fault:?}"
     );
-    let worker =
-        RemoteWorker::new(RemoteConfig::new(server.url()).token("open sesame")).expect("client");
+    let worker = RemoteWorker::new(RemoteConfig::new(server.url()).with_token("open sesame"))
+        .expect("client");
     let Serde(pid): Serde<u32> = worker.call("pid", &()).expect("the right token");
     assert_eq!(pid, server.child.id());
 
@@ -370,8 +370,9 @@ fn each_network_fault_is_a_typed_error_with_the_address_and_the_numbers() {
         other => panic!("expected TooLarge, got {other:?}"),
     }
     // A result larger than the client accepts.
-    let mut config = RemoteConfig::new(server.url()).token("open sesame");
-    config.max_payload = 4096;
+    let config = RemoteConfig::new(server.url())
+        .with_token("open sesame")
+        .with_limits(shm_flight::Limits::default().with_max_payload(4096));
     let small_client = RemoteWorker::new(config).expect("client");
     let (_, fault) = network_fault(
         small_client.call::<_, ShmArray<u8, ndarray::Ix1>>("zeros", &Serde(100_000usize)),
@@ -536,7 +537,7 @@ fn a_worker_pool_mixes_local_and_remote_workers_running_the_same_handlers() {
     let local =
         Worker::spawn(WorkerConfig::new(SERVER).with_pool(pool.clone())).expect("a local worker");
     let local_pid = local.pid();
-    let remote = RemoteWorker::new(RemoteConfig::new(server.url()).pool(pool.clone()))
+    let remote = RemoteWorker::new(RemoteConfig::new(server.url()).with_pool(pool.clone()))
         .expect("a remote worker");
     let workers: Vec<Box<dyn Lifecycle>> = vec![Box::new(local), Box::new(remote)];
     let workers = WorkerPool::from_workers(pool.clone(), workers);
@@ -579,11 +580,12 @@ fn over_tls_calls_carry_data_and_a_plain_client_is_turned_away() {
     let key = format!("{dir}/server.key");
     let server = ServerProcess::start(&["--tls-cert", &cert, "--tls-key", &key, "--token", "t0k"]);
     let port = server.addr.rsplit(':').next().expect("port");
-    let mut config = RemoteConfig::new(format!("https://localhost:{port}")).token("t0k");
-    config.tls = Some(shm_flight::ClientTls {
-        ca_pem: std::fs::read(format!("{dir}/ca.pem")).expect("the test CA"),
-        domain: None,
-    });
+    let config = RemoteConfig::new(format!("https://localhost:{port}"))
+        .with_token("t0k")
+        .with_tls(
+            std::fs::read(format!("{dir}/ca.pem")).expect("the test CA"),
+            None,
+        );
     let worker = RemoteWorker::new(config).expect("client");
     let a = Array1::from_shape_fn(1_000_000, |i| i as f64).into_dyn();
     let back: ShmArray<f64, ndarray::IxDyn> = worker.call("echo_f64", &a).expect("over TLS");
@@ -595,7 +597,7 @@ fn over_tls_calls_carry_data_and_a_plain_client_is_turned_away() {
 
     // Plain HTTP/2 to a TLS port: the handshake fails, and says so.
     let plain =
-        RemoteWorker::new(RemoteConfig::new(format!("http://localhost:{port}")).token("t0k"))
+        RemoteWorker::new(RemoteConfig::new(format!("http://localhost:{port}")).with_token("t0k"))
             .expect("client");
     let (_, fault) = network_fault(plain.call::<_, Serde<u32>>("pid", &()));
     assert!(

@@ -243,10 +243,7 @@ fn main() -> ExitCode {
     std::panic::set_hook(Box::new(|info| {
         LAST_PANIC.with(|m| *m.borrow_mut() = info.to_string());
     }));
-    let pool = match ShmPool::with_config(PoolConfig {
-        cache_bytes: 64 << 20,
-        ..PoolConfig::default()
-    }) {
+    let pool = match ShmPool::with_config(PoolConfig::default().with_cache_bytes(64 << 20)) {
         Ok(pool) => pool,
         Err(err) => {
             eprintln!("shm-fuzz: no pool: {err}");

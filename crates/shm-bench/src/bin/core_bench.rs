@@ -20,11 +20,11 @@ fn main() -> Result<(), Error> {
     } else {
         &[1 << 20, 64 << 20, 1 << 30]
     };
-    let fresh_pool = ShmPool::with_config(PoolConfig {
-        cache_bytes: 0,
-        slab_threshold: 0,
-        ..PoolConfig::default()
-    })?;
+    let fresh_pool = ShmPool::with_config(
+        PoolConfig::default()
+            .with_cache_bytes(0)
+            .with_slab_threshold(0),
+    )?;
     let recycling_pool = ShmPool::new()?;
 
     let mut report = String::new();
@@ -159,11 +159,11 @@ impl Drop for Named {
 fn creation(report: &mut String, quick: bool) -> Result<(), Error> {
     let runs = if quick { 201 } else { 1_001 };
     eprintln!("... segment creation, {runs} runs");
-    let pool = ShmPool::with_config(PoolConfig {
-        cache_bytes: 0,
-        slab_threshold: 0,
-        ..PoolConfig::default()
-    })?;
+    let pool = ShmPool::with_config(
+        PoolConfig::default()
+            .with_cache_bytes(0)
+            .with_slab_threshold(0),
+    )?;
     writeln!(
         report,
         "\n## Creating a segment: sealed memfd vs named object\n"
@@ -213,10 +213,7 @@ fn creation(report: &mut String, quick: bool) -> Result<(), Error> {
 fn receiving(report: &mut String, quick: bool) -> Result<(), Error> {
     let runs = if quick { 1_001 } else { 10_001 };
     eprintln!("... receiving a segment, {runs} runs");
-    let owner = ShmPool::with_config(PoolConfig {
-        slab_threshold: 0,
-        ..PoolConfig::default()
-    })?;
+    let owner = ShmPool::with_config(PoolConfig::default().with_slab_threshold(0))?;
     // Made ahead in batches, each descriptor sent once: a link carries a segment once.
     let batch = 500;
     let mut linked = Vec::new();

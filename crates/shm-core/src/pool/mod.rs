@@ -6,14 +6,14 @@
 //!
 //! - **Recycling.** A dropped block of its own segment goes to a free list ordered by size and
 //!   is handed out again to a request that fits it within 25%, mapped and with its pages
-//!   present. The free list is bounded in bytes ([`PoolConfig::cache_bytes`]); the least
+//!   present. The free list is bounded in bytes ([`PoolConfig::with_cache_bytes`]); the least
 //!   recently used segments beyond the bound are unlinked.
-//! - **Slabs.** Requests up to [`PoolConfig::slab_threshold`] share 1 MiB slab segments, cut
+//! - **Slabs.** Requests up to [`PoolConfig::with_slab_threshold`] share 1 MiB slab segments, cut
 //!   into slots of a power of two between 64 bytes and the threshold. Every slot is 64-byte
 //!   aligned and its size includes its padding, so many small payloads cost a few segments and
 //!   file descriptors, not one each.
 //! - **Mapping cache.** Attaching a segment that is already mapped reuses the mapping. Idle
-//!   mappings are kept up to [`PoolConfig::attach_cache_bytes`], and dropped as soon as their
+//!   mappings are kept up to [`PoolConfig::with_attach_cache_bytes`], and dropped as soon as their
 //!   owner has unlinked the segment (an unlinked segment lives on while anyone maps it).
 
 use std::collections::{BTreeMap, HashMap};
@@ -43,20 +43,29 @@ const CHECKED_LEN: usize = 64 << 20;
 /// New segments are sized in whole pages.
 const PAGE: usize = 4096;
 
-/// How a pool behaves. `PoolConfig::default()` suits most programs.
+/// How a pool behaves. `PoolConfig::default()` suits most programs; the `with_*` methods
+/// change one setting each.
+///
+/// ```
+/// use shm_core::{PoolConfig, ShmPool};
+///
+/// # fn main() -> Result<(), shm_core::ShmError> {
+/// let pool = ShmPool::with_config(
+///     PoolConfig::default()
+///         .with_capacity(Some(8 << 30))
+///         .with_cache_bytes(512 << 20),
+/// )?;
+/// assert_eq!(pool.config().capacity(), Some(8 << 30));
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct PoolConfig {
-    /// Upper bound on the bytes of all segments the pool holds (in use, cached, slabs).
-    /// `None`: bounded only by `/dev/shm`.
-    pub capacity: Option<u64>,
-    /// Bytes of idle segments kept for reuse. Default 2 GiB.
-    pub cache_bytes: u64,
-    /// Bytes of idle mappings of other programs' named segments kept, so that a segment
-    /// attached again is not mapped afresh. Default 4 GiB.
-    pub attach_cache_bytes: u64,
-    /// Requests of at most this many bytes share slab segments. Default 64 KiB; at least 64
-    /// bytes (the smallest slot), at most 512 KiB.
-    pub slab_threshold: usize,
+    capacity: Option<u64>,
+    cache_bytes: u64,
+    attach_cache_bytes: u64,
+    slab_threshold: usize,
 }
 
 impl Default for PoolConfig {
@@ -67,6 +76,56 @@ impl Default for PoolConfig {
             attach_cache_bytes: 4 << 30,
             slab_threshold: 64 << 10,
         }
+    }
+}
+
+impl PoolConfig {
+    /// Sets the upper bound on the bytes of all segments the pool holds (in use, cached,
+    /// slabs); past it, allocating is [`ShmError::CapacityExceeded`]. Default `None`: bounded
+    /// only by memory.
+    pub fn with_capacity(mut self, bytes: Option<u64>) -> Self {
+        self.capacity = bytes;
+        self
+    }
+
+    /// Sets the bytes of idle segments kept for reuse. Default 2 GiB.
+    pub fn with_cache_bytes(mut self, bytes: u64) -> Self {
+        self.cache_bytes = bytes;
+        self
+    }
+
+    /// Sets the bytes of idle mappings of other programs' named segments kept, so that a
+    /// segment attached again is not mapped afresh. Default 4 GiB.
+    pub fn with_attach_cache_bytes(mut self, bytes: u64) -> Self {
+        self.attach_cache_bytes = bytes;
+        self
+    }
+
+    /// Sets the size up to which requests share slab segments. Default 64 KiB; at least 64
+    /// bytes (the smallest slot), at most 512 KiB.
+    pub fn with_slab_threshold(mut self, bytes: usize) -> Self {
+        self.slab_threshold = bytes;
+        self
+    }
+
+    /// The bound on the bytes of all the pool's segments, if any.
+    pub fn capacity(&self) -> Option<u64> {
+        self.capacity
+    }
+
+    /// Bytes of idle segments kept for reuse.
+    pub fn cache_bytes(&self) -> u64 {
+        self.cache_bytes
+    }
+
+    /// Bytes of idle mappings of other programs' segments kept.
+    pub fn attach_cache_bytes(&self) -> u64 {
+        self.attach_cache_bytes
+    }
+
+    /// The size up to which requests share slab segments.
+    pub fn slab_threshold(&self) -> usize {
+        self.slab_threshold
     }
 }
 
@@ -281,15 +340,7 @@ impl ShmPool {
     pub fn attach(&self, r: &ShmRef) -> Result<ShmBlock> {
         let end = check_ref(r)?;
         let segment = self.segment_of(&r.name)?;
-        let segment_len = segment.len() as u64;
-        if end > segment_len {
-            return Err(ShmError::RefOutOfBounds {
-                name: r.name.clone(),
-                offset: r.offset,
-                size: r.size,
-                segment_len,
-            });
-        }
+        check_bounds(&segment, r, end)?;
         let frozen = segment
             .frozen_spanning(r.offset, end)
             .ok_or_else(|| ShmError::NotFrozen {
@@ -512,8 +563,8 @@ pub(crate) fn check_ref(r: &ShmRef) -> Result<u64> {
     Ok(end)
 }
 
-/// The block `r` names in `segment`, once the segment is known to be long enough.
-pub(crate) fn block_of(segment: Arc<Segment>, r: &ShmRef, end: u64) -> Result<ShmBlock> {
+/// Refuses a reference that ends (at `end`) past its segment.
+fn check_bounds(segment: &Segment, r: &ShmRef, end: u64) -> Result<()> {
     let segment_len = segment.len() as u64;
     if end > segment_len {
         return Err(ShmError::RefOutOfBounds {
@@ -523,6 +574,12 @@ pub(crate) fn block_of(segment: Arc<Segment>, r: &ShmRef, end: u64) -> Result<Sh
             segment_len,
         });
     }
+    Ok(())
+}
+
+/// The block `r` names in `segment`, once the segment is known to be long enough.
+pub(crate) fn block_of(segment: Arc<Segment>, r: &ShmRef, end: u64) -> Result<ShmBlock> {
+    check_bounds(&segment, r, end)?;
     // All three are at most the segment length, which is a usize.
     Ok(ShmBlock::new(
         segment,

@@ -512,10 +512,7 @@ fn bad_refs_are_typed_errors() {
 #[test]
 fn capacity_is_enforced_with_the_numbers() {
     leaves_shm_clean(|| {
-        let pool = quiet_pool(PoolConfig {
-            capacity: Some(10 << 20),
-            ..PoolConfig::default()
-        });
+        let pool = quiet_pool(PoolConfig::default().with_capacity(Some(10 << 20)));
         let held = pool.alloc(6 << 20).unwrap();
         match pool.alloc(6 << 20) {
             Err(ShmError::CapacityExceeded {

@@ -99,16 +99,17 @@ fn main() {
         std::process::exit(2);
     });
     let mut config = ServerConfig::new(addr);
-    config.token = flag(&args, "--token");
+    if let Some(token) = flag(&args, "--token") {
+        config = config.with_token(token);
+    }
     if let Some(max) = flag(&args, "--max-payload").and_then(|m| m.parse().ok()) {
-        config.max_payload = max;
+        config = config.with_limits(shm_flight::Limits::default().with_max_payload(max));
     }
     if let Some(capacity) = flag(&args, "--capacity").and_then(|m| m.parse().ok()) {
-        let pool = shm_core::ShmPool::with_config(shm_core::PoolConfig {
-            capacity: Some(capacity),
-            ..shm_core::PoolConfig::default()
-        });
-        config.pool = Some(pool.unwrap_or_else(|e| {
+        let pool = shm_core::ShmPool::with_config(
+            shm_core::PoolConfig::default().with_capacity(Some(capacity)),
+        );
+        config = config.with_pool(pool.unwrap_or_else(|e| {
             eprintln!("cannot make a pool: {e}");
             std::process::exit(1);
         }));
@@ -121,10 +122,7 @@ fn main() {
                 std::process::exit(2);
             })
         };
-        config.tls = Some(shm_flight::ServerTls {
-            cert_pem: read(&cert),
-            key_pem: read(&key),
-        });
+        config = config.with_tls(read(&cert), read(&key));
     }
     let server = Server::start(router(), config).unwrap_or_else(|e| {
         eprintln!("cannot serve on {listen}: {e}");
@@ -150,7 +148,9 @@ fn client(url: &str, args: &[String]) {
         .and_then(|m| m.parse().ok())
         .unwrap_or(64);
     let mut config = RemoteConfig::new(url);
-    config.token = flag(args, "--token");
+    if let Some(token) = flag(args, "--token") {
+        config = config.with_token(token);
+    }
     let worker = RemoteWorker::new(config).unwrap_or_else(|e| {
         eprintln!("{e}");
         std::process::exit(1);
