@@ -7,7 +7,9 @@ use arrow_flight::FlightData;
 use arrow_flight::flight_service_client::FlightServiceClient;
 use shm_codec::{Encoder, Payload};
 use shm_core::ShmPool;
-use shm_transport::{Callee, DecodeReply, Lifecycle, NetworkFault, TransportError};
+use shm_transport::{Callee, DecodeReply, Lifecycle, TransportError};
+
+use crate::error::{FlightError, NetworkFault};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::wire::{
@@ -191,9 +193,10 @@ impl RemoteWorker {
     pub fn connect(&self) -> Result<(), TransportError> {
         let runtime = runtime()?;
         if tokio::runtime::Handle::try_current().is_ok() {
-            return Err(TransportError::BlockingInAsync {
+            return Err(FlightError::BlockingInAsync {
                 what: "RemoteWorker::connect",
-            });
+            }
+            .into());
         }
         runtime.block_on(self.client()).map(drop)
     }
@@ -214,10 +217,11 @@ impl RemoteWorker {
     }
 
     fn fault(&self, fault: NetworkFault) -> TransportError {
-        TransportError::Network {
+        FlightError::Network {
             addr: self.config.addr.clone(),
             fault,
         }
+        .into()
     }
 
     /// Forgets the connection after it failed: the next call connects again.
@@ -439,20 +443,18 @@ impl Callee for RemoteWorker {
         decode: &mut DecodeReply<'_>,
     ) -> Result<(), TransportError> {
         if !args.is_backed() {
-            return Err(TransportError::Malformed {
-                what: format!(
-                    "the arguments of {method} name {} blocks but hold {}: a payload read from \
-                     a peer cannot be sent on as it is",
-                    args.buffers().len(),
-                    args.blocks().len()
-                ),
+            return Err(TransportError::UnbackedPayload {
+                method: method.to_owned(),
+                named: args.buffers().len(),
+                held: args.blocks().len(),
             });
         }
         let runtime = runtime()?;
         if tokio::runtime::Handle::try_current().is_ok() {
-            return Err(TransportError::BlockingInAsync {
+            return Err(FlightError::BlockingInAsync {
                 what: "RemoteWorker::call",
-            });
+            }
+            .into());
         }
         let sent = Arc::new(Counter::default());
         let outgoing = wire::outgoing(

@@ -21,8 +21,9 @@
 //! arguments, the result, and the metadata of both; DoPut plus DoGet would take two round
 //! trips and a ticket to tie them, DoAction carries opaque bytes without Arrow data.
 //!
-//! What can go wrong is a [`TransportError::Network`](shm_transport::TransportError) with
-//! the server's address and the numbers ([`NetworkFault`](shm_transport::NetworkFault)):
+//! What can go wrong is a [`FlightError::Network`] (inside
+//! [`TransportError::Connection`](shm_transport::TransportError::Connection); see
+//! [`FlightError::of`]) with the server's address and the numbers ([`NetworkFault`]):
 //! refused, lost mid-call, server restarted, timed out, too large, unauthenticated. The
 //! client connects again on its next call. A server checks a bearer token when it has one
 //! and, with the `tls` feature, speaks TLS.
@@ -52,10 +53,12 @@
 
 mod assemble;
 mod client;
+mod error;
 mod server;
 mod wire;
 
 pub use client::{DOWN_FOR, RemoteConfig, RemoteWorker};
+pub use error::{FlightError, NetworkFault};
 pub use server::{Server, ServerConfig};
 pub use wire::{CHUNK, SPLIT_BATCH_BYTES, WIRE_VERSION};
 

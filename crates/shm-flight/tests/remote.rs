@@ -15,11 +15,10 @@ use arrow::datatypes::{DataType, Field, Int32Type};
 use ndarray::{Array1, Array2, Array3, ShapeBuilder};
 use shm_arrow::ColumnFrame;
 use shm_codec::{Index, Serde, ShmArray, SimpleFrame};
-use shm_flight::{RemoteConfig, RemoteWorker};
+use shm_flight::{FlightError, NetworkFault, RemoteConfig, RemoteWorker};
 use shm_tests::CleanShm;
 use shm_transport::{
-    CalleeExt, Lifecycle, NetworkFault, RemoteErrorKind, TransportError, Worker, WorkerConfig,
-    WorkerPool,
+    CalleeExt, Lifecycle, RemoteErrorKind, TransportError, Worker, WorkerConfig, WorkerPool,
 };
 
 const SERVER: &str = env!("CARGO_BIN_EXE_shm-flight-test-server");
@@ -148,18 +147,15 @@ fn remote(server: &ServerProcess) -> RemoteWorker {
 
 fn network_fault(result: Result<impl std::fmt::Debug, TransportError>) -> (String, NetworkFault) {
     match result {
-        Err(TransportError::Network { addr, fault }) => {
-            // The message a user sees, for the test log.
-            eprintln!(
-                "fault: {}",
-                TransportError::Network {
-                    addr: addr.clone(),
-                    fault: fault.clone()
-                }
-            );
-            (addr, fault)
-        }
-        other => panic!("expected a network fault, got {other:?}"),
+        Err(err) => match FlightError::fault_of(&err) {
+            Some((addr, fault)) => {
+                // The message a user sees, for the test log.
+                eprintln!("fault: {err}");
+                (addr.to_owned(), fault.clone())
+            }
+            None => panic!("expected a network fault, got {err:?}"),
+        },
+        Ok(value) => panic!("expected a network fault, got {value:?}"),
     }
 }
 
@@ -748,7 +744,7 @@ fn threads_calling_while_timeouts_fire_and_the_server_is_killed_get_values_or_ty
                     };
                     match outcome {
                         Ok(()) => ok.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-                        Err(TransportError::Network { .. }) => {
+                        Err(err) if FlightError::fault_of(&err).is_some() => {
                             faults.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
                         }
                         Err(other) => panic!("a call failed with {other:?}"),
@@ -779,7 +775,7 @@ fn threads_calling_while_timeouts_fire_and_the_server_is_killed_get_values_or_ty
     let Serde(live): Serde<usize> = loop {
         match worker.call("live_blocks", &()) {
             Ok(live) => break live,
-            Err(TransportError::Network { .. }) => continue,
+            Err(err) if FlightError::fault_of(&err).is_some() => continue,
             Err(other) => panic!("{other:?}"),
         }
     };

@@ -15,7 +15,7 @@ use std::time::Duration;
 use shm_codec::{Decode, Decoder, Encode, Encoder, Payload};
 use shm_core::ShmPool;
 
-use crate::error::Result;
+use crate::error::{Result, TransportError};
 use crate::worker::Worker;
 
 /// What a caller does with a reply: decode it from its payload with the decoder that can read
@@ -92,7 +92,9 @@ fn call_decoded<C: Callee + ?Sized, A: Encode + ?Sized, R: Decode>(
         value = Some(R::decode(payload, decoder)?);
         Ok(())
     })?;
-    value.ok_or_else(|| crate::error::malformed(format!("{method}: the reply was not decoded")))
+    value.ok_or_else(|| TransportError::NotDecoded {
+        method: method.to_owned(),
+    })
 }
 
 /// A worker's life, as a [`WorkerPool`](crate::WorkerPool) manages it.

@@ -308,12 +308,11 @@ impl Conn {
         }
         let args = args.encoded(&self.encoder)?;
         if !args.is_backed() {
-            return Err(malformed(format!(
-                "the arguments of {method} name {} blocks but hold {}: a payload read from a \
-                 peer cannot be sent on as it is",
-                args.buffers().len(),
-                args.blocks().len()
-            )));
+            return Err(TransportError::UnbackedPayload {
+                method: method.to_owned(),
+                named: args.buffers().len(),
+                held: args.blocks().len(),
+            });
         }
         let mut args = self.endpoint.localize(args)?;
         if deadline.is_some_and(|d| Instant::now() >= d) {

@@ -54,9 +54,11 @@ pub enum TransportError {
     #[error(transparent)]
     Codec(#[from] CodecError),
 
-    /// The worker failed inside a call; it goes on serving.
+    /// The worker failed inside a call; it goes on serving. (Converting a [`RemoteError`]
+    /// with `From` gives [`Shm`](Self::Shm) for a worker that ran out of shared memory, as
+    /// [`from_remote`](Self::from_remote) does.)
     #[error("remote error in {0}")]
-    Remote(#[from] RemoteError),
+    Remote(RemoteError),
 
     /// The worker process ended; every pending call fails with this.
     #[error("worker {worker} (pid {pid}) died: {status}")]
@@ -124,7 +126,8 @@ pub enum TransportError {
         limit: u64,
     },
 
-    /// The peer sent something that breaks the protocol (a corrupt frame or channel).
+    /// The peer sent something that breaks the protocol (a corrupt frame or channel, a hello
+    /// that lies, a ring it jammed), or the process a worker runs in is not set up as one.
     #[error("malformed message from the peer: {what}")]
     Malformed {
         /// What was wrong, with the numbers.
@@ -138,24 +141,34 @@ pub enum TransportError {
         variable: &'static str,
     },
 
-    /// A remote worker could not be reached, or its connection failed during a call.
-    #[error("remote worker {addr}: {fault}")]
-    Network {
-        /// The worker's address, as the caller configured it (`http://10.0.0.7:7000`).
-        addr: String,
-        /// What failed, with the numbers.
-        fault: NetworkFault,
+    /// A worker on another host could not be reached, or its connection failed: the error of
+    /// the crate that connects to it (shm-flight's `FlightError`, whose `of` finds it here),
+    /// kept whole as the source.
+    #[error(transparent)]
+    Connection(Box<dyn std::error::Error + Send + Sync + 'static>),
+
+    /// The arguments of a call name blocks they do not hold: a payload read from a peer
+    /// (which refers to the peer's memory) passed on as it is. Decode it and encode the value,
+    /// or re-send the decoded value, which carries its blocks.
+    #[error(
+        "the arguments of {method} name {named} blocks but hold {held}: a payload read from a \
+         peer cannot be sent on as it is"
+    )]
+    UnbackedPayload {
+        /// The method called.
+        method: String,
+        /// Blocks the payload names.
+        named: usize,
+        /// Blocks it holds.
+        held: usize,
     },
 
-    /// A blocking call was made on a thread that drives an async runtime, which it would
-    /// stall (or deadlock).
-    #[error(
-        "{what} blocks, and was called on a thread of an async runtime; call it from \
-         `spawn_blocking` or a plain thread"
-    )]
-    BlockingInAsync {
-        /// The function called.
-        what: &'static str,
+    /// A [`Callee`](crate::Callee) returned without handing the reply of a call to the
+    /// decoder (a bug in that `Callee`), or a call of a batch never ran.
+    #[error("{method}: the reply was not decoded")]
+    NotDecoded {
+        /// The method called.
+        method: String,
     },
 
     /// The worker pool was shut down (or has no worker left to call).
@@ -163,88 +176,6 @@ pub enum TransportError {
     PoolShutdown {
         /// How many workers the pool had.
         workers: usize,
-    },
-}
-
-/// What went wrong between a caller and a remote worker. Every fault but `Unauthenticated`
-/// and `TooLarge` leaves the client ready to reconnect on its next call.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum NetworkFault {
-    /// Nothing accepted the connection (no server on the port, a firewall, a bad name).
-    #[error("connection refused: {reason}")]
-    Refused {
-        /// What the operating system or the TLS layer said.
-        reason: String,
-    },
-    /// The connection broke during the call; the call may or may not have run.
-    #[error(
-        "connection lost during {method} after sending {sent} of {to_send} bytes and \
-         receiving {received}: {reason}"
-    )]
-    Lost {
-        /// The method called.
-        method: String,
-        /// Argument bytes handed to the connection.
-        sent: u64,
-        /// Argument bytes the call had to send.
-        to_send: u64,
-        /// Result bytes received.
-        received: u64,
-        /// What the transport said.
-        reason: String,
-    },
-    /// The server is not the instance this client talked to before (it restarted, and what
-    /// its handlers held is gone). The call was not run; the next call runs on the new
-    /// instance.
-    #[error("the server restarted (instance {was:016x}, now {now:016x}); {method} was not run")]
-    Restarted {
-        /// The method called.
-        method: String,
-        /// The instance the client knew.
-        was: u64,
-        /// The instance that answered.
-        now: u64,
-    },
-    /// The call did not finish within its timeout; it was cancelled on the connection (the
-    /// server finishes a handler already running, and drops its result).
-    #[error(
-        "{method} timed out after {timeout:?}, having sent {sent} of {to_send} bytes and \
-         received {received}"
-    )]
-    Timeout {
-        /// The method called.
-        method: String,
-        /// The timeout that passed.
-        timeout: Duration,
-        /// Argument bytes handed to the connection.
-        sent: u64,
-        /// Argument bytes the call had to send.
-        to_send: u64,
-        /// Result bytes received.
-        received: u64,
-    },
-    /// A payload is larger than the receiving side accepts.
-    #[error("{what} of {size} bytes is over the limit of {limit} bytes")]
-    TooLarge {
-        /// `the arguments of M` or `the result of M`.
-        what: String,
-        /// Its size.
-        size: u64,
-        /// The receiver's limit.
-        limit: u64,
-    },
-    /// The server refused the caller's bearer token (or its absence).
-    #[error("the server refused the call: {reason}")]
-    Unauthenticated {
-        /// What the server said.
-        reason: String,
-    },
-    /// The peer broke the remote protocol (a stream that ends early, sizes that disagree).
-    #[error("protocol error: {what}")]
-    Protocol {
-        /// What was wrong, with the numbers.
-        what: String,
     },
 }
 
@@ -284,6 +215,12 @@ impl TransportError {
             }),
             _ => TransportError::Remote(remote),
         }
+    }
+}
+
+impl From<RemoteError> for TransportError {
+    fn from(remote: RemoteError) -> Self {
+        TransportError::from_remote(remote)
     }
 }
 

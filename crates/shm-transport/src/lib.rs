@@ -64,7 +64,7 @@ mod worker;
 
 pub use callee::{Callee, CalleeExt, DecodeReply, Lifecycle};
 pub use channel::{CONTROL_LEN, ChannelState, PROTOCOL_VERSION, RingState};
-pub use error::{NetworkFault, RemoteError, RemoteErrorKind, Result, TransportError};
+pub use error::{RemoteError, RemoteErrorKind, Result, TransportError};
 pub use pool::{ShutdownMode, WorkerPool};
 pub use serve::{CHANNEL_ENV, Context, LINK_ENV, Router, is_worker, serve};
 pub use worker::{StderrSink, Worker, WorkerConfig};

@@ -206,8 +206,8 @@ impl WorkerPool {
                             value = Some(R::decode(reply, decoder)?);
                             Ok(())
                         })?;
-                        value.ok_or_else(|| {
-                            crate::error::malformed(format!("{method}: the reply was not decoded"))
+                        value.ok_or_else(|| TransportError::NotDecoded {
+                            method: method.to_owned(),
                         })
                     })
                 })
@@ -216,7 +216,9 @@ impl WorkerPool {
                 .into_iter()
                 .map(|call| {
                     call.join().unwrap_or_else(|_| {
-                        Err(crate::error::malformed("a broadcast call panicked"))
+                        Err(TransportError::NotDecoded {
+                            method: method.to_owned(),
+                        })
                     })
                 })
                 .collect()
@@ -277,7 +279,13 @@ impl WorkerPool {
             .into_inner()
             .unwrap_or_else(PoisonError::into_inner)
             .into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(crate::error::malformed("an item got no result"))))
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    Err(TransportError::NotDecoded {
+                        method: method.to_owned(),
+                    })
+                })
+            })
             .collect()
     }
 
