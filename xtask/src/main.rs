@@ -54,7 +54,7 @@ fn main() -> ExitCode {
 }
 
 /// The optional features that the tests and clippy turn on: TLS for the Flight workers.
-const FEATURES: &str = "shm-flight/tls";
+const FEATURES: &str = "shm-flight/tls,shm-tests/tls";
 
 fn lint() -> Result {
     cargo(&["fmt", "--all", "--", "--check"])?;
@@ -290,7 +290,7 @@ fn bench(args: &[String]) -> Result {
         ("shm-bench", "transport_bench", "transport.md"),
         ("shm-bench", "channel_bench", "channel.md"),
         ("shm-bench", "workers_bench", "workers.md"),
-        ("shm-flight", "flight_bench", "flight.md"),
+        ("shm-bench", "flight_bench", "flight.md"),
     ];
     let python = python_env()?;
     for (package, binary, _) in sections {

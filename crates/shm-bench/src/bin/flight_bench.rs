@@ -24,7 +24,6 @@ use shm_codec::{Serde, ShmArray};
 use shm_flight::{RemoteConfig, RemoteWorker, Server, ServerConfig};
 use shm_transport::{Router, Worker, WorkerConfig, is_worker, serve};
 
-#[path = "../../../shm-bench/src/bin/common/mod.rs"]
 mod common;
 use common::{Error, gbs, human, median, ms, sample, write_section};
 use shm_transport::CalleeExt;
