@@ -263,3 +263,36 @@ pub fn python() -> Option<String> {
         }
     }
 }
+
+/// The random source of the decoders' mutation tests: a xorshift generator, so that a seed
+/// gives the same mutations on every machine, and how many rounds to run
+/// (`SHM_FUZZ_ROUNDS`, or the test's default).
+#[derive(Debug)]
+pub struct Mutations {
+    state: u64,
+    /// Rounds to run.
+    pub rounds: usize,
+}
+
+impl Mutations {
+    /// A generator from `seed` (not 0), running `default_rounds` unless `SHM_FUZZ_ROUNDS`
+    /// says otherwise.
+    pub fn new(seed: u64, default_rounds: usize) -> Self {
+        let rounds = std::env::var("SHM_FUZZ_ROUNDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default_rounds);
+        Mutations {
+            state: seed,
+            rounds,
+        }
+    }
+
+    /// The next random number.
+    pub fn draw(&mut self) -> u64 {
+        self.state ^= self.state << 13;
+        self.state ^= self.state >> 7;
+        self.state ^= self.state << 17;
+        self.state
+    }
+}

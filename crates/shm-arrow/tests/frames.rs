@@ -909,18 +909,10 @@ fn thousands_of_mutated_frames_give_batches_or_errors() {
     // The payload is kept: its blocks are attachable only while they live.
     let payload = encoder.encode(&ColumnFrame(batch)).unwrap();
     let bytes = payload.to_bytes();
-    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
+    let mut mutations = shm_tests::Mutations::new(0x9e37_79b9_7f4a_7c15u64, 3000);
+    let rounds = mutations.rounds;
+    let mut next = move || mutations.draw();
     let mut decoded = 0;
-    let rounds: usize = std::env::var("SHM_FUZZ_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3000);
     for _ in 0..rounds {
         let mut mutated = bytes.clone();
         for _ in 0..1 + next() % 3 {

@@ -482,18 +482,10 @@ fn thousands_of_mutated_payloads_give_values_or_errors() {
         .unwrap(),
         c.0.encode(&Array1::from_elem(10, true)).unwrap(),
     ];
-    let mut rng = 0x2545_f491_4f6c_dd1du64;
-    let mut next = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
+    let mut mutations = shm_tests::Mutations::new(0x2545_f491_4f6c_dd1du64, 6000);
+    let rounds = mutations.rounds;
+    let mut next = move || mutations.draw();
     let mut decoded = 0;
-    let rounds: usize = std::env::var("SHM_FUZZ_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(6000);
     for round in 0..rounds {
         let mut bytes = payloads[round % payloads.len()].to_bytes();
         for _ in 0..1 + next() % 4 {

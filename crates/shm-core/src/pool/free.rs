@@ -44,21 +44,7 @@ impl PoolShared {
             evicted = self.reserve_bytes(&mut state, len as u64)?;
         }
         drop(evicted);
-        let segment = match self.create_segment(len, SegmentHolds::Block, shared) {
-            Ok(segment) => segment,
-            Err(err) => {
-                self.lock().owned_bytes -= len as u64;
-                return Err(err);
-            }
-        };
-        let mut state = self.lock();
-        state.segments_created += 1;
-        if state.closed {
-            state.owned_bytes -= len as u64;
-            drop(state);
-            segment.retire();
-            return Err(ShmError::PoolClosed);
-        }
+        let (segment, mut state) = self.create_reserved(len, SegmentHolds::Block, shared)?;
         state
             .live
             .insert(segment.name().to_owned(), Arc::downgrade(&segment));

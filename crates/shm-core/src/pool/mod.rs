@@ -674,6 +674,33 @@ impl PoolShared {
         Ok(segment)
     }
 
+    /// Creates a segment of `len` bytes that [`reserve_bytes`](Self::reserve_bytes) has
+    /// already counted, and returns it with the pool's lock held, ready to be listed. The
+    /// bytes are given back if creating fails, or if the pool closed meanwhile.
+    fn create_reserved(
+        &self,
+        len: usize,
+        holds: SegmentHolds,
+        shared: bool,
+    ) -> Result<(Arc<Segment>, MutexGuard<'_, State>)> {
+        let segment = match self.create_segment(len, holds, shared) {
+            Ok(segment) => segment,
+            Err(err) => {
+                self.lock().owned_bytes -= len as u64;
+                return Err(err);
+            }
+        };
+        let mut state = self.lock();
+        state.segments_created += 1;
+        if state.closed {
+            state.owned_bytes -= len as u64;
+            drop(state);
+            segment.retire();
+            return Err(ShmError::PoolClosed);
+        }
+        Ok((segment, state))
+    }
+
     /// Takes back a block's region; called when an allocated block is dropped.
     fn release(&self, slot: Slot, segment: &Arc<Segment>) {
         let mut dropped: Vec<Arc<Segment>> = Vec::new();

@@ -50,21 +50,7 @@ impl PoolShared {
                 evicted = self.reserve_bytes(&mut state, SLAB_LEN as u64)?;
             }
             drop(evicted);
-            let segment = match self.create_segment(SLAB_LEN, SegmentHolds::Slab, false) {
-                Ok(segment) => segment,
-                Err(err) => {
-                    self.lock().owned_bytes -= SLAB_LEN as u64;
-                    return Err(err);
-                }
-            };
-            let mut state = self.lock();
-            state.segments_created += 1;
-            if state.closed {
-                state.owned_bytes -= SLAB_LEN as u64;
-                drop(state);
-                segment.retire();
-                return Err(ShmError::PoolClosed);
-            }
+            let (segment, mut state) = self.create_reserved(SLAB_LEN, SegmentHolds::Slab, false)?;
             let slots = (SLAB_LEN / slot_len) as u32;
             let slab = Slab {
                 segment,
