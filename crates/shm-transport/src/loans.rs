@@ -1,24 +1,13 @@
 //! Who keeps a block alive across processes: loans, and their return through release rings.
 //!
-//! The invariants, in one paragraph. A block is recycled by its pool only when the last
-//! `Arc<ShmBlock>` of it is dropped in the process that allocated it. When a side sends a
-//! payload, it *lends* the payload's blocks: each gets a loan id, and the [`Lender`] keeps an
-//! `Arc` of it under that id, so the block outlives the payload. The receiving side attaches
-//! each block through a [`LoanAttacher`], which puts a drop hook on the attached block: when
-//! the last value built on it is gone — however many copies, slices or re-sends of it existed
-//! — the hook writes the loan id into the release ring towards the owner (a [`Returner`]; no
-//! system call, never blocking). The owner's pool drains that ring before it allocates (the
-//! lender is the pool's [`Reclaim`]er) and drops the `Arc`s whose ids came back. A block the
-//! receiver never attached is returned as soon as decoding ends; a frame too large for a ring
-//! slot travels in a lent block that the receiver returns once it has read the frame. When the
-//! peer dies, every loan to it is dropped at once; when the receiver re-sends a block it holds,
-//! it lends its own attached block, whose hook returns the first loan only after the second
-//! comes back — so a block stays alive across any number of hops. A reference a peer sends
-//! back to one of our own blocks attaches as a view that holds our frozen block (see
-//! `ShmPool::attach`), so that block lives as long as the view, loan or no loan; a reference
-//! to our memory that no frozen block spans is refused. A peer that returns ids it
-//! was never lent, or returns them early, can only cause its own reads to see recycled bytes;
-//! the owner's memory is never freed while the owner itself still uses it.
+//! The rule this module keeps — a block is recycled only when the last `Arc` of it is dropped
+//! in the process that allocated it, however many processes and hops it went through — and
+//! the invariants that follow are written once, in docs/architecture.md, "Block lifetimes
+//! across processes". The pieces: the [`Lender`] keeps an `Arc` of every block a frame lends,
+//! under its loan id, and is its pool's [`Reclaim`]er; a [`LoanAttacher`] puts a drop hook on
+//! each block it attaches for a decoder, which hands the loan id to a [`Returner`]; the
+//! returner writes it into the release ring towards the owner (no system call, never
+//! blocking), or keeps it, up to a bound, while the ring is full.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
