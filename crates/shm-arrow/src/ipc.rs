@@ -31,6 +31,21 @@ fn invalid(reason: impl Into<String>) -> CodecError {
 
 /// Writes `batches` (all of `schema`) as one Arrow IPC stream into a new block of `pool`,
 /// frozen: ready to send, or to read back with [`read_ipc_block`].
+///
+/// ```
+/// use std::sync::Arc;
+/// use arrow::array::{Int64Array, RecordBatch};
+/// use shm_arrow::{read_ipc_block, write_ipc_block};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let pool = shm_core::ShmPool::new()?;
+/// let batch = RecordBatch::try_from_iter([("n", Arc::new(Int64Array::from(vec![1, 2, 3])) as _)])?;
+/// let block = write_ipc_block(&pool, &batch.schema(), std::slice::from_ref(&batch))?;
+/// // pyarrow reads the same block with pa.ipc.open_stream; here it is read back in place.
+/// assert_eq!(read_ipc_block(&block)?, vec![batch]);
+/// # Ok(())
+/// # }
+/// ```
 pub fn write_ipc_block(
     pool: &ShmPool,
     schema: &SchemaRef,

@@ -676,6 +676,25 @@ pub(crate) fn storage_of(
 
 /// An array being produced in shared memory: allocated zeroed, filled through
 /// [`view_mut`](Self::view_mut), then frozen into a [`ShmArray`] that is sent without a copy.
+///
+/// ```
+/// use ndarray::Ix2;
+/// use shm_codec::{Decoder, Encoder, ShmArray, ShmArrayMut};
+/// use shm_core::ShmPool;
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let pool = ShmPool::new()?;
+/// let mut a = ShmArrayMut::<f32, Ix2>::zeros(&pool, (1000, 3))?;
+/// a.view_mut().column_mut(1).fill(1.5);
+/// let a = a.freeze();
+/// // Encoding a frozen array (or a slice of it) sends a reference to its block.
+/// let payload = Encoder::new(pool.clone()).encode(&a.slice(ndarray::s![..10, ..]))?;
+/// assert_eq!(payload.buffers()[0].name, a.block().unwrap().name());
+/// let back: ShmArray<f32, Ix2> = Decoder::new(pool).decode(&payload)?;
+/// assert_eq!(back.view()[[9, 1]], 1.5);
+/// # Ok(())
+/// # }
+/// ```
 pub struct ShmArrayMut<T: Element, D: Dimension> {
     block: ShmBlockMut,
     dim: D,

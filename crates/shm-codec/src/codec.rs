@@ -253,6 +253,23 @@ pub trait Codec: Send + Sync {
 
 /// An ordered list of codecs: on encode the first that accepts the value wins; on decode the
 /// codec is found by the payload's name.
+///
+/// ```
+/// use shm_codec::{Decoder, Encoder, Registry, SerdeCodec};
+/// use shm_core::ShmPool;
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let pool = ShmPool::new()?;
+/// let (encoder, decoder) = (Encoder::new(pool.clone()), Decoder::new(pool));
+/// let mut registry = Registry::new(); // arrays and simple frames
+/// registry.register(SerdeCodec::<Vec<String>>::new("names"));
+/// let payload = registry.encode(&vec!["a".to_owned(), "b".to_owned()], &encoder)?;
+/// assert_eq!(payload.codec, "names");
+/// let back: Vec<String> = registry.decode_as(&payload, &decoder)?;
+/// assert_eq!(back, ["a", "b"]);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct Registry {
     codecs: Vec<Arc<dyn Codec>>,

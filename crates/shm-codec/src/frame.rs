@@ -45,6 +45,24 @@ struct FrameMeta {
 /// A table of `nrows × ncols` numbers of one type in one shared-memory block, stored
 /// column-major so that each column is a contiguous slice. Column names may repeat; an empty
 /// frame keeps its column names.
+///
+/// ```
+/// use shm_codec::{Index, SimpleFrame};
+/// use shm_core::ShmPool;
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let pool = ShmPool::new()?;
+/// let (x, y) = ([1.0, 2.0, 3.0], [10.0, 20.0, 30.0]);
+/// let frame = SimpleFrame::from_columns(
+///     &pool,
+///     &[("x", &x[..]), ("y", &y[..])],
+///     Index::Range { start: 0, step: 1 },
+/// )?;
+/// assert_eq!(frame.columns(), ["x", "y"]);
+/// assert_eq!(frame.column("y").unwrap()[2], 30.0);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Debug)]
 pub struct SimpleFrame<T: Element> {
     data: ShmArray<T, Ix2>,

@@ -359,6 +359,27 @@ impl ShmBlockMut {
     /// Ends the writing: the block becomes a read-only [`ShmBlock`] that can be sent, and that
     /// other pools of this process can attach by its reference. Its memory goes back to the
     /// pool when the last `Arc` (and every view attached over it) is dropped.
+    ///
+    /// ```
+    /// use shm_core::{ShmError, ShmPool, ShmRef};
+    ///
+    /// # fn main() -> Result<(), ShmError> {
+    /// let pool = ShmPool::new()?;
+    /// let mut block = pool.alloc(100)?;
+    /// block.as_mut_slice().copy_from_slice(&[7; 100]);
+    /// // While it is written, nothing can attach it, even by its numbers.
+    /// let made_up = ShmRef {
+    ///     name: block.name().to_owned(),
+    ///     offset: block.offset() as u64,
+    ///     size: block.capacity() as u64,
+    ///     content_size: 100,
+    /// };
+    /// assert!(matches!(pool.attach(&made_up), Err(ShmError::NotFrozen { .. })));
+    /// let block = block.freeze();
+    /// assert_eq!(pool.attach(&block.to_ref())?.as_slice(), &[7; 100]);
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn freeze(self) -> Arc<ShmBlock> {
         let segment = Arc::clone(&self.block.segment);
         let offset = self.block.offset;

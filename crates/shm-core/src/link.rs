@@ -57,6 +57,30 @@ pub(crate) fn segment_retired() {
 }
 
 /// One end of a link between two processes, over which segment descriptors travel.
+///
+/// The creator of a segment [`offer`](Self::offer)s a block before it sends the block's
+/// reference; the peer [`attach`](Self::attach)es the reference through its end, which maps
+/// the segment (read-only) from the descriptor that came. The transport runs one per worker;
+/// a program of its own makes a [`pair`](Self::pair) and gives the child the second end.
+///
+/// ```
+/// use shm_core::{SegmentLink, ShmPool};
+///
+/// # fn main() -> Result<(), shm_core::ShmError> {
+/// let pool = ShmPool::new()?;
+/// let (ours, theirs) = SegmentLink::pair()?;
+/// // `theirs` is an OwnedFd: a child inherits it; here it stays in this process.
+/// let theirs = SegmentLink::from_fd(theirs)?;
+///
+/// let mut block = pool.alloc(4096)?;
+/// block.as_mut_slice().fill(42);
+/// let block = block.freeze();
+/// ours.offer(&block, None)?; // the descriptor goes first, once per segment
+/// let view = theirs.attach(&block.to_ref())?; // then any reference into that segment
+/// assert!(view.is_peer_memory() && view.as_slice().iter().all(|&b| b == 42));
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct SegmentLink {
     socket: OwnedFd,

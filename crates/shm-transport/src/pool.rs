@@ -54,6 +54,29 @@ struct Shared {
 /// N workers serving the same handlers. Share it between threads by reference (it is `Sync`)
 /// or in an `Arc`. It is a [`Callee`] itself: the typed calls come from [`CalleeExt`], and
 /// each goes to the worker with the fewest calls in flight.
+///
+/// ```no_run
+/// use ndarray::Array1;
+/// use shm_codec::Serde;
+/// use shm_transport::{CalleeExt, ShutdownMode, WorkerConfig, WorkerPool};
+///
+/// # fn main() -> Result<(), shm_transport::TransportError> {
+/// let workers = WorkerPool::with_workers(WorkerConfig::new("my-worker"), 4)?;
+/// let Serde(sum): Serde<f64> = workers.call("sum", &Array1::from_elem(1000, 1.0))?;
+/// // Written to shared memory once, read in place by every worker.
+/// let each: Vec<_> = workers.broadcast::<_, Serde<f64>>("sum", &Array1::from_elem(10, 2.0))?;
+/// // In the order of the items, four calls at a time.
+/// let sums = workers.map::<_, Serde<f64>, _>(
+///     "sum",
+///     (0..100).map(|i| Array1::from_elem(100, i as f64)),
+///     4,
+///     |done, started| eprintln!("{done}/{started}"),
+/// );
+/// workers.shutdown(ShutdownMode::Drain);
+/// # let _ = (sum, each, sums);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct WorkerPool {
     shared: Arc<Shared>,

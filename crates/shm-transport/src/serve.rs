@@ -56,6 +56,28 @@ type Handler = Box<
 
 /// Named handlers. A handler takes its decoded arguments (zero-copy views of the caller's
 /// memory) and returns a value that is encoded into the worker's pool.
+///
+/// ```no_run
+/// use ndarray::Ix1;
+/// use shm_codec::{Serde, ShmArray, ShmArrayMut};
+/// use shm_transport::{Router, is_worker, serve};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let router = Router::new()
+///     .handle("sum", |a: ShmArray<f64, Ix1>, _ctx| Ok::<_, String>(Serde(a.view().sum())))
+///     .handle("double", |a: ShmArray<f64, Ix1>, ctx| {
+///         // The result is produced in the worker's pool and sent without a copy.
+///         let mut out = ShmArrayMut::<f64, Ix1>::zeros(ctx.pool(), a.len())
+///             .map_err(|e| e.to_string())?;
+///         out.view_mut().zip_mut_with(&a.view(), |o, x| *o = 2.0 * x);
+///         Ok::<_, String>(out.freeze())
+///     });
+/// if is_worker() {
+///     serve(router)?; // returns when the parent asks the worker to stop
+/// }
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Default)]
 pub struct Router {
     handlers: HashMap<String, Handler>,

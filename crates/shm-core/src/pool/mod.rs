@@ -442,7 +442,20 @@ impl ShmPool {
     }
 
     /// A copy of `block`'s content in private memory that no other process can reach, write or
-    /// truncate: what a reader of an untrusted peer validates and reads instead of the peer's
+    /// truncate (`untrusted(true)` workers' replies are read this way):
+    ///
+    /// ```
+    /// # fn main() -> Result<(), shm_core::ShmError> {
+    /// let pool = shm_core::ShmPool::new()?;
+    /// let mut block = pool.alloc(3)?;
+    /// block.as_mut_slice().copy_from_slice(b"abc");
+    /// let copy = pool.private_copy(&block.freeze())?;
+    /// assert!(copy.is_private() && copy.as_slice() == b"abc");
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// It is what a reader of an untrusted peer validates and reads instead of the peer's
     /// block, which the peer could change after validation. The copy is aligned like any
     /// block; it cannot be sent (it names no segment, so encoders copy out of it), and its
     /// memory is recycled for later copies, as blocks are.
