@@ -271,8 +271,8 @@ fn demo(args: &[String]) -> Result {
         "--release",
         "--quiet",
         "-p",
-        "shm-bench",
-        "--bin",
+        "shm-examples",
+        "--example",
         "demo",
         "--",
     ];

@@ -11,8 +11,7 @@ use shm_arrow::{ColumnFrame, decode_trusted};
 use shm_codec::{Decoder, Encoder, Payload};
 use shm_core::ShmPool;
 
-mod common;
-use common::{Error, buffers, median_of as median, mixed_batch as batch, write_section};
+use shm_bench::{Error, buffers, median_of as median, mixed_batch as batch, write_section};
 
 fn main() -> Result<(), Error> {
     let quick = std::env::args().any(|a| a == "--quick");

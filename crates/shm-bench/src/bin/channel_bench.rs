@@ -15,8 +15,7 @@ use ndarray::{Array1, IxDyn};
 use shm_codec::{Serde, ShmArray, ShmArrayMut};
 use shm_transport::{Router, TransportError, Worker, WorkerConfig, is_worker, serve};
 
-mod common;
-use common::{Error, median, ms, sample, write_section};
+use shm_bench::{Error, median, ms, sample, write_section};
 use shm_transport::CalleeExt;
 
 fn router() -> Router {

@@ -10,8 +10,7 @@ use ndarray::{Array1, Ix1};
 use shm_codec::{Decoder, Encoder, Payload, ShmArray};
 use shm_core::ShmPool;
 
-mod common;
-use common::{Error, human, median_of as median, write_section};
+use shm_bench::{Error, human, median_of as median, write_section};
 
 fn main() -> Result<(), Error> {
     let quick = std::env::args().any(|a| a == "--quick");

@@ -10,8 +10,7 @@ use std::time::{Duration, Instant};
 
 use shm_core::{PoolConfig, SegmentLink, ShmBlockMut, ShmPool};
 
-mod common;
-use common::{Error, human, median_of as median, write_section};
+use shm_bench::{Error, human, median_of as median, write_section};
 
 fn main() -> Result<(), Error> {
     let quick = std::env::args().any(|a| a == "--quick");

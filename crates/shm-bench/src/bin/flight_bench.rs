@@ -24,8 +24,7 @@ use shm_codec::{Serde, ShmArray};
 use shm_flight::{RemoteConfig, RemoteWorker, Server, ServerConfig};
 use shm_transport::{Router, Worker, WorkerConfig, is_worker, serve};
 
-mod common;
-use common::{Error, gbs, human, median, ms, sample, write_section};
+use shm_bench::{Error, gbs, human, median, ms, sample, write_section};
 use shm_transport::CalleeExt;
 
 fn router() -> Router {
@@ -269,8 +268,8 @@ fn bench(quick: bool) -> Result<(), Error> {
         }
     }
     eprintln!("... B7 batch of {batch_rows} rows");
-    let batch = common::mixed_batch(batch_rows)?;
-    let bytes: usize = common::buffers(&batch).iter().map(|b| b.len()).sum();
+    let batch = shm_bench::mixed_batch(batch_rows)?;
+    let bytes: usize = shm_bench::buffers(&batch).iter().map(|b| b.len()).sum();
     let runs = if quick { 5 } else { 3 };
     let check = |n: u64| {
         if n as usize == batch_rows {

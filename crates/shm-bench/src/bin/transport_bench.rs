@@ -21,8 +21,7 @@ use shm_arrow::ColumnFrame;
 use shm_codec::{Decoder, Encoder, Serde, ShmArray, ShmArrayMut};
 use shm_transport::{Router, Worker, WorkerConfig, is_worker, serve};
 
-mod common;
-use common::{Error, gbs, human, median, mixed_batch as batch, ms, sample, write_section};
+use shm_bench::{Error, gbs, human, median, mixed_batch as batch, ms, sample, write_section};
 use shm_transport::CalleeExt;
 
 fn router() -> Router {

@@ -15,8 +15,7 @@ use ndarray::Ix1;
 use shm_codec::{Serde, ShmArray, ShmArrayMut};
 use shm_transport::{Router, WorkerConfig, WorkerPool, is_worker, serve};
 
-mod common;
-use common::{Error, write_section};
+use shm_bench::{Error, write_section};
 
 /// Elements of the 1 MiB argument.
 const LARGE: usize = (1 << 20) / 8;

@@ -20,8 +20,7 @@ use shm_arrow::ColumnFrame;
 use shm_codec::{Decoder, Encoder, Serde, ShmArray, ShmArrayMut};
 use shm_transport::{Router, Worker, WorkerConfig, is_worker, serve};
 
-mod common;
-use common::{Error, KINDS, buffers, human, mixed_batch};
+use shm_bench::{Error, KINDS, buffers, human, mixed_batch};
 use shm_transport::CalleeExt;
 
 fn main() {
