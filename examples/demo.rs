@@ -183,7 +183,7 @@ fn parent() -> Result<(), Error> {
             "parent: produce the f64 array in shared memory",
             bytes,
             || {
-                let mut x = ShmArrayMut::<f64, Ix1>::zeros(worker.pool(), n)?;
+                let mut x = ShmArrayMut::<f64, Ix1>::zeros(worker.shm_pool(), n)?;
                 for (i, v) in x.view_mut().iter_mut().enumerate() {
                     *v = (i % 1000) as f64;
                 }
@@ -264,8 +264,9 @@ fn parent() -> Result<(), Error> {
             batch_bytes,
             || {
                 let payload =
-                    Encoder::new(worker.pool().clone()).encode(&ColumnFrame(batch.clone()))?;
-                let ColumnFrame(in_shm) = Decoder::new(worker.pool().clone()).decode(&payload)?;
+                    Encoder::new(worker.shm_pool().clone()).encode(&ColumnFrame(batch.clone()))?;
+                let ColumnFrame(in_shm) =
+                    Decoder::new(worker.shm_pool().clone()).decode(&payload)?;
                 Ok(in_shm)
             },
         )?;

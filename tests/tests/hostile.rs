@@ -93,7 +93,7 @@ fn a_worker_cannot_make_the_parent_read_memory_the_parent_is_still_writing() {
     // a reply to its first call.
     for size in [100, 1 << 20] {
         let worker = spawn(false);
-        let mut block = worker.pool().alloc(size).unwrap();
+        let mut block = worker.shm_pool().alloc(size).unwrap();
         block.as_mut_slice().fill(9);
         let forged = shm_core::ShmRef {
             name: block.name().to_owned(),
@@ -114,7 +114,7 @@ fn a_worker_cannot_make_the_parent_read_memory_the_parent_is_still_writing() {
         block.as_mut_slice().fill(1);
         // Once frozen, the same numbers are a view of the frozen block, as the parent froze it.
         let frozen = block.freeze();
-        let view = worker.pool().attach(&forged).unwrap();
+        let view = worker.shm_pool().attach(&forged).unwrap();
         assert!(view.as_slice().iter().all(|&b| b == 1));
         drop((view, frozen));
         let Serde(x): Serde<u64> = worker.call("echo", &Serde(7u64)).unwrap();

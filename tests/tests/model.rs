@@ -273,7 +273,7 @@ fn call(shared: &Shared, rng: &mut Rng, kept: &mut Vec<Kept>, keys: &mut Vec<u64
         _ => {
             let rows = length(rng) % 700;
             (
-                frame(worker.pool(), rows % 300, seed),
+                frame(worker.shm_pool(), rows % 300, seed),
                 ColumnFrame(batch(rows, seed)),
             )
         }
@@ -470,18 +470,18 @@ fn random_interleavings_keep_every_value_intact_and_every_deadline() {
     // so both pools are watched until both are empty.
     let mut worker_blocks = u64::MAX;
     for _ in 0..16 {
-        worker.pool().reclaim();
+        worker.shm_pool().reclaim();
         worker_blocks = worker
             .call::<_, Serde<u64>>("model_live_blocks", &())
             .unwrap()
             .0;
-        worker.pool().reclaim();
-        if worker_blocks == 0 && worker.pool().stats().live_blocks == 1 {
+        worker.shm_pool().reclaim();
+        if worker_blocks == 0 && worker.shm_pool().stats().live_blocks == 1 {
             break;
         }
     }
     assert_eq!(worker_blocks, 0, "blocks of the worker's pool not returned");
-    let stats = worker.pool().stats();
+    let stats = worker.shm_pool().stats();
     assert_eq!(
         stats.live_blocks, 1,
         "parent blocks not returned (the channel is one): {stats:?}"

@@ -226,7 +226,7 @@ fn every_payload_kind_round_trips_through_a_remote_worker() {
     assert_eq!(back.shape(), &[0]);
 
     // A simple frame with labels and an index.
-    let pool = worker.pool().clone();
+    let pool = worker.shm_pool().clone();
     let frame = SimpleFrame::from_columns(
         &pool,
         &[

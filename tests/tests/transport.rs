@@ -46,7 +46,7 @@ fn values_arrays_tuples_and_frames_round_trip() {
     assert_eq!(z.view(), &x * 3.0 + &y);
 
     let frame = SimpleFrame::from_columns(
-        worker.pool(),
+        worker.shm_pool(),
         &[("a", &[1.0, 2.0][..]), ("a", &[3.0, 4.0][..])],
         Index::default(),
     )
@@ -392,9 +392,9 @@ fn call_timeout_bounds_the_call_even_when_the_request_ring_is_full() {
     // The late replies were drained and their blocks returned; the worker serves on.
     let Serde(x): Serde<u64> = worker.call("echo", &Serde(5u64)).unwrap();
     assert_eq!(x, 5);
-    worker.pool().reclaim();
+    worker.shm_pool().reclaim();
     assert_eq!(
-        worker.pool().stats().live_blocks,
+        worker.shm_pool().stats().live_blocks,
         1,
         "only the channel is live"
     );
@@ -433,9 +433,9 @@ fn timeouts_racing_late_replies_from_eight_threads_neither_hang_nor_leak() {
     });
     let Serde(x): Serde<u64> = worker.call("echo", &Serde(9u64)).unwrap();
     assert_eq!(x, 9);
-    worker.pool().reclaim();
+    worker.shm_pool().reclaim();
     assert_eq!(
-        worker.pool().stats().live_blocks,
+        worker.shm_pool().stats().live_blocks,
         1,
         "argument blocks were left lent after their calls timed out"
     );

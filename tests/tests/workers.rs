@@ -73,7 +73,7 @@ fn broadcast_writes_the_block_once_and_reaches_every_worker() {
     let clean = CleanShm::begin();
     let workers = pool(3);
     let x = Array1::from_elem(1 << 17, 0.5f64); // 1 MiB: a block of its own
-    let created = workers.pool().stats().segments_created;
+    let created = workers.shm_pool().stats().segments_created;
     let sums: Vec<f64> = workers
         .broadcast("sum", &x)
         .unwrap()
@@ -82,7 +82,7 @@ fn broadcast_writes_the_block_once_and_reaches_every_worker() {
         .collect();
     assert_eq!(sums, vec![0.5 * (1 << 17) as f64; 3]);
     assert_eq!(
-        workers.pool().stats().segments_created,
+        workers.shm_pool().stats().segments_created,
         created + 1,
         "one block for three workers"
     );

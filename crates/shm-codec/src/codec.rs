@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use shm_core::{ShmBlock, ShmBlockMut, ShmPool, ShmRef};
+use shm_core::{FormatError, ShmBlock, ShmBlockMut, ShmPool, ShmRef};
 
 use crate::error::{CodecError, Result};
 use crate::payload::Payload;
@@ -185,8 +185,9 @@ pub const SERDE_CODEC: &str = "serde";
 
 impl<T: Serialize> Encode for Serde<T> {
     fn encode(&self, encoder: &Encoder) -> Result<Payload> {
-        let bytes =
-            postcard::to_stdvec(&self.0).map_err(|source| CodecError::Serialize { source })?;
+        let bytes = postcard::to_stdvec(&self.0).map_err(|source| CodecError::Serialize {
+            source: FormatError::from_postcard(source),
+        })?;
         if bytes.len() <= encoder.serde_inline_limit {
             return Ok(Payload::new(SERDE_CODEC, Vec::new(), Vec::new(), bytes));
         }
@@ -214,7 +215,7 @@ fn decode_serde<T: DeserializeOwned>(payload: &Payload, decoder: &Decoder) -> Re
         move |source| CodecError::Malformed {
             what: "serde value",
             len,
-            source,
+            source: FormatError::from_postcard(source),
         }
     };
     match payload.buffers() {

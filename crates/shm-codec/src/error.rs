@@ -1,6 +1,6 @@
 //! The one error type of shm-codec.
 
-use shm_core::ShmError;
+use shm_core::{FormatError, ShmError};
 
 /// Everything that can go wrong while encoding or decoding a payload. Decoding checks every
 /// number it is given, so corrupt, truncated or mismatched payloads end here, never in a panic.
@@ -27,9 +27,9 @@ pub enum CodecError {
         what: &'static str,
         /// Its length in bytes.
         len: usize,
-        /// What postcard reported.
+        /// What the wire format's decoder or encoder reported.
         #[source]
-        source: postcard::Error,
+        source: FormatError,
     },
 
     /// No codec of the registry has this name.
@@ -133,9 +133,9 @@ pub enum CodecError {
     /// A value could not be serialised.
     #[error("cannot serialise the value: {source}")]
     Serialize {
-        /// What postcard reported.
+        /// What the wire format's decoder or encoder reported.
         #[source]
-        source: postcard::Error,
+        source: FormatError,
     },
 }
 

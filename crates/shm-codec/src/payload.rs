@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use shm_core::{ShmBlock, ShmRef};
+use shm_core::{FormatError, ShmBlock, ShmRef};
 
 use crate::error::{CodecError, Result};
 
@@ -126,7 +126,7 @@ impl Payload {
         let malformed = |source| CodecError::Malformed {
             what: "payload",
             len: bytes.len(),
-            source,
+            source: FormatError::from_postcard(source),
         };
         // The version is the first field, so it can be read even when the rest has changed.
         let (version, _): (u16, _) = postcard::take_from_bytes(bytes).map_err(malformed)?;
@@ -141,7 +141,9 @@ impl Payload {
 
     /// Serialises codec metadata.
     pub fn encode_meta<M: Serialize>(meta: &M) -> Result<Vec<u8>> {
-        postcard::to_stdvec(meta).map_err(|source| CodecError::Serialize { source })
+        postcard::to_stdvec(meta).map_err(|source| CodecError::Serialize {
+            source: FormatError::from_postcard(source),
+        })
     }
 
     /// Reads this payload's metadata.
@@ -149,7 +151,7 @@ impl Payload {
         postcard::from_bytes(&self.meta).map_err(|source| CodecError::Malformed {
             what: "codec metadata",
             len: self.meta.len(),
-            source,
+            source: FormatError::from_postcard(source),
         })
     }
 

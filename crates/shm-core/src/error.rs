@@ -199,9 +199,9 @@ pub enum ShmError {
     MalformedRef {
         /// Length of the bytes that failed to decode.
         len: usize,
-        /// What postcard reported.
+        /// What the wire format's decoder reported.
         #[source]
-        source: postcard::Error,
+        source: FormatError,
     },
 
     /// The operating system refused an operation on a segment.
@@ -216,6 +216,28 @@ pub enum ShmError {
         source: io::Error,
     },
 }
+
+/// Why bytes of shm's wire format (references, payloads, codec metadata) could not be read
+/// or written: the message of the library that encodes them, whose own type is not part of
+/// this API.
+#[derive(Debug)]
+pub struct FormatError(postcard::Error);
+
+impl FormatError {
+    /// Wraps the encoding library's error; for shm's own crates.
+    #[doc(hidden)]
+    pub fn from_postcard(err: postcard::Error) -> Self {
+        FormatError(err)
+    }
+}
+
+impl std::fmt::Display for FormatError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for FormatError {}
 
 /// The result type of shm-core.
 pub type Result<T, E = ShmError> = std::result::Result<T, E>;

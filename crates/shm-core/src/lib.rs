@@ -69,7 +69,7 @@ pub use cleanup::{
     SegmentEntry, SessionEntry, SessionState, SweepReport, list_files, list_segments,
     list_sessions, sweep_orphans, sweep_session,
 };
-pub use error::{Result, ShmError};
+pub use error::{FormatError, Result, ShmError};
 pub use link::{MAX_RECEIVED_SEGMENTS, SegmentLink, fuzzing};
 pub use live::{LiveSegment, list_live_segments};
 pub use name::{NAME_PREFIX, SegmentHolds, SessionId, validate_name};

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Result, ShmError};
+use crate::error::{FormatError, Result, ShmError};
 
 /// A reference to a block of shared memory, small enough to send anywhere (about 40 bytes as
 /// postcard).
@@ -33,7 +33,7 @@ impl ShmRef {
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
         postcard::from_bytes(bytes).map_err(|source| ShmError::MalformedRef {
             len: bytes.len(),
-            source,
+            source: FormatError::from_postcard(source),
         })
     }
 
@@ -55,7 +55,7 @@ impl ShmRef {
             Some(bytes) => Self::from_bytes(&bytes),
             None => Err(ShmError::MalformedRef {
                 len: text.len(),
-                source: postcard::Error::DeserializeBadEncoding,
+                source: FormatError::from_postcard(postcard::Error::DeserializeBadEncoding),
             }),
         }
     }

@@ -207,7 +207,7 @@ impl RemoteWorker {
     }
 
     /// The pool results are received into, and arguments best encoded into.
-    pub fn pool(&self) -> &ShmPool {
+    pub fn shm_pool(&self) -> &ShmPool {
         &self.pool
     }
 
@@ -511,7 +511,7 @@ impl Callee for RemoteWorker {
         decode(&payload, &wire::own_decoder(&self.pool, payload.blocks()))
     }
 
-    fn pool(&self) -> &ShmPool {
+    fn shm_pool(&self) -> &ShmPool {
         &self.pool
     }
 

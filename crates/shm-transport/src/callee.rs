@@ -24,7 +24,7 @@ pub type DecodeReply<'a> = dyn FnMut(&Payload, &Decoder) -> Result<()> + 'a;
 
 /// A worker that answers calls by method name, wherever it runs.
 pub trait Callee: Send + Sync + std::fmt::Debug {
-    /// Calls `method` with arguments already encoded (into [`pool`](Self::pool) or any pool
+    /// Calls `method` with arguments already encoded (into [`shm_pool`](Self::shm_pool) or any pool
     /// of this process; the call takes the payload, so it is sent without a copy), waiting at
     /// most `timeout`, and hands the reply to `decode` while the call is still under way (a
     /// local worker's loans stay in place until it returns).
@@ -36,8 +36,9 @@ pub trait Callee: Send + Sync + std::fmt::Debug {
         decode: &mut DecodeReply<'_>,
     ) -> Result<()>;
 
-    /// The pool arguments are best encoded into (a local worker reads them in place).
-    fn pool(&self) -> &ShmPool;
+    /// The shared-memory pool arguments are best encoded into (a local worker reads them in
+    /// place).
+    fn shm_pool(&self) -> &ShmPool;
 
     /// Who the worker is, for messages: `worker 3 (pid 1234)`, `remote 10.0.0.7:7000`.
     fn describe(&self) -> String;
@@ -86,7 +87,7 @@ fn call_decoded<C: Callee + ?Sized, A: Encode + ?Sized, R: Decode>(
     args: &A,
     timeout: Option<Duration>,
 ) -> Result<R> {
-    let args = Encoder::new(callee.pool().clone()).encode(args)?;
+    let args = Encoder::new(callee.shm_pool().clone()).encode(args)?;
     let mut value = None;
     callee.call_with(method, args, timeout, &mut |payload, decoder| {
         value = Some(R::decode(payload, decoder)?);
@@ -131,8 +132,8 @@ impl Callee for Worker {
         self.conn().call_decode(method, args, timeout, decode)
     }
 
-    fn pool(&self) -> &ShmPool {
-        Worker::pool(self)
+    fn shm_pool(&self) -> &ShmPool {
+        Worker::shm_pool(self)
     }
 
     fn describe(&self) -> String {

@@ -175,7 +175,7 @@ impl WorkerPool {
 
     /// The shared-memory pool every worker's arguments come from: produce arguments in place
     /// here to send them without a copy.
-    pub fn pool(&self) -> &ShmPool {
+    pub fn shm_pool(&self) -> &ShmPool {
         &self.pool
     }
 
@@ -445,7 +445,7 @@ impl Callee for WorkerPool {
         self.call_on(self.pick()?, method, args, timeout, decode)
     }
 
-    fn pool(&self) -> &ShmPool {
+    fn shm_pool(&self) -> &ShmPool {
         &self.pool
     }
 

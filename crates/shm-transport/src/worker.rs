@@ -232,9 +232,9 @@ impl Worker {
         self.conn().pid
     }
 
-    /// The pool argument blocks come from; produce arguments in place here to send them
-    /// without a copy.
-    pub fn pool(&self) -> &ShmPool {
+    /// The shared-memory pool argument blocks come from; produce arguments in place here to
+    /// send them without a copy.
+    pub fn shm_pool(&self) -> &ShmPool {
         &self.pool
     }
 

@@ -214,7 +214,7 @@ fn rss(report: &mut String, quick: bool) -> Result<(), Error> {
     let size: usize = if quick { 256 << 20 } else { 1 << 30 };
     eprintln!("... resident memory, {} zero-copy", human(size));
     let worker = Worker::spawn(WorkerConfig::current_exe()?)?;
-    let mut x = ShmArrayMut::<f64, Ix1>::zeros(worker.pool(), size / 8)?;
+    let mut x = ShmArrayMut::<f64, Ix1>::zeros(worker.shm_pool(), size / 8)?;
     x.view_mut().fill(1.0);
     let x = x.freeze();
     let Serde((sum, _)): Serde<(f64, u64)> = worker.call("sum", &x)?;
@@ -298,7 +298,7 @@ fn b1(report: &mut String, quick: bool) -> Result<(), Error> {
         })?);
         let mut rows: Vec<(&'static str, Duration, Option<Duration>)> = Vec::new();
 
-        let mut produced = ShmArrayMut::<f64, Ix1>::zeros(worker.pool(), n)?;
+        let mut produced = ShmArrayMut::<f64, Ix1>::zeros(worker.shm_pool(), n)?;
         produced.view_mut().fill(1.0);
         let shared = produced.freeze();
         let mut compute = Vec::new();
@@ -536,8 +536,8 @@ fn b3(report: &mut String, quick: bool) -> Result<(), Error> {
         let Serde(n): Serde<usize> = worker.call("rows", &ColumnFrame(data.clone()))?;
         check(n)
     })?);
-    let payload = Encoder::new(worker.pool().clone()).encode(&ColumnFrame(data.clone()))?;
-    let ColumnFrame(shared) = Decoder::new(worker.pool().clone()).decode(&payload)?;
+    let payload = Encoder::new(worker.shm_pool().clone()).encode(&ColumnFrame(data.clone()))?;
+    let ColumnFrame(shared) = Decoder::new(worker.shm_pool().clone()).decode(&payload)?;
     let zero_copy = median(&sample(2, runs, || {
         let Serde(n): Serde<usize> = worker.call("rows", &ColumnFrame(shared.clone()))?;
         check(n)

@@ -68,7 +68,7 @@ fn main() -> Result<(), Error> {
     for &workers in &counts {
         eprintln!("... B6 {workers} workers");
         let pool = WorkerPool::with_workers(WorkerConfig::current_exe()?, workers)?;
-        let mut array = ShmArrayMut::<f64, Ix1>::zeros(pool.pool(), LARGE)?;
+        let mut array = ShmArrayMut::<f64, Ix1>::zeros(pool.shm_pool(), LARGE)?;
         array.view_mut().fill(0.25);
         let array = array.freeze();
         let small = rate(small_calls, || {
