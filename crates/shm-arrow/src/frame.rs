@@ -241,6 +241,29 @@ impl Decode for ColumnFrame {
 
 /// Decodes only the columns at `projection` (in that order), without touching the others'
 /// blocks.
+///
+/// ```
+/// use std::sync::Arc;
+/// use arrow::array::{Int64Array, RecordBatch, StringArray};
+/// use shm_arrow::{ColumnFrame, decode_projection, decode_trusted};
+/// use shm_codec::{Decoder, Encoder};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let pool = shm_core::ShmPool::new()?;
+/// let batch = RecordBatch::try_from_iter([
+///     ("id", Arc::new(Int64Array::from(vec![1, 2])) as _),
+///     ("name", Arc::new(StringArray::from(vec!["a", "b"])) as _),
+/// ])?;
+/// let payload = Encoder::new(pool.clone()).encode(&ColumnFrame(batch.clone()))?;
+/// let decoder = Decoder::new(pool);
+/// let names = decode_projection(&payload, &decoder, &[1])?;
+/// assert_eq!(names.schema().field(0).name(), "name");
+/// // SAFETY: this process wrote the payload: its Arrow data is valid.
+/// let whole = unsafe { decode_trusted(&payload, &decoder)? };
+/// assert_eq!(whole, batch);
+/// # Ok(())
+/// # }
+/// ```
 pub fn decode_projection(
     payload: &Payload,
     decoder: &Decoder,

@@ -177,6 +177,21 @@ impl Encode for Payload {
 
 /// A plain serde value (numbers, strings, structs, vectors, maps) carried by the `serde` codec:
 /// postcard bytes, inline when small, in a block of their own when large.
+///
+/// ```
+/// use std::collections::BTreeMap;
+/// use shm_codec::{Decoder, Encoder, Serde};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let pool = shm_core::ShmPool::new()?;
+/// let value = BTreeMap::from([("rows".to_owned(), 3u64), ("cols".to_owned(), 2)]);
+/// let payload = Encoder::new(pool.clone()).encode(&Serde(value.clone()))?;
+/// assert!(payload.buffers().is_empty(), "small values travel inline");
+/// let Serde(back): Serde<BTreeMap<String, u64>> = Decoder::new(pool).decode(&payload)?;
+/// assert_eq!(back, value);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Serde<T>(pub T);
 

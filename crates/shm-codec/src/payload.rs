@@ -23,6 +23,24 @@ pub const FORMAT_VERSION: u16 = 2;
 /// ([`blocks`](Self::blocks)) and keeps them until the receiver has let go. A payload read
 /// from the wire ([`from_bytes`](Self::from_bytes), [`from_refs`](Self::from_refs)) names
 /// blocks of the sender and holds none; it is for decoding.
+///
+/// ```
+/// use ndarray::Array1;
+/// use shm_codec::{Decoder, Encoder, Payload, ShmArray};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let pool = shm_core::ShmPool::new()?;
+/// let payload = Encoder::new(pool.clone()).encode(&Array1::from_elem(100_000, 2.0f64))?;
+/// assert!(payload.is_backed()); // it holds its block
+/// let wire = payload.to_bytes(); // a few dozen bytes: the reference, not the data
+/// let read = Payload::from_bytes(&wire)?;
+/// assert!(!read.is_backed()); // it names the block and holds nothing
+/// let a: ShmArray<f64, ndarray::Ix1> = Decoder::new(pool).decode(&read)?;
+/// assert_eq!(a.view().sum(), 200_000.0);
+/// # drop(payload); // the sender's block lives while the reader decodes
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Payload {
     /// The format version of the writer; a reader of another version refuses the payload.

@@ -25,7 +25,19 @@ pub struct LiveSegment {
     pub path: PathBuf,
 }
 
-/// Every segment of this project that a live process of this user holds, by name.
+/// Every segment of this project that a live process of this user holds, by name: what
+/// `shm ls` lists.
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let pool = shm_core::ShmPool::new()?;
+/// let block = pool.alloc(1 << 20)?.freeze();
+/// let live = shm_core::list_live_segments()?;
+/// let ours = live.iter().find(|s| s.name == block.name()).expect("listed");
+/// assert_eq!(ours.pid, std::process::id());
+/// # Ok(())
+/// # }
+/// ```
 pub fn list_live_segments() -> std::io::Result<Vec<LiveSegment>> {
     let mut found = Vec::new();
     for process in std::fs::read_dir("/proc")? {

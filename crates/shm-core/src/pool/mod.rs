@@ -367,6 +367,29 @@ impl ShmPool {
     /// promises that the other program neither shrinks the object nor writes the bytes this
     /// process reads while the block lives — the same promise a numpy program makes when it
     /// shares an array through `SharedMemory`.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// // What another program (Python's SharedMemory, say) leaves in /dev/shm.
+    /// let name = format!("psm_doc_{}", std::process::id());
+    /// let path = std::path::Path::new("/dev/shm").join(&name);
+    /// struct Removed<'a>(&'a std::path::Path);
+    /// impl Drop for Removed<'_> {
+    ///     fn drop(&mut self) {
+    ///         let _ = std::fs::remove_file(self.0);
+    ///     }
+    /// }
+    /// let _removed = Removed(&path);
+    /// std::fs::write(&path, b"written by another program")?;
+    ///
+    /// let pool = shm_core::ShmPool::new()?;
+    /// // SAFETY: nothing writes or shrinks the object while the block lives.
+    /// let block = unsafe { pool.attach_segment(&name)? };
+    /// assert_eq!(block.as_slice(), b"written by another program");
+    /// // A symbolic link, a FIFO or a hard link under a name is refused before it is mapped.
+    /// # Ok(())
+    /// # }
+    /// ```
     pub unsafe fn attach_segment(&self, name: &str) -> Result<ShmBlock> {
         let name = if name.starts_with('/') {
             name.to_owned()
