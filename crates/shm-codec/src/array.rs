@@ -33,6 +33,38 @@ const MAX_NDIM: usize = 64;
 /// leading slash), `offset` is the byte offset of `a[0, 0, …]` from the start of the segment
 /// (`a.ctypes.data - address of shm.buf`, or the `offset` given to `np.ndarray`), `typestr`
 /// is `a.dtype.str`, `shape` is `a.shape` and `strides` is `a.strides`.
+///
+/// ```
+/// use shm_codec::{ForeignArray, ShmArray};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// // What numpy leaves in /dev/shm: np.ndarray((2, 3), '<f8', buffer=shm.buf) of 0, 1, … 5.
+/// let name = format!("psm_doc_array_{}", std::process::id());
+/// let path = std::path::Path::new("/dev/shm").join(&name);
+/// struct Removed<'a>(&'a std::path::Path);
+/// impl Drop for Removed<'_> {
+///     fn drop(&mut self) {
+///         let _ = std::fs::remove_file(self.0);
+///     }
+/// }
+/// let _removed = Removed(&path);
+/// let bytes: Vec<u8> = (0..6).flat_map(|i| f64::from(i).to_le_bytes()).collect();
+/// std::fs::write(&path, &bytes)?;
+///
+/// let foreign = ForeignArray {
+///     name,
+///     offset: 0,
+///     typestr: "<f8".into(),
+///     shape: vec![2, 3],
+///     strides: None,
+/// };
+/// let pool = shm_core::ShmPool::new()?;
+/// // SAFETY: nothing writes or shrinks the segment while the array lives.
+/// let a = unsafe { ShmArray::<f64, ndarray::Ix2>::from_foreign(&pool, &foreign)? };
+/// assert_eq!(a.view()[[1, 2]], 5.0);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ForeignArray {
     /// The segment's POSIX name; the leading `/` may be left out.

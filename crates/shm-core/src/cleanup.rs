@@ -145,6 +145,17 @@ pub fn list_segments() -> Result<Vec<SegmentEntry>> {
 
 /// Unlinks the segments of every session whose owner process has died, and their locks.
 ///
+/// Pools of this version create nothing in `/dev/shm`; this removes what an earlier version's
+/// crashed processes left there (`shm gc` runs it):
+///
+/// ```no_run
+/// # fn main() -> Result<(), shm_core::ShmError> {
+/// let report = shm_core::sweep_orphans()?;
+/// println!("{report:?}"); // what was removed, and what this user may not touch
+/// # Ok(())
+/// # }
+/// ```
+///
 /// Safe to call at any time from any process: a live session's lock cannot be taken, so its
 /// segments are never touched, and a lock the kernel released cannot belong to a live process
 /// (unlike a pid, which a new process may reuse). Entries this process may not remove (another

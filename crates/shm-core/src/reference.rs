@@ -9,6 +9,20 @@ use crate::error::{FormatError, Result, ShmError};
 ///
 /// The receiver turns it back into memory with [`ShmPool::attach`](crate::ShmPool::attach),
 /// which checks every number here against the segment before it hands out a byte.
+///
+/// ```
+/// use shm_core::ShmRef;
+///
+/// # fn main() -> Result<(), shm_core::ShmError> {
+/// let pool = shm_core::ShmPool::new()?;
+/// let block = pool.alloc(4096)?.freeze();
+/// let r = block.to_ref();
+/// assert_eq!(ShmRef::from_bytes(&r.to_bytes())?, r); // the wire form
+/// assert_eq!(ShmRef::from_hex(&r.to_hex())?, r); // for command lines and environments
+/// assert!(ShmRef::from_hex("not hex").is_err());
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ShmRef {
     /// POSIX name of the segment, with its leading slash (`/shm-...`).

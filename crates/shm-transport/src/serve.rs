@@ -29,7 +29,7 @@ pub const LINK_ENV: &str = "SHM_TRANSPORT_LINK";
 static LINK_TAKEN: AtomicBool = AtomicBool::new(false);
 
 /// What a handler can use besides its arguments: the worker's pool, to produce results in
-/// shared memory (`ShmArrayMut::zeros(ctx.pool(), …)`).
+/// shared memory (`ShmArrayMut::zeros(ctx.pool(), …)`; [`Router`] shows one).
 #[derive(Debug)]
 pub struct Context<'a> {
     encoder: &'a Encoder,

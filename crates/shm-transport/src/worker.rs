@@ -12,6 +12,16 @@ use crate::conn::Conn;
 use crate::error::Result;
 
 /// Where a worker's stderr goes. Every line is prefixed with `[worker N]`.
+///
+/// ```
+/// use std::sync::{Arc, Mutex};
+/// use shm_transport::{StderrSink, WorkerConfig};
+///
+/// let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+/// let kept = Arc::clone(&lines);
+/// let sink = StderrSink::Lines(Arc::new(move |line: &str| kept.lock().unwrap().push(line.into())));
+/// let _config = WorkerConfig::new("my-worker").with_stderr(sink);
+/// ```
 #[derive(Clone)]
 pub enum StderrSink {
     /// To this process's stderr.
