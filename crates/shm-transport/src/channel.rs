@@ -244,14 +244,7 @@ impl Channel {
     /// [`alloc_shared`](shm_core::ShmPool::alloc_shared), so zero-filled; at least
     /// [`channel_len`] bytes; not yet shared).
     pub(crate) fn create(block: ShmAtomicBlock, parent_pid: u32) -> Result<Arc<Self>> {
-        if block.len() < channel_len() {
-            return Err(malformed(format!(
-                "channel block of {} bytes, at least {} expected",
-                block.len(),
-                channel_len()
-            )));
-        }
-        let channel = Channel { block };
+        let channel = Channel::over(block)?;
         let word = |at: usize, value: u32| {
             channel
                 .atomic_u32(at)
@@ -270,8 +263,8 @@ impl Channel {
         Ok(Arc::new(channel))
     }
 
-    /// A channel the parent laid out, as the worker attached it; checks the header.
-    pub(crate) fn open(block: ShmAtomicBlock) -> Result<Arc<Self>> {
+    /// The channel in `block`, once the block is known to hold one.
+    fn over(block: ShmAtomicBlock) -> Result<Self> {
         if block.len() < channel_len() {
             return Err(malformed(format!(
                 "channel block of {} bytes, at least {} expected",
@@ -279,7 +272,12 @@ impl Channel {
                 channel_len()
             )));
         }
-        let channel = Channel { block };
+        Ok(Channel { block })
+    }
+
+    /// A channel the parent laid out, as the worker attached it; checks the header.
+    pub(crate) fn open(block: ShmAtomicBlock) -> Result<Arc<Self>> {
+        let channel = Channel::over(block)?;
         // The peer may write any word of the block at any time: read the header through
         // atomics, never through a `&[u8]` of memory that may change under it.
         let word = |at: usize| u32::from_le(channel.atomic_u32(at).load(Ordering::Acquire));
