@@ -341,7 +341,10 @@ impl SegmentLink {
             );
             let message = match received {
                 Ok(message) => message,
-                Err(rustix::io::Errno::INTR) => continue,
+                // A peer that closed its end with messages of ours unread makes the next read
+                // report the reset, once; what the peer sent before it closed still waits
+                // behind it, and the next reads take it.
+                Err(rustix::io::Errno::INTR | rustix::io::Errno::CONNRESET) => continue,
                 Err(rustix::io::Errno::AGAIN) => return Ok(()),
                 Err(errno) => return Err(link_error("receive a descriptor on")(errno)),
             };
@@ -643,6 +646,19 @@ mod tests {
         drop(b);
         let block = pool.alloc(4096).unwrap().freeze();
         assert!(matches!(a.offer(&block, None), Err(ShmError::LinkClosed)));
+    }
+
+    #[test]
+    fn descriptors_a_peer_sent_before_it_closed_with_our_messages_unread_still_arrive() {
+        let pool = pool();
+        let (a, b) = pair();
+        let theirs = pool.alloc(4096).unwrap().freeze();
+        b.offer(&theirs, None).unwrap();
+        // b never reads what a sends, and closes: a's next read reports ECONNRESET once.
+        a.offer(&pool.alloc(4096).unwrap().freeze(), None).unwrap();
+        drop(b);
+        let view = a.attach(&theirs.to_ref()).unwrap();
+        assert_eq!(view.len(), 4096);
     }
 
     #[test]
