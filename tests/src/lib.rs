@@ -2,6 +2,7 @@
 //! `/dev/shm` is left as it was found.
 
 pub mod model;
+pub mod server;
 
 use shm_transport::CalleeExt;
 use std::collections::BTreeSet;
@@ -295,4 +296,23 @@ impl Mutations {
         self.state ^= self.state << 17;
         self.state
     }
+}
+
+/// A frame of `columns` Int32 columns of `rows` rows; column `c` holds `c * rows + r` at row
+/// `r`.
+pub fn wide_batch(columns: usize, rows: usize) -> arrow::array::RecordBatch {
+    use arrow::array::{ArrayRef, Int32Array};
+    use arrow::datatypes::{DataType, Field, Schema};
+    let fields: Vec<Field> = (0..columns)
+        .map(|c| Field::new(format!("c{c}"), DataType::Int32, false))
+        .collect();
+    let arrays: Vec<ArrayRef> = (0..columns)
+        .map(|c| {
+            std::sync::Arc::new(Int32Array::from_iter_values(
+                (0..rows).map(|r| (c * rows + r) as i32),
+            )) as ArrayRef
+        })
+        .collect();
+    arrow::array::RecordBatch::try_new(std::sync::Arc::new(Schema::new(fields)), arrays)
+        .expect("a wide batch")
 }

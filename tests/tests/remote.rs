@@ -2,9 +2,8 @@
 //! the faults a network brings, and a server or a client killed in the middle of a call.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, channel};
 use std::time::{Duration, Instant};
 
 use arrow::array::{
@@ -17,129 +16,12 @@ use shm_arrow::ColumnFrame;
 use shm_codec::{Index, Serde, ShmArray, SimpleFrame};
 use shm_flight::{FlightError, NetworkFault, RemoteConfig, RemoteWorker};
 use shm_tests::CleanShm;
+use shm_tests::server::ServerProcess;
 use shm_transport::{
     CalleeExt, Lifecycle, RemoteErrorKind, TransportError, Worker, WorkerConfig, WorkerPool,
 };
 
 const SERVER: &str = env!("CARGO_BIN_EXE_shm-flight-test-server");
-
-/// A remote worker process on loopback; stops when dropped (its stdin closes).
-struct ServerProcess {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    addr: String,
-    instance: u64,
-    stderr: Receiver<String>,
-}
-
-impl ServerProcess {
-    fn start(args: &[&str]) -> Self {
-        Self::start_on("127.0.0.1:0", args)
-    }
-
-    fn start_on(listen: &str, args: &[&str]) -> Self {
-        let mut command = Command::new(SERVER);
-        command.args(["--listen", listen]).args(args);
-        Self::spawn(command)
-    }
-
-    /// A server whose `/dev/shm` is a private tmpfs of `size` (its own mount namespace; the
-    /// network is shared). `None` without root.
-    fn start_with_private_dev_shm(size: &str) -> Option<Self> {
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipped: mounting a private /dev/shm needs root");
-            return None;
-        }
-        let script = format!(
-            "mount -t tmpfs -o size={size} shm-flight-test /dev/shm && exec \"$0\" --listen \
-             127.0.0.1:0"
-        );
-        let mut command = Command::new("unshare");
-        command.args(["-m", "sh", "-c", &script]).arg(SERVER);
-        Some(Self::spawn(command))
-    }
-
-    fn spawn(mut command: Command) -> Self {
-        let mut child = command
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the server starts");
-        let mut stdout = BufReader::new(child.stdout.take().expect("piped"));
-        let (lines, stderr) = channel();
-        let err = BufReader::new(child.stderr.take().expect("piped"));
-        std::thread::spawn(move || {
-            for line in err.lines().map_while(Result::ok) {
-                eprintln!("[server] {line}");
-                let _ = lines.send(line);
-            }
-        });
-        let mut line = String::new();
-        stdout
-            .read_line(&mut line)
-            .expect("the server says where it listens");
-        let mut words = line.split_whitespace();
-        assert_eq!(
-            words.next(),
-            Some("listening"),
-            "unexpected first line {line:?}"
-        );
-        let addr = words.next().expect("address").to_owned();
-        let instance = u64::from_str_radix(words.next().expect("instance"), 16).expect("hex");
-        ServerProcess {
-            stdin: child.stdin.take(),
-            child,
-            addr,
-            instance,
-            stderr,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    fn wait_for_stderr(&self, needle: &str) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = self
-                .stderr
-                .recv_timeout(left)
-                .expect("the server's line comes");
-            if line.contains(needle) {
-                return;
-            }
-        }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// Closes stdin and waits for a clean exit.
-    fn stop(mut self) {
-        drop(self.stdin.take());
-        let status = self.child.wait().expect("the server waits");
-        assert!(status.success(), "the server failed: {status}");
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        drop(self.stdin.take());
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            self.kill();
-        }
-    }
-}
 
 fn remote(server: &ServerProcess) -> RemoteWorker {
     RemoteWorker::new(RemoteConfig::new(server.url())).expect("a client")
@@ -197,7 +79,7 @@ fn mixed_batch(rows: usize) -> RecordBatch {
 #[test]
 fn every_payload_kind_round_trips_through_a_remote_worker() {
     let clean = CleanShm::begin();
-    let server = ServerProcess::start(&[]);
+    let server = ServerProcess::start(SERVER, &[]);
     let worker = remote(&server);
 
     // Arrays: large (in blocks, several chunks), small (inline), 2-D in Fortran order, 3-D.
@@ -332,7 +214,10 @@ fn each_network_fault_is_a_typed_error_with_the_address_and_the_numbers() {
     );
 
     // Unauthenticated: no token, and a wrong one; the right one works.
-    let server = ServerProcess::start(&["--token", "open sesame", "--max-payload", "1000000"]);
+    let server = ServerProcess::start(
+        SERVER,
+        &["--token", "open sesame", "--max-payload", "1000000"],
+    );
     let anonymous = remote(&server);
     let (_, fault) = network_fault(anonymous.call::<_, Serde<u32>>("pid", &()));
     match fault {
@@ -351,7 +236,7 @@ fn each_network_fault_is_a_typed_error_with_the_address_and_the_numbers() {
     let worker = RemoteWorker::new(RemoteConfig::new(server.url()).with_token("open sesame"))
         .expect("client");
     let Serde(pid): Serde<u32> = worker.call("pid", &()).expect("the right token");
-    assert_eq!(pid, server.child.id());
+    assert_eq!(pid, server.pid());
 
     // Too large: the server accepts 1,000,000 bytes of arguments; the call is refused before
     // its data is read, and the connection serves the next call.
@@ -421,7 +306,7 @@ fn each_network_fault_is_a_typed_error_with_the_address_and_the_numbers() {
 #[test]
 fn a_server_killed_mid_call_fails_that_call_then_says_it_restarted_then_serves() {
     let clean = CleanShm::begin();
-    let mut server = ServerProcess::start(&[]);
+    let mut server = ServerProcess::start(SERVER, &[]);
     let worker = Arc::new(remote(&server));
     let Serde(first_pid): Serde<u32> = worker.call("pid", &()).expect("first call");
     assert_eq!(worker.server_instance(), Some(server.instance));
@@ -441,7 +326,7 @@ fn a_server_killed_mid_call_fails_that_call_then_says_it_restarted_then_serves()
 
     // The same address, a new server: the first call is refused as Restarted, and not run;
     // the next one runs.
-    let restarted = ServerProcess::start_on(&server.addr, &[]);
+    let restarted = ServerProcess::start_on(SERVER, &server.addr, &[]);
     let (_, fault) = network_fault(worker.call::<_, Serde<u32>>("pid", &()));
     match fault {
         NetworkFault::Restarted { method, was, now } => {
@@ -451,7 +336,7 @@ fn a_server_killed_mid_call_fails_that_call_then_says_it_restarted_then_serves()
         other => panic!("expected Restarted, got {other:?}"),
     }
     let Serde(pid): Serde<u32> = worker.call("pid", &()).expect("after the restart");
-    assert_eq!(pid, restarted.child.id());
+    assert_eq!(pid, restarted.pid());
     assert_ne!(pid, first_pid);
     drop(worker);
     restarted.stop();
@@ -468,7 +353,7 @@ fn a_client_killed_mid_stream_leaves_the_server_healthy_and_dev_shm_clean() {
 
 fn kill_a_client_mid_stream(direction: &str) {
     let clean = CleanShm::begin();
-    let server = ServerProcess::start(&[]);
+    let server = ServerProcess::start(SERVER, &[]);
     let observer = remote(&server);
     let Serde(idle): Serde<usize> = observer.call("live_blocks", &()).expect("stats");
     assert_eq!(idle, 0);
@@ -528,7 +413,7 @@ fn kill_a_client_mid_stream(direction: &str) {
 #[test]
 fn a_worker_pool_mixes_local_and_remote_workers_running_the_same_handlers() {
     let clean = CleanShm::begin();
-    let server = ServerProcess::start(&[]);
+    let server = ServerProcess::start(SERVER, &[]);
     let pool = shm_core::ShmPool::new().expect("pool");
     let local =
         Worker::spawn(WorkerConfig::new(SERVER).with_pool(pool.clone())).expect("a local worker");
@@ -551,7 +436,7 @@ fn a_worker_pool_mixes_local_and_remote_workers_running_the_same_handlers() {
         .broadcast::<_, Serde<u32>>("pid", &())
         .expect("broadcast");
     let pids: Vec<u32> = pids.into_iter().map(|p| p.expect("pid").0).collect();
-    assert_eq!(pids, vec![local_pid, server.child.id()]);
+    assert_eq!(pids, vec![local_pid, server.pid()]);
 
     // One interface for both: the same code calls either.
     let doubled: Vec<ShmArray<f64, ndarray::IxDyn>> = (0..2)
@@ -574,7 +459,10 @@ fn over_tls_calls_carry_data_and_a_plain_client_is_turned_away() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tls");
     let cert = format!("{dir}/server.pem");
     let key = format!("{dir}/server.key");
-    let server = ServerProcess::start(&["--tls-cert", &cert, "--tls-key", &key, "--token", "t0k"]);
+    let server = ServerProcess::start(
+        SERVER,
+        &["--tls-cert", &cert, "--tls-key", &key, "--token", "t0k"],
+    );
     let port = server.addr.rsplit(':').next().expect("port");
     let config = RemoteConfig::new(format!("https://localhost:{port}"))
         .with_token("t0k")
@@ -611,7 +499,7 @@ fn over_tls_calls_carry_data_and_a_plain_client_is_turned_away() {
 #[test]
 fn a_server_in_a_tiny_dev_shm_serves_calls_larger_than_it() {
     let clean = CleanShm::begin();
-    let Some(server) = ServerProcess::start_with_private_dev_shm("8m") else {
+    let Some(server) = ServerProcess::start_with_private_dev_shm(SERVER, "8m") else {
         return;
     };
     let worker = remote(&server);
@@ -629,7 +517,7 @@ fn a_server_in_a_tiny_dev_shm_serves_calls_larger_than_it() {
 #[test]
 fn a_server_out_of_room_in_its_pool_says_so_and_serves_on() {
     let clean = CleanShm::begin();
-    let server = ServerProcess::start(&["--capacity", &(8u64 << 20).to_string()]);
+    let server = ServerProcess::start(SERVER, &["--capacity", &(8u64 << 20).to_string()]);
     let worker = remote(&server);
     let big = Array1::from_elem(2 << 20, 1.0f64).into_dyn();
     // The arguments cannot be received: the caller learns why, with the numbers.
@@ -681,7 +569,7 @@ fn threads_calling_while_timeouts_fire_and_the_server_is_killed_get_values_or_ty
         .and_then(|v| v.parse().ok())
         .unwrap_or(0x9e37_79b9_7f4a_7c15u64);
     eprintln!("soak: {steps} steps per thread, SHM_FLIGHT_SOAK_SEED={seed}");
-    let server = std::sync::Mutex::new(ServerProcess::start(&[]));
+    let server = std::sync::Mutex::new(ServerProcess::start(SERVER, &[]));
     let addr = server.lock().expect("lock").addr.clone();
     let worker = RemoteWorker::new(RemoteConfig::new(format!("http://{addr}"))).expect("client");
     let done = std::sync::atomic::AtomicUsize::new(0);
@@ -762,7 +650,7 @@ fn threads_calling_while_timeouts_fire_and_the_server_is_killed_get_values_or_ty
             }
             let mut server = server.lock().expect("lock");
             server.kill();
-            *server = ServerProcess::start_on(&addr, &[]);
+            *server = ServerProcess::start_on(SERVER, &addr, &[]);
             kills.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     });

@@ -6,6 +6,7 @@
 //! says where each buffer is. A buffer that already lies in a live block (a column of a batch
 //! that was itself decoded from shared memory) is referenced where it is, not copied.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow::array::GenericByteViewArray;
@@ -77,6 +78,9 @@ const NEW_BLOCK: u32 = u32::MAX;
 #[derive(Default)]
 struct Plan {
     blocks: Vec<Arc<ShmBlock>>,
+    /// The index in `blocks` of each block, by its address: a frame of many columns finds
+    /// the block of each buffer in constant time.
+    indices: HashMap<usize, u32>,
     copies: Vec<(Buffer, u64)>,
     cursor: u64,
 }
@@ -86,15 +90,16 @@ impl Plan {
     /// offset of the column's new block (marked [`NEW_BLOCK`] until it has an index).
     fn place(&mut self, encoder: &Encoder, buffer: &Buffer) -> BufRef {
         if let Some(block) = encoder.block_holding(buffer.as_ptr(), buffer.len()) {
-            let index = match self.blocks.iter().position(|b| Arc::ptr_eq(b, &block)) {
-                Some(index) => index,
-                None => {
-                    self.blocks.push(Arc::clone(&block));
-                    self.blocks.len() - 1
-                }
-            };
+            let next = self.blocks.len() as u32;
+            let index = *self
+                .indices
+                .entry(Arc::as_ptr(&block) as usize)
+                .or_insert(next);
+            if index == next {
+                self.blocks.push(Arc::clone(&block));
+            }
             return BufRef {
-                block: index as u32,
+                block: index,
                 offset: (buffer.as_ptr() as usize - block.as_ptr() as usize) as u64,
                 len: buffer.len() as u64,
             };
@@ -145,22 +150,33 @@ impl Encode for ColumnFrame {
             .ipc_message;
         let mut plan = Plan::default();
         let mut columns = Vec::with_capacity(batch.num_columns());
+        // Columns copied into shared memory share blocks of up to `PACKED_BLOCK` bytes (a
+        // column larger than that has a block of its own): a frame of 100,000 narrow columns
+        // is a few dozen blocks, not 100,000, while a value kept from one column holds at most
+        // one such block beyond its own bytes.
+        let mut packed = Packing::default();
         for column in batch.columns() {
             let start = plan.copies.len();
             plan.cursor = 0;
             let mut node = plan.node(encoder, &compact_if_copied(encoder, column));
             if plan.copies.len() > start {
-                let mut block = encoder.pool().alloc(plan.cursor as usize)?;
-                let bytes = block.as_mut_slice();
-                for (buffer, offset) in &plan.copies[start..] {
-                    let offset = *offset as usize;
-                    bytes[offset..offset + buffer.len()].copy_from_slice(buffer.as_slice());
+                let base = packed.cursor.next_multiple_of(BLOCK_ALIGN as u64);
+                if packed.columns.is_empty() || base + plan.cursor <= PACKED_BLOCK {
+                    rebase(&mut node, NEW_BLOCK, base);
+                    for (_, offset) in &mut plan.copies[start..] {
+                        *offset += base;
+                    }
+                    packed.cursor = base + plan.cursor;
+                } else {
+                    packed.flush(encoder, &mut plan, start, &mut columns)?;
+                    packed.cursor = plan.cursor;
                 }
-                plan.blocks.push(encoder.freeze(block));
-                retarget(&mut node, NEW_BLOCK, plan.blocks.len() as u32 - 1);
+                packed.columns.push(columns.len());
             }
             columns.push(node);
         }
+        let end = plan.copies.len();
+        packed.flush(encoder, &mut plan, end, &mut columns)?;
         let meta = Payload::encode_meta(&FrameMeta {
             schema,
             rows: batch.num_rows() as u64,
@@ -220,6 +236,65 @@ fn is_shared(encoder: &Encoder, data: &ArrayData) -> bool {
 }
 
 /// Points the buffers planned for the column's new block (`from`) at its index.
+/// The largest block that narrow columns copied into shared memory share.
+const PACKED_BLOCK: u64 = 256 << 10;
+
+/// Columns planned into the next shared block: their copies are `plan.copies[first_copy..]`,
+/// at offsets up to `cursor`.
+#[derive(Default)]
+struct Packing {
+    columns: Vec<usize>,
+    first_copy: usize,
+    cursor: u64,
+}
+
+impl Packing {
+    /// Copies the planned columns (`plan.copies[first_copy..end]`) into a block of their own
+    /// and points them at it; the next block's copies start at `end`.
+    fn flush(
+        &mut self,
+        encoder: &Encoder,
+        plan: &mut Plan,
+        end: usize,
+        columns: &mut [Node],
+    ) -> shm_codec::Result<()> {
+        if self.columns.is_empty() {
+            return Ok(());
+        }
+        let mut block = encoder.pool().alloc(self.cursor as usize)?;
+        let bytes = block.as_mut_slice();
+        for (buffer, offset) in &plan.copies[self.first_copy..end] {
+            let offset = *offset as usize;
+            bytes[offset..offset + buffer.len()].copy_from_slice(buffer.as_slice());
+        }
+        plan.blocks.push(encoder.freeze(block));
+        let index = plan.blocks.len() as u32 - 1;
+        for &column in &self.columns {
+            retarget(&mut columns[column], NEW_BLOCK, index);
+        }
+        self.columns.clear();
+        self.first_copy = end;
+        self.cursor = 0;
+        Ok(())
+    }
+}
+
+/// Moves the buffers of `node` planned in block `block` by `base` bytes.
+fn rebase(node: &mut Node, block: u32, base: u64) {
+    let fix = |r: &mut BufRef| {
+        if r.block == block {
+            r.offset += base;
+        }
+    };
+    node.buffers.iter_mut().for_each(fix);
+    if let Some(nulls) = &mut node.nulls {
+        fix(&mut nulls.bits);
+    }
+    node.children
+        .iter_mut()
+        .for_each(|c| rebase(c, block, base));
+}
+
 fn retarget(node: &mut Node, from: u32, to: u32) {
     let fix = |r: &mut BufRef| {
         if r.block == from {

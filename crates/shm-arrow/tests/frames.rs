@@ -674,6 +674,18 @@ fn a_projection_decodes_only_the_chosen_columns() {
     assert_eq!(projected.schema().field(0).name(), "utf8");
     assert_eq!(projected.column(0), batch.column(12));
     assert_eq!(projected.column(1), batch.column(3));
+    // Narrow columns share blocks; columns larger than a shared block have their own, and
+    // only the chosen ones are attached.
+    counting.attached.lock().unwrap().clear();
+    let large: Vec<ArrayRef> = (0..4)
+        .map(|c| Arc::new(Int64Array::from_iter_values(c..c + 100_000)) as ArrayRef)
+        .collect();
+    let large = RecordBatch::try_from_iter(["a", "b", "c", "d"].into_iter().zip(large)).unwrap();
+    let payload = encoder.encode(&ColumnFrame(large.clone())).unwrap();
+    assert_eq!(payload.buffers().len(), 4, "a block per large column");
+    let projected = decode_projection(&payload, &decoder, &[2, 0]).unwrap();
+    assert_eq!(projected.column(0), large.column(2));
+    assert_eq!(projected.column(1), large.column(0));
     assert_eq!(
         counting.attached.lock().unwrap().len(),
         2,
@@ -941,4 +953,25 @@ fn thousands_of_mutated_frames_give_batches_or_errors() {
         decoded > 0,
         "no mutation left a frame decodable: the test mutates too much"
     );
+}
+
+#[test]
+fn narrow_columns_share_blocks_and_keep_their_values() {
+    let (encoder, decoder) = codecs();
+    let columns: Vec<(String, ArrayRef)> = (0..10_000)
+        .map(|c| {
+            let values = Int32Array::from_iter_values([c, -c]);
+            (format!("c{c}"), Arc::new(values) as ArrayRef)
+        })
+        .collect();
+    let batch = RecordBatch::try_from_iter(columns).unwrap();
+    let payload = encoder.encode(&ColumnFrame(batch.clone())).unwrap();
+    // 64 bytes each (aligned), 4,096 to a block of 256 KiB.
+    assert_eq!(
+        payload.buffers().len(),
+        3,
+        "blocks of a 10,000-column frame"
+    );
+    let ColumnFrame(back) = decoder.decode(&payload).unwrap();
+    assert_eq!(back, batch);
 }

@@ -184,13 +184,19 @@ pub(crate) fn register_live(block: &Arc<ShmBlock>) {
 
 /// The live block that holds all of `low..high`, if any.
 fn find_live(low: usize, high: usize) -> Option<Arc<ShmBlock>> {
-    let live = LIVE_BLOCKS.lock().unwrap_or_else(PoisonError::into_inner);
-    // Live blocks never overlap; a dead entry may still cover `low`, so look past it.
-    let (end, block) = live
-        .range(..=low)
-        .rev()
-        .find_map(|(_, (end, weak))| Some((*end, weak.upgrade()?)))?;
-    (high <= end).then_some(block)
+    let mut live = LIVE_BLOCKS.lock().unwrap_or_else(PoisonError::into_inner);
+    // Live blocks never overlap, so only the nearest live entry at or below `low` can hold it.
+    // Dead entries in the way are removed as they are met, each once, so a search stays
+    // logarithmic however many blocks died since the last sweep.
+    loop {
+        let (&start, (end, weak)) = live.range(..=low).next_back()?;
+        match weak.upgrade() {
+            Some(block) => return (high <= *end).then_some(block),
+            None => {
+                live.remove(&start);
+            }
+        }
+    }
 }
 
 /// An n-dimensional array whose elements live in shared memory (or, when it travelled inline,

@@ -43,7 +43,14 @@ impl Encoder {
 
     /// Encodes a value.
     pub fn encode<V: Encode + ?Sized>(&self, value: &V) -> Result<Payload> {
-        value.encode(self)
+        let payload = value.encode(self)?;
+        if payload.buffers().len() > crate::MAX_BLOCKS {
+            return Err(CodecError::TooManyBlocks {
+                blocks: payload.buffers().len(),
+                limit: crate::MAX_BLOCKS,
+            });
+        }
+        Ok(payload)
     }
 
     /// A block this encoder's codec has filled, frozen for sending: from now on, encoding a

@@ -120,6 +120,15 @@ pub enum CodecError {
         found: usize,
     },
 
+    /// A payload that names more blocks than one may ([`MAX_BLOCKS`](crate::MAX_BLOCKS)).
+    #[error("a payload of {blocks} blocks: one may name at most {limit}")]
+    TooManyBlocks {
+        /// Blocks the payload names.
+        blocks: usize,
+        /// The most one may name.
+        limit: usize,
+    },
+
     /// Data its codec rejects: invalid UTF-8, a dictionary key out of range, offsets that run
     /// backwards, a type the codec does not know.
     #[error("invalid {codec} data: {reason}")]

@@ -61,5 +61,5 @@ pub use element::{DType, Element};
 pub use error::{CodecError, Result, panic_message};
 pub use frame::{FRAME_CODEC, Index, SimpleFrame};
 pub use num_complex::Complex;
-pub use payload::{FORMAT_VERSION, Payload};
+pub use payload::{FORMAT_VERSION, MAX_BLOCKS, Payload};
 pub use tuple::TUPLE_CODEC;

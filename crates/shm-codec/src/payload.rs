@@ -11,6 +11,11 @@ use crate::error::{CodecError, Result};
 /// The wire format version this build writes and reads.
 pub const FORMAT_VERSION: u16 = 2;
 
+/// The most blocks one payload may name: 1,048,576, enough for a frame of several hundred
+/// thousand columns. A transport refuses to send a payload of more, and a receiver refuses
+/// one that names more before it sets anything aside for them.
+pub const MAX_BLOCKS: usize = 1 << 20;
+
 /// An encoded value. Its large data lives in shared memory (`buffers`); everything else is
 /// small and travels in the message itself.
 ///

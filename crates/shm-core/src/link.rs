@@ -81,7 +81,6 @@ pub(crate) fn segment_retired() {
 /// # Ok(())
 /// # }
 /// ```
-#[derive(Debug)]
 pub struct SegmentLink {
     socket: OwnedFd,
     sent: Mutex<Sent>,
@@ -90,7 +89,24 @@ pub struct SegmentLink {
     /// so it never misses a descriptor another thread has taken from the socket and is still
     /// mapping.
     draining: Mutex<()>,
+    /// Called while a message waits for room in the socket, to wake the peer so that it reads.
+    nudge: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
+    /// Why the last message read ahead of need (by `read_pending`) was refused: reported to
+    /// the reference that names its segment, instead of a missing descriptor.
+    refused: Mutex<Option<ShmError>>,
 }
+
+impl std::fmt::Debug for SegmentLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SegmentLink")
+            .field("socket", &self.socket)
+            .field("received", &lock(&self.received).len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// How long a sender waits for room in the socket before it wakes the peer again.
+const NUDGE_EVERY: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// The segments of this process whose descriptors the peer holds.
 #[derive(Debug, Default)]
@@ -167,7 +183,47 @@ impl SegmentLink {
             }),
             received: Mutex::new(HashMap::new()),
             draining: Mutex::new(()),
+            nudge: std::sync::OnceLock::new(),
+            refused: Mutex::new(None),
         }
+    }
+
+    /// Sets how to wake the peer when a descriptor waits for room in the socket (the kernel
+    /// queues only a few messages, and the peer reads them only when it resolves a reference
+    /// or calls [`read_pending`](Self::read_pending)): a transport rings the peer's bell, and
+    /// the peer reads what is pending when it wakes without news. Set once; later calls are
+    /// ignored.
+    pub fn when_full(&self, nudge: impl Fn() + Send + Sync + 'static) {
+        let _ = self.nudge.set(Box::new(nudge));
+    }
+
+    /// Reads, without blocking, every message waiting in the socket, so that a peer that sends
+    /// descriptors faster than this side resolves them can go on. Does nothing if another
+    /// thread is reading.
+    pub fn read_pending(&self) -> Result<()> {
+        let read = match self.draining.try_lock() {
+            Ok(_draining) => self.drain(""),
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => {
+                let _draining = poisoned.into_inner();
+                self.drain("")
+            }
+            Err(std::sync::TryLockError::WouldBlock) => Ok(()),
+        };
+        let kept = match &read {
+            Err(ShmError::NotASegment { name, reason }) => Some(ShmError::NotASegment {
+                name: name.clone(),
+                reason,
+            }),
+            Err(ShmError::TooManySegments { held, limit }) => Some(ShmError::TooManySegments {
+                held: *held,
+                limit: *limit,
+            }),
+            _ => None,
+        };
+        if kept.is_some() {
+            *lock(&self.refused) = kept;
+        }
+        read
     }
 
     /// The socket, for a spawner to hand the other end's number to a child.
@@ -250,7 +306,24 @@ impl SegmentLink {
             match send_message(self.socket.as_fd(), &message, fd) {
                 Ok(()) => return Ok(()),
                 Err(rustix::io::Errno::INTR) => {}
-                Err(rustix::io::Errno::AGAIN) => self.wait(PollFlags::OUT, deadline)?,
+                Err(rustix::io::Errno::AGAIN) => {
+                    // The peer may be asleep, waiting for the frame this descriptor precedes,
+                    // or sending to us in turn: wake it, read what it sent, and look again
+                    // soon.
+                    if let Some(nudge) = self.nudge.get() {
+                        nudge();
+                    }
+                    self.read_pending()?;
+                    let soon = Instant::now() + NUDGE_EVERY;
+                    match self.wait(
+                        PollFlags::OUT | PollFlags::IN,
+                        Some(deadline.map_or(soon, |d| d.min(soon))),
+                    ) {
+                        Err(ShmError::LinkStalled)
+                            if deadline.is_none_or(|d| Instant::now() < d) => {}
+                        other => other?,
+                    }
+                }
                 Err(rustix::io::Errno::PIPE | rustix::io::Errno::CONNRESET) => {
                     return Err(ShmError::LinkClosed);
                 }
@@ -318,12 +391,23 @@ impl SegmentLink {
             return Ok(segment);
         }
         self.drain(name)?;
-        lock(&self.received)
-            .get(name)
-            .cloned()
-            .ok_or_else(|| ShmError::NoDescriptor {
-                name: name.to_owned(),
-            })
+        if let Some(segment) = known() {
+            return Ok(segment);
+        }
+        // A message refused when it was read ahead of need explains the missing descriptor.
+        let mut refused = lock(&self.refused);
+        match refused.take() {
+            Some(ShmError::NotASegment { name: n, reason }) if n == name => {
+                Err(ShmError::NotASegment { name: n, reason })
+            }
+            Some(err @ ShmError::TooManySegments { .. }) => Err(err),
+            other => {
+                *refused = other;
+                Err(ShmError::NoDescriptor {
+                    name: name.to_owned(),
+                })
+            }
+        }
     }
 
     /// Reads the messages waiting in the socket, without blocking, until the one that brings

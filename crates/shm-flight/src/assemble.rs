@@ -75,15 +75,23 @@ pub(crate) fn declared_layout(batch: &RecordBatch) -> Option<Vec<u64>> {
         .collect()
 }
 
+/// Where a buffer of the frame is assembled: a range of one of the assembly's blocks.
+#[derive(Clone, Copy, Debug)]
+struct Region {
+    block: usize,
+    offset: usize,
+    len: usize,
+}
+
 /// One column being assembled.
 struct Column {
     shape: Shape,
     nullable: bool,
-    validity: ShmBlockMut,
+    validity: Region,
     nulls: u64,
-    values: ShmBlockMut,
+    values: Region,
     /// Variable-length data and how much of it is written (`Bytes` only).
-    data: Option<(ShmBlockMut, usize)>,
+    data: Option<(Region, usize)>,
 }
 
 /// A frame being assembled from its record batches.
@@ -92,6 +100,54 @@ pub(crate) struct Assembly {
     rows: usize,
     at: usize,
     columns: Vec<Column>,
+    /// The blocks the columns' buffers are assembled in: a buffer of up to
+    /// [`PACKED_BLOCK`] bytes shares a block with its neighbours (a frame of 100,000 narrow
+    /// columns takes a few dozen blocks), a larger one has a block of its own.
+    blocks: Vec<ShmBlockMut>,
+}
+
+/// The largest block that small buffers of a frame share.
+const PACKED_BLOCK: usize = 256 << 10;
+
+/// Alignment of each buffer in a shared block (Arrow's).
+const ALIGN: usize = 64;
+
+/// Lays buffers out in blocks, then allocates them.
+#[derive(Default)]
+struct Layout {
+    /// Bytes of each block to allocate.
+    sizes: Vec<usize>,
+    /// The block small buffers go into now, if any.
+    open: Option<usize>,
+}
+
+impl Layout {
+    fn place(&mut self, len: usize) -> Region {
+        if len > PACKED_BLOCK / 4 {
+            self.sizes.push(len);
+            return Region {
+                block: self.sizes.len() - 1,
+                offset: 0,
+                len,
+            };
+        }
+        let block = match self.open {
+            Some(block) if self.sizes[block].next_multiple_of(ALIGN) + len <= PACKED_BLOCK => block,
+            _ => {
+                self.sizes.push(0);
+                self.open = Some(self.sizes.len() - 1);
+                self.sizes.len() - 1
+            }
+        };
+        let offset = self.sizes[block].next_multiple_of(ALIGN);
+        self.sizes[block] = offset + len;
+        Region { block, offset, len }
+    }
+}
+
+/// The bytes of `region` in `blocks`.
+fn bytes_of(blocks: &mut [ShmBlockMut], region: Region) -> &mut [u8] {
+    &mut blocks[region.block].as_mut_slice()[region.offset..region.offset + region.len]
 }
 
 fn bytes_for(count: usize, width: usize) -> Result<usize, WireError> {
@@ -141,31 +197,37 @@ impl Assembly {
         if total > limit {
             return Err(WireError::TooLarge { size: total, limit });
         }
-        let pool = encoder.pool();
+        let mut layout = Layout::default();
         let mut columns = Vec::with_capacity(shapes.len());
         for ((field, shape), (values, data)) in schema.fields().iter().zip(shapes).zip(sizes) {
-            let mut values = pool.alloc(values)?;
-            if let Shape::Bytes(_) = shape {
-                // The first offset; every batch writes the ones after its rows.
-                values.as_mut_slice().fill(0);
-            }
             columns.push(Column {
                 shape,
                 nullable: field.is_nullable(),
-                validity: pool.alloc(if field.is_nullable() { bitmap } else { 0 })?,
+                validity: layout.place(if field.is_nullable() { bitmap } else { 0 }),
                 nulls: 0,
-                values,
+                values: layout.place(values),
                 data: match shape {
-                    Shape::Bytes(_) => Some((pool.alloc(data)?, 0)),
+                    Shape::Bytes(_) => Some((layout.place(data), 0)),
                     _ => None,
                 },
             });
+        }
+        let mut blocks = Vec::with_capacity(layout.sizes.len());
+        for size in layout.sizes {
+            blocks.push(encoder.pool().alloc(size)?);
+        }
+        for column in &columns {
+            if let Shape::Bytes(_) = column.shape {
+                // The first offset; every batch writes the ones after its rows.
+                bytes_of(&mut blocks, column.values).fill(0);
+            }
         }
         Ok(Some(Assembly {
             schema: Arc::clone(schema),
             rows,
             at: 0,
             columns,
+            blocks,
         }))
     }
 
@@ -228,6 +290,7 @@ impl Assembly {
         };
         let (at, bitmap) = (self.at, n.div_ceil(8));
         let mut next = 0usize;
+        let blocks = &mut self.blocks;
         for (c, column) in self.columns.iter_mut().enumerate() {
             let node = nodes.get(c);
             if node.length() != n as i64 {
@@ -241,9 +304,7 @@ impl Assembly {
             let nulls = u64::try_from(node.null_count())
                 .map_err(|_| protocol(format!("{} nulls", node.null_count())))?;
             if nulls > 0 || column.nullable {
-                let into = column
-                    .validity
-                    .as_mut_slice()
+                let into = bytes_of(blocks, column.validity)
                     .get_mut(at / 8..at / 8 + bitmap)
                     .ok_or_else(|| protocol(format!("nulls in non-nullable field {c}")))?;
                 match validity.get(..bitmap) {
@@ -266,7 +327,7 @@ impl Assembly {
                     let from = values.get(..len).ok_or_else(|| {
                         protocol(format!("field {c}: {} bytes of values", values.len()))
                     })?;
-                    column.values.as_mut_slice()[at * width..at * width + len]
+                    bytes_of(blocks, column.values)[at * width..at * width + len]
                         .copy_from_slice(from);
                 }
                 Shape::Bool => {
@@ -275,7 +336,7 @@ impl Assembly {
                     let from = values.get(..bitmap).ok_or_else(|| {
                         protocol(format!("field {c}: {} bytes of bits", values.len()))
                     })?;
-                    column.values.as_mut_slice()[at / 8..at / 8 + bitmap].copy_from_slice(from);
+                    bytes_of(blocks, column.values)[at / 8..at / 8 + bitmap].copy_from_slice(from);
                 }
                 Shape::Bytes(width) => {
                     let (offsets, data) = (slice(next)?, slice(next + 1)?);
@@ -293,7 +354,7 @@ impl Assembly {
                             .map_err(|_| protocol(format!("field {c}: offset {value}")))
                     };
                     let (first, last) = (offset(0)?, offset(n)?);
-                    let Some((block, written)) = column.data.as_mut() else {
+                    let Some((region, written)) = column.data.as_mut() else {
                         return Err(protocol("a string column without data"));
                     };
                     let from = usize::try_from(first)
@@ -306,12 +367,11 @@ impl Assembly {
                                 data.len()
                             ))
                         })?;
-                    let into = block
-                        .as_mut_slice()
+                    let into = bytes_of(blocks, *region)
                         .get_mut(*written..*written + from.len())
                         .ok_or_else(|| protocol(format!("field {c}: more data than declared")))?;
                     into.copy_from_slice(from);
-                    let dest = column.values.as_mut_slice();
+                    let dest = bytes_of(blocks, column.values);
                     for i in 1..=n {
                         let rebased = offset(i)?
                             .checked_sub(first)
@@ -355,10 +415,11 @@ impl Assembly {
         let mut ids: Vec<&i64> = dictionaries.keys().collect();
         ids.sort();
         let mut ids = ids.into_iter();
-        let shared = |block: ShmBlockMut, len: usize| -> Result<Buffer, WireError> {
+        let blocks: Vec<_> = self.blocks.into_iter().map(|b| encoder.freeze(b)).collect();
+        let shared = |region: Region, len: usize| -> Result<Buffer, WireError> {
             Ok(shm_arrow::block_buffer(
-                &encoder.freeze(block),
-                0,
+                &blocks[region.block],
+                region.offset as u64,
                 len as u64,
             )?)
         };
@@ -369,8 +430,7 @@ impl Assembly {
                 builder =
                     builder.null_bit_buffer(Some(shared(column.validity, self.rows.div_ceil(8))?));
             }
-            let values_len = column.values.len();
-            builder = builder.add_buffer(shared(column.values, values_len)?);
+            builder = builder.add_buffer(shared(column.values, column.values.len)?);
             if let Some((data, written)) = column.data {
                 builder = builder.add_buffer(shared(data, written)?);
             }

@@ -393,16 +393,18 @@ impl Iterator for ArrowMessages {
 /// A decoder that attaches exactly the blocks this process holds, and nothing else: a
 /// payload received over the network names only the blocks it was received into.
 pub(crate) fn own_decoder(pool: &ShmPool, blocks: &[Arc<ShmBlock>]) -> Decoder {
-    Decoder::with_attacher(pool.clone(), Arc::new(OwnBlocks(blocks.to_vec())))
+    let blocks = blocks.iter().map(|b| (b.to_ref(), Arc::clone(b))).collect();
+    Decoder::with_attacher(pool.clone(), Arc::new(OwnBlocks(blocks)))
 }
 
-struct OwnBlocks(Vec<Arc<ShmBlock>>);
+/// The blocks a payload was received into, by reference: a frame of many columns finds each
+/// of its buffers in constant time.
+struct OwnBlocks(HashMap<ShmRef, Arc<ShmBlock>>);
 
 impl Attacher for OwnBlocks {
     fn attach(&self, _pool: &ShmPool, r: &ShmRef) -> shm_core::Result<Arc<ShmBlock>> {
         self.0
-            .iter()
-            .find(|b| b.to_ref() == *r)
+            .get(r)
             .cloned()
             .ok_or_else(|| shm_core::ShmError::ForeignSegment {
                 name: r.name.clone(),

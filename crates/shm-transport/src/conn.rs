@@ -409,7 +409,15 @@ impl Conn {
                 let read = self.drain().and_then(|()| {
                     if lock(&slot.state).outcome.is_none() {
                         let ring = self.endpoint.channel().frames(Direction::ToParent);
-                        ring.wait_for_frame(deadline, || self.is_dead());
+                        // Woken without a frame, read the link: the worker's descriptors
+                        // found it full.
+                        let woken = std::cell::Cell::new(false);
+                        ring.wait_for_frame(deadline, || {
+                            if woken.replace(true) {
+                                self.endpoint.read_link();
+                            }
+                            self.is_dead()
+                        });
                         self.drain()?;
                     }
                     Ok(())

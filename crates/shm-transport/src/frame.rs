@@ -6,10 +6,10 @@ use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use shm_codec::{Decoder, Payload};
+use shm_codec::{Decoder, MAX_BLOCKS, Payload};
 use shm_core::{Reclaim, SegmentLink, ShmBlock, ShmError, ShmPool, ShmRef};
 
-use crate::channel::{Channel, SLOT_LEN, Side, Wake};
+use crate::channel::{Channel, SLOT_COUNT, SLOT_LEN, Side, Wake};
 use crate::error::{RemoteError, Result, TransportError, malformed};
 use crate::loans::{Lender, LoanAttacher, MAX_WAITING_RETURNS, Refusal, Returner};
 use crate::trust::Admission;
@@ -136,12 +136,20 @@ impl Endpoint {
         ));
         let reclaimer: Weak<dyn Reclaim> = Arc::downgrade(&lender) as Weak<dyn Reclaim>;
         pool.add_reclaimer(reclaimer);
-        // A worker trusts its parent to drain what it returns; the parent bounds a worker.
-        let max_waiting = match side {
-            Side::Parent => MAX_WAITING_RETURNS,
-            Side::Worker => usize::MAX,
+        // A worker trusts its parent to drain what it returns; the parent judges a worker.
+        let returner = Returner::new(Arc::clone(&channel), side.outbound(), side == Side::Parent);
+        // A descriptor that waits for room on the link wakes the peer, which then reads the
+        // link (`read_link`) although no frame has come.
+        let peer = match side {
+            Side::Parent => Side::Worker,
+            Side::Worker => Side::Parent,
         };
-        let returner = Returner::new(Arc::clone(&channel), side.outbound(), max_waiting);
+        let bell = Arc::downgrade(&channel);
+        link.when_full(move || {
+            if let Some(channel) = bell.upgrade() {
+                channel.wake_all(peer);
+            }
+        });
         Endpoint {
             channel,
             side,
@@ -151,6 +159,13 @@ impl Endpoint {
             admission,
             link,
         }
+    }
+
+    /// Reads the descriptors waiting on the link: called by a side woken without a frame,
+    /// since the peer wakes it when its descriptors find the link full. A bad message is
+    /// reported when a frame names its segment.
+    pub(crate) fn read_link(&self) {
+        let _ = self.link.read_pending();
     }
 
     pub(crate) fn channel(&self) -> &Arc<Channel> {
@@ -184,8 +199,9 @@ impl Endpoint {
         self.lender.reclaim();
         if self.returner.overflowed() {
             return Err(malformed(format!(
-                "the peer takes no blocks back: more than {MAX_WAITING_RETURNS} returns waited \
-                 for room in its release ring"
+                "the peer takes no blocks back: its release ring stayed full while it sent {} \
+                 frames, or more than {MAX_WAITING_RETURNS} returns waited for room",
+                2 * SLOT_COUNT
             )));
         }
         // The peer gets each segment's descriptor before the frame that names it.
@@ -223,7 +239,16 @@ impl Endpoint {
                 }
             }
             help();
-            let stall = match ring.wait_for_room(deadline, stop, can_help) {
+            // Woken without room, read the link: the peer may be sending descriptors while
+            // this side's frames fill its ring.
+            let woken = std::cell::Cell::new(false);
+            let stop_or_read = || {
+                if woken.replace(true) {
+                    self.read_link();
+                }
+                stop()
+            };
+            let stall = match ring.wait_for_room(deadline, stop_or_read, can_help) {
                 Wake::Ready => continue,
                 Wake::TimedOut => Stall::TimedOut,
                 Wake::Stopped => Stall::Stopped,
@@ -289,6 +314,7 @@ impl Endpoint {
         let Some(bytes) = self.channel.frames(self.side.inbound()).pop()? else {
             return Ok(None);
         };
+        self.returner.peer_sent_a_frame();
         let frame: Frame = postcard::from_bytes(&bytes)
             .map_err(|e| malformed(format!("frame of {} bytes: {e}", bytes.len())))?;
         let Frame::Spilled { frame, loan } = frame else {
@@ -316,6 +342,13 @@ impl Endpoint {
     /// peer when the last value built on it is dropped. Call [`Decoding::finish`] once decoding
     /// is over.
     pub(crate) fn decoder(&self, payload: &Payload, loans: &[u64]) -> Result<Decoding> {
+        if payload.buffers().len() > MAX_BLOCKS {
+            self.release(loans);
+            return Err(malformed(format!(
+                "a payload of {} blocks, more than the {MAX_BLOCKS} one may name",
+                payload.buffers().len()
+            )));
+        }
         if payload.buffers().len() != loans.len() {
             self.release(loans);
             return Err(malformed(format!(

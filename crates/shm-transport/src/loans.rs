@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use shm_codec::Attacher;
 use shm_core::{Reclaim, SegmentLink, ShmBlock, ShmPool, ShmRef};
 
-use crate::channel::{Channel, Direction, RELEASE_COUNT};
+use crate::channel::{Channel, Direction, RELEASE_COUNT, SLOT_COUNT};
 use crate::trust::Admission;
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -24,9 +24,10 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// Ids waiting for room in the release ring towards the peer past which the peer counts as one
-/// that takes nothing back. A peer that serves drains the ring whenever it receives a frame, so
-/// an honest one never lets more than the ring's length wait.
-pub(crate) const MAX_WAITING_RETURNS: usize = 4 * RELEASE_COUNT;
+/// that takes nothing back, whatever it does: room for the blocks of two payloads of the most
+/// blocks one may name, dropped at once before the peer had a chance to drain, beyond four
+/// rings' worth (about 17 MB of ids at most).
+pub(crate) const MAX_WAITING_RETURNS: usize = 4 * RELEASE_COUNT + 2 * shm_codec::MAX_BLOCKS;
 
 /// Why the peer may not be lent anything more.
 #[derive(Debug, PartialEq, Eq)]
@@ -161,50 +162,84 @@ impl Reclaim for Lender {
 }
 
 /// Gives the peer's blocks back: writes loan ids into the release ring towards the peer.
-/// Never blocks; ids that find the ring full wait here and go first next time — on the
-/// parent's side up to [`MAX_WAITING_RETURNS`], past which the worker is one that takes nothing
-/// back. A worker keeps every id for its parent, which it trusts to drain.
+/// Never blocks; ids that find the ring full wait here and go first next time. On the parent's
+/// side, the worker counts as one that takes nothing back — and its calls fail — when the ring
+/// stays full although the worker has read or sent frames since it filled (a serving side
+/// drains the ring whenever it does either), or when more than [`MAX_WAITING_RETURNS`] ids
+/// wait. A worker keeps every id for its parent, which it trusts to drain.
 #[derive(Debug)]
 pub(crate) struct Returner {
     channel: Arc<Channel>,
     ring: Direction,
-    /// Ids not yet written; held while producing into the ring, which has a single producer.
-    waiting: Mutex<Vec<u64>>,
+    /// Ids not yet written, and since when the ring has had no room; held while producing
+    /// into the ring, which has a single producer.
+    waiting: Mutex<Waiting>,
     /// Whether `waiting` holds ids, so that a send need not take the lock to learn it does not.
     pending: AtomicBool,
-    /// How many ids may wait before the peer counts as one that does not drain its ring.
-    max_waiting: usize,
-    /// Whether more than `max_waiting` ids waited at once: what the peer is owed is dropped
-    /// rather than queued without end.
+    /// Whether the peer is judged (the parent judges its worker).
+    judged: bool,
+    /// Frames received from the peer so far.
+    received: AtomicU64,
+    /// Whether the peer was found not to drain its ring: what it is owed is dropped rather
+    /// than queued without end.
     overflowed: AtomicBool,
 }
 
+#[derive(Debug, Default)]
+struct Waiting {
+    ids: Vec<u64>,
+    /// How many frames the peer had sent when the ring was first found with no room for a
+    /// waiting id; cleared whenever an id is written.
+    full_since: Option<u64>,
+}
+
 impl Returner {
-    /// A returner writing into the release ring in direction `ring`, with at most
-    /// `max_waiting` ids waiting for room.
-    pub(crate) fn new(channel: Arc<Channel>, ring: Direction, max_waiting: usize) -> Arc<Self> {
+    /// A returner writing into the release ring in direction `ring`; `judged` says whether a
+    /// peer that does not drain it is failed.
+    pub(crate) fn new(channel: Arc<Channel>, ring: Direction, judged: bool) -> Arc<Self> {
         Arc::new(Returner {
             channel,
             ring,
-            waiting: Mutex::new(Vec::new()),
+            waiting: Mutex::new(Waiting::default()),
             pending: AtomicBool::new(false),
-            max_waiting,
+            judged,
+            received: AtomicU64::new(0),
             overflowed: AtomicBool::new(false),
         })
+    }
+
+    /// Counts a frame received from the peer.
+    pub(crate) fn peer_sent_a_frame(&self) {
+        self.received.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Returns loans to the peer.
     pub(crate) fn release(&self, ids: &[u64]) {
         let mut waiting = lock(&self.waiting);
-        waiting.extend_from_slice(ids);
+        waiting.ids.extend_from_slice(ids);
         let ring = self.channel.releases(self.ring);
-        let written = waiting.iter().take_while(|&&id| ring.push(id)).count();
-        waiting.drain(..written);
-        if waiting.len() > self.max_waiting {
-            self.overflowed.store(true, Ordering::Release);
-            waiting.clear();
+        let written = waiting.ids.iter().take_while(|&&id| ring.push(id)).count();
+        waiting.ids.drain(..written);
+        let received = self.received.load(Ordering::Relaxed);
+        if written > 0 || waiting.ids.is_empty() {
+            waiting.full_since = None;
+        } else if waiting.full_since.is_none() {
+            waiting.full_since = Some(received);
         }
-        self.pending.store(!waiting.is_empty(), Ordering::Release);
+        // The peer drains the ring whenever it reads or sends a frame. Of the frames received
+        // since the ring filled, the first `SLOT_COUNT` may have been sent before (the ring of
+        // frames holds that many), and as many more by senders that had drained and then
+        // waited for room; a peer that sent more drained after the ring filled.
+        let not_draining = waiting
+            .full_since
+            .is_some_and(|since| received > since + 2 * SLOT_COUNT as u64);
+        if self.judged && (not_draining || waiting.ids.len() > MAX_WAITING_RETURNS) {
+            self.overflowed.store(true, Ordering::Release);
+            waiting.ids.clear();
+            waiting.full_since = None;
+        }
+        self.pending
+            .store(!waiting.ids.is_empty(), Ordering::Release);
     }
 
     /// Writes ids that found the ring full earlier.
@@ -214,7 +249,7 @@ impl Returner {
         }
     }
 
-    /// Whether the peer let more than the bound of returns wait.
+    /// Whether the peer was found not to take back what it is returned.
     pub(crate) fn overflowed(&self) -> bool {
         self.overflowed.load(Ordering::Acquire)
     }
@@ -232,11 +267,12 @@ pub(crate) struct LoanAttacher {
 }
 
 struct AttachState {
-    /// The payload's references with their loan ids; `None` once claimed by an attach.
-    loans: Vec<(ShmRef, Option<u64>)>,
+    /// The loan ids of the payload's references not yet claimed by an attach (a reference
+    /// named twice is lent twice).
+    loans: HashMap<ShmRef, Vec<u64>>,
     /// Blocks attached so far, so that a reference named twice gives one block (held until
     /// decoding ends, so that a later attach of the same reference finds it).
-    attached: Vec<(ShmRef, Arc<ShmBlock>)>,
+    attached: HashMap<ShmRef, Arc<ShmBlock>>,
 }
 
 impl std::fmt::Debug for LoanAttacher {
@@ -259,12 +295,14 @@ impl LoanAttacher {
             admission,
             link,
             state: Mutex::new(AttachState {
-                loans: refs
-                    .iter()
-                    .cloned()
-                    .zip(loans.iter().copied().map(Some))
-                    .collect(),
-                attached: Vec::new(),
+                loans: refs.iter().cloned().zip(loans.iter().copied()).fold(
+                    HashMap::with_capacity(refs.len()),
+                    |mut loans: HashMap<ShmRef, Vec<u64>>, (r, id)| {
+                        loans.entry(r).or_default().push(id);
+                        loans
+                    },
+                ),
+                attached: HashMap::new(),
             }),
         })
     }
@@ -272,13 +310,9 @@ impl LoanAttacher {
     /// Ends decoding: lets go of the attacher's own hold on the attached blocks, and returns
     /// the loans of every reference that decoding did not attach.
     pub(crate) fn release_unclaimed(&self) {
-        let (unclaimed, attached): (Vec<u64>, Vec<_>) = {
+        let (unclaimed, attached): (Vec<u64>, HashMap<_, _>) = {
             let mut state = lock(&self.state);
-            let unclaimed = state
-                .loans
-                .iter_mut()
-                .filter_map(|(_, id)| id.take())
-                .collect();
+            let unclaimed = state.loans.drain().flat_map(|(_, ids)| ids).collect();
             (unclaimed, std::mem::take(&mut state.attached))
         };
         drop(attached);
@@ -291,16 +325,11 @@ impl LoanAttacher {
 impl Attacher for LoanAttacher {
     fn attach(&self, pool: &ShmPool, r: &ShmRef) -> shm_core::Result<Arc<ShmBlock>> {
         let mut state = lock(&self.state);
-        if let Some((_, block)) = state.attached.iter().find(|(seen, _)| seen == r) {
+        if let Some(block) = state.attached.get(r) {
             return Ok(Arc::clone(block));
         }
         let mut block = self.admission.attach(pool, &self.link, r)?;
-        let ids: Vec<u64> = state
-            .loans
-            .iter_mut()
-            .filter(|(named, _)| named == r)
-            .filter_map(|(_, id)| id.take())
-            .collect();
+        let ids = state.loans.remove(r).unwrap_or_default();
         if !ids.is_empty() {
             let returner = Arc::clone(&self.returner);
             block.on_drop(Box::new(move || returner.release(&ids)));
@@ -312,7 +341,7 @@ impl Attacher for LoanAttacher {
         } else {
             block
         });
-        state.attached.push((r.clone(), Arc::clone(&block)));
+        state.attached.insert(r.clone(), Arc::clone(&block));
         Ok(block)
     }
 }

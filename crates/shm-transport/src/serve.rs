@@ -199,8 +199,15 @@ pub fn serve(router: Router) -> Result<()> {
             Ok(Some(frame)) => frame,
             Ok(None) => {
                 // No deadline: the parent rings when it sends, and if it dies the watcher
-                // thread ends this process.
-                requests.wait_for_frame(None, || false);
+                // thread ends this process. Woken without a frame, the worker reads the link:
+                // the parent's descriptors found it full.
+                let woken = std::cell::Cell::new(false);
+                requests.wait_for_frame(None, || {
+                    if woken.replace(true) {
+                        endpoint.read_link();
+                    }
+                    false
+                });
                 continue;
             }
             // Impossible ring positions stay broken: nothing more can

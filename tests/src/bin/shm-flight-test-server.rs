@@ -45,6 +45,12 @@ fn router() -> Router {
         })
         .handle("frame", |f: SimpleFrame<f64>, _| Ok::<_, String>(f))
         .handle("batch", |ColumnFrame(b), _| Ok::<_, String>(ColumnFrame(b)))
+        .handle(
+            "wide",
+            |Serde((columns, rows)): Serde<(usize, usize)>, _| {
+                Ok::<_, String>(ColumnFrame(shm_tests::wide_batch(columns, rows)))
+            },
+        )
         .handle("batch_rows", |ColumnFrame(b), _| {
             Ok::<_, String>(Serde(b.num_rows()))
         })

@@ -12,6 +12,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use ndarray::{Array1, Ix1, IxDyn};
+use shm_arrow::ColumnFrame;
 use shm_codec::{Serde, ShmArray, ShmArrayMut, SimpleFrame};
 use shm_transport::CalleeExt;
 use shm_transport::{Router, Worker, WorkerConfig, is_worker, serve};
@@ -126,6 +127,13 @@ fn router() -> Router {
             Ok::<_, String>(Serde((frame.columns().to_vec(), sums)))
         })
         .handle("identity", |a: ShmArray<f64, Ix1>, _| Ok::<_, String>(a))
+        .handle("batch", |ColumnFrame(b), _| Ok::<_, String>(ColumnFrame(b)))
+        .handle(
+            "wide",
+            |Serde((columns, rows)): Serde<(usize, usize)>, _| {
+                Ok::<_, String>(ColumnFrame(shm_tests::wide_batch(columns, rows)))
+            },
+        )
         .handle("keep", |a: ShmArray<f64, Ix1>, _| {
             KEPT.lock().map_err(|e| e.to_string())?.push(a);
             Ok::<_, String>(())

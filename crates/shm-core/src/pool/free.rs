@@ -66,6 +66,7 @@ impl State {
             self.free.remove(&key);
         }
         self.free_bytes -= segment.len() as u64;
+        self.last_use = Some(std::time::Instant::now());
         Some(segment)
     }
 

@@ -15,9 +15,15 @@
 //! - **Mapping cache.** Attaching a segment that is already mapped reuses the mapping. Idle
 //!   mappings are kept up to [`PoolConfig::with_attach_cache_bytes`], and dropped as soon as their
 //!   owner has unlinked the segment (an unlinked segment lives on while anyone maps it).
+//! - **Giving memory back.** A pool that has been idle — no block taken from or returned to
+//!   its cache — for [`PoolConfig::with_idle_release`]'s time releases what it caches beyond
+//!   that setting's bytes, like an allocator's decay: after a burst, a long-lived server's
+//!   shared memory returns to its baseline. A thread of the pool's own does it; it exists only
+//!   while there is something to release, so an idle pool with a small cache wakes nobody.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::{Duration, Instant};
 
 use crate::block::{ShmAtomicBlock, ShmBlock, ShmBlockMut};
 use crate::error::{Result, ShmError};
@@ -66,6 +72,8 @@ pub struct PoolConfig {
     cache_bytes: u64,
     attach_cache_bytes: u64,
     slab_threshold: usize,
+    idle_keep_bytes: u64,
+    idle_after: Option<Duration>,
 }
 
 impl Default for PoolConfig {
@@ -75,6 +83,8 @@ impl Default for PoolConfig {
             cache_bytes: 2 << 30,
             attach_cache_bytes: 4 << 30,
             slab_threshold: 64 << 10,
+            idle_keep_bytes: 64 << 20,
+            idle_after: Some(Duration::from_secs(10)),
         }
     }
 }
@@ -106,6 +116,22 @@ impl PoolConfig {
     pub fn with_slab_threshold(mut self, bytes: usize) -> Self {
         self.slab_threshold = bytes;
         self
+    }
+
+    /// Sets what an idle pool gives back: once no block has been taken from or returned to
+    /// its cache for `after`, the cached segments beyond `keep_bytes` (oldest first), its empty
+    /// slabs and its idle private mappings are released. Default: keep 64 MiB, after 10 s;
+    /// `after` `None` keeps the cache (up to [`with_cache_bytes`](Self::with_cache_bytes))
+    /// for as long as the pool lives.
+    pub fn with_idle_release(mut self, keep_bytes: u64, after: Option<Duration>) -> Self {
+        self.idle_keep_bytes = keep_bytes;
+        self.idle_after = after;
+        self
+    }
+
+    /// Cached bytes an idle pool keeps, and after how long it releases the rest.
+    pub fn idle_release(&self) -> (u64, Option<Duration>) {
+        (self.idle_keep_bytes, self.idle_after)
     }
 
     /// The bound on the bytes of all the pool's segments, if any.
@@ -240,6 +266,85 @@ struct State {
     attached_bytes: u64,
     live_blocks: usize,
     segments_created: u64,
+    /// When a block was last taken from or returned to the cache.
+    last_use: Option<Instant>,
+    /// Whether the thread that releases an idle cache runs.
+    decaying: bool,
+}
+
+impl State {
+    /// Bytes of own segments that hold no live block: the free list, empty slabs, and idle
+    /// private mappings.
+    fn cached_bytes(&self) -> u64 {
+        let empty_slabs = self
+            .slabs
+            .iter()
+            .flat_map(|c| c.slabs.iter().flatten())
+            .filter(|slab| slab.live == 0)
+            .count() as u64;
+        self.free_bytes + empty_slabs * SLAB_LEN as u64 + self.private_free_bytes
+    }
+
+    /// Releases what an idle pool gives back: free segments beyond `keep` bytes, oldest
+    /// first, empty slabs and idle private mappings.
+    fn release_idle(&mut self, keep: u64) -> Vec<Arc<Segment>> {
+        let mut released = Vec::new();
+        while self.free_bytes > keep {
+            match self.evict_free() {
+                Some(segment) => released.push(segment),
+                None => break,
+            }
+        }
+        released.extend(self.take_empty_slabs());
+        released.extend(self.private_free.split_off(&0).into_values().flatten());
+        self.private_free_bytes = 0;
+        released
+    }
+}
+
+impl PoolShared {
+    /// Notes a use of the cache, and starts the thread that gives an idle cache back if the
+    /// cache holds more than it keeps and the thread does not run yet.
+    fn used_cache(self: &Arc<Self>, state: &mut State) {
+        let Some(after) = self.config.idle_after else {
+            return;
+        };
+        state.last_use = Some(Instant::now());
+        if state.decaying || state.closed || state.cached_bytes() <= self.config.idle_keep_bytes {
+            return;
+        }
+        let pool = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("shm-pool-decay".into())
+            .spawn(move || decay(pool, after));
+        // Without a thread the cache stays bounded by `cache_bytes`, as before.
+        state.decaying = spawned.is_ok();
+    }
+}
+
+/// The thread of a pool with a cache beyond what it keeps: waits until the pool has been idle
+/// for `after`, gives the excess back, and ends (a later burst starts another).
+fn decay(pool: Weak<PoolShared>, after: Duration) {
+    loop {
+        let wait = {
+            let Some(pool) = pool.upgrade() else { return };
+            let mut state = pool.lock();
+            let idle = state.last_use.map_or(after, |t| t.elapsed());
+            if state.closed {
+                state.decaying = false;
+                return;
+            }
+            if idle >= after {
+                let released = state.release_idle(pool.config.idle_keep_bytes);
+                state.decaying = false;
+                drop(state);
+                drop(released);
+                return;
+            }
+            after - idle
+        };
+        std::thread::sleep(wait);
+    }
 }
 
 impl ShmPool {
@@ -738,7 +843,7 @@ impl PoolShared {
     }
 
     /// Takes back a block's region; called when an allocated block is dropped.
-    fn release(&self, slot: Slot, segment: &Arc<Segment>) {
+    fn release(self: &Arc<Self>, slot: Slot, segment: &Arc<Segment>) {
         let mut dropped: Vec<Arc<Segment>> = Vec::new();
         {
             let mut state = self.lock();
@@ -780,6 +885,7 @@ impl PoolShared {
                     }
                 }
             }
+            self.used_cache(&mut state);
         }
         drop(dropped);
     }

@@ -629,3 +629,48 @@ fn many_threads_share_one_pool() {
         assert_eq!(pool.stats().live_blocks, 0);
     });
 }
+
+#[test]
+fn an_idle_pool_gives_back_what_it_caches_beyond_what_it_keeps() {
+    leaves_shm_clean(|| {
+        let after = Duration::from_millis(300);
+        let pool = quiet_pool(PoolConfig::default().with_idle_release(4 << 20, Some(after)));
+        // A burst: blocks of 8 MiB, 5 MiB and 3 MiB, and a small one (a slab), are dropped.
+        for size in [8 << 20, 5 << 20, 3 << 20, 1000] {
+            drop(pool.alloc(size).unwrap());
+        }
+        let cached = pool.stats().bytes_cached;
+        assert!(cached >= 16 << 20, "{cached} bytes cached after the burst");
+        // While it is used, the pool keeps its cache.
+        let busy_until = Instant::now() + 3 * after;
+        while Instant::now() < busy_until {
+            drop(pool.alloc(3 << 20).unwrap());
+            std::thread::sleep(after / 10);
+        }
+        assert!(
+            pool.stats().bytes_cached >= 16 << 20,
+            "released while in use"
+        );
+        // Idle, it gives back all but the 3 MiB segment (the newest that fits in 4 MiB).
+        let deadline = Instant::now() + 20 * after;
+        while pool.stats().bytes_cached > 4 << 20 && Instant::now() < deadline {
+            std::thread::sleep(after / 10);
+        }
+        let stats = pool.stats();
+        assert!(
+            stats.bytes_cached <= 4 << 20 && stats.bytes_cached >= 3 << 20,
+            "{} bytes cached after idling",
+            stats.bytes_cached
+        );
+        assert_eq!(stats.segments_owned, 1, "one segment kept");
+        // A pool that keeps nothing gives everything back.
+        let pool = quiet_pool(PoolConfig::default().with_idle_release(0, Some(after)));
+        drop(pool.alloc(2 << 20).unwrap());
+        let deadline = Instant::now() + 20 * after;
+        while pool.stats().segments_owned > 0 && Instant::now() < deadline {
+            std::thread::sleep(after / 10);
+        }
+        assert_eq!(pool.stats().segments_owned, 0);
+        assert_eq!(pool.stats().bytes_cached, 0);
+    });
+}
