@@ -75,6 +75,7 @@ pub use live::{LiveSegment, list_live_segments};
 pub use name::{NAME_PREFIX, SegmentHolds, SessionId, validate_name};
 pub use pool::{BLOCK_ALIGN, PoolConfig, PoolStats, Reclaim, ShmPool};
 pub use reference::ShmRef;
+pub use sys::memory_available;
 
 /// The bytes `/dev/shm` can still give an unprivileged process (statvfs).
 pub fn shm_available() -> Result<u64> {

@@ -231,7 +231,7 @@ pub(crate) fn populate(ptr: *mut u8, len: usize) {
 /// Bytes of memory this process can still be given: the kernel's `MemAvailable`, or less when
 /// the process's cgroup (a container) has a lower memory limit. `u64::MAX` when neither can
 /// be read.
-pub(crate) fn memory_available() -> u64 {
+pub fn memory_available() -> u64 {
     let system = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|meminfo| {

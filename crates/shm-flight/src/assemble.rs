@@ -18,6 +18,7 @@ use arrow::datatypes::{DataType, SchemaRef};
 use shm_codec::Encoder;
 use shm_core::ShmBlockMut;
 
+use crate::budget::Reservation;
 use crate::wire::WireError;
 
 fn protocol(what: impl Into<String>) -> WireError {
@@ -102,8 +103,10 @@ pub(crate) struct Assembly {
     columns: Vec<Column>,
     /// The blocks the columns' buffers are assembled in: a buffer of up to
     /// [`PACKED_BLOCK`] bytes shares a block with its neighbours (a frame of 100,000 narrow
-    /// columns takes a few dozen blocks), a larger one has a block of its own.
+    /// columns takes a few dozen blocks), a larger one has a block of its own. Allocated
+    /// when the first record batch comes ([`reserve`](Self::reserve)), from `sizes`.
     blocks: Vec<ShmBlockMut>,
+    sizes: Vec<usize>,
 }
 
 /// The largest block that small buffers of a frame share.
@@ -163,7 +166,6 @@ impl Assembly {
         schema: &SchemaRef,
         rows: u64,
         data: &[u64],
-        encoder: &Encoder,
         limit: u64,
     ) -> Result<Option<Self>, WireError> {
         let shapes: Option<Vec<Shape>> = schema
@@ -212,23 +214,36 @@ impl Assembly {
                 },
             });
         }
-        let mut blocks = Vec::with_capacity(layout.sizes.len());
-        for size in layout.sizes {
-            blocks.push(encoder.pool().alloc(size)?);
-        }
-        for column in &columns {
-            if let Shape::Bytes(_) = column.shape {
-                // The first offset; every batch writes the ones after its rows.
-                bytes_of(&mut blocks, column.values).fill(0);
-            }
-        }
         Ok(Some(Assembly {
             schema: Arc::clone(schema),
             rows,
             at: 0,
             columns,
-            blocks,
+            blocks: Vec::new(),
+            sizes: layout.sizes,
         }))
+    }
+
+    /// Allocates the frame's blocks, charged to `reservation`, unless done already.
+    pub(crate) fn reserve(
+        &mut self,
+        encoder: &Encoder,
+        reservation: &Reservation,
+    ) -> Result<(), WireError> {
+        if self.blocks.len() == self.sizes.len() {
+            return Ok(());
+        }
+        reservation.charge(self.sizes.iter().map(|&s| s as u64).sum())?;
+        for &size in &self.sizes {
+            self.blocks.push(encoder.pool().alloc(size)?);
+        }
+        for column in &self.columns {
+            if let Shape::Bytes(_) = column.shape {
+                // The first offset; every batch writes the ones after its rows.
+                bytes_of(&mut self.blocks, column.values).fill(0);
+            }
+        }
+        Ok(())
     }
 
     /// Copies the buffers of one record batch message into place.

@@ -9,6 +9,7 @@ use shm_codec::{Encoder, Payload};
 use shm_core::ShmPool;
 use shm_transport::{Callee, DecodeReply, Lifecycle, TransportError};
 
+use crate::budget::Reservation;
 use crate::error::{FlightError, NetworkFault};
 use tonic::transport::{Channel, Endpoint};
 
@@ -344,11 +345,18 @@ impl RemoteWorker {
                 return Err(self.fault(NetworkFault::Protocol { what }));
             }
         };
+        let unlimited = Reservation::unlimited();
+        let bounds = wire::Bounds {
+            limit: self.config.limits.max_payload(),
+            reservation: &unlimited,
+            // The call's own timeout bounds the wait.
+            gap: None,
+        };
         let payload = wire::receive(
             &mut stream,
             head,
             &self.encoder,
-            self.config.limits.max_payload(),
+            &bounds,
             &progress.received,
         )
         .await
@@ -359,7 +367,12 @@ impl RemoteWorker {
                 size,
                 limit,
             }),
-            WireError::Protocol(what) => self.fault(NetworkFault::Protocol { what }),
+            WireError::Protocol(what) | WireError::Busy(what) => {
+                self.fault(NetworkFault::Protocol { what })
+            }
+            WireError::Stalled { what, after } => self.fault(NetworkFault::Protocol {
+                what: format!("{what} did not come within {after:?}"),
+            }),
             WireError::Codec(err) => TransportError::Codec(err),
         })?;
         Ok(payload)
@@ -374,12 +387,16 @@ impl RemoteWorker {
             Code::Unauthenticated | Code::PermissionDenied => {
                 self.fault(NetworkFault::Unauthenticated { reason })
             }
-            Code::OutOfRange | Code::ResourceExhausted => {
-                self.fault(NetworkFault::Protocol { what: reason })
-            }
+            Code::ResourceExhausted => self.fault(NetworkFault::Busy { reason }),
+            Code::OutOfRange => self.fault(NetworkFault::Protocol { what: reason }),
             Code::Unimplemented => self.fault(NetworkFault::Protocol {
                 what: format!("the server does not serve shm calls: {reason}"),
             }),
+            // A draining server refused the call: it did not run.
+            Code::Unavailable if status.message() == crate::server::DRAINING => {
+                self.disconnect();
+                self.fault(NetworkFault::Refused { reason })
+            }
             // The connection could not be made again (the server is gone): nothing was sent.
             Code::Unavailable if is_connect_failure(&reason) => {
                 self.disconnect();

@@ -139,6 +139,13 @@ pub enum NetworkFault {
         /// The receiver's limit.
         limit: u64,
     },
+    /// The server is at one of its limits — its shared memory for arguments, or the calls it
+    /// lets wait for a handler — and did not run the call; the next call may find room.
+    #[error("the server is busy and did not run the call: {reason}")]
+    Busy {
+        /// What the server said, with its numbers.
+        reason: String,
+    },
     /// The server refused the caller's bearer token (or its absence).
     #[error("the server refused the call: {reason}")]
     Unauthenticated {

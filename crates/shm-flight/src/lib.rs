@@ -52,6 +52,7 @@
 //! ```
 
 mod assemble;
+mod budget;
 mod client;
 mod error;
 mod server;
@@ -206,7 +207,13 @@ pub mod fuzzing {
         let head: CallHead = wire::read_head(&first, "call")?;
         let encoder = Encoder::new(pool.clone());
         let received = Counter::default();
-        wire::receive(&mut stream, head.args, &encoder, limit, &received)
+        let unlimited = crate::budget::Reservation::unlimited();
+        let bounds = wire::Bounds {
+            limit,
+            reservation: &unlimited,
+            gap: None,
+        };
+        wire::receive(&mut stream, head.args, &encoder, &bounds, &received)
             .await
             .map_err(|e| format!("{e:?}"))
     }

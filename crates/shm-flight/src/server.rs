@@ -2,7 +2,9 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use arrow_flight::flight_service_server::{FlightService, FlightServiceServer};
 use arrow_flight::{
@@ -13,7 +15,10 @@ use futures::Stream;
 use shm_codec::Encoder;
 use shm_core::ShmPool;
 use shm_transport::{RemoteError, RemoteErrorKind, Router};
+use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status, Streaming};
+
+use crate::budget::Budget;
 
 use crate::wire::{
     self, CallHead, Counter, MESSAGE_SLACK, Outcome, Refusal, ReplyHead, WIRE_VERSION, WireError,
@@ -30,6 +35,10 @@ pub struct ServerConfig {
     pub(crate) limits: Limits,
     pub(crate) io_threads: usize,
     pub(crate) pool: Option<ShmPool>,
+    pub(crate) handlers: usize,
+    pub(crate) queue: usize,
+    pub(crate) memory: Option<(u64, u64)>,
+    pub(crate) message_timeout: Duration,
     #[cfg(feature = "tls")]
     pub(crate) tls: Option<ServerTls>,
 }
@@ -52,9 +61,47 @@ impl ServerConfig {
             limits: Limits::default(),
             io_threads: 2,
             pool: None,
+            handlers: 1,
+            queue: 64,
+            memory: None,
+            message_timeout: Duration::from_secs(30),
             #[cfg(feature = "tls")]
             tls: None,
         }
+    }
+
+    /// Sets how many handlers run at once, each on a thread of its own. Default 1: calls run
+    /// one at a time, as in a local worker.
+    pub fn with_handlers(mut self, handlers: usize) -> Self {
+        self.handlers = handlers.max(1);
+        self
+    }
+
+    /// Sets how many received calls may wait for a handler; past it, a call is refused
+    /// (`RESOURCE_EXHAUSTED`, [`NetworkFault::Busy`](crate::NetworkFault::Busy)). A waiting
+    /// call whose client has gone — cancelled, past its deadline, disconnected — leaves the
+    /// queue without running. Default 64.
+    pub fn with_queue(mut self, calls: usize) -> Self {
+        self.queue = calls;
+        self
+    }
+
+    /// Sets the shared memory that arguments may hold at once: `total` bytes for all calls,
+    /// `per_connection` bytes for the calls of one connection. Memory is reserved as data
+    /// arrives, not when a call declares it; a call that does not fit is refused
+    /// (`RESOURCE_EXHAUSTED`) and gives back what it held. Default: half the memory available
+    /// when the server starts, a quarter per connection.
+    pub fn with_memory_budget(mut self, total: u64, per_connection: u64) -> Self {
+        self.memory = Some((total, per_connection));
+        self
+    }
+
+    /// Sets how long the server waits for a call's head, for each message of its arguments,
+    /// and for the client to take each message of the result; a call that stalls longer is
+    /// dropped with what it held. Default 30 s.
+    pub fn with_message_timeout(mut self, timeout: Duration) -> Self {
+        self.message_timeout = timeout;
+        self
     }
 
     /// Requires `token` of every caller (`authorization: Bearer <token>`). Default: none,
@@ -71,8 +118,8 @@ impl ServerConfig {
         self
     }
 
-    /// Sets the threads that move data (handlers run on a thread of their own, one at a
-    /// time). Default 2.
+    /// Sets the threads that move data (handlers run on threads of their own, see
+    /// [`with_handlers`](Self::with_handlers)). Default 2.
     pub fn with_io_threads(mut self, threads: usize) -> Self {
         self.io_threads = threads;
         self
@@ -108,6 +155,27 @@ impl ServerConfig {
     pub fn io_threads(&self) -> usize {
         self.io_threads
     }
+
+    /// How many handlers run at once.
+    pub fn handlers(&self) -> usize {
+        self.handlers
+    }
+
+    /// How many calls may wait for a handler.
+    pub fn queue(&self) -> usize {
+        self.queue
+    }
+
+    /// The shared memory arguments may hold, in all and per connection, if set (otherwise
+    /// derived from the memory available at start).
+    pub fn memory_budget(&self) -> Option<(u64, u64)> {
+        self.memory
+    }
+
+    /// How long the server waits for each message of a call.
+    pub fn message_timeout(&self) -> Duration {
+        self.message_timeout
+    }
 }
 
 /// A running remote worker: a Flight server on its own threads. Dropping it stops it.
@@ -115,6 +183,8 @@ impl ServerConfig {
 pub struct Server {
     addr: SocketAddr,
     instance: u64,
+    /// Handler slots: closed at shutdown, which refuses the calls still waiting.
+    slots: Arc<Semaphore>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>,
     runtime: Option<tokio::runtime::Runtime>,
@@ -133,9 +203,18 @@ impl Server {
             None => ShmPool::new().map_err(std::io::Error::other)?,
         };
         let instance = random_instance();
+        let (total, per_connection) = config.memory.unwrap_or_else(|| {
+            let available = shm_core::memory_available();
+            (available / 2, available / 4)
+        });
+        let slots = Arc::new(Semaphore::new(config.handlers.max(1)));
         let service = WorkerService {
             router: Arc::new(router),
-            serial: Arc::new(Mutex::new(())),
+            slots: Arc::clone(&slots),
+            waiting: Arc::new(AtomicUsize::new(0)),
+            queue: config.queue,
+            budget: Budget::new(total, per_connection),
+            message_timeout: config.message_timeout,
             encoder: Encoder::new(pool),
             token: config.token.clone().map(|t| format!("Bearer {t}")),
             instance,
@@ -152,7 +231,10 @@ impl Server {
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let builder = tonic::transport::Server::builder()
             .initial_stream_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(2 * STREAM_WINDOW);
+            .initial_connection_window_size(2 * STREAM_WINDOW)
+            // Calls in progress on one connection: each may buffer a message of up to
+            // `max_message` bytes in the gRPC layer.
+            .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION));
         #[cfg(feature = "tls")]
         let builder = match &config.tls {
             Some(tls) => builder
@@ -173,6 +255,7 @@ impl Server {
         Ok(Server {
             addr,
             instance,
+            slots,
             stop: Some(stop),
             task: Some(task),
             runtime: Some(runtime),
@@ -203,18 +286,24 @@ impl Server {
         }
     }
 
-    /// Stops accepting calls, lets the calls in progress finish, and stops.
+    /// Drains and stops: refuses new calls and those waiting for a handler
+    /// (`UNAVAILABLE`), lets the handlers running finish and their results go out, then
+    /// stops, and removes everything the server made once its last clone of the pool goes.
     pub fn shutdown(mut self) {
         self.stop_now();
     }
 
     fn stop_now(&mut self) {
+        self.slots.close();
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
         if let (Some(runtime), Some(task)) = (self.runtime.take(), self.task.take()) {
             let _ = runtime.block_on(task);
-            runtime.shutdown_background();
+            // Handlers still running belong to calls whose clients left; their threads
+            // hold the pool, so wait for them (a handler that never returns is the one
+            // thing that keeps a server from stopping).
+            drop(runtime);
         }
     }
 }
@@ -234,8 +323,14 @@ fn random_instance() -> u64 {
 
 struct WorkerService {
     router: Arc<Router>,
-    /// Handlers run one at a time, as in a local worker.
-    serial: Arc<Mutex<()>>,
+    /// One permit per handler that may run at once; closed when the server drains.
+    slots: Arc<Semaphore>,
+    /// Calls received and waiting for a permit.
+    waiting: Arc<AtomicUsize>,
+    /// How many may wait.
+    queue: usize,
+    budget: Arc<Budget>,
+    message_timeout: Duration,
     encoder: Encoder,
     /// `Bearer <token>`, as the `authorization` header must read.
     token: Option<String>,
@@ -288,17 +383,32 @@ impl WorkerService {
 
     async fn exchange(
         &self,
+        connection: Option<SocketAddr>,
         mut stream: Streaming<FlightData>,
     ) -> Result<Response<Messages<FlightData>>, Status> {
-        let Some(first) = stream.message().await? else {
-            return Ok(self.refuse(Refusal::Protocol {
-                what: "the call ended before its head".into(),
-            }));
+        let gap = Some(self.message_timeout);
+        let first = match wire::next_message(&mut stream, gap, "the call's head").await {
+            Ok(Some(first)) => first,
+            Ok(None) => {
+                return Ok(self.refuse(Refusal::Protocol {
+                    what: "the call ended before its head".into(),
+                }));
+            }
+            Err(err) => return Err(status_of(err)),
         };
+        if !wire::is_no_header(&first.data_header) {
+            return Ok(self.refuse(Refusal::Protocol {
+                what: format!(
+                    "the head's data_header of {} bytes is not an IPC message of type NONE",
+                    first.data_header.len()
+                ),
+            }));
+        }
         let head: CallHead = match wire::read_head(&first, "call") {
             Ok(head) => head,
             Err(what) => return Ok(self.refuse(Refusal::Protocol { what })),
         };
+        drop(first);
         if head.wire != WIRE_VERSION {
             return Ok(self.refuse(Refusal::Protocol {
                 what: format!(
@@ -310,20 +420,23 @@ impl WorkerService {
         if head.instance.is_some_and(|i| i != self.instance) {
             return Ok(self.refuse(Refusal::Restarted));
         }
+        if self.slots.is_closed() {
+            return Err(draining());
+        }
         let method = head.method;
+        // Refused at once if the arguments cannot fit now; reserved as they arrive.
+        let reservation = self.budget.reservation(connection);
+        reservation.check(head.args.size()).map_err(status_of)?;
         let received = Counter::default();
-        let args = match wire::receive(
-            &mut stream,
-            head.args,
-            &self.encoder,
-            self.max_payload,
-            &received,
-        )
-        .await
+        let bounds = wire::Bounds {
+            limit: self.max_payload,
+            reservation: &reservation,
+            gap,
+        };
+        let args = match wire::receive(&mut stream, head.args, &self.encoder, &bounds, &received)
+            .await
         {
             Ok(args) => args,
-            // The caller is gone (or its connection is): nobody to answer.
-            Err(WireError::Stream(status)) => return Err(status),
             Err(WireError::TooLarge { size, limit }) => {
                 return Ok(self.refuse(Refusal::TooLarge { size, limit }));
             }
@@ -332,18 +445,25 @@ impl WorkerService {
                 let failed = RemoteError::from_codec(&method, RemoteErrorKind::BadArguments, &err);
                 return Ok(self.head_only(Outcome::Failed(failed)));
             }
+            // The caller is gone (or its connection is), stalled, or over the budget.
+            Err(err) => return Err(status_of(err)),
         };
-        let (router, serial, encoder) = (
-            Arc::clone(&self.router),
-            Arc::clone(&self.serial),
-            self.encoder.clone(),
-        );
+        drop(stream);
+        // Waits for a handler, unless too many wait already. A client that leaves while
+        // its call waits drops this future, and the call with it: it never runs.
+        let permit = {
+            let _in_queue = QueuePlace::take(&self.waiting, self.queue)?;
+            Arc::clone(&self.slots)
+                .acquire_owned()
+                .await
+                .map_err(|_| draining())?
+        };
+        let (router, encoder) = (Arc::clone(&self.router), self.encoder.clone());
         let name = method.clone();
         let outcome = tokio::task::spawn_blocking(move || {
-            let _one_at_a_time = serial.lock().unwrap_or_else(PoisonError::into_inner);
             let decoder = wire::own_decoder(encoder.pool(), args.blocks());
             let outcome = router.dispatch(&name, &args, &decoder, &encoder);
-            drop(args);
+            drop((args, reservation, permit));
             outcome
         })
         .await
@@ -383,9 +503,78 @@ impl WorkerService {
                 }
             };
         let head = self.reply(Outcome::Done(outgoing.head));
-        let messages = futures::stream::iter(std::iter::once(head).chain(outgoing.data).map(Ok));
-        Ok(Response::new(Box::pin(messages)))
+        let messages = std::iter::once(head).chain(outgoing.data);
+        Ok(Response::new(paced(messages, self.message_timeout)))
     }
+}
+
+/// The most calls in progress on one connection.
+const MAX_STREAMS_PER_CONNECTION: u32 = 256;
+
+/// A place in the queue of calls waiting for a handler, given back when dropped.
+struct QueuePlace(Arc<AtomicUsize>);
+
+impl QueuePlace {
+    fn take(waiting: &Arc<AtomicUsize>, limit: usize) -> Result<Self, Status> {
+        let before = waiting.fetch_add(1, Ordering::AcqRel);
+        let place = QueuePlace(Arc::clone(waiting));
+        if before >= limit {
+            return Err(Status::resource_exhausted(format!(
+                "{before} calls wait for a handler already, as many as this server queues"
+            )));
+        }
+        Ok(place)
+    }
+}
+
+impl Drop for QueuePlace {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What a draining server says to the calls it refuses.
+pub(crate) const DRAINING: &str = "the server is shutting down and runs no more calls";
+
+fn draining() -> Status {
+    Status::unavailable(DRAINING)
+}
+
+/// The status that ends a call the server will not answer with a head.
+fn status_of(err: WireError) -> Status {
+    match err {
+        WireError::Stream(status) => status,
+        WireError::Busy(what) => Status::resource_exhausted(what),
+        WireError::Stalled { what, after } => {
+            Status::deadline_exceeded(format!("{what} did not come within {after:?}"))
+        }
+        other => Status::invalid_argument(format!("{other:?}")),
+    }
+}
+
+/// A reply's messages as a stream that a client must keep reading: each message is produced
+/// only when the connection asks for it, and a client that takes none for `timeout` ends the
+/// reply, which lets go of the result's blocks.
+fn paced(
+    messages: impl Iterator<Item = FlightData> + Send + 'static,
+    timeout: Duration,
+) -> Messages<FlightData> {
+    let (sender, receiver) = tokio::sync::mpsc::channel::<FlightData>(1);
+    tokio::spawn(async move {
+        for message in messages {
+            if sender.send_timeout(message, timeout).await.is_err() {
+                // The client stopped reading, or left: drop the rest.
+                return;
+            }
+        }
+    });
+    Box::pin(futures::stream::unfold(
+        receiver,
+        |mut receiver| async move {
+            let message = receiver.recv().await?;
+            Some((Ok(message), receiver))
+        },
+    ))
 }
 
 /// Compares a secret without leaking, through timing, how much of it matched.
@@ -412,7 +601,8 @@ impl FlightService for WorkerService {
         request: Request<Streaming<FlightData>>,
     ) -> Result<Response<Self::DoExchangeStream>, Status> {
         self.check_token(request.metadata())?;
-        self.exchange(request.into_inner()).await
+        let connection = request.remote_addr();
+        self.exchange(connection, request.into_inner()).await
     }
 
     async fn handshake(

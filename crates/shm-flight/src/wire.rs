@@ -17,6 +17,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use arrow::array::{ArrayRef, RecordBatch};
 use arrow::buffer::Buffer;
@@ -32,6 +33,7 @@ use shm_core::{ShmBlock, ShmBlockMut, ShmPool, ShmRef};
 use shm_transport::RemoteError;
 
 use crate::assemble::Assembly;
+use crate::budget::Reservation;
 
 /// The version of this wire format; a peer of another version is refused at its first message.
 pub const WIRE_VERSION: u16 = 1;
@@ -103,8 +105,13 @@ pub(crate) struct PayloadHead {
 /// How a payload's data follows its head.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum Body {
-    /// The payload's blocks, with these lengths, as chunks.
-    Blocks { lens: Vec<u64> },
+    /// The payload's blocks, with these lengths, as chunks. At most
+    /// [`MAX_BLOCKS`](shm_codec::MAX_BLOCKS): a head that lists more is refused as it is read,
+    /// before the list is built.
+    Blocks {
+        #[serde(deserialize_with = "bounded_lens")]
+        lens: Vec<u64>,
+    },
     /// A record batch of `rows` rows and about `bytes` bytes of buffers, as Flight record
     /// batches. `data` declares the bytes of variable-length data of each column (empty when
     /// the frame has a column of another layout than flat), so that the receiver can copy
@@ -114,6 +121,41 @@ pub(crate) enum Body {
         bytes: u64,
         data: Vec<u64>,
     },
+}
+
+/// Reads a list of block lengths, refusing one of more than `MAX_BLOCKS` entries before it
+/// holds them.
+fn bounded_lens<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<u64>, D::Error> {
+    struct Lens;
+    impl<'de> serde::de::Visitor<'de> for Lens {
+        type Value = Vec<u64>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "at most {} block lengths", shm_codec::MAX_BLOCKS)
+        }
+
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u64>, A::Error> {
+            let declared = seq.size_hint().unwrap_or(0);
+            if declared > shm_codec::MAX_BLOCKS {
+                return Err(serde::de::Error::custom(format!(
+                    "a payload of {declared} blocks: one may name at most {}",
+                    shm_codec::MAX_BLOCKS
+                )));
+            }
+            let mut lens = Vec::with_capacity(declared.min(4096));
+            while let Some(len) = seq.next_element()? {
+                if lens.len() == shm_codec::MAX_BLOCKS {
+                    return Err(serde::de::Error::custom(format!(
+                        "a payload of more than {} blocks",
+                        shm_codec::MAX_BLOCKS
+                    )));
+                }
+                lens.push(len);
+            }
+            Ok(lens)
+        }
+    }
+    deserializer.deserialize_seq(Lens)
 }
 
 impl PayloadHead {
@@ -146,6 +188,15 @@ pub(crate) fn no_ipc_header() -> Bytes {
         .clone()
 }
 
+/// Whether `data_header` is what a message without Arrow data carries: nothing, or an IPC
+/// message of type `NONE` without body. Anything else in such a message is refused.
+pub(crate) fn is_no_header(data_header: &[u8]) -> bool {
+    data_header.is_empty()
+        || arrow::ipc::root_as_message(data_header).is_ok_and(|m| {
+            m.header_type() == arrow::ipc::MessageHeader::NONE && m.bodyLength() == 0
+        })
+}
+
 /// A message that carries only `app_metadata`.
 pub(crate) fn head_message<H: Serialize>(head: &H) -> FlightData {
     FlightData {
@@ -163,8 +214,9 @@ pub(crate) fn read_head<H: for<'a> Deserialize<'a>>(
     postcard::from_bytes(&message.app_metadata).map_err(|e| {
         format!(
             "the first message should carry the {what} head in app_metadata, but its {} bytes \
-             do not decode: {e}",
-            message.app_metadata.len()
+             do not decode: {e} (a head lists at most {} blocks)",
+            message.app_metadata.len(),
+            shm_codec::MAX_BLOCKS
         )
     })
 }
@@ -194,6 +246,11 @@ pub(crate) enum WireError {
     Protocol(String),
     /// Shared memory, or the codecs, refused.
     Codec(shm_codec::CodecError),
+    /// The receiver's budget of shared memory has no room for the data: the call is refused
+    /// (`RESOURCE_EXHAUSTED`) and what it held is given back.
+    Busy(String),
+    /// The peer sent nothing for this long where a message was due.
+    Stalled { what: &'static str, after: Duration },
 }
 
 impl From<shm_core::ShmError> for WireError {
@@ -413,38 +470,77 @@ impl Attacher for OwnBlocks {
     }
 }
 
+/// The next message of `stream`, waiting at most `gap` (`what` names it in the error).
+pub(crate) async fn next_message<S>(
+    stream: &mut S,
+    gap: Option<Duration>,
+    what: &'static str,
+) -> Result<Option<FlightData>, WireError>
+where
+    S: Stream<Item = Result<FlightData, tonic::Status>> + Unpin,
+{
+    let next = match gap {
+        Some(after) => tokio::time::timeout(after, stream.next())
+            .await
+            .map_err(|_| WireError::Stalled { what, after })?,
+        None => stream.next().await,
+    };
+    next.transpose().map_err(WireError::Stream)
+}
+
+/// How a receiver holds a sender to account: the most bytes it accepts, the shared memory it
+/// may reserve for them (as they arrive), and how long it waits for each message.
+pub(crate) struct Bounds<'a> {
+    pub limit: u64,
+    pub reservation: &'a Reservation,
+    pub gap: Option<Duration>,
+}
+
 /// Receives the data of a payload whose head has arrived, into blocks of `encoder`'s pool,
-/// refusing more than `limit` bytes. The stream must end after the payload.
+/// within `bounds`. Memory is reserved as the data arrives: a block when its first byte
+/// comes, a frame's columns with its first record batch. The stream must end after the
+/// payload.
 pub(crate) async fn receive<S>(
     stream: &mut S,
     head: PayloadHead,
     encoder: &Encoder,
-    limit: u64,
+    bounds: &Bounds<'_>,
     received: &Counter,
 ) -> Result<Payload, WireError>
 where
     S: Stream<Item = Result<FlightData, tonic::Status>> + Unpin,
 {
     let size = head.size();
-    if size > limit {
-        return Err(WireError::TooLarge { size, limit });
+    if size > bounds.limit {
+        return Err(WireError::TooLarge {
+            size,
+            limit: bounds.limit,
+        });
     }
     match head.body {
         Body::Blocks { lens } => {
-            let mut blocks = Vec::with_capacity(lens.len());
-            for &len in &lens {
-                let len = usize::try_from(len).map_err(|_| WireError::TooLarge {
-                    size: len,
-                    limit: usize::MAX as u64,
-                })?;
-                blocks.push(encoder.pool().alloc(len)?);
+            if lens.len() > shm_codec::MAX_BLOCKS {
+                return Err(WireError::Protocol(format!(
+                    "a payload of {} blocks: one may name at most {}",
+                    lens.len(),
+                    shm_codec::MAX_BLOCKS
+                )));
             }
-            fill_blocks(stream, &mut blocks, received).await?;
+            let lens = lens
+                .iter()
+                .map(|&len| {
+                    usize::try_from(len).map_err(|_| WireError::TooLarge {
+                        size: len,
+                        limit: usize::MAX as u64,
+                    })
+                })
+                .collect::<Result<Vec<usize>, _>>()?;
+            let blocks = fill_blocks(stream, &lens, encoder, bounds, received).await?;
             let blocks = blocks.into_iter().map(|b| encoder.freeze(b)).collect();
             Ok(Payload::new(head.codec, head.meta, blocks, head.inline))
         }
         Body::Arrow { rows, data, .. } => {
-            let batch = receive_batches(stream, rows, &data, encoder, limit, received).await?;
+            let batch = receive_batches(stream, rows, &data, encoder, bounds, received).await?;
             // An assembled batch, or one that came whole, lies in the blocks it was received
             // into and is referenced there; a concatenated one is copied into blocks of its own.
             Ok(encoder.encode(&ColumnFrame(batch))?)
@@ -452,29 +548,48 @@ where
     }
 }
 
-/// Copies the data messages into `blocks`, in order, until the stream ends.
+/// Copies the data messages, in order, into blocks of `lens` bytes, each allocated (and
+/// charged to the reservation) when its first byte comes, until the stream ends.
 async fn fill_blocks<S>(
     stream: &mut S,
-    blocks: &mut [ShmBlockMut],
+    lens: &[usize],
+    encoder: &Encoder,
+    bounds: &Bounds<'_>,
     received: &Counter,
-) -> Result<(), WireError>
+) -> Result<Vec<ShmBlockMut>, WireError>
 where
     S: Stream<Item = Result<FlightData, tonic::Status>> + Unpin,
 {
-    let total: u64 = blocks.iter().map(|b| b.len() as u64).sum();
-    let (mut index, mut at) = (0usize, 0usize);
-    while let Some(message) = stream.next().await {
-        let message = message.map_err(WireError::Stream)?;
+    let total: u64 = lens.iter().map(|&l| l as u64).sum();
+    let mut blocks: Vec<ShmBlockMut> = Vec::with_capacity(lens.len().min(4096));
+    let mut at = 0usize;
+    let allocate = |blocks: &mut Vec<ShmBlockMut>| -> Result<(), WireError> {
+        let len = lens[blocks.len()];
+        bounds.reservation.charge(len as u64)?;
+        blocks.push(encoder.pool().alloc(len)?);
+        Ok(())
+    };
+    while let Some(message) = next_message(stream, bounds.gap, "the next chunk").await? {
+        if !is_no_header(&message.data_header) {
+            return Err(WireError::Protocol(format!(
+                "a chunk's data_header of {} bytes is not an IPC message of type NONE",
+                message.data_header.len()
+            )));
+        }
         let mut body = &message.data_body[..];
         while !body.is_empty() {
-            while index < blocks.len() && at == blocks[index].len() {
-                index += 1;
+            // The current block, once full, is followed by the next non-empty one.
+            while blocks.last().is_none_or(|b| at == b.len()) {
+                if blocks.len() == lens.len() {
+                    return Err(WireError::Protocol(format!(
+                        "the payload declared {total} bytes of blocks and more came"
+                    )));
+                }
+                allocate(&mut blocks)?;
                 at = 0;
             }
-            let Some(block) = blocks.get_mut(index) else {
-                return Err(WireError::Protocol(format!(
-                    "the payload declared {total} bytes of blocks and more came"
-                )));
+            let Some(block) = blocks.last_mut() else {
+                continue;
             };
             let into = &mut block.as_mut_slice()[at..];
             let n = into.len().min(body.len());
@@ -490,7 +605,11 @@ where
             received.get()
         )));
     }
-    Ok(())
+    // Empty blocks after the last byte.
+    while blocks.len() < lens.len() {
+        allocate(&mut blocks)?;
+    }
+    Ok(blocks)
 }
 
 /// Reads Flight record batches until the stream ends, and makes them one batch. Each
@@ -500,7 +619,7 @@ async fn receive_batches<S>(
     rows: u64,
     layout: &[u64],
     encoder: &Encoder,
-    limit: u64,
+    bounds: &Bounds<'_>,
     received: &Counter,
 ) -> Result<RecordBatch, WireError>
 where
@@ -512,8 +631,8 @@ where
     let mut got_rows = 0u64;
     // Set once the schema has come, if the frame can be assembled in one copy.
     let mut assembly: Option<Assembly> = None;
-    while let Some(message) = stream.next().await {
-        let message = message.map_err(WireError::Stream)?;
+    let limit = bounds.limit;
+    while let Some(message) = next_message(stream, bounds.gap, "the next record batch").await? {
         received.add(message.data_header.len() + message.data_body.len());
         if received.get() > limit {
             return Err(WireError::TooLarge {
@@ -522,13 +641,11 @@ where
             });
         }
         // Messages without Arrow data (metadata only) are passed over.
-        if message.data_header.is_empty()
-            || arrow::ipc::root_as_message(&message.data_header)
-                .is_ok_and(|m| m.header_type() == arrow::ipc::MessageHeader::NONE)
-        {
+        if is_no_header(&message.data_header) {
             continue;
         }
         if let Some(assembly) = assembly.as_mut() {
+            assembly.reserve(encoder, bounds.reservation)?;
             let appended = contain(|| {
                 let ipc = arrow::ipc::root_as_message(&message.data_header).map_err(|e| {
                     WireError::Protocol(format!("a data_header is not an IPC message: {e}"))
@@ -552,6 +669,7 @@ where
                     .into(),
             ));
         }
+        bounds.reservation.charge(message.data_body.len() as u64)?;
         let mut block = encoder.pool().alloc(message.data_body.len())?;
         block.as_mut_slice().copy_from_slice(&message.data_body);
         let body =
@@ -559,7 +677,7 @@ where
         let had_schema = schema.is_some();
         let batch = contain(|| read_message(&message, body, &mut schema, &mut dictionaries))?;
         if let (false, Some(schema)) = (had_schema, &schema) {
-            assembly = Assembly::new(schema, rows, layout, encoder, limit)?;
+            assembly = Assembly::new(schema, rows, layout, limit)?;
         }
         if let Some(batch) = batch {
             got_rows += batch.num_rows() as u64;
@@ -576,7 +694,8 @@ where
             "the stream ended before the frame's schema".into(),
         ));
     };
-    if let Some(assembly) = assembly {
+    if let Some(mut assembly) = assembly {
+        assembly.reserve(encoder, bounds.reservation)?;
         if !batches.is_empty() {
             return Err(WireError::Protocol(
                 "a frame with a declared layout also came as whole batches".into(),

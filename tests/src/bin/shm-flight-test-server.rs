@@ -1,8 +1,9 @@
 //! The remote worker that shm-flight's tests and benchmark drive, and its one router.
 //!
-//! - `--listen ADDR [--token T] [--max-payload BYTES] [--tls-cert PEM --tls-key PEM]`: serves
-//!   the router over Flight, prints `listening ADDR INSTANCE` on stdout, and stops when its
-//!   stdin closes.
+//! - `--listen ADDR [--token T] [--max-payload BYTES] [--tls-cert PEM --tls-key PEM]
+//!   [--handlers N] [--queue N] [--memory TOTAL,PER_CONNECTION] [--message-timeout-ms MS]
+//!   [--idle-release-ms MS]`: serves the router over Flight, prints `listening ADDR INSTANCE`
+//!   on stdout, and drains and stops when its stdin closes.
 //! - Started by `Worker::spawn` (as a local worker): serves the same router over shared
 //!   memory — the handlers do not know which.
 //! - `--client URL --send-mib N`: a caller that sends one array of N MiB to `sum` and prints
@@ -17,6 +18,9 @@ use shm_codec::{Serde, ShmArray, ShmArrayMut, SimpleFrame};
 use shm_flight::{RemoteConfig, RemoteWorker, Server, ServerConfig};
 use shm_transport::CalleeExt;
 use shm_transport::{Router, is_worker, serve};
+
+/// How many `sleep` handlers have started.
+static SLEEPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 fn router() -> Router {
     Router::new()
@@ -64,9 +68,21 @@ fn router() -> Router {
             },
         )
         .handle("sleep", |Serde(ms): Serde<u64>, _| {
+            SLEEPS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             eprintln!("sleeping {ms} ms");
             std::thread::sleep(Duration::from_millis(ms));
             Ok::<_, String>(Serde(ms))
+        })
+        .handle("sleeps", |(): (), _| {
+            Ok::<_, String>(Serde(SLEEPS.load(std::sync::atomic::Ordering::Relaxed)))
+        })
+        .handle("pool_stats", |(): (), ctx| {
+            let stats = ctx.pool().stats();
+            Ok::<_, String>(Serde((
+                stats.live_blocks as u64,
+                stats.segments_owned as u64,
+                stats.bytes_cached,
+            )))
         })
         .handle("live_blocks", |(): (), ctx| {
             Ok::<_, String>(Serde(ctx.pool().stats().live_blocks))
@@ -111,10 +127,29 @@ fn main() {
     if let Some(max) = flag(&args, "--max-payload").and_then(|m| m.parse().ok()) {
         config = config.with_limits(shm_flight::Limits::default().with_max_payload(max));
     }
-    if let Some(capacity) = flag(&args, "--capacity").and_then(|m| m.parse().ok()) {
-        let pool = shm_core::ShmPool::with_config(
-            shm_core::PoolConfig::default().with_capacity(Some(capacity)),
-        );
+    if let Some(n) = flag(&args, "--handlers").and_then(|m| m.parse().ok()) {
+        config = config.with_handlers(n);
+    }
+    if let Some(n) = flag(&args, "--queue").and_then(|m| m.parse().ok()) {
+        config = config.with_queue(n);
+    }
+    if let Some((total, per)) = flag(&args, "--memory").and_then(|m| {
+        let (total, per) = m.split_once(',')?;
+        Some((total.parse().ok()?, per.parse().ok()?))
+    }) {
+        config = config.with_memory_budget(total, per);
+    }
+    if let Some(ms) = flag(&args, "--message-timeout-ms").and_then(|m| m.parse().ok()) {
+        config = config.with_message_timeout(Duration::from_millis(ms));
+    }
+    let capacity = flag(&args, "--capacity").and_then(|m| m.parse().ok());
+    let idle = flag(&args, "--idle-release-ms").and_then(|m| m.parse().ok());
+    if capacity.is_some() || idle.is_some() {
+        let mut pool_config = shm_core::PoolConfig::default().with_capacity(capacity);
+        if let Some(ms) = idle {
+            pool_config = pool_config.with_idle_release(0, Some(Duration::from_millis(ms)));
+        }
+        let pool = shm_core::ShmPool::with_config(pool_config);
         config = config.with_pool(pool.unwrap_or_else(|e| {
             eprintln!("cannot make a pool: {e}");
             std::process::exit(1);
