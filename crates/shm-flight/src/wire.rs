@@ -304,7 +304,12 @@ pub(crate) fn outgoing(
                 data: crate::assemble::declared_layout(&batch).unwrap_or_default(),
             },
         };
-        let rows_per_batch = rows_per_batch(batch.num_rows(), bytes, whole_batch_bytes);
+        let rows_per_batch = rows_per_batch(
+            batch.num_rows(),
+            batch.num_columns(),
+            bytes,
+            whole_batch_bytes,
+        );
         let data = ArrowMessages::new(batch, rows_per_batch, sent);
         return Ok(Outgoing {
             head,
@@ -341,16 +346,22 @@ pub(crate) fn outgoing(
 }
 
 /// Rows per record batch: all of them when the frame's `bytes` fit in `whole` (the receiver
-/// then copies the frame once); otherwise about [`SPLIT_BATCH_BYTES`] per batch, a multiple of
-/// 64 rows so that validity bitmaps stay byte-aligned.
-fn rows_per_batch(rows: usize, bytes: u64, whole: usize) -> usize {
+/// then copies the frame once); otherwise about [`SPLIT_BATCH_BYTES`] per batch — or, for a
+/// wide frame, 512 bytes per column (at most [`WIDE_BATCH_BYTES`]), so that each batch's
+/// metadata, about 50 bytes per column, stays a small part of it — in a multiple of 64 rows
+/// so that validity bitmaps stay byte-aligned.
+fn rows_per_batch(rows: usize, columns: usize, bytes: u64, whole: usize) -> usize {
     if rows == 0 || bytes <= whole as u64 {
         return rows.max(1);
     }
     let per_row = (bytes / rows as u64).max(1);
-    let rows_per = (SPLIT_BATCH_BYTES as u64 / per_row).max(64) as usize;
+    let target = (columns as u64 * 512).clamp(SPLIT_BATCH_BYTES as u64, WIDE_BATCH_BYTES as u64);
+    let rows_per = (target / per_row).max(64) as usize;
     rows_per.next_multiple_of(64).min(rows)
 }
+
+/// The largest record batch a wide frame is cut into.
+const WIDE_BATCH_BYTES: usize = 64 << 20;
 
 /// A record batch as Flight messages, encoded one slice at a time as the stream pulls them.
 struct ArrowMessages {

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use ndarray::{Array1, IxDyn};
 use shm_codec::{Serde, ShmArray, ShmArrayMut};
+use shm_core::{PoolConfig, ShmPool};
 use shm_transport::{Router, TransportError, Worker, WorkerConfig, is_worker, serve};
 
 use shm_bench::{Error, median, ms, sample, write_section};
@@ -123,58 +124,70 @@ fn b2(report: &mut String, quick: bool) -> Result<(), Error> {
 
 fn b4(report: &mut String, quick: bool) -> Result<(), Error> {
     let calls = if quick { 2_000 } else { 10_000 };
-    eprintln!("... B4 {calls} calls with 1 MiB payloads");
-    let worker = Worker::spawn(WorkerConfig::current_exe()?)?;
-    let args = Array1::from_elem(1 << 17, 1.0f64);
-    let call = || -> Result<(), Error> {
-        let doubled: ShmArray<f64, IxDyn> = worker.call("double", &args)?;
-        if doubled.view()[[0]] != 2.0 {
-            return Err("wrong result".into());
-        }
-        Ok(())
-    };
-    for _ in 0..200 {
-        call()?;
-    }
-    // The live segments of both processes (memfds, found in /proc).
-    let segments = || -> Result<usize, Error> {
-        let pids = [std::process::id(), worker.pid()];
-        Ok(shm_core::list_live_segments()?
-            .iter()
-            .filter(|s| pids.contains(&s.pid))
-            .count())
-    };
-    let segments_before = segments()?;
-    let rss_before = (rss_kib(std::process::id()), rss_kib(worker.pid()));
-    let start = Instant::now();
-    for _ in 0..calls {
-        call()?;
-    }
-    let elapsed = start.elapsed();
-    let segments_after = segments()?;
-    let rss_after = (rss_kib(std::process::id()), rss_kib(worker.pid()));
-    worker.shutdown();
     writeln!(report, "\n## B4: steady state\n")?;
     writeln!(
         report,
         "{calls} calls, each with a 1 MiB f64 array argument (one copy) and a 1 MiB result \
          produced in the worker's shared memory, after 200 calls of warm-up. Segments: the \
-         live segments of both processes.\n"
+         live segments of both processes. The second row gives the parent's pool the most \
+         eager idle release there is (keep nothing, release after 1 ms idle): the cost of the \
+         decay thread when calls come back to back, in the same run.\n"
     )?;
     writeln!(
         report,
-        "| calls/s | segments before | segments after | parent RSS before → after | worker RSS before → after |"
+        "| parent's pool | calls/s | segments before | segments after | parent RSS before → after | worker RSS before → after |"
     )?;
-    writeln!(report, "| ---: | ---: | ---: | ---: | ---: |")?;
-    writeln!(
-        report,
-        "| {:.0} | {segments_before} | {segments_after} | {} → {} MiB | {} → {} MiB |",
-        calls as f64 / elapsed.as_secs_f64(),
-        rss_before.0 >> 10,
-        rss_after.0 >> 10,
-        rss_before.1 >> 10,
-        rss_after.1 >> 10
-    )?;
+    writeln!(report, "| --- | ---: | ---: | ---: | ---: | ---: |")?;
+    let eager = PoolConfig::default().with_idle_release(0, Some(Duration::from_millis(1)));
+    for (name, config) in [
+        (
+            "default (keep 64 MiB, release after 10 s idle)",
+            PoolConfig::default(),
+        ),
+        ("keep nothing, release after 1 ms idle", eager),
+    ] {
+        eprintln!("... B4 {calls} calls with 1 MiB payloads, {name}");
+        let pool = ShmPool::with_config(config)?;
+        let worker = Worker::spawn(WorkerConfig::current_exe()?.with_pool(pool))?;
+        let args = Array1::from_elem(1 << 17, 1.0f64);
+        let call = || -> Result<(), Error> {
+            let doubled: ShmArray<f64, IxDyn> = worker.call("double", &args)?;
+            if doubled.view()[[0]] != 2.0 {
+                return Err("wrong result".into());
+            }
+            Ok(())
+        };
+        for _ in 0..200 {
+            call()?;
+        }
+        // The live segments of both processes (memfds, found in /proc).
+        let segments = || -> Result<usize, Error> {
+            let pids = [std::process::id(), worker.pid()];
+            Ok(shm_core::list_live_segments()?
+                .iter()
+                .filter(|s| pids.contains(&s.pid))
+                .count())
+        };
+        let segments_before = segments()?;
+        let rss_before = (rss_kib(std::process::id()), rss_kib(worker.pid()));
+        let start = Instant::now();
+        for _ in 0..calls {
+            call()?;
+        }
+        let elapsed = start.elapsed();
+        let segments_after = segments()?;
+        let rss_after = (rss_kib(std::process::id()), rss_kib(worker.pid()));
+        worker.shutdown();
+        writeln!(
+            report,
+            "| {name} | {:.0} | {segments_before} | {segments_after} | {} → {} MiB | {} → {} MiB |",
+            calls as f64 / elapsed.as_secs_f64(),
+            rss_before.0 >> 10,
+            rss_after.0 >> 10,
+            rss_before.1 >> 10,
+            rss_after.1 >> 10
+        )?;
+    }
     Ok(())
 }
 

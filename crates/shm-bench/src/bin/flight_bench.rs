@@ -35,6 +35,7 @@ fn router() -> Router {
         .handle("rows", |ColumnFrame(b), _| {
             Ok::<_, String>(Serde(b.num_rows()))
         })
+        .handle("echo", |ColumnFrame(b), _| Ok::<_, String>(ColumnFrame(b)))
 }
 
 fn main() -> Result<(), Error> {
@@ -301,6 +302,7 @@ fn bench(quick: bool) -> Result<(), Error> {
             bytes,
         });
     }
+    let wide = wide_frames(quick, &local, &remote)?;
     local.shutdown();
     drop((remote, tcp, host));
 
@@ -333,5 +335,102 @@ fn bench(quick: bool) -> Result<(), Error> {
             rate / tcp_gbs
         )?;
     }
+    report.push_str(&wide);
     write_section("flight.md", &report)
+}
+
+/// A frame of `columns` Int8 columns of `rows` rows.
+fn wide_batch(columns: usize, rows: usize) -> Result<RecordBatch, Error> {
+    let fields: Vec<arrow::datatypes::Field> = (0..columns)
+        .map(|c| {
+            arrow::datatypes::Field::new(format!("c{c}"), arrow::datatypes::DataType::Int8, false)
+        })
+        .collect();
+    let arrays: Vec<Arc<dyn Array>> = (0..columns)
+        .map(|c| {
+            Arc::new(arrow::array::Int8Array::from_iter_values(
+                (0..rows).map(|r| (c + r) as i8),
+            )) as Arc<dyn Array>
+        })
+        .collect();
+    Ok(RecordBatch::try_new(
+        Arc::new(arrow::datatypes::Schema::new(fields)),
+        arrays,
+    )?)
+}
+
+/// B8: round trips of frames of 10,000 and 100,000 columns through the local and the remote
+/// worker (the handler returns its argument), with the cost per column.
+fn wide_frames(quick: bool, local: &Worker, remote: &RemoteWorker) -> Result<String, Error> {
+    let shapes: &[(usize, usize)] = if quick {
+        &[(10_000, 1), (100_000, 1), (10_000, 1_000), (100_000, 1_000)]
+    } else {
+        &[
+            (10_000, 1),
+            (100_000, 1),
+            (10_000, 10_000),
+            (100_000, 10_000),
+        ]
+    };
+    let mut report = String::new();
+    writeln!(report, "\n## B8: wide frames\n")?;
+    writeln!(
+        report,
+        "One call whose argument and result are a frame of Int8 columns (the handler returns \
+         its argument), to the local worker and to the remote one of B7; medians of 3 runs \
+         after one. The cost per column should not grow with the number of columns.\n"
+    )?;
+    writeln!(
+        report,
+        "| columns | rows | local | per column | remote | per column |"
+    )?;
+    writeln!(report, "| ---: | ---: | ---: | ---: | ---: | ---: |")?;
+    let mut per_column = std::collections::HashMap::new();
+    for &(columns, rows) in shapes {
+        eprintln!("... B8 {columns} columns of {rows} rows");
+        let batch = ColumnFrame(wide_batch(columns, rows)?);
+        let check = |back: &RecordBatch| -> Result<(), Error> {
+            (back.num_columns() == columns && back.num_rows() == rows)
+                .then_some(())
+                .ok_or_else(|| Error::from("the frame came back another shape"))
+        };
+        let mut times = Vec::new();
+        for callee in [local as &dyn shm_transport::Callee, remote] {
+            let time = median(&sample(1, 3, || {
+                let ColumnFrame(back): ColumnFrame = callee.call("echo", &batch)?;
+                check(&back)
+            })?);
+            times.push(time);
+        }
+        let per = |t: Duration| t / columns as u32;
+        per_column.insert((columns, rows), (per(times[0]), per(times[1])));
+        writeln!(
+            report,
+            "| {columns} | {rows} | {} | {:.1} µs | {} | {:.1} µs |",
+            ms(times[0]),
+            per(times[0]).as_secs_f64() * 1e6,
+            ms(times[1]),
+            per(times[1]).as_secs_f64() * 1e6,
+        )?;
+    }
+    let (_, remote_wide) = per_column.get(&(100_000, 1)).copied().unwrap_or_default();
+    let (local_wide, _) = per_column.get(&(100_000, 1)).copied().unwrap_or_default();
+    let (local_narrow, remote_narrow) = per_column.get(&(10_000, 1)).copied().unwrap_or_default();
+    let growth = |wide: Duration, narrow: Duration| wide.as_secs_f64() / narrow.as_secs_f64();
+    let verdict = |met: bool| if met { "met" } else { "missed" };
+    let local_growth = growth(local_wide, local_narrow);
+    let remote_growth = growth(remote_wide, remote_narrow);
+    writeln!(
+        report,
+        "\nTarget: cost per column of 100,000 columns at most 1.5x that of 10,000 (1 row): \
+         local {local_growth:.2}x ({}), remote {remote_growth:.2}x ({}). A 100,000-column \
+         round trip under 1 s: local {} ({}), remote {} ({}).",
+        verdict(local_growth <= 1.5),
+        verdict(remote_growth <= 1.5),
+        ms(local_wide * 100_000),
+        verdict(local_wide * 100_000 < Duration::from_secs(1)),
+        ms(remote_wide * 100_000),
+        verdict(remote_wide * 100_000 < Duration::from_secs(1)),
+    )?;
+    Ok(report)
 }
