@@ -2,8 +2,15 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, channel};
 use std::time::{Duration, Instant};
+
+use ndarray::Array1;
+use shm_codec::Serde;
+use shm_flight::{RemoteConfig, RemoteWorker};
+use shm_transport::CalleeExt;
 
 /// A remote worker process on loopback; stops when dropped (its stdin closes).
 pub struct ServerProcess {
@@ -142,5 +149,51 @@ impl Drop for ServerProcess {
             }
             self.kill();
         }
+    }
+}
+
+/// An honest client that calls `sum` over 1 MiB every 100 ms on a thread of its own until
+/// stopped, and records how long each call took and which failed.
+#[derive(Debug)]
+pub struct Honest {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<(Vec<Duration>, Vec<String>)>,
+}
+
+impl Honest {
+    /// Starts calling the server at `url`.
+    pub fn start(url: &str) -> Self {
+        let worker = RemoteWorker::new(RemoteConfig::new(url)).expect("a client");
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let a = Array1::from_elem(1 << 17, 1.0f64).into_dyn();
+            let (mut took, mut failed) = (Vec::new(), Vec::new());
+            while !stopping.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                match worker.call_timeout::<_, Serde<f64>>("sum", &a, Duration::from_secs(10)) {
+                    Ok(Serde(sum)) if sum == (1 << 17) as f64 => took.push(started.elapsed()),
+                    other => failed.push(format!("{other:?}")),
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            (took, failed)
+        });
+        Honest { stop, thread }
+    }
+
+    /// Stops, asserts that every call succeeded, and gives the median and the slowest.
+    pub fn finish(self) -> (Duration, Duration) {
+        self.stop.store(true, Ordering::Relaxed);
+        let (mut took, failed) = self.thread.join().expect("the honest client");
+        assert!(failed.is_empty(), "honest calls failed: {failed:?}");
+        assert!(!took.is_empty(), "no honest call was made");
+        took.sort();
+        let (median, slowest) = (took[took.len() / 2], took[took.len() - 1]);
+        eprintln!(
+            "honest client: {} calls, median {median:?}, slowest {slowest:?}",
+            took.len()
+        );
+        (median, slowest)
     }
 }

@@ -8,7 +8,7 @@ use shm_arrow::ColumnFrame;
 use shm_codec::Serde;
 use shm_flight::{RemoteConfig, RemoteWorker};
 use shm_tests::CleanShm;
-use shm_tests::server::ServerProcess;
+use shm_tests::server::{Honest, ServerProcess};
 use shm_transport::{Callee, CalleeExt, Worker, WorkerConfig};
 
 const WORKER: &str = env!("CARGO_BIN_EXE_shm-test-worker");
@@ -88,8 +88,12 @@ fn wide_frames_cost_in_proportion_to_their_columns_locally() {
 fn wide_frames_cost_in_proportion_to_their_columns_remotely() {
     let clean = CleanShm::begin();
     let server = ServerProcess::start(SERVER, &[]);
+    // An honest client's calls go on beside the wide frames (they wait for the handler, which
+    // runs one call at a time).
+    let honest = Honest::start(&server.url());
     let remote = RemoteWorker::new(RemoteConfig::new(server.url())).expect("a client");
     assert_linear("remote", &remote);
+    honest.finish();
     drop(remote);
     server.stop();
     clean.end();
