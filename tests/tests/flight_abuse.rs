@@ -76,7 +76,7 @@ mod hostile {
 
     /// The head of a call of `method` whose arguments are blocks of `lens` bytes.
     pub fn head(method: &str, lens: Vec<u64>) -> FlightData {
-        let head = CallHead {
+        message(&CallHead {
             wire: 1,
             method: method.to_owned(),
             instance: None,
@@ -86,9 +86,13 @@ mod hostile {
                 inline: Vec::new(),
                 body: Body::Blocks { lens },
             },
-        };
+        })
+    }
+
+    /// The message that carries `head`.
+    pub fn message(head: &CallHead) -> FlightData {
         FlightData {
-            app_metadata: postcard::to_stdvec(&head).expect("a head").into(),
+            app_metadata: postcard::to_stdvec(head).expect("a head").into(),
             ..Default::default()
         }
     }
@@ -302,8 +306,28 @@ fn a_head_of_millions_of_block_entries_is_refused_before_they_are_built() {
     let honest = Honest::start(&server.url());
     let runtime = runtime();
     let (_, peak_before) = memory_of(server.pid());
-    for len in [0u64, 1] {
-        let head = hostile::head("sum", vec![len; 4_000_000]);
+    // A frame's declared layout of 16,000,000 columns (as a list, 128 MB).
+    let declared_layout = hostile::message(&hostile::CallHead {
+        wire: 1,
+        method: "batch".into(),
+        instance: None,
+        args: hostile::PayloadHead {
+            codec: "arrow-columns".into(),
+            meta: Vec::new(),
+            inline: Vec::new(),
+            body: hostile::Body::Arrow {
+                rows: 1,
+                bytes: 0,
+                data: vec![0; 16_000_000],
+            },
+        },
+    });
+    let heads = [
+        hostile::head("sum", vec![0u64; 4_000_000]),
+        hostile::head("sum", vec![1u64; 4_000_000]),
+        declared_layout,
+    ];
+    for head in heads {
         let reply = runtime
             .block_on(hostile::call(server.url(), vec![head]))
             .expect("a reply");
@@ -317,12 +341,12 @@ fn a_head_of_millions_of_block_entries_is_refused_before_they_are_built() {
     }
     let (_, peak_after) = memory_of(server.pid());
     eprintln!(
-        "heads of 4,000,000 entries: server peak RSS {} MiB before, {} MiB after",
+        "heads of 4,000,000 blocks (of 0 and 1 byte) and 16,000,000 columns: server peak RSS {} MiB before, {} MiB after",
         peak_before >> 20,
         peak_after >> 20
     );
-    // The heads themselves are 4 MB each; their entries would have been 32 MB as a list,
-    // and 350 bytes each as blocks.
+    // The heads themselves are 4 and 16 MB; their entries would have been 32 and 128 MB as
+    // lists, and 350 bytes each as blocks.
     assert!(
         peak_after < peak_before + (48 << 20),
         "peak RSS grew from {peak_before} to {peak_after} bytes"

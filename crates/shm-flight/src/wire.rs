@@ -119,12 +119,15 @@ pub(crate) enum Body {
     Arrow {
         rows: u64,
         bytes: u64,
+        /// One entry per column, so at most `MAX_BLOCKS` too (every column is at least one
+        /// buffer), refused as it is read.
+        #[serde(deserialize_with = "bounded_lens")]
         data: Vec<u64>,
     },
 }
 
-/// Reads a list of block lengths, refusing one of more than `MAX_BLOCKS` entries before it
-/// holds them.
+/// Reads a list of block lengths (or of a frame's columns), refusing one of more than
+/// `MAX_BLOCKS` entries before it holds them.
 fn bounded_lens<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<u64>, D::Error> {
     struct Lens;
     impl<'de> serde::de::Visitor<'de> for Lens {
