@@ -70,6 +70,10 @@ impl Decoding {
     }
 }
 
+/// The largest frame a peer may spill: room for a payload of `MAX_BLOCKS` references and
+/// the metadata of a frame of as many columns.
+const MAX_SPILLED_FRAME: usize = 256 << 20;
+
 /// The error for a send the lender refused.
 fn refused(refusal: Refusal) -> TransportError {
     match refusal {
@@ -321,12 +325,22 @@ impl Endpoint {
             return Ok(Some(frame));
         };
         // Copied before it is parsed: the peer may still write its own block, and the parser
-        // reads some fields twice (a string's bytes, checked as UTF-8, then copied).
+        // reads some fields twice (a string's bytes, checked as UTF-8, then copied). Refused
+        // past `MAX_SPILLED_FRAME` before the copy.
         let inner = self
             .admission
             .attach(&self.pool, &self.link, &frame)
-            .map(|block| block.as_slice().to_vec())
             .map_err(Into::into)
+            .and_then(|block| {
+                if block.len() > MAX_SPILLED_FRAME {
+                    return Err(malformed(format!(
+                        "a spilled frame of {} bytes, more than the {MAX_SPILLED_FRAME} a \
+                         frame may take",
+                        block.len()
+                    )));
+                }
+                Ok(block.as_slice().to_vec())
+            })
             .and_then(|bytes| {
                 postcard::from_bytes::<Frame>(&bytes)
                     .map_err(|e| malformed(format!("spilled frame of {} bytes: {e}", bytes.len())))
