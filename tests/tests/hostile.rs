@@ -440,3 +440,26 @@ fn untrusted_workers_round_trip_every_value() {
     worker.shutdown();
     clean.end();
 }
+
+#[test]
+fn a_worker_cannot_make_the_parent_copy_a_spilled_frame_of_any_size() {
+    let clean = CleanShm::begin();
+    let worker = spawn(false);
+    let resident = shm_tests::rss();
+    // 300 MiB named as one spilled frame: refused before a byte is copied.
+    let outcome = worker.call::<_, ()>("forge_spill", &Serde(300usize << 20));
+    let grown = shm_tests::rss().saturating_sub(resident);
+    eprintln!("forged spill of 300 MiB: {outcome:?}; the parent grew by {grown} bytes");
+    assert!(grown < 64 << 20, "the parent grew by {grown} bytes");
+    match outcome {
+        Err(TransportError::Malformed { what }) => {
+            assert!(what.contains("spilled frame of 314572800 bytes"), "{what}")
+        }
+        other => panic!("expected the spill to be refused, got {other:?}"),
+    }
+    // The worker serves on.
+    let Serde(x): Serde<u64> = worker.call("echo", &Serde(7u64)).unwrap();
+    assert_eq!(x, 7);
+    worker.shutdown();
+    clean.end();
+}

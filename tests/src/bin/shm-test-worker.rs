@@ -170,6 +170,12 @@ fn router() -> Router {
             std::thread::sleep(Duration::from_millis(500));
             Ok::<_, String>(())
         })
+        .handle("forge_spill", |Serde(bytes): Serde<usize>, ctx| {
+            hostile::forge_spill(ctx.pool(), bytes)?;
+            // Let the parent read the forgery before the transport's own reply comes.
+            std::thread::sleep(Duration::from_millis(500));
+            Ok::<_, String>(())
+        })
         .handle(
             "forge_descriptor",
             |Serde((id, kind)): Serde<(u64, String)>, _| {
@@ -288,6 +294,28 @@ mod hostile {
             outcome: Result<Payload, RemoteError>,
             loans: Vec<u64>,
         },
+        #[allow(dead_code)]
+        Shutdown,
+        Spilled {
+            frame: ShmRef,
+            loan: u64,
+        },
+    }
+
+    /// Sends the parent, as a spilled frame, a block of `bytes` bytes of this worker's pool
+    /// (its descriptor first, on the link).
+    pub fn forge_spill(pool: &ShmPool, bytes: usize) -> Result<(), String> {
+        let mut block = pool.alloc(bytes).map_err(|e| e.to_string())?;
+        block.as_mut_slice().fill(0xff);
+        let block = block.freeze();
+        let fd = shm_core::fuzzing::descriptor(&block).ok_or("a block of its own")?;
+        let r = block.to_ref();
+        send_on_link(&r.name, fd);
+        let frame = WireFrame::Spilled { frame: r, loan: 1 };
+        push_to_parent(channel(), &postcard::to_stdvec(&frame).expect("a frame"));
+        // The parent may map the block: it stays for as long as this worker lives.
+        std::mem::forget(block);
+        Ok(())
     }
 
     /// Puts a reply to call `id` into the reply ring, ahead of the transport's own, whose
