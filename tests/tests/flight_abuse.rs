@@ -431,6 +431,12 @@ fn calls_whose_clients_left_never_run_and_the_queue_is_bounded() {
     assert!(done >= 5 && busy >= 10, "{done} ran, {busy} refused");
     drop(worker);
     server.stop();
+
+    // No queue at all: a call that finds the handler free still runs.
+    let server = ServerProcess::start(SERVER, &["--handlers", "1", "--queue", "0"]);
+    let Serde(pid): Serde<u32> = remote(&server).call("pid", &()).expect("a call");
+    assert_eq!(pid, server.pid());
+    server.stop();
     clean.end();
 }
 

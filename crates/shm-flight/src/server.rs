@@ -15,7 +15,7 @@ use futures::Stream;
 use shm_codec::Encoder;
 use shm_core::ShmPool;
 use shm_transport::{RemoteError, RemoteErrorKind, Router};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, TryAcquireError};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::budget::Budget;
@@ -77,8 +77,9 @@ impl ServerConfig {
         self
     }
 
-    /// Sets how many received calls may wait for a handler; past it, a call is refused
-    /// (`RESOURCE_EXHAUSTED`, [`NetworkFault::Busy`](crate::NetworkFault::Busy)). A waiting
+    /// Sets how many received calls may wait for a handler when none is free (0: a call runs
+    /// at once or is refused); past it, a call is refused (`RESOURCE_EXHAUSTED`,
+    /// [`NetworkFault::Busy`](crate::NetworkFault::Busy)). A waiting
     /// call whose client has gone — cancelled, past its deadline, disconnected — leaves the
     /// queue without running. Default 64.
     pub fn with_queue(mut self, calls: usize) -> Self {
@@ -449,14 +450,19 @@ impl WorkerService {
             Err(err) => return Err(status_of(err)),
         };
         drop(stream);
-        // Waits for a handler, unless too many wait already. A client that leaves while
-        // its call waits drops this future, and the call with it: it never runs.
-        let permit = {
-            let _in_queue = QueuePlace::take(&self.waiting, self.queue)?;
-            Arc::clone(&self.slots)
-                .acquire_owned()
-                .await
-                .map_err(|_| draining())?
+        // A free handler takes the call at once; otherwise it waits, unless too many wait
+        // already. A client that leaves while its call waits drops this future, and the call
+        // with it: it never runs.
+        let permit = match Arc::clone(&self.slots).try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(TryAcquireError::Closed) => return Err(draining()),
+            Err(TryAcquireError::NoPermits) => {
+                let _in_queue = QueuePlace::take(&self.waiting, self.queue)?;
+                Arc::clone(&self.slots)
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| draining())?
+            }
         };
         let (router, encoder) = (Arc::clone(&self.router), self.encoder.clone());
         let name = method.clone();
@@ -552,9 +558,9 @@ fn status_of(err: WireError) -> Status {
     }
 }
 
-/// A reply's messages as a stream that a client must keep reading: each message is produced
-/// only when the connection asks for it, and a client that takes none for `timeout` ends the
-/// reply, which lets go of the result's blocks.
+/// A reply's messages as a stream that a client must keep reading: messages are produced at
+/// most one ahead of what the connection has taken, and a client that takes none for
+/// `timeout` ends the reply, which lets go of the result's blocks.
 fn paced(
     messages: impl Iterator<Item = FlightData> + Send + 'static,
     timeout: Duration,

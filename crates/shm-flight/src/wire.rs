@@ -603,7 +603,7 @@ where
                 at = 0;
             }
             let Some(block) = blocks.last_mut() else {
-                continue;
+                return Err(WireError::Protocol("no block to copy a chunk into".into()));
             };
             let into = &mut block.as_mut_slice()[at..];
             let n = into.len().min(body.len());
