@@ -77,6 +77,18 @@ fn lint() -> Result {
         "--",
         "-D",
         "warnings",
+    ])?;
+    // The benchmarks as `cargo xtask bench` builds them: with iceoryx2, B2's peer.
+    cargo(&[
+        "clippy",
+        "-p",
+        "shm-bench",
+        "--all-targets",
+        "--features",
+        "iceoryx2",
+        "--",
+        "-D",
+        "warnings",
     ])
 }
 
@@ -301,6 +313,9 @@ fn bench(args: &[String]) -> Result {
                 "--quiet",
                 "-p",
                 package,
+                // The peers of B2 (iceoryx2, from the registry), for the bench alone.
+                "--features",
+                "shm-bench/iceoryx2",
                 "--bin",
                 binary,
                 "--",

@@ -5,6 +5,8 @@
 //! which `cargo xtask demo` runs) share: timing, formatting, the mixed Arrow batch they send,
 //! and where reports go.
 
+pub mod peers;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

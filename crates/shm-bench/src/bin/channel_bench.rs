@@ -2,8 +2,9 @@
 //! parent and worker cost, and how late calls with a timeout return when replies race them.
 //! Writes `target/bench/channel.md`.
 //!
-//! `cargo xtask bench [--quick]` runs it in release mode. The same executable is the worker and
-//! the socket peer of B2.
+//! `cargo xtask bench [--quick]` runs it in release mode, with iceoryx2 (feature `iceoryx2`)
+//! for B2's peers. The same executable is the worker and every peer process of B2 (the socket,
+//! the spin floor, iceoryx2: see `shm_bench::peers`).
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
@@ -16,6 +17,7 @@ use shm_codec::{Serde, ShmArray, ShmArrayMut};
 use shm_core::{PoolConfig, ShmPool};
 use shm_transport::{Router, TransportError, Worker, WorkerConfig, is_worker, serve};
 
+use shm_bench::peers::Peer;
 use shm_bench::{Error, median, ms, sample, write_section};
 use shm_transport::CalleeExt;
 
@@ -43,6 +45,9 @@ fn main() -> Result<(), Error> {
         && flag == "--socket-echo"
     {
         return socket_echo(path);
+    }
+    if shm_bench::peers::serve_peer(&args)? {
+        return Ok(());
     }
     if args.iter().any(|a| a == "--parent") {
         return parent_of_a_worker();
@@ -99,27 +104,75 @@ fn b2(report: &mut String, quick: bool) -> Result<(), Error> {
     peer.wait()?;
     let _ = std::fs::remove_file(&path);
 
+    // The peers, in the same run; /dev/shm must be as they found it.
+    let dev_shm = || -> Result<Vec<String>, Error> {
+        let mut names: Vec<String> = std::fs::read_dir("/dev/shm")?
+            .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect::<Result<_, _>>()?;
+        names.sort();
+        Ok(names)
+    };
+    let before = dev_shm()?;
+    let mut peers = Vec::new();
+    for peer in Peer::available() {
+        eprintln!("... B2 {} ping-pongs: {}", calls, peer.name());
+        peers.push((peer.name(), peer_ping_pong(peer, calls)?));
+    }
+    let after = dev_shm()?;
+    if after != before {
+        return Err(format!("the peers left /dev/shm changed: {before:?} -> {after:?}").into());
+    }
+
     writeln!(report, "\n## B2: small call round trip\n")?;
     writeln!(
         report,
-        "A call with an 8-byte argument and result, {calls} calls after warm-up, against an \
-         8-byte ping-pong over a Unix socket between two processes, in the same run.\n"
+        "A call with an 8-byte argument and result, {calls} calls after warm-up, against 8-byte \
+         ping-pongs between two processes in the same run: over a Unix socket, spinning on a \
+         shared page (the floor of any shared-memory channel), and over iceoryx2 (the crate, \
+         publish-subscribe) busy-polling and sleeping on an event. shm's waiter spins 50 µs, \
+         then sleeps on a futex: it burns no core while idle.{}\n",
+        if cfg!(feature = "iceoryx2") {
+            ""
+        } else {
+            " This build has no iceoryx2 (`cargo xtask bench` turns on the feature)."
+        }
     )?;
     writeln!(
         report,
-        "| channel | median | p99 | socket / this (median) |"
+        "| channel | median | p99 | socket / this (median) | this / shm (median) |"
     )?;
-    writeln!(report, "| --- | ---: | ---: | ---: |")?;
-    for (name, times) in [("shm channel", &shm), ("Unix socket", &socket)] {
+    writeln!(report, "| --- | ---: | ---: | ---: | ---: |")?;
+    let mut rows = vec![("shm channel", &shm), ("Unix socket", &socket)];
+    rows.extend(peers.iter().map(|(name, times)| (*name, times)));
+    for (name, times) in &rows {
         writeln!(
             report,
-            "| {name} | {} | {} | {:.1}x |",
+            "| {name} | {} | {} | {:.1}x | {:.2}x |",
             ms(median(times)),
             ms(p99(times)),
-            median(&socket).as_secs_f64() / median(times).as_secs_f64()
+            median(&socket).as_secs_f64() / median(times).as_secs_f64(),
+            median(times).as_secs_f64() / median(&shm).as_secs_f64()
+        )?;
+    }
+    let fastest = rows
+        .iter()
+        .filter(|(name, _)| *name != "shm channel")
+        .min_by_key(|(_, times)| median(times))
+        .map(|(name, times)| (*name, median(times)));
+    if let Some((name, time)) = fastest {
+        let ratio = median(&shm).as_secs_f64() / time.as_secs_f64();
+        writeln!(
+            report,
+            "\nFastest peer: {name}, {}; shm takes {ratio:.2}x its time.",
+            ms(time)
         )?;
     }
     Ok(())
+}
+
+/// Ping-pongs with `peer`, timed like the calls above.
+fn peer_ping_pong(peer: Peer, calls: usize) -> Result<Vec<Duration>, Error> {
+    shm_bench::peers::ping_pong(peer, calls)
 }
 
 fn b4(report: &mut String, quick: bool) -> Result<(), Error> {
