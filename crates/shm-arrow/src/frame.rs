@@ -162,7 +162,7 @@ impl Encode for ColumnFrame {
             if plan.copies.len() > start {
                 let base = packed.cursor.next_multiple_of(BLOCK_ALIGN as u64);
                 if packed.columns.is_empty() || base + plan.cursor <= PACKED_BLOCK {
-                    rebase(&mut node, NEW_BLOCK, base);
+                    each_ref_in(&mut node, NEW_BLOCK, &mut |r| r.offset += base);
                     for (_, offset) in &mut plan.copies[start..] {
                         *offset += base;
                     }
@@ -270,7 +270,7 @@ impl Packing {
         plan.blocks.push(encoder.freeze(block));
         let index = plan.blocks.len() as u32 - 1;
         for &column in &self.columns {
-            retarget(&mut columns[column], NEW_BLOCK, index);
+            each_ref_in(&mut columns[column], NEW_BLOCK, &mut |r| r.block = index);
         }
         self.columns.clear();
         self.first_copy = end;
@@ -279,33 +279,16 @@ impl Packing {
     }
 }
 
-/// Moves the buffers of `node` planned in block `block` by `base` bytes.
-fn rebase(node: &mut Node, block: u32, base: u64) {
-    let fix = |r: &mut BufRef| {
-        if r.block == block {
-            r.offset += base;
-        }
-    };
-    node.buffers.iter_mut().for_each(fix);
-    if let Some(nulls) = &mut node.nulls {
-        fix(&mut nulls.bits);
-    }
-    node.children
+/// Calls `fix` on every buffer reference of `node` and its children that names `block`.
+fn each_ref_in(node: &mut Node, block: u32, fix: &mut impl FnMut(&mut BufRef)) {
+    let refs = node
+        .buffers
         .iter_mut()
-        .for_each(|c| rebase(c, block, base));
-}
-
-fn retarget(node: &mut Node, from: u32, to: u32) {
-    let fix = |r: &mut BufRef| {
-        if r.block == from {
-            r.block = to;
-        }
-    };
-    node.buffers.iter_mut().for_each(fix);
-    if let Some(nulls) = &mut node.nulls {
-        fix(&mut nulls.bits);
+        .chain(node.nulls.as_mut().map(|n| &mut n.bits));
+    refs.filter(|r| r.block == block).for_each(&mut *fix);
+    for child in &mut node.children {
+        each_ref_in(child, block, fix);
     }
-    node.children.iter_mut().for_each(|c| retarget(c, from, to));
 }
 
 impl Decode for ColumnFrame {

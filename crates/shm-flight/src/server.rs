@@ -212,7 +212,7 @@ impl Server {
         let service = WorkerService {
             router: Arc::new(router),
             slots: Arc::clone(&slots),
-            waiting: Arc::new(AtomicUsize::new(0)),
+            waiting: AtomicUsize::new(0),
             queue: config.queue,
             budget: Budget::new(total, per_connection),
             message_timeout: config.message_timeout,
@@ -327,7 +327,7 @@ struct WorkerService {
     /// One permit per handler that may run at once; closed when the server drains.
     slots: Arc<Semaphore>,
     /// Calls received and waiting for a permit.
-    waiting: Arc<AtomicUsize>,
+    waiting: AtomicUsize,
     /// How many may wait.
     queue: usize,
     budget: Arc<Budget>,
@@ -518,12 +518,12 @@ impl WorkerService {
 const MAX_STREAMS_PER_CONNECTION: u32 = 256;
 
 /// A place in the queue of calls waiting for a handler, given back when dropped.
-struct QueuePlace(Arc<AtomicUsize>);
+struct QueuePlace<'a>(&'a AtomicUsize);
 
-impl QueuePlace {
-    fn take(waiting: &Arc<AtomicUsize>, limit: usize) -> Result<Self, Status> {
+impl<'a> QueuePlace<'a> {
+    fn take(waiting: &'a AtomicUsize, limit: usize) -> Result<Self, Status> {
         let before = waiting.fetch_add(1, Ordering::AcqRel);
-        let place = QueuePlace(Arc::clone(waiting));
+        let place = QueuePlace(waiting);
         if before >= limit {
             return Err(Status::resource_exhausted(format!(
                 "{before} calls wait for a handler already, as many as this server queues"
@@ -533,7 +533,7 @@ impl QueuePlace {
     }
 }
 
-impl Drop for QueuePlace {
+impl Drop for QueuePlace<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }

@@ -533,13 +533,7 @@ where
     }
     match head.body {
         Body::Blocks { lens } => {
-            if lens.len() > shm_codec::MAX_BLOCKS {
-                return Err(WireError::Protocol(format!(
-                    "a payload of {} blocks: one may name at most {}",
-                    lens.len(),
-                    shm_codec::MAX_BLOCKS
-                )));
-            }
+            // `lens` holds at most `MAX_BLOCKS` entries: `bounded_lens` read it.
             let lens = lens
                 .iter()
                 .map(|&len| {

@@ -116,7 +116,7 @@ fn b2(report: &mut String, quick: bool) -> Result<(), Error> {
     let mut peers = Vec::new();
     for peer in Peer::available() {
         eprintln!("... B2 {} ping-pongs: {}", calls, peer.name());
-        peers.push((peer.name(), peer_ping_pong(peer, calls)?));
+        peers.push((peer.name(), shm_bench::peers::ping_pong(peer, calls)?));
     }
     let after = dev_shm()?;
     if after != before {
@@ -168,11 +168,6 @@ fn b2(report: &mut String, quick: bool) -> Result<(), Error> {
         )?;
     }
     Ok(())
-}
-
-/// Ping-pongs with `peer`, timed like the calls above.
-fn peer_ping_pong(peer: Peer, calls: usize) -> Result<Vec<Duration>, Error> {
-    shm_bench::peers::ping_pong(peer, calls)
 }
 
 fn b4(report: &mut String, quick: bool) -> Result<(), Error> {
