@@ -198,8 +198,14 @@ fn compact_if_copied(encoder: &Encoder, column: &ArrayRef) -> ArrayData {
     // Arrow's size arithmetic panics on invalid offsets (which a batch built unchecked may
     // have): such a batch is sent whole, and its receiver's validation refuses it.
     let compacted = crate::contain(|| {
-        let needed = data.get_slice_memory_size().unwrap_or(usize::MAX);
-        if needed >= data.get_buffer_memory_size() {
+        // Arrow counts every data buffer of a view array as the slice's: a view array is
+        // compacted when its views use fewer bytes than its data buffers hold.
+        let wasteful = match column.data_type() {
+            DataType::Utf8View => views_waste(column.as_string_view()),
+            DataType::BinaryView => views_waste(column.as_binary_view()),
+            _ => data.get_slice_memory_size().unwrap_or(usize::MAX) < held_bytes(&data),
+        };
+        if !wasteful {
             return Ok(data.clone());
         }
         Ok(match column.data_type() {
@@ -215,6 +221,28 @@ fn compact_if_copied(encoder: &Encoder, column: &ArrayRef) -> ArrayData {
     });
     // A layout arrow cannot copy piecewise is sent whole: correct, only larger.
     compacted.unwrap_or(data)
+}
+
+/// The bytes of `data`'s buffers (validity, children and all) that an encoder would copy:
+/// their lengths, not their capacities (a builder's buffer has spare capacity that is never
+/// copied, so it is no reason to compact).
+fn held_bytes(data: &ArrayData) -> usize {
+    data.nulls().map_or(0, |n| n.buffer().len())
+        + data.buffers().iter().map(Buffer::len).sum::<usize>()
+        + data.child_data().iter().map(held_bytes).sum::<usize>()
+}
+
+/// Whether a view array's data buffers hold bytes none of its views use.
+fn views_waste<T: ByteViewType + ?Sized>(array: &GenericByteViewArray<T>) -> bool {
+    // A view of at most 12 bytes holds them inline; a longer one points into a data buffer.
+    let used: usize = array
+        .views()
+        .iter()
+        .map(|&view| view as u32 as usize)
+        .filter(|&len| len > 12)
+        .sum();
+    let held: usize = array.data_buffers().iter().map(Buffer::len).sum();
+    used < held
 }
 
 /// A view array with only the bytes its views use, and a validity bitmap of its own length:

@@ -40,6 +40,7 @@ fn main() -> Result<(), Error> {
         report,
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     )?;
+    let mut targets_met = Vec::new();
     for &rows in row_counts {
         eprintln!("... {rows} rows");
         let batch = batch(rows)?;
@@ -65,7 +66,9 @@ fn main() -> Result<(), Error> {
             drop(payload);
             Ok(time)
         })?;
-        let payload = Payload::from_bytes(&encoder.encode(&frame)?.to_bytes())?;
+        // The decoder reads the frame from its reference, so the encoded blocks must live.
+        let encoded = encoder.encode(&frame)?;
+        let payload = Payload::from_bytes(&encoded.to_bytes())?;
         let checked = median(runs, || {
             let start = Instant::now();
             let ColumnFrame(back) = decoder.decode(&payload)?;
@@ -93,14 +96,16 @@ fn main() -> Result<(), Error> {
             gbs(checked),
             trusted.as_secs_f64() * 1e6,
         )?;
-        if rows == *row_counts.last().unwrap_or(&rows) {
-            let ratio = memcpy.as_secs_f64() / encode.as_secs_f64();
-            writeln!(
-                report,
-                "\nTarget: encoding at least 0.7x memcpy at {rows} rows — {ratio:.2} ({}).",
-                if ratio >= 0.7 { "met" } else { "missed" },
-            )?;
+        if rows >= 1_000_000 {
+            targets_met.push((rows, memcpy.as_secs_f64() / encode.as_secs_f64()));
         }
+    }
+    for (rows, ratio) in targets_met {
+        writeln!(
+            report,
+            "\nTarget: encoding at least 0.8x memcpy at {rows} rows — {ratio:.2} ({}).",
+            if ratio >= 0.8 { "met" } else { "missed" },
+        )?;
     }
 
     write_section("arrow.md", &report)
