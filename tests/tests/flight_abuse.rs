@@ -28,6 +28,7 @@ mod hostile {
         pub method: String,
         pub instance: Option<u64>,
         pub args: PayloadHead,
+        pub takes_connection: bool,
     }
 
     #[derive(Serialize, Deserialize, Debug)]
@@ -48,6 +49,10 @@ mod hostile {
             bytes: u64,
             data: Vec<u64>,
         },
+        Connection {
+            lens: Vec<u64>,
+            key: [u8; 16],
+        },
     }
 
     #[derive(Deserialize, Debug)]
@@ -55,6 +60,7 @@ mod hostile {
         pub wire: u16,
         pub instance: u64,
         pub outcome: Outcome,
+        pub takes_connection: bool,
     }
 
     // Every variant mirrors the format; the tests read some fields only through `Debug`.
@@ -77,7 +83,7 @@ mod hostile {
     /// The head of a call of `method` whose arguments are blocks of `lens` bytes.
     pub fn head(method: &str, lens: Vec<u64>) -> FlightData {
         message(&CallHead {
-            wire: 1,
+            wire: 2,
             method: method.to_owned(),
             instance: None,
             args: PayloadHead {
@@ -86,6 +92,7 @@ mod hostile {
                 inline: Vec::new(),
                 body: Body::Blocks { lens },
             },
+            takes_connection: false,
         })
     }
 
@@ -135,6 +142,62 @@ mod hostile {
             .ok_or_else(|| tonic::Status::data_loss("no reply head"))?;
         postcard::from_bytes(&first.app_metadata)
             .map_err(|e| tonic::Status::data_loss(format!("reply head: {e}")))
+    }
+
+    /// Calls on a connection of its own, ending its half of the stream after `messages` as
+    /// a client does, and gives the reply's head with the rest of the reply's stream, held
+    /// open; dropping it cancels the call.
+    pub async fn call_held(
+        url: String,
+        messages: Vec<FlightData>,
+    ) -> Result<(ReplyHead, tonic::Streaming<FlightData>), tonic::Status> {
+        let mut client = FlightServiceClient::new(connect(url).await?);
+        let stream = futures::stream::iter(messages);
+        let mut reply = client.do_exchange(stream).await?.into_inner();
+        let first = reply
+            .message()
+            .await?
+            .ok_or_else(|| tonic::Status::data_loss("no reply head"))?;
+        let head = postcard::from_bytes(&first.app_metadata)
+            .map_err(|e| tonic::Status::data_loss(format!("reply head: {e}")))?;
+        Ok((head, reply))
+    }
+
+    /// Opens a data connection to the server at `url` for `kind` (`b'P'` to send arguments,
+    /// `b'G'` to take a result) named `key`, as docs/format.md says.
+    pub fn data_connection(url: &str, key: [u8; 16], kind: u8) -> std::net::TcpStream {
+        use std::io::Write;
+        let addr = url.trim_start_matches("http://");
+        let mut stream = std::net::TcpStream::connect(addr).expect("a data connection");
+        let mut preamble = b"SHM-DATA".to_vec();
+        preamble.extend_from_slice(&key);
+        preamble.push(kind);
+        stream.write_all(&preamble).expect("the preamble");
+        stream
+    }
+
+    /// The head of a call of `method` whose arguments, blocks of `lens` bytes, come over the
+    /// data connection `key`.
+    pub fn connection_head(
+        method: &str,
+        codec: &str,
+        meta: Vec<u8>,
+        lens: Vec<u64>,
+        key: [u8; 16],
+        takes: bool,
+    ) -> FlightData {
+        message(&CallHead {
+            wire: 2,
+            method: method.to_owned(),
+            instance: None,
+            args: PayloadHead {
+                codec: codec.to_owned(),
+                meta,
+                inline: Vec::new(),
+                body: Body::Connection { lens, key },
+            },
+            takes_connection: takes,
+        })
     }
 
     use futures::StreamExt;
@@ -308,7 +371,7 @@ fn a_head_of_millions_of_block_entries_is_refused_before_they_are_built() {
     let (_, peak_before) = memory_of(server.pid());
     // A frame's declared layout of 16,000,000 columns (as a list, 128 MB).
     let declared_layout = hostile::message(&hostile::CallHead {
-        wire: 1,
+        wire: 2,
         method: "batch".into(),
         instance: None,
         args: hostile::PayloadHead {
@@ -321,6 +384,7 @@ fn a_head_of_millions_of_block_entries_is_refused_before_they_are_built() {
                 data: vec![0; 16_000_000],
             },
         },
+        takes_connection: false,
     });
     let heads = [
         hostile::head("sum", vec![0u64; 4_000_000]),
@@ -331,7 +395,7 @@ fn a_head_of_millions_of_block_entries_is_refused_before_they_are_built() {
         let reply = runtime
             .block_on(hostile::call(server.url(), vec![head]))
             .expect("a reply");
-        assert_eq!((reply.wire, reply.instance), (1, server.instance));
+        assert_eq!((reply.wire, reply.instance), (2, server.instance));
         match reply.outcome {
             hostile::Outcome::Refused(hostile::Refusal::Protocol { what }) => {
                 assert!(what.contains("at most 1048576 blocks"), "{what}")
@@ -473,7 +537,8 @@ fn an_idle_server_gives_its_shared_memory_back() {
     let idle = loop {
         std::thread::sleep(Duration::from_millis(250));
         let Serde(stats): Serde<(u64, u64, u64)> = worker.call("pool_stats", &()).expect("stats");
-        if stats.2 == 0 || Instant::now() > deadline {
+        // The pool forgets a segment before its thread closes it: wait for both.
+        if (stats.2 == 0 && live_segments() <= baseline) || Instant::now() > deadline {
             break stats;
         }
     };
@@ -509,5 +574,289 @@ fn shutdown_finishes_the_running_call_refuses_the_waiting_one_and_removes_everyt
             Ok(value) => panic!("the waiting call ran during shutdown: {value:?}"),
         }
     });
+    clean.end();
+}
+
+/// The number of descriptors a process holds open.
+fn descriptors_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+#[test]
+fn the_data_connection_format_carries_arguments_and_results_as_docs_format_md_says() {
+    use std::io::{Read, Write};
+    let clean = CleanShm::begin();
+    let server = ServerProcess::start(SERVER, &[]);
+    let runtime = runtime();
+    // The arguments of echo_u8, 2 MiB, over a data connection; the result asked over one too.
+    let values: Vec<u8> = (0..2u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
+    let pool = shm_core::ShmPool::new().expect("a pool");
+    let payload = shm_codec::Encoder::new(pool)
+        .encode(&Array1::from(values.clone()).into_dyn())
+        .expect("the arguments");
+    let key = [0x5au8; 16];
+    let head = hostile::connection_head(
+        "echo_u8",
+        &payload.codec,
+        payload.meta.clone(),
+        vec![values.len() as u64],
+        key,
+        true,
+    );
+    let mut push = hostile::data_connection(&server.url(), key, b'P');
+    push.write_all(&values).expect("the arguments' bytes");
+    // The reply's stream stays open while the result's bytes come: closing it cancels the
+    // call.
+    let (reply, mut rest) = runtime
+        .block_on(hostile::call_held(server.url(), vec![head]))
+        .expect("a reply");
+    assert!(
+        reply.takes_connection,
+        "the server says it takes data connections"
+    );
+    let hostile::Outcome::Done(result) = reply.outcome else {
+        panic!("expected a result, got {:?}", reply.outcome);
+    };
+    let hostile::Body::Connection { lens, key } = result.body else {
+        panic!("a result of 2 MiB to a client that takes data connections: {result:?}");
+    };
+    assert_eq!(lens, vec![values.len() as u64]);
+    let mut pull = hostile::data_connection(&server.url(), key, b'G');
+    let mut back = vec![0u8; values.len()];
+    pull.read_exact(&mut back).expect("the result's bytes");
+    assert!(
+        back == values,
+        "the result's bytes differ from the arguments'"
+    );
+    // Then the data connection closes, and the reply's stream ends with OK, without messages.
+    assert_eq!(
+        pull.read(&mut [0u8; 1]).expect("the end"),
+        0,
+        "more bytes came"
+    );
+    let next = runtime.block_on(rest.message());
+    assert!(
+        matches!(next, Ok(None)),
+        "after the head: {next:?}, expected the stream's end"
+    );
+    drop(runtime);
+    server.stop();
+    clean.end();
+}
+
+#[test]
+fn data_connections_that_name_no_call_hold_up_no_call_and_go() {
+    let clean = CleanShm::begin();
+    let server = ServerProcess::start(SERVER, &["--message-timeout-ms", "3000"]);
+    // Its 1 MiB calls go over data connections.
+    let honest = Honest::start(&server.url());
+    std::thread::sleep(Duration::from_millis(300));
+    let before = descriptors_of(server.pid());
+    // 400 data connections under keys no call names, and 50 that stop inside the magic.
+    let mut flood: Vec<std::net::TcpStream> = (0..400u32)
+        .map(|i| {
+            let mut key = [0u8; 16];
+            key[..4].copy_from_slice(&i.to_le_bytes());
+            hostile::data_connection(&server.url(), key, b'P')
+        })
+        .collect();
+    for _ in 0..50 {
+        use std::io::Write;
+        let addr = server.url().trim_start_matches("http://").to_owned();
+        let mut stream = std::net::TcpStream::connect(addr).expect("a connection");
+        stream.write_all(b"SHM-").expect("half the magic");
+        flood.push(stream);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let during = descriptors_of(server.pid());
+    // A 64 MiB call over a data connection goes through beside them.
+    let worker = remote(&server);
+    let a = Array1::from_elem(8 << 20, 1.0f64).into_dyn();
+    for _ in 0..2 {
+        let Serde(sum): Serde<f64> = worker.call("sum", &a).expect("the honest 64 MiB call");
+        assert_eq!(sum, (8 << 20) as f64);
+    }
+    // Past the message timeout, the server has closed every one of them.
+    std::thread::sleep(Duration::from_millis(3500));
+    let after = descriptors_of(server.pid());
+    eprintln!(
+        "450 idle data connections: server descriptors {before} before, {during} with them, \
+         {after} after the timeout"
+    );
+    assert!(
+        during <= before + 256 + 50 + 16,
+        "the server kept {during} descriptors (before: {before}); at most 256 data connections \
+         wait"
+    );
+    assert!(
+        after <= before + 16,
+        "{after} descriptors after the timeout (before: {before})"
+    );
+    honest.finish();
+    drop(flood);
+    server.stop();
+    clean.end();
+}
+
+#[test]
+fn a_call_whose_data_connection_never_comes_or_stalls_ends_and_gives_its_memory_back() {
+    use std::io::Write;
+    let clean = CleanShm::begin();
+    let server = ServerProcess::start(
+        SERVER,
+        &[
+            "--message-timeout-ms",
+            "2000",
+            "--memory",
+            "104857600,104857600",
+        ],
+    );
+    let honest = Honest::start(&server.url());
+    let runtime = runtime();
+    let meta = {
+        let pool = shm_core::ShmPool::new().expect("a pool");
+        let payload = shm_codec::Encoder::new(pool)
+            .encode(&Array1::from_elem(8 << 20, 1.0f64).into_dyn())
+            .expect("an array");
+        payload.meta.clone()
+    };
+    let ends_at_the_timeout = |call: tokio::task::JoinHandle<
+        Result<hostile::ReplyHead, tonic::Status>,
+    >| {
+        let started = Instant::now();
+        let ended = runtime
+            .block_on(async { tokio::time::timeout(Duration::from_secs(30), call).await })
+            .expect("the server ends the call")
+            .expect("the task");
+        match ended {
+            Err(status) => assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}"),
+            Ok(reply) => panic!("a call without its data was answered: {reply:?}"),
+        }
+        started.elapsed()
+    };
+    // A call names a data connection that never comes.
+    let never = runtime.spawn(hostile::call(
+        server.url(),
+        vec![hostile::connection_head(
+            "sum",
+            "ndarray",
+            meta.clone(),
+            vec![64 << 20],
+            [1; 16],
+            false,
+        )],
+    ));
+    let never_ended = ends_at_the_timeout(never);
+    // A call whose data connection sends one byte of its 64 MiB and stops.
+    let mut stalled_data = hostile::data_connection(&server.url(), [2; 16], b'P');
+    stalled_data.write_all(&[0]).expect("one byte");
+    let stalled = runtime.spawn(hostile::call(
+        server.url(),
+        vec![hostile::connection_head(
+            "sum",
+            "ndarray",
+            meta,
+            vec![64 << 20],
+            [2; 16],
+            false,
+        )],
+    ));
+    std::thread::sleep(Duration::from_millis(500));
+    // While it holds its 64 MiB, another 64 MiB does not fit the server's 100 MiB.
+    let a = Array1::from_elem(8 << 20, 1.0f64).into_dyn();
+    let worker = remote(&server);
+    let err = worker
+        .call::<_, Serde<f64>>("sum", &a)
+        .expect_err("no room for a second 64 MiB");
+    assert!(matches!(fault(&err), NetworkFault::Busy { .. }), "{err:?}");
+    let stalled_ended = ends_at_the_timeout(stalled);
+    eprintln!(
+        "a missing data connection: the call ended after {never_ended:?}; a stalled one: after \
+         {stalled_ended:?} more"
+    );
+    assert!(never_ended < Duration::from_secs(10), "{never_ended:?}");
+    assert!(stalled_ended < Duration::from_secs(10), "{stalled_ended:?}");
+    // The stalled call's 64 MiB is given back: the call fits now.
+    for _ in 0..2 {
+        let Serde(sum): Serde<f64> = worker.call("sum", &a).expect("a 64 MiB call");
+        assert_eq!(sum, (8 << 20) as f64);
+    }
+    honest.finish();
+    drop((stalled_data, runtime));
+    server.stop();
+    clean.end();
+}
+
+#[test]
+fn a_result_whose_client_never_takes_it_is_given_back_when_the_call_ends() {
+    use std::io::Write;
+    let clean = CleanShm::begin();
+    let server = ServerProcess::start(SERVER, &["--message-timeout-ms", "3000"]);
+    let runtime = runtime();
+    let worker = remote(&server);
+    let values = vec![3u8; 4 << 20];
+    let meta = {
+        let pool = shm_core::ShmPool::new().expect("a pool");
+        let payload = shm_codec::Encoder::new(pool)
+            .encode(&Array1::from(values.clone()).into_dyn())
+            .expect("an array");
+        payload.meta.clone()
+    };
+    let live = || {
+        let Serde(live): Serde<usize> = worker.call("live_blocks", &()).expect("live blocks");
+        live
+    };
+    let idle = live();
+    // A call of echo_u8 whose client takes the head of its 4 MiB result and opens no data
+    // connection for it.
+    let call = |key: [u8; 16]| {
+        let head = hostile::connection_head(
+            "echo_u8",
+            "ndarray",
+            meta.clone(),
+            vec![values.len() as u64],
+            key,
+            true,
+        );
+        // The head first: the server reads a data connection once its call claims it.
+        let reply = runtime.spawn(hostile::call_held(server.url(), vec![head]));
+        let mut push = hostile::data_connection(&server.url(), key, b'P');
+        push.write_all(&values).expect("the arguments' bytes");
+        let (reply, rest) = runtime.block_on(reply).expect("the task").expect("a reply");
+        let hostile::Outcome::Done(result) = reply.outcome else {
+            panic!("expected a result, got {:?}", reply.outcome);
+        };
+        assert!(matches!(result.body, hostile::Body::Connection { .. }));
+        rest
+    };
+    // Cancelled (its stream dropped): the result goes at once, not after the timeout.
+    let started = Instant::now();
+    drop(call([0x11; 16]));
+    let mut held = live();
+    while held > idle && started.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(20));
+        held = live();
+    }
+    assert_eq!(
+        held,
+        idle,
+        "the server holds a cancelled call's result {:?} after the cancel",
+        started.elapsed()
+    );
+    // Held open, but never taken: the call ends at the message timeout, with the result.
+    let mut rest = call([0x22; 16]);
+    assert!(live() > idle, "the result waits for its data connection");
+    let started = Instant::now();
+    let end = runtime
+        .block_on(async { tokio::time::timeout(Duration::from_secs(30), rest.message()).await });
+    let waited = started.elapsed();
+    assert!(
+        matches!(end, Ok(Err(ref status)) if status.code() == tonic::Code::Unavailable),
+        "a result never taken ends its call with an error, got {end:?}"
+    );
+    assert!(waited < Duration::from_secs(10), "{waited:?}");
+    assert_eq!(live(), idle, "a result never taken is given back");
+    drop((worker, runtime));
+    server.stop();
     clean.end();
 }

@@ -78,9 +78,27 @@ fn mixed_batch(rows: usize) -> RecordBatch {
 
 #[test]
 fn every_payload_kind_round_trips_through_a_remote_worker() {
+    // Payloads of 1 MiB and more over data connections, both ways.
+    every_payload_kind_round_trips(&[], true);
+}
+
+#[test]
+fn every_payload_kind_round_trips_in_grpc_messages_when_the_client_opens_no_data_connection() {
+    every_payload_kind_round_trips(&[], false);
+}
+
+#[test]
+fn every_payload_kind_round_trips_in_grpc_messages_when_the_server_takes_no_data_connection() {
+    every_payload_kind_round_trips(&["--no-data-connections"], true);
+}
+
+fn every_payload_kind_round_trips(server_args: &[&str], data_connections: bool) {
     let clean = CleanShm::begin();
-    let server = ServerProcess::start(SERVER, &[]);
-    let worker = remote(&server);
+    let server = ServerProcess::start(SERVER, server_args);
+    let client = |config: RemoteConfig| {
+        RemoteWorker::new(config.with_data_connections(data_connections)).expect("a client")
+    };
+    let worker = client(RemoteConfig::new(server.url()));
 
     // Arrays: large (in blocks, several chunks), small (inline), 2-D in Fortran order, 3-D.
     let big = Array1::from_shape_fn(3_000_000, |i| i as f64 * 0.5).into_dyn();
@@ -123,8 +141,8 @@ fn every_payload_kind_round_trips_through_a_remote_worker() {
     assert_eq!(back.index(), frame.index());
     assert_eq!(back.data().view(), frame.data().view());
 
-    // Arrow frames, as Flight record batches: one batch, and one split into many (the
-    // client and the server aim at small batches here).
+    // Arrow frames: as Flight record batches, one batch and one split into many (the client
+    // and the server aim at small batches here), or as blocks over a data connection.
     let batch = mixed_batch(20_000);
     let ColumnFrame(back) = worker
         .call("batch", &ColumnFrame(batch.clone()))
@@ -132,7 +150,7 @@ fn every_payload_kind_round_trips_through_a_remote_worker() {
     assert_eq!(back, batch);
     let config = RemoteConfig::new(server.url())
         .with_limits(shm_flight::Limits::default().with_whole_batch_bytes(64 << 10));
-    let splitting = RemoteWorker::new(config).expect("client");
+    let splitting = client(config);
     let big_batch = mixed_batch(300_000);
     let Serde(rows): Serde<usize> = splitting
         .call("batch_rows", &ColumnFrame(big_batch.clone()))

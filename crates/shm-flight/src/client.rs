@@ -13,8 +13,10 @@ use crate::budget::Reservation;
 use crate::error::{FlightError, NetworkFault};
 use tonic::transport::{Channel, Endpoint};
 
+use crate::side::{self, Kind, Outbound};
 use crate::wire::{
-    self, CallHead, Counter, MESSAGE_SLACK, Outcome, Refusal, ReplyHead, WIRE_VERSION, WireError,
+    self, CallHead, Connections, Counter, MESSAGE_SLACK, Outcome, Refusal, ReplyHead, WIRE_VERSION,
+    WireError,
 };
 use crate::{Limits, STREAM_WINDOW};
 
@@ -34,6 +36,7 @@ pub struct RemoteConfig {
     pub(crate) connect_timeout: Duration,
     pub(crate) limits: Limits,
     pub(crate) pool: Option<ShmPool>,
+    pub(crate) data_connections: bool,
     #[cfg(feature = "tls")]
     pub(crate) tls: Option<ClientTls>,
 }
@@ -56,9 +59,20 @@ impl RemoteConfig {
             connect_timeout: Duration::from_secs(5),
             limits: Limits::default(),
             pool: None,
+            data_connections: true,
             #[cfg(feature = "tls")]
             tls: None,
         }
+    }
+
+    /// Sets whether payloads of at least
+    /// [`DATA_CONNECTION_MIN_BYTES`](crate::DATA_CONNECTION_MIN_BYTES) go, both ways, over
+    /// data connections: plain TCP connections to the server's port beside the gRPC call
+    /// (docs/format.md, "Data connections"). Default `true` for `http://` addresses; `https://`
+    /// never uses them. Turn it off when a gRPC proxy stands between client and server.
+    pub fn with_data_connections(mut self, on: bool) -> Self {
+        self.data_connections = on;
+        self
     }
 
     /// Sends `token` with every call (`authorization: Bearer <token>`).
@@ -117,6 +131,24 @@ impl RemoteConfig {
     pub fn pool(&self) -> Option<&ShmPool> {
         self.pool.as_ref()
     }
+
+    /// Where data connections go (`host:port`), when the client uses them: for an `http://`
+    /// address with data connections on.
+    pub(crate) fn data_addr(&self) -> Option<String> {
+        if !self.data_connections {
+            return None;
+        }
+        let uri: tonic::codegen::http::Uri = self.addr.parse().ok()?;
+        if uri.scheme_str() != Some("http") {
+            return None;
+        }
+        let host = uri.host()?;
+        let port = uri.port_u16().unwrap_or(80);
+        Some(match host.contains(':') && !host.starts_with('[') {
+            true => format!("[{host}]:{port}"),
+            false => format!("{host}:{port}"),
+        })
+    }
 }
 
 /// The runtime every remote worker of this process drives its connections on: two threads,
@@ -147,6 +179,8 @@ struct State {
     instance: Option<u64>,
     /// When the last connection failure happened.
     down_since: Option<Instant>,
+    /// Whether the server said it takes data connections (in its last reply).
+    server_takes_connection: bool,
 }
 
 /// A worker on another host, reached over Arrow Flight. Calls may come from many threads at
@@ -155,6 +189,8 @@ struct State {
 #[derive(Debug)]
 pub struct RemoteWorker {
     config: RemoteConfig,
+    /// Where data connections go, if this worker uses them.
+    data_addr: Option<String>,
     pool: ShmPool,
     encoder: Encoder,
     state: Mutex<State>,
@@ -182,6 +218,7 @@ impl RemoteWorker {
             None => ShmPool::new()?,
         };
         Ok(RemoteWorker {
+            data_addr: config.data_addr(),
             encoder: Encoder::new(pool.clone()),
             pool,
             config,
@@ -275,6 +312,50 @@ impl RemoteWorker {
         &self,
         head: CallHead,
         data: Box<dyn Iterator<Item = FlightData> + Send>,
+        connection: Option<Outbound>,
+        progress: &Progress,
+    ) -> Result<Payload, TransportError> {
+        // The arguments' data connection, written while the head goes over gRPC.
+        let mut push = match (connection, &self.data_addr) {
+            (Some(outbound), Some(addr)) => {
+                let (addr, sent) = (addr.clone(), Arc::clone(&progress.sent));
+                Some(tokio::spawn(async move {
+                    let mut stream = side::connect(&addr, outbound.key, Kind::Push).await?;
+                    side::write_blocks(&mut stream, &outbound.blocks, &sent, None).await
+                }))
+            }
+            _ => None,
+        };
+        let exchanged = self.exchange_heads(head, data, progress);
+        let outcome = match push.as_mut() {
+            None => exchanged.await,
+            Some(pushing) => {
+                tokio::pin!(exchanged);
+                tokio::select! {
+                    outcome = &mut exchanged => outcome,
+                    pushed = pushing => match pushed {
+                        Ok(Ok(())) => exchanged.await,
+                        Ok(Err(err)) => Err(self.wire_fault(err, progress)),
+                        Err(err) => Err(self.fault(NetworkFault::Protocol {
+                            what: format!("the data connection's task failed: {err}"),
+                        })),
+                    },
+                }
+            }
+        };
+        // A server that answered without reading everything (it refused the call) gets no
+        // more of it.
+        if let Some(pushing) = push {
+            pushing.abort();
+        }
+        outcome
+    }
+
+    /// The call's gRPC stream: its head and chunks up, the reply back.
+    async fn exchange_heads(
+        &self,
+        head: CallHead,
+        data: Box<dyn Iterator<Item = FlightData> + Send>,
         progress: &Progress,
     ) -> Result<Payload, TransportError> {
         let mut client = self.client().await?;
@@ -323,7 +404,11 @@ impl RemoteWorker {
                 ),
             }));
         }
-        lock(&self.state).instance = Some(reply.instance);
+        {
+            let mut state = lock(&self.state);
+            state.instance = Some(reply.instance);
+            state.server_takes_connection = reply.takes_connection;
+        }
         let head = match reply.outcome {
             Outcome::Done(head) => head,
             Outcome::Failed(remote) => return Err(TransportError::from_remote(remote)),
@@ -352,18 +437,28 @@ impl RemoteWorker {
             // The call's own timeout bounds the wait.
             gap: None,
         };
-        let payload = wire::receive(
+        let connections = match &self.data_addr {
+            Some(addr) => Connections::Opened(addr),
+            None => Connections::Refused,
+        };
+        wire::receive(
             &mut stream,
             head,
             &self.encoder,
             &bounds,
             &progress.received,
+            connections,
         )
         .await
-        .map_err(|err| match err {
+        .map_err(|err| self.wire_fault(err, progress))
+    }
+
+    /// The error for a payload that could not be sent or received.
+    fn wire_fault(&self, err: WireError, progress: &Progress) -> TransportError {
+        match err {
             WireError::Stream(status) => self.status_fault(status, progress),
             WireError::TooLarge { size, limit } => self.fault(NetworkFault::TooLarge {
-                what: format!("the result of {method}"),
+                what: format!("the result of {}", progress.method),
                 size,
                 limit,
             }),
@@ -374,8 +469,7 @@ impl RemoteWorker {
                 what: format!("{what} did not come within {after:?}"),
             }),
             WireError::Codec(err) => TransportError::Codec(err),
-        })?;
-        Ok(payload)
+        }
     }
 
     /// The error for a failed gRPC status: a lost connection (forgotten, so that the next
@@ -479,6 +573,7 @@ impl Callee for RemoteWorker {
             &self.pool,
             self.config.limits.whole_batch_bytes(),
             Arc::clone(&sent),
+            self.data_addr.is_some() && lock(&self.state).server_takes_connection,
         )
         .map_err(|err| match err {
             WireError::Codec(err) => TransportError::Codec(err),
@@ -497,10 +592,11 @@ impl Callee for RemoteWorker {
             method: method.to_owned(),
             instance: lock(&self.state).instance,
             args: outgoing.head,
+            takes_connection: self.data_addr.is_some(),
         };
         let cancelled = self.cancel.notified();
         let payload = runtime.block_on(async {
-            let call = self.exchange(head, outgoing.data, &progress);
+            let call = self.exchange(head, outgoing.data, outgoing.connection, &progress);
             tokio::select! {
                 outcome = async {
                     match timeout {

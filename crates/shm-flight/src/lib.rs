@@ -17,6 +17,13 @@
 //! caller's pool. HTTP/2 flow control bounds how far a sender runs ahead of its receiver
 //! (about [`STREAM_WINDOW`] bytes per call).
 //!
+//! A payload of at least [`DATA_CONNECTION_MIN_BYTES`] of blocks, of any codec, travels
+//! instead as bare bytes on a *data connection*: a TCP connection of its own to the server's
+//! port, named by a random key in the call's head, which costs the kernel's two copies where
+//! gRPC's messages cost five. Over TLS, or with
+//! [`RemoteConfig::with_data_connections(false)`](RemoteConfig::with_data_connections), the
+//! blocks go as gRPC chunks.
+//!
 //! DoExchange is the Flight verb for this: one bidirectional stream per call carries the
 //! arguments, the result, and the metadata of both; DoPut plus DoGet would take two round
 //! trips and a ticket to tie them, DoAction carries opaque bytes without Arrow data.
@@ -56,11 +63,13 @@ mod budget;
 mod client;
 mod error;
 mod server;
+mod side;
 mod wire;
 
 pub use client::{DOWN_FOR, RemoteConfig, RemoteWorker};
 pub use error::{FlightError, NetworkFault};
 pub use server::{Server, ServerConfig};
+pub use side::DATA_CONNECTION_MIN_BYTES;
 pub use wire::{CHUNK, SPLIT_BATCH_BYTES, WIRE_VERSION};
 
 /// The HTTP/2 window of each call, in bytes: how much data may be in flight, unread by the
@@ -163,7 +172,8 @@ pub mod fuzzing {
     /// The messages of a call of `method` with `args`, as a client sends them.
     pub fn call_messages(pool: &ShmPool, method: &str, args: Payload) -> Vec<FlightData> {
         let sent = std::sync::Arc::new(Counter::default());
-        let Ok(outgoing) = wire::outgoing(args, pool, crate::DEFAULT_WHOLE_BATCH_BYTES, sent)
+        let Ok(outgoing) =
+            wire::outgoing(args, pool, crate::DEFAULT_WHOLE_BATCH_BYTES, sent, false)
         else {
             return Vec::new();
         };
@@ -172,6 +182,7 @@ pub mod fuzzing {
             method: method.to_owned(),
             instance: None,
             args: outgoing.head,
+            takes_connection: false,
         };
         std::iter::once(wire::head_message(&head))
             .chain(outgoing.data)
@@ -213,9 +224,17 @@ pub mod fuzzing {
             reservation: &unlimited,
             gap: None,
         };
-        wire::receive(&mut stream, head.args, &encoder, &bounds, &received)
-            .await
-            .map_err(|e| format!("{e:?}"))
+        let connections = wire::Connections::Refused;
+        wire::receive(
+            &mut stream,
+            head.args,
+            &encoder,
+            &bounds,
+            &received,
+            connections,
+        )
+        .await
+        .map_err(|e| format!("{e:?}"))
     }
 
     /// Receives a call's messages as a server does — its head, then its data into `pool`,

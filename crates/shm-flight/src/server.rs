@@ -11,7 +11,7 @@ use arrow_flight::{
     Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightInfo,
     HandshakeRequest, HandshakeResponse, PollInfo, PutResult, SchemaResult, Ticket,
 };
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use shm_codec::Encoder;
 use shm_core::ShmPool;
 use shm_transport::{RemoteError, RemoteErrorKind, Router};
@@ -19,9 +19,11 @@ use tokio::sync::{Semaphore, TryAcquireError};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::budget::Budget;
+use crate::side::{self, Kind, Rendezvous};
 
 use crate::wire::{
-    self, CallHead, Counter, MESSAGE_SLACK, Outcome, Refusal, ReplyHead, WIRE_VERSION, WireError,
+    self, CallHead, Connections, Counter, MESSAGE_SLACK, Outcome, Refusal, ReplyHead, WIRE_VERSION,
+    WireError,
 };
 use crate::{Limits, STREAM_WINDOW};
 
@@ -39,6 +41,7 @@ pub struct ServerConfig {
     pub(crate) queue: usize,
     pub(crate) memory: Option<(u64, u64)>,
     pub(crate) message_timeout: Duration,
+    pub(crate) data_connections: bool,
     #[cfg(feature = "tls")]
     pub(crate) tls: Option<ServerTls>,
 }
@@ -65,6 +68,7 @@ impl ServerConfig {
             queue: 64,
             memory: None,
             message_timeout: Duration::from_secs(30),
+            data_connections: true,
             #[cfg(feature = "tls")]
             tls: None,
         }
@@ -102,6 +106,16 @@ impl ServerConfig {
     /// dropped with what it held. Default 30 s.
     pub fn with_message_timeout(mut self, timeout: Duration) -> Self {
         self.message_timeout = timeout;
+        self
+    }
+
+    /// Sets whether clients may send arguments, and take results, of at least
+    /// [`DATA_CONNECTION_MIN_BYTES`](crate::DATA_CONNECTION_MIN_BYTES) over data connections:
+    /// plain TCP connections to the server's own port, beside the gRPC call, which cost two
+    /// copies where gRPC costs five (docs/format.md, "Data connections"). Default `true`;
+    /// a server that speaks TLS takes none.
+    pub fn with_data_connections(mut self, on: bool) -> Self {
+        self.data_connections = on;
         self
     }
 
@@ -177,6 +191,15 @@ impl ServerConfig {
     pub fn message_timeout(&self) -> Duration {
         self.message_timeout
     }
+
+    /// Whether the server takes data connections (never over TLS).
+    pub fn data_connections(&self) -> bool {
+        #[cfg(feature = "tls")]
+        if self.tls.is_some() {
+            return false;
+        }
+        self.data_connections
+    }
 }
 
 /// A running remote worker: a Flight server on its own threads. Dropping it stops it.
@@ -209,7 +232,11 @@ impl Server {
             (available / 2, available / 4)
         });
         let slots = Arc::new(Semaphore::new(config.handlers.max(1)));
+        let rendezvous = config
+            .data_connections()
+            .then(|| Arc::new(Rendezvous::default()));
         let service = WorkerService {
+            rendezvous: rendezvous.clone(),
             router: Arc::new(router),
             slots: Arc::clone(&slots),
             waiting: AtomicUsize::new(0),
@@ -228,8 +255,10 @@ impl Server {
             .max_encoding_message_size(usize::MAX);
         let listener = runtime.block_on(tokio::net::TcpListener::bind(config.addr))?;
         let addr = listener.local_addr()?;
-        let incoming =
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let incoming = {
+            let _context = runtime.enter();
+            side::route(listener, rendezvous, config.message_timeout)
+        };
         let builder = tonic::transport::Server::builder()
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(2 * STREAM_WINDOW)
@@ -324,6 +353,8 @@ fn random_instance() -> u64 {
 
 struct WorkerService {
     router: Arc<Router>,
+    /// Where data connections meet their calls; `None` when the server takes none.
+    rendezvous: Option<Arc<Rendezvous>>,
     /// One permit per handler that may run at once; closed when the server drains.
     slots: Arc<Semaphore>,
     /// Calls received and waiting for a permit.
@@ -369,6 +400,7 @@ impl WorkerService {
             wire: WIRE_VERSION,
             instance: self.instance,
             outcome,
+            takes_connection: self.rendezvous.is_some(),
         })
     }
 
@@ -434,9 +466,19 @@ impl WorkerService {
             reservation: &reservation,
             gap,
         };
-        let args = match wire::receive(&mut stream, head.args, &self.encoder, &bounds, &received)
-            .await
-        {
+        let connections = match &self.rendezvous {
+            Some(rendezvous) => Connections::Accepted(rendezvous),
+            None => Connections::Refused,
+        };
+        let received = wire::receive(
+            &mut stream,
+            head.args,
+            &self.encoder,
+            &bounds,
+            &received,
+            connections,
+        );
+        let args = match received.await {
             Ok(args) => args,
             Err(WireError::TooLarge { size, limit }) => {
                 return Ok(self.refuse(Refusal::TooLarge { size, limit }));
@@ -491,26 +533,55 @@ impl WorkerService {
             return Ok(self.head_only(Outcome::Failed(failed)));
         }
         let sent = Arc::new(Counter::default());
-        let outgoing =
-            match wire::outgoing(result, self.encoder.pool(), self.whole_batch_bytes, sent) {
-                Ok(outgoing) => outgoing,
-                Err(err) => {
-                    let failed = match err {
-                        WireError::Codec(err) => {
-                            RemoteError::from_codec(&method, RemoteErrorKind::BadResult, &err)
-                        }
-                        other => RemoteError {
-                            method: method.clone(),
-                            kind: RemoteErrorKind::BadResult,
-                            message: format!("{other:?}"),
-                        },
-                    };
-                    return Ok(self.head_only(Outcome::Failed(failed)));
-                }
-            };
+        let by_connection = head.takes_connection && self.rendezvous.is_some();
+        let outgoing = wire::outgoing(
+            result,
+            self.encoder.pool(),
+            self.whole_batch_bytes,
+            Arc::clone(&sent),
+            by_connection,
+        );
+        let outgoing = match outgoing {
+            Ok(outgoing) => outgoing,
+            Err(err) => {
+                let failed = match err {
+                    WireError::Codec(err) => {
+                        RemoteError::from_codec(&method, RemoteErrorKind::BadResult, &err)
+                    }
+                    other => RemoteError {
+                        method: method.clone(),
+                        kind: RemoteErrorKind::BadResult,
+                        message: format!("{other:?}"),
+                    },
+                };
+                return Ok(self.head_only(Outcome::Failed(failed)));
+            }
+        };
         let head = self.reply(Outcome::Done(outgoing.head));
-        let messages = std::iter::once(head).chain(outgoing.data);
-        Ok(Response::new(paced(messages, self.message_timeout)))
+        let messages = paced(
+            std::iter::once(head).chain(outgoing.data),
+            self.message_timeout,
+        );
+        let (Some(outbound), Some(rendezvous)) = (outgoing.connection, &self.rendezvous) else {
+            return Ok(Response::new(messages));
+        };
+        // The result's blocks wait for the client's data connection, as long as a message
+        // would, and are written to it; the reply's stream ends when they are written. A
+        // client that cancels the call (or leaves) drops the stream, and with it the wait
+        // and the blocks.
+        let (rendezvous, timeout) = (Arc::clone(rendezvous), self.message_timeout);
+        let pull = futures::stream::once(async move {
+            let mut connection = rendezvous
+                .claim(outbound.key, Kind::Pull, Some(timeout))
+                .await?;
+            side::write_blocks(&mut connection, &outbound.blocks, &sent, Some(timeout)).await
+        })
+        .filter_map(|written: Result<(), WireError>| async move {
+            written
+                .err()
+                .map(|err| Err(Status::unavailable(format!("{err:?}"))))
+        });
+        Ok(Response::new(Box::pin(messages.chain(pull))))
     }
 }
 

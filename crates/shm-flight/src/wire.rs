@@ -8,7 +8,9 @@
 //!   messages, then one record batch message (a frame of up to `whole_batch_bytes`) or
 //!   several of about [`SPLIT_BATCH_BYTES`] — that any Flight client reads;
 //! - `Blocks`: the payload's blocks, in order, as `data_body` chunks of at most [`CHUNK`]
-//!   bytes (`data_header` the header-less message, `app_metadata` empty).
+//!   bytes (`data_header` the header-less message, `app_metadata` empty);
+//! - `Connection`: nothing more on the stream; the blocks come as bare bytes on the data
+//!   connection the head names (`side`), when the peer said it takes one.
 //!
 //! The receiver allocates the blocks in its own pool once the head has said how large they
 //! are, copies each chunk straight into place, and holds the sender to the sizes it declared.
@@ -34,9 +36,10 @@ use shm_transport::RemoteError;
 
 use crate::assemble::Assembly;
 use crate::budget::Reservation;
+use crate::side::{self, DATA_CONNECTION_MIN_BYTES, Key, Kind, Outbound, Rendezvous};
 
 /// The version of this wire format; a peer of another version is refused at its first message.
-pub const WIRE_VERSION: u16 = 1;
+pub const WIRE_VERSION: u16 = 2;
 
 /// The largest `data_body` of a block chunk. Several chunks are in flight at once, bounded by
 /// HTTP/2 flow control: a sender never runs more than a few chunks ahead of its receiver.
@@ -60,6 +63,9 @@ pub(crate) struct CallHead {
     /// call (its handlers' state is gone). `None` on first contact.
     pub instance: Option<u64>,
     pub args: PayloadHead,
+    /// Whether the client takes a large result over a data connection
+    /// ([`Body::Connection`]).
+    pub takes_connection: bool,
 }
 
 /// The first message of a reply.
@@ -69,6 +75,9 @@ pub(crate) struct ReplyHead {
     /// The server's instance: a random number drawn when it started.
     pub instance: u64,
     pub outcome: Outcome,
+    /// Whether the server takes arguments over a data connection ([`Body::Connection`]);
+    /// a client sends its first call's arguments in gRPC messages, before it knows.
+    pub takes_connection: bool,
 }
 
 /// How a call ended on the server.
@@ -124,6 +133,13 @@ pub(crate) enum Body {
         #[serde(deserialize_with = "bounded_lens")]
         data: Vec<u64>,
     },
+    /// The payload's blocks, with these lengths, as bare bytes over the data connection
+    /// named `key` (see `side`); nothing more comes on the gRPC stream.
+    Connection {
+        #[serde(deserialize_with = "bounded_lens")]
+        lens: Vec<u64>,
+        key: Key,
+    },
 }
 
 /// Reads a list of block lengths (or of a frame's columns), refusing one of more than
@@ -165,7 +181,9 @@ impl PayloadHead {
     /// The bytes of data the payload declares.
     pub fn size(&self) -> u64 {
         let data = match &self.body {
-            Body::Blocks { lens } => lens.iter().fold(0u64, |a, &l| a.saturating_add(l)),
+            Body::Blocks { lens } | Body::Connection { lens, .. } => {
+                lens.iter().fold(0u64, |a, &l| a.saturating_add(l))
+            }
             Body::Arrow { bytes, .. } => *bytes,
         };
         data.saturating_add((self.meta.len() + self.inline.len()) as u64)
@@ -268,22 +286,46 @@ impl From<shm_codec::CodecError> for WireError {
     }
 }
 
-/// A payload ready to be sent: its head, and the messages that carry its data.
+/// A payload ready to be sent: its head, and the messages that carry its data, or the blocks
+/// that go over a data connection.
 pub(crate) struct Outgoing {
     pub head: PayloadHead,
     pub data: Box<dyn Iterator<Item = FlightData> + Send>,
+    pub connection: Option<Outbound>,
 }
 
-/// Prepares `payload` for sending. An Arrow frame is decoded (from our own blocks, without a
-/// copy) and sent as Flight record batches (one, if it holds at most `whole_batch_bytes`);
-/// anything else as its
-/// blocks.
+/// Prepares `payload` for sending. When `by_connection` (the peer takes data connections)
+/// and its blocks hold at least [`DATA_CONNECTION_MIN_BYTES`], they go over a data
+/// connection, whatever the codec. Otherwise an Arrow frame is decoded (from our own blocks,
+/// without a copy) and sent as Flight record batches (one, if it holds at most
+/// `whole_batch_bytes`), anything else as its blocks in chunks.
 pub(crate) fn outgoing(
     payload: Payload,
     pool: &ShmPool,
     whole_batch_bytes: usize,
     sent: Arc<Counter>,
+    by_connection: bool,
 ) -> Result<Outgoing, WireError> {
+    let block_bytes: u64 = payload.blocks().iter().map(|b| b.len() as u64).sum();
+    if by_connection && block_bytes >= DATA_CONNECTION_MIN_BYTES {
+        let mut payload = payload;
+        let blocks = payload.take_blocks();
+        let key = side::new_key();
+        let head = PayloadHead {
+            codec: payload.codec.clone(),
+            meta: payload.meta.clone(),
+            inline: payload.inline.clone(),
+            body: Body::Connection {
+                lens: blocks.iter().map(|b| b.len() as u64).collect(),
+                key,
+            },
+        };
+        return Ok(Outgoing {
+            head,
+            data: Box::new(std::iter::empty()),
+            connection: Some(Outbound { key, blocks }),
+        });
+    }
     if payload.codec == COLUMNS_CODEC {
         let decoder = own_decoder(pool, payload.blocks());
         // SAFETY: the payload is this process's own: our encoder wrote its blocks, which no
@@ -317,6 +359,7 @@ pub(crate) fn outgoing(
         return Ok(Outgoing {
             head,
             data: Box::new(data),
+            connection: None,
         });
     }
     let mut payload = payload;
@@ -345,6 +388,7 @@ pub(crate) fn outgoing(
     Ok(Outgoing {
         head,
         data: Box::new(chunks),
+        connection: None,
     })
 }
 
@@ -510,16 +554,27 @@ pub(crate) struct Bounds<'a> {
     pub gap: Option<Duration>,
 }
 
+/// Where this side finds a payload's data connection.
+pub(crate) enum Connections<'a> {
+    /// None: this side takes no data connection.
+    Refused,
+    /// A server: the connection its client opens, matched by key.
+    Accepted(&'a Rendezvous),
+    /// A client: connects to the server at `host:port` to take the result.
+    Opened(&'a str),
+}
+
 /// Receives the data of a payload whose head has arrived, into blocks of `encoder`'s pool,
 /// within `bounds`. Memory is reserved as the data arrives: a block when its first byte
 /// comes, a frame's columns with its first record batch. The stream must end after the
-/// payload.
+/// payload; a payload over a data connection is read from the one `connections` gives.
 pub(crate) async fn receive<S>(
     stream: &mut S,
     head: PayloadHead,
     encoder: &Encoder,
     bounds: &Bounds<'_>,
     received: &Counter,
+    connections: Connections<'_>,
 ) -> Result<Payload, WireError>
 where
     S: Stream<Item = Result<FlightData, tonic::Status>> + Unpin,
@@ -531,19 +586,41 @@ where
             limit: bounds.limit,
         });
     }
+    // `lens` holds at most `MAX_BLOCKS` entries: `bounded_lens` read it.
+    let sizes = |lens: &[u64]| {
+        lens.iter()
+            .map(|&len| {
+                usize::try_from(len).map_err(|_| WireError::TooLarge {
+                    size: len,
+                    limit: usize::MAX as u64,
+                })
+            })
+            .collect::<Result<Vec<usize>, _>>()
+    };
     match head.body {
         Body::Blocks { lens } => {
-            // `lens` holds at most `MAX_BLOCKS` entries: `bounded_lens` read it.
-            let lens = lens
-                .iter()
-                .map(|&len| {
-                    usize::try_from(len).map_err(|_| WireError::TooLarge {
-                        size: len,
-                        limit: usize::MAX as u64,
-                    })
-                })
-                .collect::<Result<Vec<usize>, _>>()?;
+            let lens = sizes(&lens)?;
             let blocks = fill_blocks(stream, &lens, encoder, bounds, received).await?;
+            let blocks = blocks.into_iter().map(|b| encoder.freeze(b)).collect();
+            Ok(Payload::new(head.codec, head.meta, blocks, head.inline))
+        }
+        Body::Connection { lens, key } => {
+            let lens = sizes(&lens)?;
+            let mut connection = match connections {
+                Connections::Refused => {
+                    return Err(WireError::Protocol(
+                        "a payload over a data connection, which this side does not take (TLS, \
+                         or turned off)"
+                            .into(),
+                    ));
+                }
+                Connections::Accepted(rendezvous) => {
+                    rendezvous.claim(key, Kind::Push, bounds.gap).await?
+                }
+                Connections::Opened(addr) => side::connect(addr, key, Kind::Pull).await?,
+            };
+            let blocks =
+                side::read_blocks(&mut connection, &lens, encoder, bounds, received).await?;
             let blocks = blocks.into_iter().map(|b| encoder.freeze(b)).collect();
             Ok(Payload::new(head.codec, head.meta, blocks, head.inline))
         }

@@ -139,6 +139,9 @@ fn main() {
     }) {
         config = config.with_memory_budget(total, per);
     }
+    if args.iter().any(|a| a == "--no-data-connections") {
+        config = config.with_data_connections(false);
+    }
     if let Some(ms) = flag(&args, "--message-timeout-ms").and_then(|m| m.parse().ok()) {
         config = config.with_message_timeout(Duration::from_millis(ms));
     }
