@@ -515,6 +515,16 @@ fn every_type_round_trips_with_nulls_and_metadata() {
 }
 
 #[test]
+fn a_received_frame_names_its_codec_without_an_allocation() {
+    let c = codecs();
+    let batch = RecordBatch::try_from_iter([("x", col(Int8Array::from(vec![1, 2])))]).unwrap();
+    let payload = c.0.encode(&ColumnFrame(batch)).unwrap();
+    let received = Payload::from_bytes(&payload.to_bytes()).unwrap();
+    assert_eq!(received.codec, shm_arrow::COLUMNS_CODEC);
+    assert!(matches!(received.codec, std::borrow::Cow::Borrowed(_)));
+}
+
+#[test]
 fn decoded_buffers_point_into_shared_memory() {
     let c = codecs();
     let batch = RecordBatch::try_from_iter([(

@@ -2,6 +2,7 @@
 //! ordered registry for values whose type is known only at run time.
 
 use std::any::Any;
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -360,7 +361,7 @@ impl Registry {
             .iter()
             .find(|c| c.name() == payload.codec)
             .ok_or_else(|| CodecError::UnknownCodec {
-                name: payload.codec.clone(),
+                name: payload.codec.to_string(),
                 known: self.names(),
             })?;
         codec.decode(payload, decoder)
@@ -372,7 +373,7 @@ impl Registry {
             .downcast::<V>()
             .map(|value| *value)
             .map_err(|_| CodecError::WrongType {
-                codec: payload.codec.clone(),
+                codec: payload.codec.to_string(),
                 expected: std::any::type_name::<V>(),
             })
     }
@@ -410,7 +411,7 @@ impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> Codec for SerdeCod
     fn encode(&self, value: &dyn Any, encoder: &Encoder) -> Option<Result<Payload>> {
         let value = value.downcast_ref::<T>()?;
         Some(Serde(value).encode(encoder).map(|mut payload| {
-            payload.codec = self.name.clone();
+            payload.codec = Cow::Owned(self.name.clone());
             payload
         }))
     }

@@ -1,5 +1,6 @@
 //! The simple frame: a numeric table in one block, column-major, with column and row labels.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use ndarray::{ArrayView1, Axis, Ix2};
@@ -171,7 +172,7 @@ impl<T: Element> Encode for SimpleFrame<T> {
             columns: self.columns.clone(),
             index: self.index.clone(),
         })?;
-        payload.codec = FRAME_CODEC.to_owned();
+        payload.codec = Cow::Borrowed(FRAME_CODEC);
         Ok(payload)
     }
 }

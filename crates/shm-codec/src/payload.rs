@@ -1,6 +1,7 @@
 //! `Payload`: an encoded value as it travels — codec name, metadata, shared-memory references
 //! and small inline bytes.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -50,8 +51,10 @@ pub const MAX_BLOCKS: usize = 1 << 20;
 pub struct Payload {
     /// The format version of the writer; a reader of another version refuses the payload.
     pub version: u16,
-    /// The name of the codec that can decode it (`ndarray`, `frame`, `serde`, …).
-    pub codec: String,
+    /// The name of the codec that can decode it (`ndarray`, `frame`, `serde`, …). The names of
+    /// this workspace's codecs are borrowed, not allocated, on both sides.
+    #[serde(deserialize_with = "codec_name")]
+    pub codec: Cow<'static, str>,
     /// The codec's metadata, postcard-encoded (shape, dtype, labels, …).
     pub meta: Vec<u8>,
     /// The shared-memory blocks holding the data.
@@ -86,7 +89,7 @@ impl Eq for Payload {}
 impl Payload {
     /// A payload of the current format version over `blocks`, which it holds.
     pub fn new(
-        codec: impl Into<String>,
+        codec: impl AsRef<str>,
         meta: Vec<u8>,
         blocks: Vec<Arc<ShmBlock>>,
         inline: Vec<u8>,
@@ -101,14 +104,14 @@ impl Payload {
     /// A payload as a peer sent it: references to blocks this process does not hold, for
     /// decoding only (a transport refuses to send it, see [`is_backed`](Self::is_backed)).
     pub fn from_refs(
-        codec: impl Into<String>,
+        codec: impl AsRef<str>,
         meta: Vec<u8>,
         refs: Vec<ShmRef>,
         inline: Vec<u8>,
     ) -> Self {
         Payload {
             version: FORMAT_VERSION,
-            codec: codec.into(),
+            codec: codec_cow(codec.as_ref()),
             meta,
             buffers: refs,
             inline,
@@ -185,10 +188,50 @@ impl Payload {
         } else {
             Err(CodecError::WrongCodec {
                 expected: codec,
-                found: self.codec.clone(),
+                found: self.codec.to_string(),
             })
         }
     }
+}
+
+/// The codecs of this workspace, whose names a received payload borrows rather than allocates.
+const KNOWN_CODECS: [&str; 5] = [
+    crate::ARRAY_CODEC,
+    crate::SERDE_CODEC,
+    crate::FRAME_CODEC,
+    crate::TUPLE_CODEC,
+    // shm-arrow's `COLUMNS_CODEC`, a crate above this one.
+    "arrow-columns",
+];
+
+/// Reads a codec name (see [`codec_cow`]).
+fn codec_name<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> std::result::Result<Cow<'static, str>, D::Error> {
+    struct Name;
+    impl serde::de::Visitor<'_> for Name {
+        type Value = Cow<'static, str>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a codec name")
+        }
+
+        fn visit_str<E: serde::de::Error>(self, name: &str) -> std::result::Result<Self::Value, E> {
+            Ok(codec_cow(name))
+        }
+    }
+    deserializer.deserialize_str(Name)
+}
+
+/// `name` as one of [`KNOWN_CODECS`], borrowed, or else as an owned copy.
+fn codec_cow(name: &str) -> Cow<'static, str> {
+    KNOWN_CODECS
+        .iter()
+        .find(|known| **known == name)
+        .map_or_else(
+            || Cow::Owned(name.to_owned()),
+            |known| Cow::Borrowed(*known),
+        )
 }
 
 #[cfg(test)]
@@ -212,6 +255,18 @@ mod tests {
         ));
         for cut in 0..bytes.len() {
             assert!(Payload::from_bytes(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn codec_names_read_back_borrowed_when_known_and_owned_when_not() {
+        for name in KNOWN_CODECS.into_iter().chain(["parquet", ""]) {
+            let payload = Payload::new(name, Vec::new(), Vec::new(), Vec::new());
+            let read = Payload::from_bytes(&payload.to_bytes()).unwrap();
+            assert_eq!(read.codec, name);
+            let known = KNOWN_CODECS.contains(&name);
+            assert_eq!(matches!(read.codec, Cow::Borrowed(_)), known, "{name}");
+            assert_eq!(matches!(payload.codec, Cow::Borrowed(_)), known, "{name}");
         }
     }
 }

@@ -42,7 +42,7 @@ fn encode_members(members: Vec<Payload>) -> Result<Payload> {
             });
         }
         meta.members.push(Member {
-            codec: member.codec,
+            codec: member.codec.into_owned(),
             meta: member.meta,
             inline: member.inline,
             buffers: held.len() as u32,

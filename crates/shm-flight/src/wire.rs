@@ -312,7 +312,7 @@ pub(crate) fn outgoing(
         let blocks = payload.take_blocks();
         let key = side::new_key();
         let head = PayloadHead {
-            codec: payload.codec.clone(),
+            codec: payload.codec.to_string(),
             meta: payload.meta.clone(),
             inline: payload.inline.clone(),
             body: Body::Connection {
@@ -340,7 +340,7 @@ pub(crate) fn outgoing(
             .map(|c| c.to_data().get_slice_memory_size().unwrap_or(0) as u64)
             .sum();
         let head = PayloadHead {
-            codec: payload.codec.clone(),
+            codec: payload.codec.to_string(),
             meta: Vec::new(),
             inline: Vec::new(),
             body: Body::Arrow {
@@ -365,7 +365,7 @@ pub(crate) fn outgoing(
     let mut payload = payload;
     let blocks = payload.take_blocks();
     let head = PayloadHead {
-        codec: payload.codec.clone(),
+        codec: payload.codec.to_string(),
         meta: payload.meta.clone(),
         inline: payload.inline.clone(),
         body: Body::Blocks {

@@ -30,6 +30,7 @@
 //! forever, with no timeout; its timed waits fail with EINVAL for some deadlines (upstream
 //! issue 39). A futex word holds no lock: a dead peer cannot block us.
 
+use std::mem::MaybeUninit;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 use std::time::{Duration, Instant};
@@ -550,7 +551,19 @@ impl FrameRing<'_> {
 
     /// Takes the next frame, if any, and wakes the producer if it waits for room. Only one
     /// thread of one process consumes a ring at a time.
+    #[cfg(test)]
     pub(crate) fn pop(&self) -> Result<Option<Vec<u8>>> {
+        let mut slot = [MaybeUninit::uninit(); SLOT_LEN];
+        Ok(self.pop_into(&mut slot)?.map(<[u8]>::to_vec))
+    }
+
+    /// [`pop`](Self::pop) into `into`, without an allocation or a fill: returns the frame's
+    /// bytes, a prefix of `into`. The frame is copied out of shared memory before it is parsed,
+    /// so the peer cannot change it under the parser.
+    pub(crate) fn pop_into<'b>(
+        &self,
+        into: &'b mut [MaybeUninit<u8>; SLOT_LEN],
+    ) -> Result<Option<&'b [u8]>> {
         if self.occupied()? == 0 {
             return Ok(None);
         }
@@ -568,9 +581,12 @@ impl FrameRing<'_> {
                 SLOT_LEN - 4
             )));
         }
-        let mut frame = vec![0u8; len];
-        // SAFETY: as above; `4 + len <= SLOT_LEN` was just checked.
-        unsafe { std::ptr::copy_nonoverlapping(slot.add(4), frame.as_mut_ptr(), len) };
+        // SAFETY: as above; `4 + len <= SLOT_LEN` was just checked, and `into` holds `len`
+        // bytes. The copy initialises the first `len` of them, which the slice then covers.
+        let frame = unsafe {
+            std::ptr::copy_nonoverlapping(slot.add(4), into.as_mut_ptr().cast::<u8>(), len);
+            std::slice::from_raw_parts(into.as_ptr().cast::<u8>(), len)
+        };
         self.head().store(head.wrapping_add(1), Ordering::Release);
         fence(Ordering::SeqCst);
         if self.producer_waiting().load(Ordering::SeqCst) != 0 {

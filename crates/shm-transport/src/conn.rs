@@ -159,6 +159,43 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// Hashes the ids of calls under way, which this side hands out in sequence: one
+/// multiplication spreads them over the table. (SipHash, the default, guards a table against
+/// keys an adversary picks; the worker picks none of the keys stored here, only those it asks
+/// for in replies, which cost one probe each whatever they are.)
+#[derive(Clone, Copy, Debug, Default)]
+struct CallIds;
+
+impl std::hash::BuildHasher for CallIds {
+    type Hasher = CallIdHasher;
+
+    fn build_hasher(&self) -> CallIdHasher {
+        CallIdHasher(0)
+    }
+}
+
+/// The hasher of [`CallIds`].
+#[derive(Debug)]
+struct CallIdHasher(u64);
+
+impl std::hash::Hasher for CallIdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.write_u64(self.0.rotate_left(8) ^ u64::from(byte));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        // 2^64 divided by the golden ratio: odd, so distinct ids stay distinct in every bit
+        // range the table looks at.
+        self.0 = n.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
 /// One live worker process and the channel to it.
 pub(crate) struct Conn {
     pub(crate) worker: u32,
@@ -167,7 +204,7 @@ pub(crate) struct Conn {
     endpoint: Endpoint,
     sending: TimedLock,
     reading: Mutex<()>,
-    calls: Mutex<HashMap<u64, Arc<CallSlot>>>,
+    calls: Mutex<HashMap<u64, Arc<CallSlot>, CallIds>>,
     next_call: AtomicU64,
     pub(crate) life: Mutex<Life>,
     pub(crate) dead: AtomicBool,
@@ -206,7 +243,7 @@ impl Conn {
             endpoint,
             sending: TimedLock::default(),
             reading: Mutex::new(()),
-            calls: Mutex::new(HashMap::new()),
+            calls: Mutex::new(HashMap::default()),
             next_call: AtomicU64::new(1),
             life: Mutex::new(Life::default()),
             dead: AtomicBool::new(false),

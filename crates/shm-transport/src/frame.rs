@@ -2,7 +2,7 @@
 //! them: lending the blocks a message names, spilling a message too large for a slot into a
 //! block, and waiting for room in a full ring.
 
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -119,6 +119,9 @@ pub(crate) struct Endpoint {
     admission: Arc<Admission>,
     /// Where the descriptors of our segments go to the peer, and the peer's come from.
     link: Arc<SegmentLink>,
+    /// The buffer a frame is encoded into before it is copied into the ring, kept between
+    /// sends; a thread that finds it taken encodes into one of its own.
+    scratch: Mutex<Vec<u8>>,
 }
 
 impl Endpoint {
@@ -162,6 +165,7 @@ impl Endpoint {
             returner,
             admission,
             link,
+            scratch: Mutex::new(Vec::new()),
         }
     }
 
@@ -218,7 +222,12 @@ impl Endpoint {
         if let Some(loans) = frame.loans_mut() {
             loans.clone_from(&ids);
         }
-        let bytes = match self.wire_form(&frame, deadline) {
+        let mut scratch = self.scratch.try_lock().ok();
+        let buffer = scratch
+            .as_deref_mut()
+            .map(std::mem::take)
+            .unwrap_or_default();
+        let bytes = match self.wire_form(&frame, deadline, buffer) {
             Ok(Ok((bytes, spill))) => {
                 ids.extend(spill);
                 bytes
@@ -232,15 +241,32 @@ impl Endpoint {
                 return Err(err);
             }
         };
+        let pushed = self.push(&bytes, deadline, stop, can_help, help);
+        if !matches!(pushed, Ok(Ok(()))) {
+            self.lender.cancel(&ids);
+        }
+        // Kept for the next frame, unless it grew for a frame that had to spill.
+        if let Some(scratch) = scratch.as_deref_mut()
+            && bytes.capacity() <= SLOT_LEN
+        {
+            *scratch = bytes;
+        }
+        pushed
+    }
+
+    /// Pushes a frame's bytes into the ring, waiting while it is full (see [`send`](Self::send)).
+    fn push(
+        &self,
+        bytes: &[u8],
+        deadline: Option<Instant>,
+        stop: &dyn Fn() -> bool,
+        can_help: &dyn Fn() -> bool,
+        help: &dyn Fn(),
+    ) -> Result<std::result::Result<(), Stall>> {
         let ring = self.channel.frames(self.side.outbound());
         loop {
-            match ring.push(&bytes) {
-                Ok(true) => return Ok(Ok(())),
-                Ok(false) => {}
-                Err(err) => {
-                    self.lender.cancel(&ids);
-                    return Err(err);
-                }
+            if ring.push(bytes)? {
+                return Ok(Ok(()));
             }
             help();
             // Woken without room, read the link: the peer may be sending descriptors while
@@ -257,7 +283,6 @@ impl Endpoint {
                 Wake::TimedOut => Stall::TimedOut,
                 Wake::Stopped => Stall::Stopped,
             };
-            self.lender.cancel(&ids);
             return Ok(Err(stall));
         }
     }
@@ -282,9 +307,12 @@ impl Endpoint {
         &self,
         frame: &Frame,
         deadline: Option<Instant>,
+        mut buffer: Vec<u8>,
     ) -> Result<std::result::Result<WireForm, Stall>> {
+        buffer.clear();
         // Sized for a small call at once: growing the vector costs more than the encoding.
-        let bytes = postcard::to_extend(frame, Vec::with_capacity(256))
+        buffer.reserve(256);
+        let bytes = postcard::to_extend(frame, buffer)
             .map_err(|e| malformed(format!("cannot encode frame: {e}")))?;
         if bytes.len() <= SLOT_LEN - 4 {
             return Ok(Ok((bytes, None)));
@@ -315,11 +343,16 @@ impl Endpoint {
     /// answer reports the blocks it freed.
     pub(crate) fn receive(&self) -> Result<Option<Frame>> {
         self.lender.reclaim();
-        let Some(bytes) = self.channel.frames(self.side.inbound()).pop()? else {
+        let mut slot = [std::mem::MaybeUninit::uninit(); SLOT_LEN];
+        let Some(bytes) = self
+            .channel
+            .frames(self.side.inbound())
+            .pop_into(&mut slot)?
+        else {
             return Ok(None);
         };
         self.returner.peer_sent_a_frame();
-        let frame: Frame = postcard::from_bytes(&bytes)
+        let frame: Frame = postcard::from_bytes(bytes)
             .map_err(|e| malformed(format!("frame of {} bytes: {e}", bytes.len())))?;
         let Frame::Spilled { frame, loan } = frame else {
             return Ok(Some(frame));
