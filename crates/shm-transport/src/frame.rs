@@ -520,6 +520,55 @@ mod tests {
     }
 
     #[test]
+    fn frames_on_either_side_of_the_slot_size_arrive_whole_and_in_order() {
+        let pool = pool();
+        let (parent, worker) = pair(&pool);
+        let call = |id: u64, len: usize| Frame::Call {
+            id,
+            method: "m".into(),
+            args: Payload::new("serde", Vec::new(), Vec::new(), vec![id as u8; len]),
+            loans: Vec::new(),
+        };
+        let wire_len = |frame: &Frame| postcard::to_stdvec(frame).unwrap().len();
+        // The inline length at which the frame fills its slot exactly.
+        let fits = (0..SLOT_LEN)
+            .rev()
+            .find(|&len| wire_len(&call(0, len)) <= SLOT_LEN - 4)
+            .unwrap();
+        assert_eq!(
+            wire_len(&call(0, fits)),
+            SLOT_LEN - 4,
+            "a frame that fills its slot"
+        );
+        // Small, full, one byte over (spilled), small again: the buffer kept between sends
+        // grows for the spilled frame and must not leak its bytes into the next.
+        let lens = [1, fits - 1, fits, fits + 1, 2 * SLOT_LEN, 3, fits, 0];
+        for (id, &len) in lens.iter().enumerate() {
+            parent
+                .send(
+                    call(id as u64, len),
+                    Vec::new(),
+                    None,
+                    &never,
+                    &never,
+                    &|| {},
+                )
+                .unwrap()
+                .unwrap();
+        }
+        for (id, &len) in lens.iter().enumerate() {
+            let Some(Frame::Call { id: got, args, .. }) = worker.receive().unwrap() else {
+                panic!("expected call {id}");
+            };
+            assert_eq!(got, id as u64);
+            assert_eq!(args.inline, vec![id as u8; len], "call {id} of {len} bytes");
+        }
+        assert!(worker.receive().unwrap().is_none());
+        parent.lender.reclaim();
+        assert_eq!(parent.outstanding_loans(), 0, "every spill block came back");
+    }
+
+    #[test]
     fn blocks_come_back_when_the_last_view_is_dropped_and_unread_ones_at_once() {
         let pool = pool();
         let (parent, worker) = pair(&pool);
