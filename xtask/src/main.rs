@@ -1,7 +1,8 @@
 //! `cargo xtask <task>`: the developer workflows of shm, in plain Rust.
 //!
-//! - `test`  — formatting, clippy, every test of the workspace, the unsafe-heavy tests under
-//!   valgrind, and a check that `/dev/shm` is left as it was found.
+//! - `test`  — formatting, clippy, every test of the workspace, the Python package's tests
+//!   (pytest), the unsafe-heavy tests under valgrind, and a check that `/dev/shm` is left as it
+//!   was found.
 //! - `lint`  — formatting and clippy only.
 //! - `demo`  — the main job, in release mode (`--size 256MiB` scales it down).
 //! - `bench` — the benchmark suite; writes `target/bench/report.md` (`--quick` for a short run).
@@ -101,6 +102,7 @@ fn test() -> Result {
         .current_dir(root())
         .env("SHM_PYTHON", &python)
         .env("SHM_REQUIRE_PYTHON", "1"))?;
+    python_package(&python)?;
     fuzz(&[], "1", false)?;
     valgrind()?;
     let after = shm_listing()?;
@@ -123,7 +125,7 @@ fn python_env() -> Result<PathBuf> {
     let python = venv.join("bin/python");
     let requirements = root().join("tests/python/requirements.txt");
     let ready = Command::new(&python)
-        .args(["-c", "import numpy, pyarrow"])
+        .args(["-c", "import numpy, pyarrow, pytest, maturin"])
         .output()
         .is_ok_and(|o| o.status.success());
     if ready {
@@ -143,6 +145,44 @@ fn python_env() -> Result<PathBuf> {
         ])
         .arg(&requirements))?;
     Ok(python)
+}
+
+/// Builds the Python package `shm` (`crates/shm-py`) into the environment of `python` with
+/// maturin, and runs its tests with pytest against the Rust test worker.
+fn python_package(python: &Path) -> Result {
+    let venv = python
+        .parent()
+        .and_then(Path::parent)
+        .ok_or("the Python environment has no root")?;
+    println!("xtask: building the Python package shm into target/pyenv");
+    run(Command::new(venv.join("bin/maturin"))
+        .args(["develop", "--quiet"])
+        .current_dir(root().join("crates/shm-py"))
+        .env("VIRTUAL_ENV", venv))?;
+    run(Command::new(cargo_bin())
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "shm-tests",
+            "--bin",
+            "shm-test-worker",
+        ])
+        .current_dir(root()))?;
+    run(Command::new(python)
+        .args([
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "crates/shm-py/tests",
+        ])
+        .current_dir(root())
+        .env(
+            "SHM_TEST_WORKER",
+            root().join("target/debug/shm-test-worker"),
+        ))
 }
 
 /// The tests that exercise `unsafe` code (segment mapping, byte casts, views over shared
