@@ -4,7 +4,7 @@
 //! (`python/shm/__init__.py`) turns numpy arrays and plain values into payloads and back.
 
 use std::ffi::c_int;
-use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::Duration;
 
 use pyo3::buffer::PyBuffer;
@@ -190,7 +190,20 @@ type RawReply = (String, Py<PyBytes>, Py<PyBytes>, Option<Py<Block>>);
 /// A worker process and the channel to it.
 #[pyclass(frozen, module = "shm._shm")]
 struct RawWorker {
-    worker: RwLock<Option<Worker>>,
+    /// Locked only to clone or take the worker, never across a wait: a thread holding the GIL
+    /// may wait for this lock, so its holder must never wait for the GIL.
+    worker: Mutex<Option<Arc<Worker>>>,
+}
+
+impl RawWorker {
+    /// The worker, unless it was closed.
+    fn worker(&self) -> PyResult<Arc<Worker>> {
+        self.worker
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .ok_or_else(|| Error::new_err("the worker is closed"))
+    }
 }
 
 #[pymethods]
@@ -206,7 +219,7 @@ impl RawWorker {
             .with_untrusted(untrusted);
         let worker = py.detach(|| Worker::spawn(config)).map_err(error)?;
         Ok(RawWorker {
-            worker: RwLock::new(Some(worker)),
+            worker: Mutex::new(Some(Arc::new(worker))),
         })
     }
 
@@ -224,10 +237,7 @@ impl RawWorker {
         data: Option<&Bound<'_, PyAny>>,
         timeout: Option<f64>,
     ) -> PyResult<RawReply> {
-        let guard = self.worker.read().unwrap_or_else(|e| e.into_inner());
-        let Some(worker) = guard.as_ref() else {
-            return Err(Error::new_err("the worker is closed"));
-        };
+        let worker = &*self.worker()?;
         let blocks = match data {
             None => Vec::new(),
             Some(data) => {
@@ -286,43 +296,35 @@ impl RawWorker {
 
     /// Starts the worker again if it died.
     fn restart(&self, py: Python<'_>) -> PyResult<()> {
-        let guard = self.worker.read().unwrap_or_else(|e| e.into_inner());
-        let Some(worker) = guard.as_ref() else {
-            return Err(Error::new_err("the worker is closed"));
-        };
+        let worker = self.worker()?;
         py.detach(|| worker.restart()).map_err(error)
     }
 
     /// Kills the worker at once: calls under way raise `WorkerDied`.
     fn kill(&self) {
-        if let Some(worker) = self
-            .worker
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-        {
-            Lifecycle::cancel(worker);
+        if let Ok(worker) = self.worker() {
+            Lifecycle::cancel(&*worker);
         }
     }
 
     /// The worker's process id.
     fn pid(&self) -> PyResult<u32> {
-        let guard = self.worker.read().unwrap_or_else(|e| e.into_inner());
-        guard
-            .as_ref()
-            .map(Worker::pid)
-            .ok_or_else(|| Error::new_err("the worker is closed"))
+        Ok(self.worker()?.pid())
     }
 
-    /// Asks the worker to exit (killing it after its grace period); later calls raise.
+    /// Asks the worker to exit (killing it after its grace period); later calls raise. Calls
+    /// still under way on other threads end at once with `WorkerDied`: the worker is killed, and
+    /// the last of them lets go of it.
     fn close(&self, py: Python<'_>) {
         let worker = self
             .worker
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
             .take();
-        if let Some(worker) = worker {
-            py.detach(|| worker.shutdown());
+        match worker.map(Arc::try_unwrap) {
+            None => {}
+            Some(Ok(worker)) => py.detach(|| worker.shutdown()),
+            Some(Err(shared)) => Lifecycle::cancel(&*shared),
         }
     }
 }

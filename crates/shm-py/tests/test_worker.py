@@ -103,3 +103,26 @@ def test_ctrl_c_ends_a_waiting_call_at_once(worker):
     # The interrupted call's worker was killed; it comes back.
     worker.restart()
     assert worker.call("echo", shm.Serde(3, "u64"), returns="u64") == 3
+
+
+def test_closing_a_worker_ends_a_call_under_way_on_another_thread():
+    import threading
+
+    before = shm_listing()
+    w = shm.Worker([WORKER])
+    outcome = []
+
+    def call():
+        try:
+            w.call("sleep", shm.Serde(30_000, "u64"))
+        except shm.Error as err:
+            outcome.append(err)
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    threading.Event().wait(0.3)
+    w.close()
+    thread.join(10)
+    assert not thread.is_alive(), "the call outlived close()"
+    assert len(outcome) == 1 and isinstance(outcome[0], shm.WorkerDied)
+    assert shm_listing() == before

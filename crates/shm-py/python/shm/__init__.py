@@ -214,6 +214,8 @@ def _array_from(meta, inline, block):
     buffer = block if block is not None else inline
     a = np.ndarray(tuple(shape), dtype=np.dtype(typestr), buffer=buffer, offset=origin, strides=tuple(strides))
     a.flags.writeable = False
+    if typestr == "|b1" and a.size and a.view(np.uint8).max() > 1:
+        raise Error("a bool array holds bytes other than 0 and 1")
     return a
 
 
