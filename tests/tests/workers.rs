@@ -201,6 +201,36 @@ fn shutdown_drains_or_cancels_the_calls_in_flight() {
 }
 
 #[test]
+fn cancelling_the_calls_in_flight_kills_only_their_workers_and_the_pool_goes_on() {
+    let clean = CleanShm::begin();
+    let workers = pool(2);
+    let pids = workers.pids();
+    std::thread::scope(|scope| {
+        let call = scope.spawn(|| workers.call::<_, ()>("sleep", &Serde(60_000u64)));
+        wait_until(|| workers.in_flight().iter().sum::<usize>() == 1);
+        let busy = workers.in_flight().iter().position(|&n| n == 1).unwrap();
+        workers.cancel_in_flight();
+        assert!(matches!(
+            call.join().unwrap(),
+            Err(TransportError::WorkerDied { .. })
+        ));
+        // The idle worker was left alone; the cancelled one comes back with a new process.
+        let idle = 1 - busy;
+        assert_eq!(workers.pids()[idle], pids[idle]);
+        wait_until(|| {
+            let now = workers.pids()[busy];
+            now.is_some() && now != pids[busy]
+        });
+    });
+    for i in 0..4u64 {
+        let Serde(echoed): Serde<u64> = workers.call("echo", &Serde(i)).unwrap();
+        assert_eq!(echoed, i);
+    }
+    drop(workers);
+    clean.end();
+}
+
+#[test]
 fn calls_from_many_threads_survive_workers_dying_under_them() {
     let clean = CleanShm::begin();
     let workers = pool(3);

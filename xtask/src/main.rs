@@ -147,18 +147,10 @@ fn python_env() -> Result<PathBuf> {
     Ok(python)
 }
 
-/// Builds the Python package `shm` (`crates/shm-py`) into the environment of `python` with
-/// maturin, and runs its tests with pytest against the Rust test worker.
+/// Builds the Python package `shm` (`crates/shm-py`) into the environment of `python`, with
+/// the test workers it drives, and runs its tests with pytest.
 fn python_package(python: &Path) -> Result {
-    let venv = python
-        .parent()
-        .and_then(Path::parent)
-        .ok_or("the Python environment has no root")?;
-    println!("xtask: building the Python package shm into target/pyenv");
-    run(Command::new(venv.join("bin/maturin"))
-        .args(["develop", "--quiet"])
-        .current_dir(root().join("crates/shm-py"))
-        .env("VIRTUAL_ENV", venv))?;
+    install_python_package(python, false)?;
     run(Command::new(cargo_bin())
         .args([
             "build",
@@ -167,8 +159,11 @@ fn python_package(python: &Path) -> Result {
             "shm-tests",
             "--bin",
             "shm-test-worker",
+            "--bin",
+            "shm-test-python-parent",
         ])
         .current_dir(root()))?;
+    let binary = |name: &str| root().join("target/debug").join(name);
     run(Command::new(python)
         .args([
             "-m",
@@ -179,10 +174,23 @@ fn python_package(python: &Path) -> Result {
             "crates/shm-py/tests",
         ])
         .current_dir(root())
-        .env(
-            "SHM_TEST_WORKER",
-            root().join("target/debug/shm-test-worker"),
-        ))
+        .env("SHM_TEST_WORKER", binary("shm-test-worker"))
+        .env("SHM_TEST_PYTHON_PARENT", binary("shm-test-python-parent")))
+}
+
+/// `maturin develop`: builds the package `shm` and installs it, editable, into the
+/// environment of `python` (optimised for the benchmarks).
+fn install_python_package(python: &Path, release: bool) -> Result {
+    let venv = python
+        .parent()
+        .and_then(Path::parent)
+        .ok_or("the Python environment has no root")?;
+    println!("xtask: building the Python package shm into target/pyenv");
+    run(Command::new(venv.join("bin/maturin"))
+        .args(["develop", "--quiet"])
+        .args(release.then_some("--release"))
+        .current_dir(root().join("crates/shm-py"))
+        .env("VIRTUAL_ENV", venv))
 }
 
 /// The tests that exercise `unsafe` code (segment mapping, byte casts, views over shared
@@ -345,6 +353,7 @@ fn bench(args: &[String]) -> Result {
         ("shm-bench", "flight_bench", "flight.md"),
     ];
     let python = python_env()?;
+    install_python_package(&python, true)?;
     for (package, binary, _) in sections {
         run(Command::new(cargo_bin())
             .args([

@@ -51,6 +51,7 @@ mod error;
 mod frame;
 mod payload;
 mod tuple;
+mod value;
 
 pub use array::{ARRAY_CODEC, ForeignArray, Order, ShmArray, ShmArrayMut, array_order};
 pub use codec::{
@@ -63,3 +64,4 @@ pub use frame::{FRAME_CODEC, Index, SimpleFrame};
 pub use num_complex::Complex;
 pub use payload::{FORMAT_VERSION, MAX_BLOCKS, Payload};
 pub use tuple::TUPLE_CODEC;
+pub use value::{MAX_VALUE_DEPTH, Value};

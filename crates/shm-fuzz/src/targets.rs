@@ -11,7 +11,7 @@ use ndarray::{Array2, IxDyn};
 use shm_arrow::{COLUMNS_CODEC, ColumnFrame, ColumnsCodec, read_ipc_block, write_ipc_block};
 use shm_codec::{
     ARRAY_CODEC, Decoder, Encoder, FRAME_CODEC, Index, Payload, Registry, Serde, SerdeCodec,
-    ShmArray, SimpleFrame, TUPLE_CODEC,
+    ShmArray, SimpleFrame, TUPLE_CODEC, Value,
 };
 use shm_core::{ShmPool, ShmRef};
 
@@ -87,7 +87,38 @@ pub const TARGETS: &[Target] = &[
         run: link_message,
         seeds: link_message_seeds,
     },
+    Target {
+        name: "value",
+        run: value,
+        seeds: |_| vec![value_seed()],
+    },
 ];
+
+/// A self-describing value of every variant, nested, as the Python module sends dicts.
+fn value_seed() -> Vec<u8> {
+    let value = Value::Map(vec![
+        (
+            Value::Str("list".into()),
+            Value::List(vec![
+                Value::Unit,
+                Value::Bool(true),
+                Value::Int(-3),
+                Value::Float(0.5),
+                Value::Bytes(vec![0, 255]),
+            ]),
+        ),
+        (Value::Int(7), Value::List(vec![Value::List(vec![])])),
+    ]);
+    postcard::to_stdvec(&value).expect("a value encodes")
+}
+
+/// `Value` from a peer's bytes: any nesting, any count, refused or read without a panic or a
+/// stack overflow.
+fn value(_: &Harness, bytes: &[u8]) -> bool {
+    postcard::from_bytes::<Value>(bytes)
+        .map(std::hint::black_box)
+        .is_ok()
+}
 
 fn batch() -> RecordBatch {
     let strings = StringArray::from(vec![Some("a"), None, Some("ccc"), Some(""), None]);

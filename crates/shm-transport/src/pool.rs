@@ -312,22 +312,35 @@ impl WorkerPool {
             .collect()
     }
 
+    /// Kills every worker that has a call in flight: those calls fail at once with
+    /// [`TransportError::WorkerDied`] and the workers are restarted in the background, as after
+    /// any death; idle workers and the pool go on. For a caller that gives up on everything
+    /// under way (the Python module does on Ctrl-C).
+    pub fn cancel_in_flight(&self) {
+        self.cancel_where(|slot| slot.in_flight.load(Ordering::Acquire) > 0);
+    }
+
+    /// Kills the workers of the slots `pick` chooses.
+    fn cancel_where(&self, pick: impl Fn(&Slot) -> bool) {
+        for slot in self.shared.slots.iter().filter(|slot| pick(slot)) {
+            if let Some(worker) = slot
+                .worker
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .as_ref()
+            {
+                worker.cancel();
+            }
+        }
+    }
+
     /// Stops the pool: new calls fail with [`TransportError::PoolShutdown`]; calls in flight
     /// finish ([`ShutdownMode::Drain`]) or fail at once ([`ShutdownMode::Cancel`]); then every
     /// worker is stopped and its segments removed. Dropping the pool drains it.
     pub fn shutdown(&self, how: ShutdownMode) {
         self.shared.closed.store(true, Ordering::Release);
         if how == ShutdownMode::Cancel {
-            for slot in &self.shared.slots {
-                if let Some(worker) = slot
-                    .worker
-                    .read()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .as_ref()
-                {
-                    worker.cancel();
-                }
-            }
+            self.cancel_where(|_| true);
         }
         let mut busy = lock(&self.shared.busy);
         while *busy > 0 {

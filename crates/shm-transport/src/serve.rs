@@ -125,6 +125,30 @@ impl Router {
         self
     }
 
+    /// Registers a handler that works on payloads as they travel, for callers that decode and
+    /// encode values themselves (the Python module `shm` serves Python functions through it).
+    /// `handler` gets the arguments' payload, the decoder that attaches its blocks and the
+    /// context; it returns the result's payload, whose blocks must be in `ctx.pool()`, or the
+    /// error to send (any kind; `method` is filled in). A panic becomes an error of kind
+    /// `Panic`, as for [`handle`](Self::handle).
+    pub fn handle_payload<F>(mut self, method: &str, handler: F) -> Self
+    where
+        F: Fn(&Payload, &Decoder, &Context<'_>) -> std::result::Result<Payload, RemoteError>
+            + Send
+            + Sync
+            + 'static,
+    {
+        let erased = move |args: &Payload, decoder: &Decoder, encoder: &Encoder, method: &str| {
+            let context = Context { encoder, method };
+            handler(args, decoder, &context).map_err(|mut err| {
+                err.method = method.to_owned();
+                err
+            })
+        };
+        self.handlers.insert(method.to_owned(), Box::new(erased));
+        self
+    }
+
     /// Runs the handler of `method` on arguments as they arrived, decoding them with
     /// `decoder` and encoding the result with `encoder` — what [`serve`] does for each call,
     /// for transports of other crates (shm-flight serves remote calls through it). A panic

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use ndarray::{Array1, Ix1, IxDyn};
 use shm_arrow::ColumnFrame;
-use shm_codec::{Serde, ShmArray, ShmArrayMut, SimpleFrame};
+use shm_codec::{Serde, ShmArray, ShmArrayMut, SimpleFrame, Value};
 use shm_transport::CalleeExt;
 use shm_transport::{Router, Worker, WorkerConfig, is_worker, serve};
 
@@ -56,6 +56,9 @@ fn main() {
 fn router() -> Router {
     shm_tests::model::handlers(Router::new())
         .handle("echo", |Serde(x): Serde<u64>, _| Ok::<_, String>(Serde(x)))
+        .handle("echo_value", |Serde(v): Serde<Value>, _| {
+            Ok::<_, String>(Serde(v))
+        })
         .handle(
             "repeat",
             |Serde((text, times)): Serde<(String, usize)>, _| {
@@ -125,6 +128,13 @@ fn router() -> Router {
                 .map(|c| c.sum())
                 .collect();
             Ok::<_, String>(Serde((frame.columns().to_vec(), sums)))
+        })
+        .handle("locate", |a: ShmArray<f64, IxDyn>, _| {
+            // Which block the worker read, and what it found there: a parent that wrote the
+            // array in place sees its own block's name and offset.
+            let block = a.block().ok_or("the array came inline")?;
+            let at = (block.name().to_owned(), block.offset() as u64);
+            Ok::<_, String>(Serde((at, a.view().sum())))
         })
         .handle("identity", |a: ShmArray<f64, Ix1>, _| Ok::<_, String>(a))
         .handle("batch", |ColumnFrame(b), _| Ok::<_, String>(ColumnFrame(b)))

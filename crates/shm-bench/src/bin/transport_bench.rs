@@ -1,5 +1,5 @@
 //! The benchmark of shm against what users would pick instead, in one run: large arrays (B1),
-//! Arrow batches (B3), what reading an untrusted worker's replies from private copies costs,
+//! Arrow batches (B3), a Python parent against `multiprocessing` (B9), what reading an untrusted worker's replies from private copies costs,
 //! resident memory and faults (small calls and steady state are in
 //! `channel_bench`). Writes
 //! `target/bench/transport.md` and `target/bench/b1.svg`.
@@ -94,6 +94,7 @@ fn main() -> Result<(), Error> {
     rss(&mut report, quick)?;
     b1(&mut report, quick)?;
     b3(&mut report, quick)?;
+    python_parent(&mut report, quick)?;
     untrusted(&mut report, quick)?;
     faults(&mut report)?;
     write_section("transport.md", &report)
@@ -593,6 +594,77 @@ fn b3(report: &mut String, quick: bool) -> Result<(), Error> {
         report,
         "\nTarget: at least 10x faster than Arrow IPC over a socket — {speedup:.1}x with one copy ({}).",
         if speedup >= 10.0 { "met" } else { "missed" }
+    )?;
+    Ok(())
+}
+
+/// B9: a Python parent (the module `shm`, built into `SHM_PYTHON`'s environment by `cargo
+/// xtask bench`) has a worker sum 64 MiB, through shm and through `multiprocessing`.
+fn python_parent(report: &mut String, quick: bool) -> Result<(), Error> {
+    let Some(python) = python() else {
+        writeln!(
+            report,
+            "\n## B9: a Python parent\n\nSkipped: no SHM_PYTHON."
+        )?;
+        return Ok(());
+    };
+    eprintln!("... B9 Python parent");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shm-py/bench/python_parent.py"
+    );
+    let runs = if quick { "7" } else { "15" };
+    let output = Command::new(&python)
+        .arg(script)
+        .arg("--worker")
+        .arg(std::env::current_exe()?)
+        .args(["--mib", "64", "--runs", runs])
+        .output()?;
+    if !output.status.success() {
+        return Err(format!("{script}: {}", String::from_utf8_lossy(&output.stderr)).into());
+    }
+    let ways: Vec<(String, Duration)> = String::from_utf8(output.stdout)?
+        .lines()
+        .map(|line| {
+            let (way, seconds) = line.split_once('\t').ok_or("a line without a tab")?;
+            Ok((way.to_owned(), Duration::from_secs_f64(seconds.parse()?)))
+        })
+        .collect::<Result<_, Error>>()?;
+    let time_of = |prefix: &str| {
+        ways.iter()
+            .find(|(way, _)| way.starts_with(prefix))
+            .map(|(_, time)| *time)
+            .ok_or_else(|| format!("{script} printed no {prefix:?} row"))
+    };
+    let one_copy = time_of("shm, Rust worker, one copy")?;
+    let fastest_baseline =
+        time_of("multiprocessing.Pool")?.min(time_of("multiprocessing.shared_memory")?);
+    writeln!(report, "\n## B9: a Python parent\n")?;
+    writeln!(
+        report,
+        "A Python program (`import shm`) has a worker sum a 64 MiB f64 array and return the \
+         sum: with shm (a Rust worker; a Python worker served by `shm.serve`, which sums with \
+         numpy like the baselines), with `multiprocessing.Pool.apply` (the array pickled \
+         through a pipe), and with `multiprocessing.shared_memory` done by hand (a segment \
+         created, filled, attached by name in the pool's process, unlinked). Medians of \
+         {runs}, from `crates/shm-py/bench/python_parent.py`.\n"
+    )?;
+    writeln!(report, "| way | round trip | / shm one copy |")?;
+    writeln!(report, "| --- | ---: | ---: |")?;
+    for (way, time) in &ways {
+        writeln!(
+            report,
+            "| {way} | {} | {:.1}x |",
+            ms(*time),
+            time.as_secs_f64() / one_copy.as_secs_f64()
+        )?;
+    }
+    let speedup = fastest_baseline.as_secs_f64() / one_copy.as_secs_f64();
+    writeln!(
+        report,
+        "\nTarget: a call with one copy at least 2x faster than the fastest way with \
+         `multiprocessing` — {speedup:.1}x ({}).",
+        if speedup >= 2.0 { "met" } else { "missed" }
     )?;
     Ok(())
 }

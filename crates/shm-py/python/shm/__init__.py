@@ -1,272 +1,120 @@
-"""shm for Python (work in progress): call a worker process with numpy arrays in shared memory.
+"""shm for Python: call worker processes with numpy arrays in shared memory, and serve Python
+functions to a parent.
 
     import numpy as np, shm
     with shm.Worker(["path/to/worker"]) as w:
         total = w.call("sum", np.arange(1e8), returns="f64")   # one copy into shared memory
+        a = w.empty(100_000_000)                                # or none: write in place
+        a[:] = 1.0
+        total = w.call("sum", a, returns="f64")                 # the worker reads this memory
         doubled = w.call("double", np.ones(10))                 # a read-only view of the
                                                                 # worker's block, no copy
+    with shm.WorkerPool(["path/to/worker"], 4) as pool:
+        sums = pool.map("sum", arrays, progress=lambda done, total: print(done, total))
 
-Values travel as docs/format.md describes them: numpy arrays as `ndarray` payloads, everything
-else as postcard (`serde`), whose Rust type a caller names with a schema: "u64", "i64", "f64",
-"f32", "bool", "str", "bytes", "unit", a tuple of schemas, or a one-element list for a Vec.
+    # worker.py, started as shm.Worker([sys.executable, "worker.py"]) or by a Rust parent:
+    shm.serve({"sum": lambda a: float(a.sum()), "scale": (scale, ("f64", "unit"))})
+
+Values travel as docs/format.md describes them: numpy arrays as `ndarray` payloads, pyarrow
+batches and tables as `arrow-columns`, tuples holding arrays or batches as `tuple`, everything else as postcard (`serde`), whose Rust type a caller names
+with a schema: "u64", "i64", "f64", "f32", "bool", "str", "bytes", "unit", a tuple of schemas,
+`[schema]` for a Vec, `{key: value}` for a map, `shm.Option(schema)`, or "any" for
+`shm_codec::Value`, which describes itself (dicts, mixed lists).
 """
 
-import struct
+import concurrent.futures
+import inspect
+import itertools
+import math
 
 import numpy as np
 
+from . import _payload
+from ._postcard import Option
+from ._payload import Frame, Raw, Serde, block_of
 from ._shm import (  # noqa: F401
+    BadArguments,
     Block,
+    BlockMut,
     Error,
     OutOfSharedMemory,
     RawWorker,
     RemoteError,
     Timeout,
     WorkerDied,
+    is_worker,
 )
+from ._shm import serve as _serve
 
 __all__ = [
     "Worker",
+    "WorkerPool",
+    "serve",
+    "is_worker",
     "Serde",
+    "Raw",
+    "Frame",
+    "Option",
+    "block_of",
     "Block",
+    "BlockMut",
     "Error",
+    "BadArguments",
     "OutOfSharedMemory",
     "RemoteError",
     "Timeout",
     "WorkerDied",
 ]
 
-# Arrays this small travel inside the message rather than in a block of their own.
-INLINE_BYTES = 1024
 
-# --- postcard (docs/format.md, "postcard, the encoding of every message") ------------------------
-
-
-def _varint(n):
-    if n < 0:
-        raise ValueError(f"{n} is negative")
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
+def _empty(alloc, shape, dtype, order):
+    """A writable array over a fresh block from `alloc(nbytes)`."""
+    dtype = np.dtype(dtype)
+    if dtype.str not in _payload.TYPESTRS:
+        raise TypeError(f"arrays of {dtype} do not travel; shm has {sorted(_payload.TYPESTRS)}")
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    nbytes = math.prod(shape) * dtype.itemsize
+    block = alloc(nbytes)
+    flat = np.frombuffer(block, dtype=dtype, count=math.prod(shape))
+    return flat.reshape(shape, order=order)
 
 
-def _zigzag(n):
-    return _varint((n << 1) ^ (n >> 63))
-
-
-class _Reader:
-    def __init__(self, data):
-        self.data, self.pos = memoryview(data).cast("B"), 0
-
-    def take(self, n):
-        if self.pos + n > len(self.data):
-            raise Error(f"a reply of {len(self.data)} bytes ends inside a value")
-        out = bytes(self.data[self.pos : self.pos + n])
-        self.pos += n
-        return out
-
-    def varint(self):
-        n, shift = 0, 0
-        while True:
-            (byte,) = self.take(1)
-            n |= (byte & 0x7F) << shift
-            if not byte & 0x80:
-                return n
-            shift += 7
-            if shift > 63:
-                raise Error("a varint longer than 10 bytes")
-
-    def zigzag(self):
-        n = self.varint()
-        return (n >> 1) ^ -(n & 1)
-
-
-def _encode(value, schema):
-    if isinstance(schema, tuple):
-        if len(value) != len(schema):
-            raise ValueError(f"{len(value)} values for a tuple of {len(schema)}")
-        return b"".join(_encode(v, s) for v, s in zip(value, schema))
-    if isinstance(schema, list):
-        (inner,) = schema
-        return _varint(len(value)) + b"".join(_encode(v, inner) for v in value)
-    if schema in ("u8", "u16", "u32", "u64", "usize"):
-        return _varint(int(value))
-    if schema in ("i8", "i16", "i32", "i64", "isize"):
-        return _zigzag(int(value))
-    if schema == "f64":
-        return struct.pack("<d", value)
-    if schema == "f32":
-        return struct.pack("<f", value)
-    if schema == "bool":
-        return b"\x01" if value else b"\x00"
-    if schema == "str":
-        data = value.encode()
-        return _varint(len(data)) + data
-    if schema == "bytes":
-        return _varint(len(value)) + bytes(value)
-    if schema == "unit":
-        return b""
-    raise ValueError(f"unknown schema {schema!r}")
-
-
-def _decode(reader, schema):
-    if isinstance(schema, tuple):
-        return tuple(_decode(reader, s) for s in schema)
-    if isinstance(schema, list):
-        (inner,) = schema
-        return [_decode(reader, inner) for _ in range(reader.varint())]
-    if schema in ("u8", "u16", "u32", "u64", "usize"):
-        return reader.varint()
-    if schema in ("i8", "i16", "i32", "i64", "isize"):
-        return reader.zigzag()
-    if schema == "f64":
-        return struct.unpack("<d", reader.take(8))[0]
-    if schema == "f32":
-        return struct.unpack("<f", reader.take(4))[0]
-    if schema == "bool":
-        (byte,) = reader.take(1)
-        if byte > 1:
-            raise Error(f"a bool byte of {byte}")
-        return bool(byte)
-    if schema == "str":
-        return reader.take(reader.varint()).decode()
-    if schema == "bytes":
-        return reader.take(reader.varint())
-    if schema == "unit":
-        return None
-    raise ValueError(f"unknown schema {schema!r}")
-
-
-def _schema_of(value):
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, int):
-        return "i64"
-    if isinstance(value, float):
-        return "f64"
-    if isinstance(value, str):
-        return "str"
-    if isinstance(value, (bytes, bytearray)):
-        return "bytes"
-    if value is None:
-        return "unit"
-    if isinstance(value, tuple):
-        return tuple(_schema_of(v) for v in value)
-    if isinstance(value, list) and value:
-        return [_schema_of(value[0])]
-    raise TypeError(f"no schema for {type(value).__name__}; pass shm.Serde(value, schema)")
-
-
-class Serde:
-    """A plain value and the Rust type it is read as: `Serde(7, "u64")`, `Serde((2, 3.0), ("usize", "f64"))`."""
-
-    def __init__(self, value, schema=None):
-        self.value = value
-        self.schema = _schema_of(value) if schema is None else schema
-
-
-# --- ndarray (docs/format.md, "`ndarray`: arrays") ----------------------------------------------
-
-
-def _array_payload(a):
-    """(meta, inline, data) of an array: C order as it is, F order as it is, anything else
-    copied into C order first."""
-    if a.dtype.str not in _TYPESTRS:
-        raise TypeError(f"arrays of {a.dtype} do not travel; shm has {sorted(_TYPESTRS)}")
-    if a.flags.c_contiguous:
-        data = a
-    elif a.flags.f_contiguous:
-        data = a.T
-    else:
-        a = np.ascontiguousarray(a)
-        data = a
-    meta = (
-        _encode(a.dtype.str, "str")
-        + _encode(list(a.shape), ["u64"])
-        + _encode(list(a.strides), ["i64"])
-        + _varint(0)
-    )
-    raw = memoryview(data.reshape(-1) if data.ndim else data.reshape(1)).cast("B")
-    if a.nbytes <= INLINE_BYTES:
-        return meta, bytes(raw), None
-    return meta, b"", raw
-
-
-_TYPESTRS = {"|b1", "|i1", "<i2", "<i4", "<i8", "|u1", "<u2", "<u4", "<u8", "<f4", "<f8", "<c8", "<c16"}
-
-
-def _array_from(meta, inline, block):
-    r = _Reader(meta)
-    typestr = _decode(r, "str")
-    shape = _decode(r, ["u64"])
-    strides = _decode(r, ["i64"])
-    origin = r.varint()
-    if typestr not in _TYPESTRS:
-        raise Error(f"an array of typestr {typestr!r}")
-    if len(strides) != len(shape):
-        raise Error(f"{len(strides)} strides for {len(shape)} axes")
-    buffer = block if block is not None else inline
-    a = np.ndarray(tuple(shape), dtype=np.dtype(typestr), buffer=buffer, offset=origin, strides=tuple(strides))
-    a.flags.writeable = False
-    if typestr == "|b1" and a.size and a.view(np.uint8).max() > 1:
-        raise Error("a bool array holds bytes other than 0 and 1")
-    return a
-
-
-# --- the worker ---------------------------------------------------------------------------------
-
-
-class Worker:
-    """A worker process: `argv` is its command line (a Rust binary that serves a Router)."""
-
-    def __init__(self, argv, untrusted=False):
-        self._raw = RawWorker([str(a) for a in argv], untrusted)
+class _Callee:
+    def __init__(self, raw):
+        self._raw = raw
 
     def call(self, method, value=None, timeout=None, returns=None):
-        """Calls `method` with `value` (a numpy array, a `Serde`, a plain value or None for a
-        handler without arguments) and returns its result: an array for an `ndarray` reply, a
-        value read as `returns` (a schema) for a `serde` one."""
-        if isinstance(value, np.ndarray):
-            meta, inline, data = _array_payload(value)
-            reply = self._raw.call(method, "ndarray", meta, inline, data, timeout)
-        elif value is None:
-            reply = self._raw.call(method, "tuple", _varint(0), b"", None, timeout)
-        else:
-            value = value if isinstance(value, Serde) else Serde(value)
-            reply = self._raw.call(method, "serde", b"", _encode(value.value, value.schema), None, timeout)
-        codec, meta, inline, block = reply
-        if codec == "ndarray":
-            return _array_from(meta, inline, block)
-        if codec == "serde":
-            data = inline if block is None else block
-            if returns is None:
-                return bytes(data)
-            reader = _Reader(data)
-            out = _decode(reader, returns)
-            if reader.pos != len(reader.data):
-                raise Error(f"{len(reader.data) - reader.pos} bytes left after a {returns!r}")
-            return out
-        if codec == "tuple" and meta == _varint(0):
-            return None
-        raise Error(f"a reply of codec {codec!r}, which this module does not read yet")
+        """Calls `method` with `value` and returns its result.
 
-    def restart(self):
-        self._raw.restart()
+        `value`: a numpy array (copied once into shared memory, or sent as it is if it lies in
+        a block from `empty`), a pyarrow RecordBatch or Table (its buffers copied once, unless
+        they lie in shared memory already: a batch a worker returned is sent back as it is),
+        a `Frame`, a `Serde`, a plain value (its schema inferred), a tuple with
+        arrays in it (several arguments), or None for a handler without arguments.
+        The result: an array for an `ndarray` reply (a read-only view of the worker's block),
+        a pyarrow RecordBatch for an `arrow-columns` one (over the worker's blocks), a `Frame`
+        for a `frame` one,
+        the value read as `returns` (a schema) for a `serde` one (a `Raw` without a schema),
+        a tuple for a `tuple` one, None for none. `timeout` is in seconds."""
+        reply = self._raw.call(method, *_payload.encode(value, self._raw), timeout)
+        return _payload.decode(*reply, returns, self._raw)
+
+    def empty(self, shape, dtype=np.float64, order="C"):
+        """A writable array in shared memory, sent to workers without a copy. It becomes
+        read-only when it is first sent (the worker may still be reading it)."""
+        return _empty(self._raw.alloc, shape, dtype, order)
+
+    def zeros(self, shape, dtype=np.float64, order="C"):
+        a = self.empty(shape, dtype, order)
+        a.fill(0)
+        return a
 
     def kill(self):
+        """Kills the worker (every worker of a pool, which then refuses calls) at once."""
         self._raw.kill()
 
-    @property
-    def pid(self):
-        return self._raw.pid()
-
     def close(self):
+        """Asks the workers to exit, and kills those that do not within their grace period."""
         self._raw.close()
 
     def __enter__(self):
@@ -274,3 +122,128 @@ class Worker:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class Worker(_Callee):
+    """A worker process: `argv` is its command line — a Rust binary that serves a `Router`,
+    or a Python program that calls `shm.serve`. With `untrusted=True`, the worker's results
+    are copied before they are read, so it cannot change them afterwards."""
+
+    def __init__(self, argv, untrusted=False):
+        super().__init__(RawWorker([str(a) for a in argv], untrusted))
+
+    def restart(self):
+        """Starts the worker again if it died."""
+        self._raw.restart()
+
+    @property
+    def pid(self):
+        return self._raw.pids()[0]
+
+
+class WorkerPool(_Callee):
+    """`n` workers started from `argv`, sharing one pool of shared memory. A call goes to the
+    worker with the fewest calls in flight; a worker that dies fails only its own calls and is
+    restarted in the background."""
+
+    def __init__(self, argv, n, untrusted=False):
+        if n < 1:
+            raise ValueError(f"a pool of {n} workers")
+        super().__init__(RawWorker([str(a) for a in argv], untrusted, n))
+
+    def __len__(self):
+        return self._raw.workers()
+
+    @property
+    def pids(self):
+        return self._raw.pids()
+
+    def broadcast(self, method, value=None, returns=None):
+        """Calls `method` on every worker with `value`, written to shared memory once; returns
+        the results in worker order, or raises the first error."""
+        replies = self._raw.broadcast(method, *_payload.encode(value, self._raw))
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                raise reply
+        return [_payload.decode(*reply, returns, self._raw) for reply in replies]
+
+    def map(self, method, items, progress=None, in_flight=None, timeout=None, returns=None):
+        """Calls `method` once per item, `in_flight` calls at a time (by default two per
+        worker), and returns the results in the order of `items`. `progress` is called in
+        this thread after each call as `progress(done, total)` (`total` is None for an
+        iterator without a length), or, if it has an `update` method (a tqdm bar), as
+        `progress.update(1)`. The first failed call raises, once the calls under way have
+        ended; Ctrl-C ends them at once (their workers are killed and restarted)."""
+        total = len(items) if hasattr(items, "__len__") else None
+        in_flight = in_flight or 2 * len(self)
+        report = progress.update if hasattr(progress, "update") else None
+        results, done = {}, 0
+        items = iter(enumerate(items))
+        with concurrent.futures.ThreadPoolExecutor(in_flight, thread_name_prefix="shm-map") as threads:
+            pending = {}
+
+            def submit(count):
+                for index, item in itertools.islice(items, count):
+                    pending[threads.submit(self.call, method, item, timeout, returns)] = index
+
+            try:
+                submit(in_flight)
+                while pending:
+                    finished, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+                    for future in finished:
+                        results[pending.pop(future)] = future.result()
+                        done += 1
+                        if report is not None:
+                            report(1)
+                        elif progress is not None:
+                            progress(done, total)
+                    submit(len(finished))
+            except BaseException as failure:
+                for future in pending:
+                    future.cancel()
+                if isinstance(failure, KeyboardInterrupt):
+                    self._raw.cancel()
+                raise
+        return [results[i] for i in range(len(results))]
+
+
+class Context:
+    """What a served handler that takes two parameters gets besides its value: the method's
+    name and `empty`, for results written in place in the worker's shared memory."""
+
+    def __init__(self, raw):
+        self._raw = raw
+
+    @property
+    def method(self):
+        return self._raw.method
+
+    def empty(self, shape, dtype=np.float64, order="C"):
+        """A writable array in this worker's shared memory, returned without a copy."""
+        return _empty(self._raw.alloc, shape, dtype, order)
+
+
+def serve(handlers):
+    """Serves `handlers` to the parent that started this process, until it asks the worker to
+    stop. Each is `name: function` or `name: (function, schema)`; the schema says how a `serde`
+    argument is read (without one, the function gets a `Raw`). A function takes the value,
+    or the value and a `Context`, and returns an array, a `Serde`, a plain value, a tuple, or
+    None. Its exceptions reach the caller as `RemoteError`s of kind "handler"; an argument it
+    cannot read, of kind "bad-arguments". Calls are served one at a time."""
+    table = {}
+    for name, handler in handlers.items():
+        function, schema = handler if isinstance(handler, tuple) else (handler, None)
+        params = inspect.signature(function).parameters.values()
+        positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        table[name] = (function, schema, len(positional) >= 2)
+
+    def dispatch(method, codec, meta, inline, blocks, raw_context):
+        function, schema, wants_context = table[method]
+        try:
+            value = _payload.decode(codec, meta, inline, blocks, schema, raw_context)
+        except (Error, ValueError, TypeError) as e:
+            raise BadArguments(f"{method}: {e}") from None
+        result = function(value, Context(raw_context)) if wants_context else function(value)
+        return _payload.encode(result, raw_context)
+
+    _serve(list(table), dispatch)
