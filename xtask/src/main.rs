@@ -54,8 +54,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// The optional features that the tests and clippy turn on: TLS for the Flight workers.
-const FEATURES: &str = "shm-flight/tls,shm-tests/tls";
+/// The optional features that the tests and clippy turn on: TLS for the Flight workers, and
+/// the Flight benchmark (optional so that the demo builds without the gRPC stack).
+const FEATURES: &str = "shm-flight/tls,shm-tests/tls,shm-bench/flight";
 
 fn lint() -> Result {
     cargo(&["fmt", "--all", "--", "--check"])?;
@@ -86,7 +87,7 @@ fn lint() -> Result {
         "shm-bench",
         "--all-targets",
         "--features",
-        "iceoryx2",
+        "iceoryx2,flight",
         "--",
         "-D",
         "warnings",
@@ -362,9 +363,10 @@ fn bench(args: &[String]) -> Result {
                 "--quiet",
                 "-p",
                 package,
-                // The peers of B2 (iceoryx2, from the registry), for the bench alone.
+                // The peers of B2 (iceoryx2, from the registry), for the bench alone, and
+                // the Flight benchmark.
                 "--features",
-                "shm-bench/iceoryx2",
+                "shm-bench/iceoryx2,shm-bench/flight",
                 "--bin",
                 binary,
                 "--",

@@ -4,6 +4,7 @@
 //! numpy views them without a copy. The Python half (`python/shm/__init__.py`) turns numpy
 //! arrays and plain values into payloads and back.
 
+use std::collections::HashMap;
 use std::ffi::c_int;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::Duration;
@@ -221,12 +222,15 @@ impl BlockMut {
     }
 
     /// The block, frozen: once, on the first send.
-    fn freeze(&self) -> Arc<ShmBlock> {
+    fn freeze(&self) -> PyResult<Arc<ShmBlock>> {
         let mut writable = self.writable.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(block) = writable.take() {
             let _ = self.frozen.set(block.freeze());
         }
-        Arc::clone(self.frozen.get().expect("frozen when no longer writable"))
+        self.frozen
+            .get()
+            .cloned()
+            .ok_or_else(|| Error::new_err("a block neither writable nor frozen"))
     }
 }
 
@@ -284,7 +288,7 @@ fn blocks_of(
                 return Ok(Arc::clone(&block.get().block));
             }
             if let Ok(block) = data.cast::<BlockMut>() {
-                return Ok(block.get().freeze());
+                return block.get().freeze();
             }
             let buffer = PyBuffer::<u8>::get(data)?;
             let mut block = pool.alloc(buffer.len_bytes()).map_err(shm_error)?;
@@ -339,13 +343,12 @@ impl Arrived {
 
 /// Attaches the blocks a payload's references name from blocks already attached (the Python
 /// half holds them).
-struct Listed(Vec<Arc<ShmBlock>>);
+struct Listed(HashMap<ShmRef, Arc<ShmBlock>>);
 
 impl Attacher for Listed {
     fn attach(&self, _pool: &ShmPool, r: &ShmRef) -> shm_core::Result<Arc<ShmBlock>> {
         self.0
-            .iter()
-            .find(|block| &block.to_ref() == r)
+            .get(r)
             .cloned()
             .ok_or_else(|| ShmError::SegmentNotFound {
                 name: r.name.clone(),
@@ -419,8 +422,9 @@ fn arrow_decode(
         .iter()
         .map(|block| Arc::clone(&block.get().block))
         .collect();
-    let payload = Payload::new(codec, meta, blocks.clone(), inline);
-    let decoder = Decoder::with_attacher(pool.clone(), Arc::new(Listed(blocks)))
+    let listed = blocks.iter().map(|b| (b.to_ref(), Arc::clone(b))).collect();
+    let payload = Payload::new(codec, meta, blocks, inline);
+    let decoder = Decoder::with_attacher(pool.clone(), Arc::new(Listed(listed)))
         .copying_invariants(copy_invariants);
     let ColumnFrame(batch) = py
         .detach(|| ColumnFrame::decode(&payload, &decoder))

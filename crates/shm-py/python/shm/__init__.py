@@ -228,7 +228,8 @@ def serve(handlers):
     stop. Each is `name: function` or `name: (function, schema)`; the schema says how a `serde`
     argument is read (without one, the function gets a `Raw`). A function takes the value,
     or the value and a `Context`, and returns an array, a `Serde`, a plain value, a tuple, or
-    None. Its exceptions reach the caller as `RemoteError`s of kind "handler"; an argument it
+    None. A plain value goes with its inferred schema: an `int` as "i64", which a Rust caller
+    expecting an unsigned type would misread, so name the type (`shm.Serde(n, "u64")`). Its exceptions reach the caller as `RemoteError`s of kind "handler"; an argument it
     cannot read, of kind "bad-arguments". Calls are served one at a time."""
     table = {}
     for name, handler in handlers.items():
