@@ -160,6 +160,22 @@ fn every_payload_kind_round_trips(server_args: &[&str], data_connections: bool) 
         .call("batch", &ColumnFrame(big_batch.clone()))
         .expect("split");
     assert_eq!(back, big_batch);
+    // Over a data connection a batch on the heap goes from where it lies: the client's pool
+    // writes no block for it (once a first call has told the client that the server takes
+    // data connections). Otherwise it is written into blocks first.
+    let lean_pool = shm_core::ShmPool::new().expect("a pool");
+    let lean = client(RemoteConfig::new(server.url()).with_pool(lean_pool.clone()));
+    let Serde(_): Serde<usize> = lean
+        .call("batch_rows", &ColumnFrame(batch.slice(0, 1)))
+        .expect("a first call");
+    let before = lean_pool.stats().segments_created;
+    let Serde(rows): Serde<usize> = lean
+        .call("batch_rows", &ColumnFrame(big_batch.clone()))
+        .expect("a batch from the heap");
+    assert_eq!(rows, 300_000);
+    let created = lean_pool.stats().segments_created - before;
+    let by_connection = data_connections && server_args.is_empty();
+    assert_eq!(created == 0, by_connection, "{created} segments created");
     // Flat columns only: assembled in one copy on each side, however many batches.
     let flat = big_batch.project(&[0, 1, 2, 3]).expect("flat columns");
     let ColumnFrame(back) = splitting

@@ -17,7 +17,10 @@ use arrow::array::{
 use arrow::buffer::{BooleanBuffer, Buffer, NullBuffer};
 use arrow::datatypes::{ByteViewType, DataType, Schema};
 use serde::{Deserialize, Serialize};
-use shm_codec::{AnyValue, Codec, CodecError, Decode, Decoder, Encode, Encoder, Payload};
+use shm_codec::{
+    AnyValue, Codec, CodecError, Decode, Decoder, Encode, Encoder, Payload, Pieces, Source,
+    Unwritten,
+};
 use shm_core::{BLOCK_ALIGN, ShmBlock};
 
 use crate::buffer::block_buffer;
@@ -77,7 +80,8 @@ const NEW_BLOCK: u32 = u32::MAX;
 /// The blocks a frame refers to, and the buffers still to be copied into the column's new block.
 #[derive(Default)]
 struct Plan {
-    blocks: Vec<Arc<ShmBlock>>,
+    /// What fills each block the frame names: a live block, or the pieces of a new one.
+    sources: Vec<Source>,
     /// The index in `blocks` of each block, by its address: a frame of many columns finds
     /// the block of each buffer in constant time.
     indices: HashMap<usize, u32>,
@@ -90,13 +94,13 @@ impl Plan {
     /// offset of the column's new block (marked [`NEW_BLOCK`] until it has an index).
     fn place(&mut self, encoder: &Encoder, buffer: &Buffer) -> BufRef {
         if let Some(block) = encoder.block_holding(buffer.as_ptr(), buffer.len()) {
-            let next = self.blocks.len() as u32;
+            let next = self.sources.len() as u32;
             let index = *self
                 .indices
                 .entry(Arc::as_ptr(&block) as usize)
                 .or_insert(next);
             if index == next {
-                self.blocks.push(Arc::clone(&block));
+                self.sources.push(Source::Block(Arc::clone(&block)));
             }
             return BufRef {
                 block: index,
@@ -140,6 +144,20 @@ impl Plan {
 
 impl Encode for ColumnFrame {
     fn encode(&self, encoder: &Encoder) -> shm_codec::Result<Payload> {
+        self.plan(encoder)?.write(encoder)
+    }
+
+    /// The frame with the columns it would copy left where they are: a transport that sends
+    /// them over a socket writes them from there (shm-flight's data connections).
+    fn encode_unwritten(&self, encoder: &Encoder) -> shm_codec::Result<Option<Unwritten>> {
+        self.plan(encoder).map(Some)
+    }
+}
+
+impl ColumnFrame {
+    /// The frame's metadata and what fills each of its blocks: the live blocks its buffers
+    /// already lie in, and for the rest, new blocks as the pieces that go into them.
+    fn plan(&self, encoder: &Encoder) -> shm_codec::Result<Unwritten> {
         let batch = &self.0;
         let schema = arrow::ipc::writer::IpcDataGenerator::default()
             .schema_to_bytes_with_dictionary_tracker(
@@ -168,7 +186,7 @@ impl Encode for ColumnFrame {
                     }
                     packed.cursor = base + plan.cursor;
                 } else {
-                    packed.flush(encoder, &mut plan, start, &mut columns)?;
+                    packed.flush(&mut plan, start, &mut columns)?;
                     packed.cursor = plan.cursor;
                 }
                 packed.columns.push(columns.len());
@@ -176,13 +194,27 @@ impl Encode for ColumnFrame {
             columns.push(node);
         }
         let end = plan.copies.len();
-        packed.flush(encoder, &mut plan, end, &mut columns)?;
+        packed.flush(&mut plan, end, &mut columns)?;
         let meta = Payload::encode_meta(&FrameMeta {
             schema,
             rows: batch.num_rows() as u64,
             columns,
         })?;
-        Ok(Payload::new(COLUMNS_CODEC, meta, plan.blocks, Vec::new()))
+        Ok(Unwritten {
+            codec: COLUMNS_CODEC.into(),
+            meta,
+            inline: Vec::new(),
+            sources: plan.sources,
+        })
+    }
+}
+
+/// An Arrow buffer as the bytes of a piece of an unwritten block (it keeps them alive).
+struct ArrowBytes(Buffer);
+
+impl AsRef<[u8]> for ArrowBytes {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_slice()
     }
 }
 
@@ -277,11 +309,10 @@ struct Packing {
 }
 
 impl Packing {
-    /// Copies the planned columns (`plan.copies[first_copy..end]`) into a block of their own
+    /// Plans a block of their own for the planned columns (`plan.copies[first_copy..end]`)
     /// and points them at it; the next block's copies start at `end`.
     fn flush(
         &mut self,
-        encoder: &Encoder,
         plan: &mut Plan,
         end: usize,
         columns: &mut [Node],
@@ -289,14 +320,12 @@ impl Packing {
         if self.columns.is_empty() {
             return Ok(());
         }
-        let mut block = encoder.pool().alloc(self.cursor as usize)?;
-        let bytes = block.as_mut_slice();
+        let mut pieces = Pieces::new(self.cursor as usize);
         for (buffer, offset) in &plan.copies[self.first_copy..end] {
-            let offset = *offset as usize;
-            bytes[offset..offset + buffer.len()].copy_from_slice(buffer.as_slice());
+            pieces.place(Arc::new(ArrowBytes(buffer.clone())), *offset as usize)?;
         }
-        plan.blocks.push(encoder.freeze(block));
-        let index = plan.blocks.len() as u32 - 1;
+        plan.sources.push(Source::Pieces(pieces));
+        let index = plan.sources.len() as u32 - 1;
         for &column in &self.columns {
             each_ref_in(&mut columns[column], NEW_BLOCK, &mut |r| r.block = index);
         }

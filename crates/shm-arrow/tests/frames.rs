@@ -10,7 +10,7 @@ use arrow::datatypes::*;
 use shm_arrow::{
     ColumnFrame, ColumnsCodec, decode_projection, decode_trusted, read_ipc_block, write_ipc_block,
 };
-use shm_codec::{CodecError, Decoder, Encoder, Payload, Registry};
+use shm_codec::{CodecError, Decoder, Encoder, Payload, Pieces, Registry, Source};
 use shm_core::ShmPool;
 
 fn pool() -> ShmPool {
@@ -984,4 +984,93 @@ fn narrow_columns_share_blocks_and_keep_their_values() {
     );
     let ColumnFrame(back) = decoder.decode(&payload).unwrap();
     assert_eq!(back, batch);
+}
+
+/// The bytes of an unwritten block as a data connection sends them: its pieces at their
+/// offsets, zeros between.
+fn stream_bytes(source: &Source) -> Vec<u8> {
+    match source {
+        Source::Block(block) => block.as_slice().to_vec(),
+        Source::Pieces(pieces) => {
+            let mut bytes = vec![0u8; source.len()];
+            for (piece, at) in pieces.iter() {
+                bytes[at..at + piece.len()].copy_from_slice(piece);
+            }
+            bytes
+        }
+    }
+}
+
+#[test]
+fn a_frame_left_unwritten_is_the_encoded_frame_and_reads_back_from_its_pieces() {
+    let (encoder, decoder) = codecs();
+    // Columns of every type on the heap, sliced, and columns already in shared memory (a
+    // decoded batch's), which stay blocks of their own.
+    let batch = every_type();
+    let ColumnFrame(live) = decoder
+        .decode(&encoder.encode(&ColumnFrame(batch.slice(3, 4))).unwrap())
+        .unwrap();
+    for (batch, in_place) in [
+        (batch.clone(), false),
+        (batch.slice(2, 5), false),
+        (live, true),
+    ] {
+        let sender = Encoder::new(decoder.pool().clone());
+        let unwritten = sender
+            .encode_unwritten(&ColumnFrame(batch.clone()))
+            .unwrap()
+            .expect("a frame can be left unwritten");
+        let encoded = sender.encode(&ColumnFrame(batch.clone())).unwrap();
+        assert_eq!(unwritten.meta, encoded.meta);
+        assert_eq!(unwritten.codec, encoded.codec);
+        let blocks = unwritten
+            .sources
+            .iter()
+            .filter(|s| matches!(s, Source::Block(_)))
+            .count();
+        let expected = if in_place { unwritten.sources.len() } else { 0 };
+        assert_eq!(blocks, expected, "{:?}", unwritten.sources);
+        let lens: Vec<usize> = unwritten.sources.iter().map(Source::len).collect();
+        let encoded_lens: Vec<usize> = encoded.blocks().iter().map(|b| b.len()).collect();
+        assert_eq!(lens, encoded_lens);
+        // Written here, as a local transport does.
+        let written = unwritten.clone().write(&sender).unwrap();
+        assert_eq!(written.meta, encoded.meta);
+        let ColumnFrame(back) = decoder.decode(&written).unwrap();
+        assert_eq!(back, batch);
+        // Sent as bytes and placed by a receiver into blocks of its own, as shm-flight does.
+        let receiver = pool();
+        let blocks = unwritten
+            .sources
+            .iter()
+            .map(|source| {
+                let bytes = stream_bytes(source);
+                let mut block = receiver.alloc(bytes.len()).unwrap();
+                block.as_mut_slice().copy_from_slice(&bytes);
+                block.freeze()
+            })
+            .collect();
+        let received = Payload::new(&unwritten.codec, unwritten.meta.clone(), blocks, Vec::new());
+        let ColumnFrame(back) = Decoder::new(receiver).decode(&received).unwrap();
+        assert_eq!(back, batch);
+    }
+}
+
+#[test]
+fn pieces_refuse_overlaps_and_bytes_past_the_block() {
+    let bytes = |n: usize| -> shm_codec::Bytes { Arc::new(vec![1u8; n]) };
+    let mut pieces = Pieces::new(100);
+    pieces.place(bytes(10), 0).unwrap();
+    pieces.place(bytes(10), 64).unwrap();
+    for (len, at) in [(10, 70), (10, 20), (40, 80), (1, usize::MAX)] {
+        let err = pieces.place(bytes(len), at).unwrap_err();
+        assert!(matches!(err, CodecError::Layout { .. }), "{err}");
+    }
+    assert_eq!(
+        pieces
+            .iter()
+            .map(|(p, at)| (p.len(), at))
+            .collect::<Vec<_>>(),
+        [(10, 0), (10, 64)]
+    );
 }

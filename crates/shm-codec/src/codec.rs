@@ -11,6 +11,7 @@ use shm_core::{FormatError, ShmBlock, ShmBlockMut, ShmPool, ShmRef};
 
 use crate::error::{CodecError, Result};
 use crate::payload::Payload;
+use crate::unwritten::Unwritten;
 
 /// Default size under which array data travels inline rather than in a block.
 pub const DEFAULT_INLINE_THRESHOLD: usize = 64 << 10;
@@ -52,6 +53,21 @@ impl Encoder {
             });
         }
         Ok(payload)
+    }
+
+    /// Encodes a value up to the copy into new blocks, where its codec can (see
+    /// [`Encode::encode_unwritten`]).
+    pub fn encode_unwritten<V: Encode + ?Sized>(&self, value: &V) -> Result<Option<Unwritten>> {
+        let unwritten = value.encode_unwritten(self)?;
+        if let Some(unwritten) = &unwritten
+            && unwritten.sources.len() > crate::MAX_BLOCKS
+        {
+            return Err(CodecError::TooManyBlocks {
+                blocks: unwritten.sources.len(),
+                limit: crate::MAX_BLOCKS,
+            });
+        }
+        Ok(unwritten)
     }
 
     /// A block this encoder's codec has filled, frozen for sending: from now on, encoding a
@@ -166,6 +182,16 @@ impl Decoder {
 pub trait Encode {
     /// Encodes the value; large data goes into blocks of the encoder's pool.
     fn encode(&self, encoder: &Encoder) -> Result<Payload>;
+
+    /// Encodes the value up to the copy into new blocks ([`Unwritten`]), for a transport that
+    /// copies the bytes once more anyway (onto a socket) and can send them from where they lie.
+    /// `None` (the default) where the codec does not do this: the transport then calls
+    /// [`encode`](Self::encode). Where it does, `encode_unwritten(e)?.write(e)` must give what
+    /// `encode(e)` gives.
+    fn encode_unwritten(&self, encoder: &Encoder) -> Result<Option<Unwritten>> {
+        let _ = encoder;
+        Ok(None)
+    }
 }
 
 /// A value that can be decoded from a payload.
@@ -208,9 +234,15 @@ pub const SERDE_CODEC: &str = "serde";
 
 impl<T: Serialize> Encode for Serde<T> {
     fn encode(&self, encoder: &Encoder) -> Result<Payload> {
-        let bytes = postcard::to_stdvec(&self.0).map_err(|source| CodecError::Serialize {
-            source: FormatError::from_postcard(source),
-        })?;
+        // A small value (a small call's) is written on the stack first, then allocated once
+        // at its size, rather than grown byte by byte.
+        let mut small = [0u8; 64];
+        let bytes = match postcard::to_slice(&self.0, &mut small) {
+            Ok(written) => written.to_vec(),
+            Err(_) => postcard::to_stdvec(&self.0).map_err(|source| CodecError::Serialize {
+                source: FormatError::from_postcard(source),
+            })?,
+        };
         if bytes.len() <= encoder.serde_inline_limit {
             return Ok(Payload::new(SERDE_CODEC, Vec::new(), Vec::new(), bytes));
         }

@@ -51,7 +51,9 @@ mod error;
 mod frame;
 mod payload;
 mod tuple;
+mod unwritten;
 mod value;
+pub mod wire;
 
 pub use array::{ARRAY_CODEC, ForeignArray, Order, ShmArray, ShmArrayMut, array_order};
 pub use codec::{
@@ -64,4 +66,5 @@ pub use frame::{FRAME_CODEC, Index, SimpleFrame};
 pub use num_complex::Complex;
 pub use payload::{FORMAT_VERSION, MAX_BLOCKS, Payload};
 pub use tuple::TUPLE_CODEC;
+pub use unwritten::{Bytes, Pieces, Source, Unwritten};
 pub use value::{MAX_VALUE_DEPTH, Value};

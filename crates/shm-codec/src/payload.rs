@@ -119,6 +119,24 @@ impl Payload {
         }
     }
 
+    /// A payload as [`crate::wire::Reader`] read it, every field as it came.
+    pub(crate) fn from_wire(
+        version: u16,
+        codec: Cow<'static, str>,
+        meta: Vec<u8>,
+        buffers: Vec<ShmRef>,
+        inline: Vec<u8>,
+    ) -> Self {
+        Payload {
+            version,
+            codec,
+            meta,
+            buffers,
+            inline,
+            blocks: Vec::new(),
+        }
+    }
+
     /// The references to the payload's blocks, as they travel.
     pub fn buffers(&self) -> &[ShmRef] {
         &self.buffers
@@ -224,7 +242,7 @@ fn codec_name<'de, D: serde::Deserializer<'de>>(
 }
 
 /// `name` as one of [`KNOWN_CODECS`], borrowed, or else as an owned copy.
-fn codec_cow(name: &str) -> Cow<'static, str> {
+pub(crate) fn codec_cow(name: &str) -> Cow<'static, str> {
     KNOWN_CODECS
         .iter()
         .find(|known| **known == name)

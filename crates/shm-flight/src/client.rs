@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use arrow_flight::FlightData;
 use arrow_flight::flight_service_client::FlightServiceClient;
-use shm_codec::{Encoder, Payload};
+use shm_codec::{Encoder, Payload, Unwritten};
 use shm_core::ShmPool;
 use shm_transport::{Callee, DecodeReply, Lifecycle, TransportError};
 
@@ -13,7 +13,7 @@ use crate::budget::Reservation;
 use crate::error::{FlightError, NetworkFault};
 use tonic::transport::{Channel, Endpoint};
 
-use crate::side::{self, Kind, Outbound};
+use crate::side::{self, DATA_CONNECTION_MIN_BYTES, Kind, Outbound};
 use crate::wire::{
     self, CallHead, Connections, Counter, MESSAGE_SLACK, Outcome, Refusal, ReplyHead, WIRE_VERSION,
     WireError,
@@ -321,7 +321,7 @@ impl RemoteWorker {
                 let (addr, sent) = (addr.clone(), Arc::clone(&progress.sent));
                 Some(tokio::spawn(async move {
                     let mut stream = side::connect(&addr, outbound.key, Kind::Push).await?;
-                    side::write_blocks(&mut stream, &outbound.blocks, &sent, None).await
+                    side::write_blocks(&mut stream, &outbound.sources, &sent, None).await
                 }))
             }
             _ => None,
@@ -560,20 +560,13 @@ impl Callee for RemoteWorker {
                 held: args.blocks().len(),
             });
         }
-        let runtime = runtime()?;
-        if tokio::runtime::Handle::try_current().is_ok() {
-            return Err(FlightError::BlockingInAsync {
-                what: "RemoteWorker::call",
-            }
-            .into());
-        }
         let sent = Arc::new(Counter::default());
         let outgoing = wire::outgoing(
             args,
             &self.pool,
             self.config.limits.whole_batch_bytes(),
             Arc::clone(&sent),
-            self.data_addr.is_some() && lock(&self.state).server_takes_connection,
+            self.by_connection(),
         )
         .map_err(|err| match err {
             WireError::Codec(err) => TransportError::Codec(err),
@@ -581,6 +574,69 @@ impl Callee for RemoteWorker {
                 what: format!("cannot send the arguments of {method}: {other:?}"),
             },
         })?;
+        self.call_outgoing(method, outgoing, sent, timeout, decode)
+    }
+
+    fn takes_unwritten(&self) -> bool {
+        true
+    }
+
+    /// Arguments whose blocks are still to be written go onto the data connection from where
+    /// they lie, skipping the copy into shared memory; below the data connection's threshold,
+    /// or when the server takes none, they are written into blocks as for `call_with`.
+    fn call_unwritten(
+        &self,
+        method: &str,
+        args: Unwritten,
+        timeout: Option<Duration>,
+        decode: &mut DecodeReply<'_>,
+    ) -> Result<(), TransportError> {
+        if !self.by_connection() || args.block_bytes() < DATA_CONNECTION_MIN_BYTES {
+            let args = args.write(&self.encoder)?;
+            return self.call_with(method, args, timeout, decode);
+        }
+        let outgoing = wire::outgoing_unwritten(args);
+        self.call_outgoing(
+            method,
+            outgoing,
+            Arc::new(Counter::default()),
+            timeout,
+            decode,
+        )
+    }
+
+    fn shm_pool(&self) -> &ShmPool {
+        &self.pool
+    }
+
+    fn describe(&self) -> String {
+        format!("remote {}", self.config.addr)
+    }
+}
+
+impl RemoteWorker {
+    /// Whether arguments of a data connection's size go over one.
+    fn by_connection(&self) -> bool {
+        self.data_addr.is_some() && lock(&self.state).server_takes_connection
+    }
+
+    /// Sends a call's head and arguments, waits for the reply and hands it to `decode`.
+    /// `sent` counts the argument bytes sent so far (for the errors' numbers).
+    fn call_outgoing(
+        &self,
+        method: &str,
+        outgoing: wire::Outgoing,
+        sent: Arc<Counter>,
+        timeout: Option<Duration>,
+        decode: &mut DecodeReply<'_>,
+    ) -> Result<(), TransportError> {
+        let runtime = runtime()?;
+        if tokio::runtime::Handle::try_current().is_ok() {
+            return Err(FlightError::BlockingInAsync {
+                what: "RemoteWorker::call",
+            }
+            .into());
+        }
         let progress = Progress {
             method: method.to_owned(),
             sent,
@@ -622,14 +678,6 @@ impl Callee for RemoteWorker {
             }
         })?;
         decode(&payload, &wire::own_decoder(&self.pool, payload.blocks()))
-    }
-
-    fn shm_pool(&self) -> &ShmPool {
-        &self.pool
-    }
-
-    fn describe(&self) -> String {
-        format!("remote {}", self.config.addr)
     }
 }
 

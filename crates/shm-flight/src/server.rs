@@ -574,7 +574,7 @@ impl WorkerService {
             let mut connection = rendezvous
                 .claim(outbound.key, Kind::Pull, Some(timeout))
                 .await?;
-            side::write_blocks(&mut connection, &outbound.blocks, &sent, Some(timeout)).await
+            side::write_blocks(&mut connection, &outbound.sources, &sent, Some(timeout)).await
         })
         .filter_map(|written: Result<(), WireError>| async move {
             written

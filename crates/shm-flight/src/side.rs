@@ -17,8 +17,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use shm_codec::Encoder;
-use shm_core::{ShmBlock, ShmBlockMut};
+use shm_codec::{Encoder, Source};
+use shm_core::ShmBlockMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -79,10 +79,12 @@ pub(crate) fn new_key() -> Key {
     key
 }
 
-/// A payload's blocks, to be written on the data connection named `key`.
+/// A payload's blocks, to be written on the data connection named `key`: blocks that hold
+/// their bytes, or the pieces of blocks never written here (an Arrow batch's buffers on the
+/// heap), which go onto the connection from where they lie.
 pub(crate) struct Outbound {
     pub key: Key,
-    pub blocks: Vec<Arc<ShmBlock>>,
+    pub sources: Vec<Source>,
 }
 
 fn lost(what: &str, err: std::io::Error) -> WireError {
@@ -128,20 +130,50 @@ pub(crate) async fn connect(addr: &str, key: Key, kind: Kind) -> Result<TcpStrea
 /// The preamble's length: [`MAGIC`], the key, the kind.
 const PREAMBLE: usize = 8 + 16 + 1;
 
-/// Writes `blocks` in order, waiting at most `gap` for each piece to be taken.
+/// Bytes of the buffer that gathers small pieces (and the padding between them) into fewer
+/// writes: a frame of 100,000 narrow columns is 100,000 pieces.
+const GATHER: usize = 256 << 10;
+
+/// Writes the blocks of `sources` in order, waiting at most `gap` for each write to be taken.
+/// The padding between the pieces of an unwritten block goes as zeros.
 pub(crate) async fn write_blocks(
     stream: &mut TcpStream,
-    blocks: &[Arc<ShmBlock>],
+    sources: &[Source],
     sent: &Counter,
     gap: Option<Duration>,
 ) -> Result<(), WireError> {
-    for block in blocks {
-        for piece in block.as_slice().chunks(WRITE_PIECE) {
-            within(gap, "the receiver taking the data", stream.write_all(piece)).await?;
-            sent.add(piece.len());
+    const ZEROS: [u8; 4096] = [0; 4096];
+    let mut out = tokio::io::BufWriter::with_capacity(GATHER, stream);
+    let mut write = async |bytes: &[u8]| {
+        for part in bytes.chunks(WRITE_PIECE) {
+            within(gap, "the receiver taking the data", out.write_all(part)).await?;
+            sent.add(part.len());
+        }
+        Ok::<_, WireError>(())
+    };
+    let zeros = |len: usize| {
+        (0..len.div_ceil(ZEROS.len()))
+            .map(move |i| &ZEROS[..(len - i * ZEROS.len()).min(ZEROS.len())])
+    };
+    for source in sources {
+        match source {
+            Source::Block(block) => write(block.as_slice()).await?,
+            Source::Pieces(pieces) => {
+                let mut at = 0;
+                for (piece, offset) in pieces.iter() {
+                    for pad in zeros(offset - at) {
+                        write(pad).await?;
+                    }
+                    write(piece).await?;
+                    at = offset + piece.len();
+                }
+                for pad in zeros(source.len() - at) {
+                    write(pad).await?;
+                }
+            }
         }
     }
-    within(gap, "the receiver taking the data", stream.flush()).await
+    within(gap, "the receiver taking the data", out.flush()).await
 }
 
 /// Reads blocks of `lens` bytes, in order, into blocks of `encoder`'s pool, each allocated

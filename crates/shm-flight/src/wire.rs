@@ -30,7 +30,7 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use shm_arrow::{COLUMNS_CODEC, ColumnFrame};
-use shm_codec::{Attacher, Decoder, Encoder, Payload};
+use shm_codec::{Attacher, Decoder, Encoder, Payload, Source, Unwritten};
 use shm_core::{ShmBlock, ShmBlockMut, ShmPool, ShmRef};
 use shm_transport::RemoteError;
 
@@ -294,6 +294,30 @@ pub(crate) struct Outgoing {
     pub connection: Option<Outbound>,
 }
 
+/// Prepares a payload whose new blocks are still to be written for sending over a data
+/// connection: the head names the blocks' lengths, and the connection writes their pieces from
+/// where they lie (the copy into shared memory that [`outgoing`] would send from is skipped).
+pub(crate) fn outgoing_unwritten(args: Unwritten) -> Outgoing {
+    let key = side::new_key();
+    let head = PayloadHead {
+        codec: args.codec.to_string(),
+        meta: args.meta,
+        inline: args.inline,
+        body: Body::Connection {
+            lens: args.sources.iter().map(|s| s.len() as u64).collect(),
+            key,
+        },
+    };
+    Outgoing {
+        head,
+        data: Box::new(std::iter::empty()),
+        connection: Some(Outbound {
+            key,
+            sources: args.sources,
+        }),
+    }
+}
+
 /// Prepares `payload` for sending. When `by_connection` (the peer takes data connections)
 /// and its blocks hold at least [`DATA_CONNECTION_MIN_BYTES`], they go over a data
 /// connection, whatever the codec. Otherwise an Arrow frame is decoded (from our own blocks,
@@ -323,7 +347,10 @@ pub(crate) fn outgoing(
         return Ok(Outgoing {
             head,
             data: Box::new(std::iter::empty()),
-            connection: Some(Outbound { key, blocks }),
+            connection: Some(Outbound {
+                key,
+                sources: blocks.into_iter().map(Source::Block).collect(),
+            }),
         });
     }
     if payload.codec == COLUMNS_CODEC {

@@ -83,6 +83,11 @@ pub const TARGETS: &[Target] = &[
         seeds: |h| h.channel.0.clone(),
     },
     Target {
+        name: "frame-wire",
+        run: frame_wire,
+        seeds: |h| h.channel.0.clone(),
+    },
+    Target {
         name: "link-message",
         run: link_message,
         seeds: link_message_seeds,
@@ -316,6 +321,11 @@ fn ipc_seeds(h: &Harness) -> Vec<Vec<u8>> {
 
 fn channel_frame(h: &Harness, data: &[u8]) -> bool {
     shm_transport::fuzzing::receive(&h.pool, data).is_ok()
+}
+
+/// The hand-written frame reader and writer against serde's (a panic where they disagree).
+fn frame_wire(_: &Harness, data: &[u8]) -> bool {
+    shm_transport::fuzzing::frame_wire_agrees(data)
 }
 
 /// A message on a segment link: the first byte picks the descriptor that travels with the rest

@@ -12,7 +12,7 @@
 
 use std::time::Duration;
 
-use shm_codec::{Decode, Decoder, Encode, Encoder, Payload};
+use shm_codec::{Decode, Decoder, Encode, Encoder, Payload, Unwritten};
 use shm_core::ShmPool;
 
 use crate::error::{Result, TransportError};
@@ -35,6 +35,28 @@ pub trait Callee: Send + Sync + std::fmt::Debug {
         timeout: Option<Duration>,
         decode: &mut DecodeReply<'_>,
     ) -> Result<()>;
+
+    /// Whether this callee copies its arguments' bytes onto a socket anyway, so that it gains
+    /// by taking them before they are copied into new blocks
+    /// ([`call_unwritten`](Self::call_unwritten)). `false` by default.
+    fn takes_unwritten(&self) -> bool {
+        false
+    }
+
+    /// [`call_with`](Self::call_with) for arguments encoded up to the copy into new blocks
+    /// (see [`Unwritten`]). By default the blocks are written into
+    /// [`shm_pool`](Self::shm_pool) and the call goes on as `call_with`; a callee that
+    /// [`takes_unwritten`](Self::takes_unwritten) sends the pieces from where they lie.
+    fn call_unwritten(
+        &self,
+        method: &str,
+        args: Unwritten,
+        timeout: Option<Duration>,
+        decode: &mut DecodeReply<'_>,
+    ) -> Result<()> {
+        let args = args.write(&Encoder::new(self.shm_pool().clone()))?;
+        self.call_with(method, args, timeout, decode)
+    }
 
     /// The shared-memory pool arguments are best encoded into (a local worker reads them in
     /// place).
@@ -87,12 +109,21 @@ fn call_decoded<C: Callee + ?Sized, A: Encode + ?Sized, R: Decode>(
     args: &A,
     timeout: Option<Duration>,
 ) -> Result<R> {
-    let args = Encoder::new(callee.shm_pool().clone()).encode(args)?;
+    let encoder = Encoder::new(callee.shm_pool().clone());
     let mut value = None;
-    callee.call_with(method, args, timeout, &mut |payload, decoder| {
+    let mut decode = |payload: &Payload, decoder: &Decoder| {
         value = Some(R::decode(payload, decoder)?);
         Ok(())
-    })?;
+    };
+    match callee
+        .takes_unwritten()
+        .then(|| encoder.encode_unwritten(args))
+        .transpose()?
+        .flatten()
+    {
+        Some(args) => callee.call_unwritten(method, args, timeout, &mut decode)?,
+        None => callee.call_with(method, encoder.encode(args)?, timeout, &mut decode)?,
+    }
     value.ok_or_else(|| TransportError::NotDecoded {
         method: method.to_owned(),
     })

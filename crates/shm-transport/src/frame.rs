@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use shm_codec::{Decoder, MAX_BLOCKS, Payload};
+use shm_codec::{Decoder, MAX_BLOCKS, Payload, wire};
 use shm_core::{Reclaim, SegmentLink, ShmBlock, ShmError, ShmPool, ShmRef};
 
 use crate::channel::{Channel, SLOT_COUNT, SLOT_LEN, Side, Wake};
@@ -16,6 +16,7 @@ use crate::trust::Admission;
 
 /// A control message. Payloads inside travel as references; the frames themselves are small.
 #[derive(Debug, Serialize, Deserialize)]
+#[cfg_attr(test, derive(Clone))]
 pub(crate) enum Frame {
     /// Worker → parent, once, first: the worker is ready, and the session of its pool (eight
     /// hex digits), whose lock holds `pid`.
@@ -45,7 +46,88 @@ pub(crate) enum Frame {
     Spilled { frame: ShmRef, loan: u64 },
 }
 
+/// The variant indexes of the frames postcard writes first: the order of [`Frame`]'s variants.
+const CALL: u32 = 1;
+const REPLY: u32 = 2;
+
 impl Frame {
+    /// Appends the frame's postcard form to `out`. Calls and replies, which every call sends,
+    /// are written by hand (`shm_codec::wire`), the rest by serde; the bytes are serde's either
+    /// way (checked in the tests and by the `frame-wire` fuzz target).
+    pub(crate) fn write_wire(&self, out: &mut Vec<u8>) -> std::result::Result<(), postcard::Error> {
+        let loans = match self {
+            Frame::Call {
+                id,
+                method,
+                args,
+                loans,
+            } => {
+                wire::put_varint(out, CALL.into());
+                wire::put_varint(out, *id);
+                wire::put_bytes(out, method.as_bytes());
+                args.write_wire(out);
+                loans
+            }
+            Frame::Reply { id, outcome, loans } => {
+                wire::put_varint(out, REPLY.into());
+                wire::put_varint(out, *id);
+                match outcome {
+                    Ok(payload) => {
+                        out.push(0);
+                        payload.write_wire(out);
+                    }
+                    Err(err) => {
+                        out.push(1);
+                        *out = postcard::to_extend(err, std::mem::take(out))?;
+                    }
+                }
+                loans
+            }
+            other => {
+                *out = postcard::to_extend(other, std::mem::take(out))?;
+                return Ok(());
+            }
+        };
+        wire::put_varint(out, loans.len() as u64);
+        for loan in loans {
+            wire::put_varint(out, *loan);
+        }
+        Ok(())
+    }
+
+    /// Reads a frame from `bytes` as postcard does (trailing bytes ignored): calls and replies
+    /// with a payload by hand, anything else — other frames, errors, and bytes the hand-written
+    /// reader refuses — by serde, which then also reports what is wrong.
+    pub(crate) fn from_wire(bytes: &[u8]) -> std::result::Result<Frame, postcard::Error> {
+        Self::read_by_hand(bytes).map_or_else(|| postcard::from_bytes(bytes), Ok)
+    }
+
+    fn read_by_hand(bytes: &[u8]) -> Option<Frame> {
+        let mut reader = wire::Reader::new(bytes);
+        match reader.u32()? {
+            CALL => Some(Frame::Call {
+                id: reader.u64()?,
+                method: reader.str()?.to_owned(),
+                args: reader.payload()?,
+                loans: reader.u64s()?,
+            }),
+            REPLY => {
+                let id = reader.u64()?;
+                // `Ok` only: an error is rare, and serde reads it.
+                if reader.u32()? != 0 {
+                    return None;
+                }
+                let payload = reader.payload()?;
+                Some(Frame::Reply {
+                    id,
+                    outcome: Ok(payload),
+                    loans: reader.u64s()?,
+                })
+            }
+            _ => None,
+        }
+    }
+
     /// The loan ids of the frame's payload, for filling in before sending.
     fn loans_mut(&mut self) -> Option<&mut Vec<u64>> {
         match self {
@@ -312,7 +394,9 @@ impl Endpoint {
         buffer.clear();
         // Sized for a small call at once: growing the vector costs more than the encoding.
         buffer.reserve(256);
-        let bytes = postcard::to_extend(frame, buffer)
+        let mut bytes = buffer;
+        frame
+            .write_wire(&mut bytes)
             .map_err(|e| malformed(format!("cannot encode frame: {e}")))?;
         if bytes.len() <= SLOT_LEN - 4 {
             return Ok(Ok((bytes, None)));
@@ -352,7 +436,7 @@ impl Endpoint {
             return Ok(None);
         };
         self.returner.peer_sent_a_frame();
-        let frame: Frame = postcard::from_bytes(bytes)
+        let frame = Frame::from_wire(bytes)
             .map_err(|e| malformed(format!("frame of {} bytes: {e}", bytes.len())))?;
         let Frame::Spilled { frame, loan } = frame else {
             return Ok(Some(frame));
@@ -375,7 +459,7 @@ impl Endpoint {
                 Ok(block.as_slice().to_vec())
             })
             .and_then(|bytes| {
-                postcard::from_bytes::<Frame>(&bytes)
+                Frame::from_wire(&bytes)
                     .map_err(|e| malformed(format!("spilled frame of {} bytes: {e}", bytes.len())))
             });
         self.returner.release(&[loan]);
@@ -447,6 +531,80 @@ impl Endpoint {
     #[cfg(test)]
     pub(crate) fn outstanding_loans(&self) -> usize {
         self.lender.outstanding()
+    }
+}
+
+#[cfg(test)]
+mod wire_tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::RemoteErrorKind;
+    use crate::fuzzing::frame_wire_agrees;
+
+    fn payload() -> impl Strategy<Value = Payload> {
+        (
+            prop_oneof![
+                Just("serde".to_string()),
+                Just("arrow-columns".to_string()),
+                ".{0,6}"
+            ],
+            proptest::collection::vec(any::<u8>(), 0..40),
+            proptest::collection::vec(any::<u8>(), 0..200),
+        )
+            .prop_map(|(codec, meta, inline)| Payload::from_refs(codec, meta, Vec::new(), inline))
+    }
+
+    fn frame() -> impl Strategy<Value = Frame> {
+        let loans = proptest::collection::vec(any::<u64>(), 0..4);
+        prop_oneof![
+            (any::<u64>(), ".{0,12}", payload(), loans.clone()).prop_map(
+                |(id, method, args, loans)| Frame::Call {
+                    id,
+                    method,
+                    args,
+                    loans
+                }
+            ),
+            (any::<u64>(), payload(), loans).prop_map(|(id, payload, loans)| Frame::Reply {
+                id,
+                outcome: Ok(payload),
+                loans
+            }),
+            (any::<u64>(), ".{0,12}").prop_map(|(id, message)| Frame::Reply {
+                id,
+                outcome: Err(RemoteError {
+                    method: "m".into(),
+                    kind: RemoteErrorKind::Panic,
+                    message
+                }),
+                loans: Vec::new()
+            }),
+            Just(Frame::Shutdown),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn frames_are_written_and_read_as_serde_does(
+            frame in frame(),
+            cut in any::<usize>(),
+            flips in proptest::collection::vec(any::<(usize, u8)>(), 1..3),
+        ) {
+            let mut written = Vec::new();
+            frame.write_wire(&mut written).unwrap();
+            prop_assert_eq!(&written, &postcard::to_stdvec(&frame).unwrap());
+            prop_assert!(frame_wire_agrees(&written));
+            prop_assert_eq!(format!("{:?}", Frame::from_wire(&written).unwrap()), format!("{frame:?}"));
+            // Cut short, and with bytes changed: both readers refuse, or both read the same.
+            frame_wire_agrees(&written[..cut % written.len()]);
+            let mut changed = written.clone();
+            for (at, bits) in flips {
+                let at = at % changed.len();
+                changed[at] ^= bits;
+            }
+            frame_wire_agrees(&changed);
+        }
     }
 }
 

@@ -106,6 +106,29 @@ pub mod fuzzing {
         Ok(())
     }
 
+    /// Reads `bytes` as a frame twice, by the hand-written reader and by serde, and panics where
+    /// the two disagree (one accepts what the other refuses, or they read different frames), or
+    /// where a frame read is written back other than as serde writes it. Says whether the
+    /// bytes were a frame.
+    pub fn frame_wire_agrees(bytes: &[u8]) -> bool {
+        let ours = Frame::from_wire(bytes).map(|frame| format!("{frame:?}"));
+        let theirs = postcard::from_bytes::<Frame>(bytes).map(|frame| format!("{frame:?}"));
+        assert_eq!(ours.is_ok(), theirs.is_ok(), "{ours:?} / {theirs:?}");
+        let Ok(frame) = Frame::from_wire(bytes) else {
+            return false;
+        };
+        assert_eq!(ours.ok(), theirs.ok());
+        let mut written = Vec::new();
+        frame
+            .write_wire(&mut written)
+            .expect("a frame read can be written");
+        assert_eq!(
+            written,
+            postcard::to_stdvec(&frame).expect("serde writes it")
+        );
+        true
+    }
+
     /// Valid frames to start from: calls with inline and block arguments, a hello, a shutdown
     /// and a spilled frame; and the blocks they name, which can be attached while they live.
     pub fn seeds(pool: &ShmPool) -> (Vec<Vec<u8>>, Vec<Arc<ShmBlock>>) {
@@ -139,6 +162,11 @@ pub mod fuzzing {
             if let Ok(args) = encoder.encode(&Serde(value)) {
                 blocks.extend(args.blocks().iter().cloned());
                 let loans = (1..=args.buffers().len() as u64).collect();
+                frames.push(Frame::Reply {
+                    id: 1,
+                    outcome: Ok(args.clone()),
+                    loans: Vec::clone(&loans),
+                });
                 frames.push(Frame::Call {
                     id: 1,
                     method: "m".into(),
@@ -147,6 +175,15 @@ pub mod fuzzing {
                 });
             }
         }
+        frames.push(Frame::Reply {
+            id: u64::MAX,
+            outcome: Err(crate::RemoteError {
+                method: "m".into(),
+                kind: crate::RemoteErrorKind::Handler,
+                message: "no".into(),
+            }),
+            loans: Vec::new(),
+        });
         let frames = frames
             .iter()
             .filter_map(|f| postcard::to_stdvec(f).ok())

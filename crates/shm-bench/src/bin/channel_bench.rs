@@ -53,6 +53,13 @@ fn main() -> Result<(), Error> {
         return parent_of_a_worker();
     }
     let quick = args.iter().any(|a| a == "--quick");
+    // `--b2`: the small calls alone, for profiling; prints the section instead of writing it.
+    if args.iter().any(|a| a == "--b2") {
+        let mut report = String::new();
+        b2(&mut report, quick)?;
+        println!("{report}");
+        return Ok(());
+    }
     let mut report = String::new();
     b2(&mut report, quick)?;
     b4(&mut report, quick)?;
