@@ -30,9 +30,9 @@ fn main() -> ExitCode {
         "demo" => demo(rest),
         "bench" => bench(rest),
         "soak" => soak(rest),
-        "fuzz" => fuzz(rest, "60", true),
+        "fuzz" => fuzz(rest),
         "ci" => test().and_then(|()| demo(&["--size".into(), "256MiB".into()])),
-        "valgrind" => valgrind(),
+        "valgrind" => test_artifacts().and_then(|artifacts| valgrind(&artifacts)),
         _ => {
             eprintln!(
                 "usage: cargo xtask <test | lint | demo [--size N] | bench [--quick] [--workers N] | \
@@ -57,6 +57,11 @@ fn main() -> ExitCode {
 /// The optional features that the tests and clippy turn on: TLS for the Flight workers, and
 /// the Flight benchmark (optional so that the demo builds without the gRPC stack).
 const FEATURES: &str = "shm-flight/tls,shm-tests/tls,shm-bench/flight";
+
+/// The test build: every later step of `test` (pytest's workers, valgrind) runs executables of
+/// this one build. Building a single package instead would resolve other features for its
+/// dependencies (dev-dependencies and the features above count) and compile them again.
+const TEST_BUILD: &[&str] = &["test", "--workspace", "--features", FEATURES];
 
 fn lint() -> Result {
     cargo(&["fmt", "--all", "--", "--check"])?;
@@ -98,14 +103,15 @@ fn test() -> Result {
     let before = shm_listing()?;
     lint()?;
     let python = python_env()?;
+    // Every fuzz target runs for a second here too (crates/shm-fuzz/tests).
     run(Command::new(cargo_bin())
-        .args(["test", "--workspace", "--features", FEATURES])
+        .args(TEST_BUILD)
         .current_dir(root())
         .env("SHM_PYTHON", &python)
         .env("SHM_REQUIRE_PYTHON", "1"))?;
-    python_package(&python)?;
-    fuzz(&[], "1", false)?;
-    valgrind()?;
+    let artifacts = test_artifacts()?;
+    python_package(&python, &artifacts)?;
+    valgrind(&artifacts)?;
     let after = shm_listing()?;
     if after != before {
         let leaked: Vec<_> = after.difference(&before).collect();
@@ -150,21 +156,9 @@ fn python_env() -> Result<PathBuf> {
 
 /// Builds the Python package `shm` (`crates/shm-py`) into the environment of `python`, with
 /// the test workers it drives, and runs its tests with pytest.
-fn python_package(python: &Path) -> Result {
+fn python_package(python: &Path, artifacts: &[Artifact]) -> Result {
     install_python_package(python, false)?;
-    run(Command::new(cargo_bin())
-        .args([
-            "build",
-            "--quiet",
-            "-p",
-            "shm-tests",
-            "--bin",
-            "shm-test-worker",
-            "--bin",
-            "shm-test-python-parent",
-        ])
-        .current_dir(root()))?;
-    let binary = |name: &str| root().join("target/debug").join(name);
+    let binary = |name: &str| find_artifact(artifacts, "tests", "bin", name, false);
     run(Command::new(python)
         .args([
             "-m",
@@ -175,8 +169,8 @@ fn python_package(python: &Path) -> Result {
             "crates/shm-py/tests",
         ])
         .current_dir(root())
-        .env("SHM_TEST_WORKER", binary("shm-test-worker"))
-        .env("SHM_TEST_PYTHON_PARENT", binary("shm-test-python-parent")))
+        .env("SHM_TEST_WORKER", binary("shm-test-worker")?)
+        .env("SHM_TEST_PYTHON_PARENT", binary("shm-test-python-parent")?))
 }
 
 /// `maturin develop`: builds the package `shm` and installs it, editable, into the
@@ -195,29 +189,31 @@ fn install_python_package(python: &Path, release: bool) -> Result {
 }
 
 /// The tests that exercise `unsafe` code (segment mapping, byte casts, views over shared
-/// memory), as (package, cargo test target selector, tests to skip).
-const VALGRIND_TESTS: &[(&str, &[&str], &[&str])] = &[
+/// memory), as (crate directory, target kind, target name, tests to skip).
+const VALGRIND_TESTS: &[(&str, &str, &str, &[&str])] = &[
     // The thread test fills gigabytes byte by byte, minutes under valgrind, and runs no unsafe
     // code that the other tests do not.
-    ("shm-core", &["--lib"], &["many_threads_share_one_pool"]),
-    ("shm-codec", &["--test", "arrays"], &[]),
-    ("shm-arrow", &["--test", "frames"], &[]),
-    ("shm-transport", &["--lib"], &[]),
+    (
+        "crates/shm-core",
+        "lib",
+        "shm_core",
+        &["many_threads_share_one_pool"],
+    ),
+    ("crates/shm-codec", "test", "arrays", &[]),
+    ("crates/shm-arrow", "test", "frames", &[]),
+    ("crates/shm-transport", "lib", "shm_transport", &[]),
 ];
 
 /// Runs the tests of the crates that hold `unsafe` code under valgrind's memcheck, which
 /// reports invalid reads and writes, uses of uninitialised memory and leaks.
-fn valgrind() -> Result {
+fn valgrind(artifacts: &[Artifact]) -> Result {
     if Command::new("valgrind").arg("--version").output().is_err() {
         println!("xtask: valgrind is not installed; skipping the memcheck run");
         return Ok(());
     }
-    for (package, target, skip) in VALGRIND_TESTS {
-        let binary = test_binary(package, target)?;
-        println!(
-            "xtask: running {package} {} under valgrind",
-            target.join(" ")
-        );
+    for (dir, kind, name, skip) in VALGRIND_TESTS {
+        let binary = find_artifact(artifacts, dir, kind, name, true)?;
+        println!("xtask: running {dir}'s {kind} target {name} under valgrind");
         let mut command = Command::new("valgrind");
         command
             .args([
@@ -240,48 +236,96 @@ fn valgrind() -> Result {
     Ok(())
 }
 
-/// Builds one test binary of a package and returns its path.
-fn test_binary(package: &str, target: &[&str]) -> Result<PathBuf> {
+/// One executable of the test build.
+#[derive(Debug)]
+struct Artifact {
+    /// The manifest of its package.
+    manifest: PathBuf,
+    /// Its target's kind (`lib`, `bin`, `test`, …) and name.
+    kind: String,
+    name: String,
+    /// Whether it is a test harness (`cargo test`'s) rather than the target itself.
+    harness: bool,
+    executable: PathBuf,
+}
+
+/// The executables of the test build ([`TEST_BUILD`]), building whatever is missing: cargo's
+/// JSON messages, one per line, read for the few fields needed.
+fn test_artifacts() -> Result<Vec<Artifact>> {
     let output = Command::new(cargo_bin())
-        .args([
-            "test",
-            "--package",
-            package,
-            "--no-run",
-            "--message-format=json",
-        ])
-        .args(target)
+        .args(TEST_BUILD)
+        .args(["--no-run", "--message-format=json"])
         .current_dir(root())
+        .stderr(std::process::Stdio::inherit())
         .output()
         .map_err(|e| format!("cargo: {e}"))?;
     if !output.status.success() {
-        return Err(format!("building the {package} tests failed"));
+        return Err("building the tests failed".into());
     }
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    stdout
+    Ok(String::from_utf8_lossy(&output.stdout)
         .lines()
-        .filter(|line| line.contains("\"executable\":\"") && line.contains("\"test\":true"))
-        .find_map(|line| {
-            let start = line.find("\"executable\":\"")? + "\"executable\":\"".len();
-            let end = start + line[start..].find('"')?;
-            Some(PathBuf::from(&line[start..end]))
+        .filter(|line| line.starts_with("{\"reason\":\"compiler-artifact\""))
+        .filter_map(|line| {
+            let profile = &line[line.find("\"profile\":{")?..];
+            Some(Artifact {
+                manifest: PathBuf::from(json_string(line, "manifest_path")?),
+                kind: json_string(line, "kind\":[")?.to_owned(),
+                name: json_string(&line[line.find("\"target\":{")?..], "name")?.to_owned(),
+                harness: profile[..profile.find('}')?].contains("\"test\":true"),
+                executable: PathBuf::from(json_string(line, "executable")?),
+            })
         })
-        .ok_or_else(|| format!("no test binary found for {package} {}", target.join(" ")))
+        .collect())
 }
 
-/// Runs the fuzzer (`crates/shm-fuzz`) over every target for `secs` seconds each (unless the
-/// arguments say otherwise); a finding fails the task.
-fn fuzz(args: &[String], secs: &str, release: bool) -> Result {
-    let mut command = Command::new(cargo_bin());
-    command.args(["run", "--quiet", "-p", "shm-fuzz"]);
-    if release {
-        command.arg("--release");
-    }
-    command
-        .args(["--", "--secs", secs])
+/// The string value of the first `"key":"…"` in `line` (`key` may end in `":[` for the first
+/// string of a list). Paths with quotes or backslashes, which JSON escapes, are not found.
+fn json_string<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let key = if key.ends_with('[') {
+        format!("\"{key}\"")
+    } else {
+        format!("\"{key}\":\"")
+    };
+    let start = line.find(&key)? + key.len();
+    let value = &line[start..];
+    let value = &value[..value.find('"')?];
+    (!value.contains('\\')).then_some(value)
+}
+
+/// The executable of target `name` (of `kind`) in the package at `dir`, from `artifacts`.
+fn find_artifact(
+    artifacts: &[Artifact],
+    dir: &str,
+    kind: &str,
+    name: &str,
+    harness: bool,
+) -> Result<PathBuf> {
+    let manifest = root().join(dir).join("Cargo.toml");
+    artifacts
+        .iter()
+        .find(|a| {
+            a.manifest == manifest && a.kind == kind && a.name == name && a.harness == harness
+        })
+        .map(|a| a.executable.clone())
+        .ok_or_else(|| format!("the test build made no {kind} executable {name} of {dir}"))
+}
+
+/// Runs the fuzzer (`crates/shm-fuzz`), in release mode, over every target for 60 seconds
+/// each (unless the arguments say otherwise); a finding fails the task.
+fn fuzz(args: &[String]) -> Result {
+    run(Command::new(cargo_bin())
+        .args([
+            "run",
+            "--quiet",
+            "--release",
+            "-p",
+            "shm-fuzz",
+            "--",
+            "--secs",
+            "60",
+        ])
         .args(args)
-        .current_dir(root());
-    run(&mut command)
+        .current_dir(root()))
 }
 
 /// Runs the model-based test (`tests/tests/model.rs`) for many steps, in release mode.
