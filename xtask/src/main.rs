@@ -268,26 +268,20 @@ fn test_artifacts() -> Result<Vec<Artifact>> {
         .filter_map(|line| {
             let profile = &line[line.find("\"profile\":{")?..];
             Some(Artifact {
-                manifest: PathBuf::from(json_string(line, "manifest_path")?),
-                kind: json_string(line, "kind\":[")?.to_owned(),
-                name: json_string(&line[line.find("\"target\":{")?..], "name")?.to_owned(),
+                manifest: PathBuf::from(json_string(line, r#""manifest_path":""#)?),
+                kind: json_string(line, r#""kind":[""#)?.to_owned(),
+                name: json_string(&line[line.find(r#""target":{"#)?..], r#""name":""#)?.to_owned(),
                 harness: profile[..profile.find('}')?].contains("\"test\":true"),
-                executable: PathBuf::from(json_string(line, "executable")?),
+                executable: PathBuf::from(json_string(line, r#""executable":""#)?),
             })
         })
         .collect())
 }
 
-/// The string value of the first `"key":"…"` in `line` (`key` may end in `":[` for the first
-/// string of a list). Paths with quotes or backslashes, which JSON escapes, are not found.
-fn json_string<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    let key = if key.ends_with('[') {
-        format!("\"{key}\"")
-    } else {
-        format!("\"{key}\":\"")
-    };
-    let start = line.find(&key)? + key.len();
-    let value = &line[start..];
+/// The JSON string that follows the first `prefix` (which ends with its opening quote) in
+/// `line`. Strings with escapes (a path with a quote or a backslash) are not found.
+fn json_string<'a>(line: &'a str, prefix: &str) -> Option<&'a str> {
+    let value = &line[line.find(prefix)? + prefix.len()..];
     let value = &value[..value.find('"')?];
     (!value.contains('\\')).then_some(value)
 }

@@ -723,18 +723,26 @@ where
             values.len()
         ));
     }
-    // In bounds and ascending, so `0 <= first <= last <= values.len()`.
+    // In bounds and ascending, so `0 <= first <= last <= values.len()` (`get` rather than
+    // an index all the same: memory a peer shares can change between two reads).
     let (first, last) = (first as usize, last as usize);
-    let text = std::str::from_utf8(&values[first..last])
+    let Some(span) = values.get(first..last) else {
+        return fail(format!(
+            "string offsets from {first} to {last} changed while read"
+        ));
+    };
+    let text = std::str::from_utf8(span)
         .map_err(|e| ArrowError::InvalidArgumentError(format!("strings not UTF-8: {e}")))?;
     if let Some(at) = offsets
         .iter()
-        .map(|o| at(o) as usize - first)
+        // Wrapping, not panicking, should the bytes change under us: an offset then outside
+        // the text is no character boundary, and the column is refused.
+        .map(|o| (at(o) as usize).wrapping_sub(first))
         .find(|&o| !text.is_char_boundary(o))
     {
         return fail(format!(
             "a string offset at byte {} falls inside a character",
-            at + first
+            at.wrapping_add(first)
         ));
     }
     Ok(())
@@ -890,13 +898,14 @@ mod tests {
         }
     }
 
+    /// A dictionary column of `keys` over `dictionary` values, and its type.
     fn keyed<K: arrow::datatypes::ArrowNativeType>(
-        data_type: DataType,
+        key: DataType,
         keys: &[i64],
         dictionary: usize,
         offset: usize,
         nulls: &Option<Vec<bool>>,
-    ) -> ArrayDataBuilder {
+    ) -> (ArrayDataBuilder, DataType) {
         let narrow: Vec<K> = keys.iter().map(|k| K::usize_as(*k as usize)).collect();
         let len = keys.len().saturating_sub(offset);
         let values = ArrayDataBuilder::new(DataType::Int32)
@@ -908,15 +917,14 @@ mod tests {
             let bits: Vec<bool> = bits.into_iter().cycle().take(offset + len).collect();
             NullBuffer::from(bits).slice(offset, len)
         });
-        ArrayDataBuilder::new(DataType::Dictionary(
-            Box::new(data_type),
-            Box::new(DataType::Int32),
-        ))
-        .len(len)
-        .offset(offset)
-        .nulls(nulls)
-        .buffers(vec![Buffer::from_slice_ref(&narrow)])
-        .child_data(vec![values])
+        let data_type = DataType::Dictionary(Box::new(key), Box::new(DataType::Int32));
+        let builder = ArrayDataBuilder::new(data_type.clone())
+            .len(len)
+            .offset(offset)
+            .nulls(nulls)
+            .buffers(vec![Buffer::from_slice_ref(&narrow)])
+            .child_data(vec![values]);
+        (builder, data_type)
     }
 
     proptest! {
@@ -943,20 +951,9 @@ mod tests {
                 6 => keyed::<u32>(DataType::UInt32, &keys, dictionary, offset, &nulls),
                 _ => keyed::<u64>(DataType::UInt64, &keys, dictionary, offset, &nulls),
             };
-            let arrow = make().build();
-            let key = [
-                DataType::Int8,
-                DataType::Int16,
-                DataType::Int32,
-                DataType::Int64,
-                DataType::UInt8,
-                DataType::UInt16,
-                DataType::UInt32,
-                DataType::UInt64,
-            ][width]
-                .clone();
-            let data_type = DataType::Dictionary(Box::new(key), Box::new(DataType::Int32));
-            let ours = validated(make(), &data_type);
+            let arrow = make().0.build();
+            let (builder, data_type) = make();
+            let ours = validated(builder, &data_type);
             prop_assert_eq!(ours.is_ok(), arrow.is_ok(), "keys {:?}: ours {:?}, Arrow's {:?}", keys, ours, arrow);
             if let (Ok(ours), Ok(arrow)) = (ours, arrow) {
                 prop_assert_eq!(ours, arrow);
