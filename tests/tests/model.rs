@@ -107,8 +107,28 @@ struct Shared {
     next_key: AtomicU64,
     progress: AtomicU64,
     failures: Mutex<Vec<String>>,
+    /// What a worker said it dropped: every frame the parent sends must be read.
+    dropped: Arc<Mutex<Vec<String>>>,
     tally: Mutex<Tally>,
     done: AtomicBool,
+}
+
+/// A worker whose stderr goes to ours, each line that reports a dropped message also kept in
+/// `dropped`.
+fn worker_config(untrusted: bool, dropped: &Arc<Mutex<Vec<String>>>) -> WorkerConfig {
+    let dropped = Arc::clone(dropped);
+    let sink = shm_transport::StderrSink::Lines(Arc::new(move |line: &str| {
+        eprintln!("{line}");
+        if line.contains("dropped") {
+            dropped
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(line.to_owned());
+        }
+    }));
+    WorkerConfig::new(WORKER)
+        .with_untrusted(untrusted)
+        .with_stderr(sink)
 }
 
 impl Shared {
@@ -134,7 +154,7 @@ impl Shared {
         }
         let revived = match epoch % 3 {
             0 => worker.restart(),
-            turn => Worker::spawn(WorkerConfig::new(WORKER).with_untrusted(turn == 1))
+            turn => Worker::spawn(worker_config(turn == 1, &self.dropped))
                 .map(|new| drop(std::mem::replace(&mut *worker, new))),
         };
         if let Err(err) = revived {
@@ -386,8 +406,10 @@ fn random_interleavings_keep_every_value_intact_and_every_deadline() {
             .map_or(1, |d| d.as_nanos() as u64 % 1_000_000),
     );
     eprintln!("model: {steps} steps, {threads} threads, SHM_MODEL_SEED={seed}");
+    let dropped = Arc::new(Mutex::new(Vec::new()));
     let shared = Arc::new(Shared {
-        worker: RwLock::new(Worker::spawn(WorkerConfig::new(WORKER)).unwrap()),
+        worker: RwLock::new(Worker::spawn(worker_config(false, &dropped)).unwrap()),
+        dropped,
         epoch: AtomicU64::new(0),
         next_key: AtomicU64::new(1),
         progress: AtomicU64::new(0),
@@ -457,6 +479,15 @@ fn random_interleavings_keep_every_value_intact_and_every_deadline() {
         failures.is_empty(),
         "{} failures: {failures:#?}",
         failures.len()
+    );
+    let dropped = shared
+        .dropped
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    assert!(
+        dropped.is_empty(),
+        "the worker dropped messages the parent sent: {dropped:#?}"
     );
 
     // Everything is let go of: both pools hold nothing but the channel.

@@ -137,6 +137,32 @@ impl Payload {
         }
     }
 
+    /// Overwrites the payload with what was read from the wire, keeping the allocations of
+    /// its vectors (see [`Reader::payload_into`](crate::wire::Reader::payload_into)); no
+    /// blocks, as on any receiving side. `buffers` is `None` for none.
+    pub(crate) fn refill(
+        &mut self,
+        version: u16,
+        codec: &str,
+        meta: &[u8],
+        buffers: Option<Vec<ShmRef>>,
+        inline: &[u8],
+    ) {
+        self.version = version;
+        if self.codec != codec {
+            self.codec = codec_cow(codec);
+        }
+        self.meta.clear();
+        self.meta.extend_from_slice(meta);
+        match buffers {
+            Some(buffers) => self.buffers = buffers,
+            None => self.buffers.clear(),
+        }
+        self.inline.clear();
+        self.inline.extend_from_slice(inline);
+        self.blocks.clear();
+    }
+
     /// The references to the payload's blocks, as they travel.
     pub fn buffers(&self) -> &[ShmRef] {
         &self.buffers

@@ -106,6 +106,44 @@ impl<'a> Reader<'a> {
         Some(values)
     }
 
+    /// A sequence of `u64`s into `values`, which keeps its allocation (see
+    /// [`u64s`](Self::u64s)).
+    pub fn u64s_into(&mut self, values: &mut Vec<u64>) -> Option<()> {
+        let len = usize::try_from(self.u64()?).ok()?;
+        if len > self.rest.len() {
+            return None;
+        }
+        values.clear();
+        for _ in 0..len {
+            values.push(self.u64()?);
+        }
+        Some(())
+    }
+
+    /// A [`Payload`] read into `payload`, whose vectors keep their allocations: what a
+    /// receiver that reads one message after another does to allocate nothing per message.
+    /// On `None`, `payload` holds part of what was read.
+    pub fn payload_into(&mut self, payload: &mut Payload) -> Option<()> {
+        let version = self.u16()?;
+        let codec = self.str()?;
+        let meta = self.bytes()?;
+        let buffers = match self.rest.first() {
+            Some(0) => {
+                self.rest = &self.rest[1..];
+                None
+            }
+            Some(_) => {
+                let (refs, rest) = postcard::take_from_bytes::<Vec<ShmRef>>(self.rest).ok()?;
+                self.rest = rest;
+                Some(refs)
+            }
+            None => return None,
+        };
+        let inline = self.bytes()?;
+        payload.refill(version, codec, meta, buffers, inline);
+        Some(())
+    }
+
     /// A [`Payload`], as serde reads it.
     pub fn payload(&mut self) -> Option<Payload> {
         let version = self.u16()?;

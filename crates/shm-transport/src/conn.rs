@@ -8,9 +8,12 @@
 //!   worker's death, and while it waits it reads replies whenever no other thread does.
 //! - `reading` serialises the consumer of the worker → parent ring. It is only ever taken
 //!   with `try_lock`: nobody blocks on it. Its holder (the *leader*) reads replies for every
-//!   caller and never sends anything — blocks go back to the worker through the release
-//!   ring, which never blocks — so the reader of the reply ring cannot be held up by a full
-//!   request ring.
+//!   caller and never waits to send anything — blocks go back to the worker through the
+//!   release ring, which never blocks — so the reader of the reply ring cannot be held up by
+//!   a full request ring. The one frame a leader sends is its own small call, when it found
+//!   the channel idle (`call_alone`): only if `sending` is free at once (`try_lock`), the
+//!   ring has room, and the frame names no block and fits a slot, so that sending it cannot
+//!   wait.
 //! - `calls`, then a call's `outcome`: the order in which the leader delivers a reply and in
 //!   which a leaving leader wakes the others. A waiting caller holds only its own `outcome`
 //!   (and may `try_lock` `reading` under it).
@@ -23,7 +26,7 @@
 
 use std::collections::HashMap;
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -72,31 +75,52 @@ struct Delivered {
     loans: Vec<u64>,
 }
 
-/// A lock whose acquisition gives up at a deadline.
+/// A lock whose acquisition gives up at a deadline. Free, it is taken and given back with
+/// one atomic operation each; the mutex and condition variable are for threads that wait.
 #[derive(Default)]
 struct TimedLock {
-    state: Mutex<TimedState>,
+    busy: AtomicBool,
+    /// Threads waiting for the lock, changed only under `state`: releasing it takes `state`
+    /// and makes a system call only when there are.
+    waiting: AtomicUsize,
+    state: Mutex<()>,
     freed: Condvar,
-}
-
-#[derive(Default)]
-struct TimedState {
-    busy: bool,
-    /// Threads waiting for the lock: releasing it makes a system call only when there are.
-    waiting: usize,
 }
 
 struct TimedGuard<'a>(&'a TimedLock);
 
 impl TimedLock {
+    /// The lock if it is free, at once.
+    fn try_lock(&self) -> Option<TimedGuard<'_>> {
+        // A guard is made only once the lock is ours: dropping one frees the lock.
+        match self
+            .busy
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::Relaxed)
+        {
+            Ok(_) => Some(TimedGuard(self)),
+            Err(_) => None,
+        }
+    }
+
     fn lock(&self, deadline: Option<Instant>) -> Option<TimedGuard<'_>> {
+        if let Some(guard) = self.try_lock() {
+            return Some(guard);
+        }
         let mut state = lock(&self.state);
-        while state.busy {
+        // Counted before the last look: a holder that frees the lock after that look sees
+        // the count (both SeqCst) and wakes us under `state`, which we hold until we sleep.
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let taken = loop {
+            if let Some(guard) = self.try_lock() {
+                break Some(guard);
+            }
             let left = match deadline {
                 None => None,
-                Some(deadline) => Some(deadline.checked_duration_since(Instant::now())?),
+                Some(deadline) => match deadline.checked_duration_since(Instant::now()) {
+                    Some(left) => Some(left),
+                    None => break None,
+                },
             };
-            state.waiting += 1;
             state = match left {
                 None => self
                     .freed
@@ -109,51 +133,46 @@ impl TimedLock {
                         .0
                 }
             };
-            state.waiting -= 1;
-        }
-        state.busy = true;
-        Some(TimedGuard(self))
+        };
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        taken
     }
 }
 
 impl Drop for TimedGuard<'_> {
     fn drop(&mut self) {
-        let mut state = lock(&self.0.state);
-        state.busy = false;
-        if state.waiting > 0 {
-            self.0.freed.notify_one();
+        let timed = self.0;
+        timed.busy.store(false, Ordering::SeqCst);
+        if timed.waiting.load(Ordering::SeqCst) > 0 {
+            let _state = lock(&timed.state);
+            timed.freed.notify_one();
         }
     }
 }
 
-/// Why the worker is gone, and how many calls are still under way.
+/// Why the worker is gone.
 #[derive(Debug, Default)]
 pub(crate) struct Life {
     pub(crate) ended: Option<String>,
-    /// Calls between their start and the end of their decoding. A reply the dead worker sent
-    /// may name our own blocks, one hop back; until every call that may decode such a reply
-    /// is over, the loans to the dead worker stay (a decoded view of our own block holds the
-    /// block through its loan, see `loans.rs`).
-    calls: usize,
 }
 
-/// Counts a call as under way for as long as it lives.
+/// Counts a call as under way (in [`Conn::under_way`]) for as long as it lives.
 struct InFlight<'a>(&'a Conn);
 
 impl<'a> InFlight<'a> {
     fn start(conn: &'a Conn) -> Self {
-        lock(&conn.life).calls += 1;
+        conn.under_way.fetch_add(1, Ordering::SeqCst);
         InFlight(conn)
     }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        let mut life = lock(&self.0.life);
-        life.calls -= 1;
-        let last_after_death = life.calls == 0 && life.ended.is_some();
-        drop(life);
-        if last_after_death {
+        // Pairs with `ended`, which marks the worker dead, then reads the count (all SeqCst):
+        // of the last call and the reaper, at least one sees the other, and forgets the loans.
+        // Both may: forgetting twice forgets nothing more.
+        let left = self.0.under_way.fetch_sub(1, Ordering::SeqCst) - 1;
+        if left == 0 && self.0.dead.load(Ordering::SeqCst) {
             self.0.endpoint.forget_loans();
         }
     }
@@ -206,6 +225,11 @@ pub(crate) struct Conn {
     reading: Mutex<()>,
     calls: Mutex<HashMap<u64, Arc<CallSlot>, CallIds>>,
     next_call: AtomicU64,
+    /// Calls between their start and the end of their decoding. A reply the dead worker sent
+    /// may name our own blocks, one hop back; until every call that may decode such a reply
+    /// is over, the loans to the dead worker stay (a decoded view of our own block holds the
+    /// block through its loan, see `loans.rs`).
+    under_way: AtomicUsize,
     pub(crate) life: Mutex<Life>,
     pub(crate) dead: AtomicBool,
     pub(crate) stderr_tail: Arc<Mutex<VecDeque<String>>>,
@@ -245,6 +269,7 @@ impl Conn {
             reading: Mutex::new(()),
             calls: Mutex::new(HashMap::default()),
             next_call: AtomicU64::new(1),
+            under_way: AtomicUsize::new(0),
             life: Mutex::new(Life::default()),
             dead: AtomicBool::new(false),
             stderr_tail: Arc::new(Mutex::new(VecDeque::new())),
@@ -357,14 +382,24 @@ impl Conn {
         }
         let blocks = args.take_blocks();
         let id = self.next_call.fetch_add(1, Ordering::Relaxed);
-        let slot = Arc::new(CallSlot::default());
-        lock(&self.calls).insert(id, Arc::clone(&slot));
         let frame = Frame::Call {
             id,
             method: method.to_owned(),
             args,
             loans: Vec::new(),
         };
+        let (frame, blocks) = match self.call_alone(frame, blocks, deadline) {
+            Alone::Delivered(delivered) => return self.decoded(delivered, decode),
+            Alone::Failed(err) => {
+                return Err(match err {
+                    TransportError::Timeout { .. } => timed_out(),
+                    err => err,
+                });
+            }
+            Alone::Declined(frame, blocks) => (frame, blocks),
+        };
+        let slot = Arc::new(CallSlot::default());
+        lock(&self.calls).insert(id, Arc::clone(&slot));
         let sent = self.send(frame, blocks, deadline);
         let waited = match sent {
             Ok(Ok(())) => self.wait(&slot, deadline),
@@ -376,13 +411,22 @@ impl Conn {
         // now is all it will ever get, even if it came after the deadline.
         lock(&self.calls).remove(&id);
         let delivered = lock(&slot.state).outcome.take();
-        let Some(Delivered { outcome, loans }) = delivered else {
+        let Some(delivered) = delivered else {
             return Err(match waited {
                 Err(TransportError::Timeout { .. }) => timed_out(),
                 Err(err) => err,
                 Ok(()) => malformed(format!("call {id} woke without its reply")),
             });
         };
+        self.decoded(delivered, decode)
+    }
+
+    /// Hands a delivered reply to `decode`, or turns the worker's error into ours.
+    fn decoded<T>(
+        &self,
+        Delivered { outcome, loans }: Delivered,
+        decode: impl FnOnce(&Payload, &shm_codec::Decoder) -> std::result::Result<T, TransportError>,
+    ) -> Result<T> {
         let result = match outcome {
             Ok(result) => result,
             Err(remote) => {
@@ -394,6 +438,96 @@ impl Conn {
         let value = decode(&result, &decoding.decoder);
         decoding.finish();
         value
+    }
+
+    /// The call of a thread that finds nobody reading replies, nobody sending and room in the
+    /// ring: it sends its frame and reads the reply ring itself until its own reply comes,
+    /// delivering any other reply it meets to its caller. Its call never enters the table of
+    /// calls, so no other thread can take its reply: none reads the ring meanwhile.
+    ///
+    /// Only a frame that can neither wait nor lend takes this way: one without blocks, small
+    /// enough for a slot. Holding `reading` while waiting to send — for room, or for the link
+    /// to take a descriptor — could stall a worker blocked on a full reply ring. The others go
+    /// back to the caller, as they were, for the general way.
+    fn call_alone(
+        &self,
+        frame: Frame,
+        blocks: Vec<Arc<shm_core::ShmBlock>>,
+        deadline: Option<Instant>,
+    ) -> Alone {
+        let Frame::Call {
+            id, method, args, ..
+        } = &frame
+        else {
+            return Alone::Declined(frame, blocks);
+        };
+        let small = blocks.is_empty()
+            && args.buffers().is_empty()
+            && method.len() + args.codec.len() + args.meta.len() + args.inline.len() < SMALL_FRAME;
+        let id = *id;
+        if !small || self.is_dead() {
+            return Alone::Declined(frame, blocks);
+        }
+        let Ok(reading) = self.reading.try_lock() else {
+            return Alone::Declined(frame, blocks);
+        };
+        let requests = self.endpoint.channel().frames(Direction::ToWorker);
+        let Some(sending) = self.sending.try_lock() else {
+            return Alone::Declined(frame, blocks);
+        };
+        if requests.is_full() {
+            return Alone::Declined(frame, blocks);
+        }
+        // Neither waits: the ring has room and only this thread produces into it; the frame
+        // names no block and fits a slot.
+        let never = || false;
+        let sent = self
+            .endpoint
+            .send(frame, blocks, deadline, &|| self.is_dead(), &never, &|| {});
+        drop(sending);
+        let read = match sent {
+            Ok(Ok(())) => self.read_own(id, deadline),
+            Ok(Err(Stall::TimedOut)) => Err(TransportError::Timeout {
+                method: String::new(),
+                timeout: Duration::ZERO,
+            }),
+            Ok(Err(Stall::Stopped)) => Err(self.died()),
+            Err(err) => Err(err),
+        };
+        drop(reading);
+        self.hand_over();
+        match read {
+            Ok(delivered) => Alone::Delivered(delivered),
+            Err(err) => Alone::Failed(err),
+        }
+    }
+
+    /// Reads the reply ring, holding `reading`, until the reply to call `id` comes; replies
+    /// to other calls go to their callers on the way.
+    fn read_own(&self, id: u64, deadline: Option<Instant>) -> Result<Delivered> {
+        let ring = self.endpoint.channel().frames(Direction::ToParent);
+        loop {
+            if let Some(delivered) = self.drain(Some(id))? {
+                return Ok(delivered);
+            }
+            if self.is_dead() {
+                return Err(self.died());
+            }
+            // Woken without a frame, read the link: the worker's descriptors found it full.
+            let woken = std::cell::Cell::new(false);
+            let wake = ring.wait_for_frame(deadline, || {
+                if woken.replace(true) {
+                    self.endpoint.read_link();
+                }
+                self.is_dead()
+            });
+            if wake == Wake::TimedOut {
+                return Err(TransportError::Timeout {
+                    method: String::new(),
+                    timeout: Duration::ZERO,
+                });
+            }
+        }
     }
 
     /// Sends a frame under the sending lock, reading replies while the ring is full.
@@ -417,7 +551,7 @@ impl Conn {
         let read_replies = || {
             if let Ok(reading) = self.reading.try_lock() {
                 // A malformed reply fails the call it belongs to when that caller reads it.
-                let _ = self.drain();
+                let _ = self.drain(None);
                 drop(reading);
                 self.hand_over();
             }
@@ -443,7 +577,7 @@ impl Conn {
                 });
             }
             if let Ok(reading) = self.reading.try_lock() {
-                let read = self.drain().and_then(|()| {
+                let read = self.drain(None).and_then(|_| {
                     if lock(&slot.state).outcome.is_none() {
                         let ring = self.endpoint.channel().frames(Direction::ToParent);
                         // Woken without a frame, read the link: the worker's descriptors
@@ -455,7 +589,7 @@ impl Conn {
                             }
                             self.is_dead()
                         });
-                        self.drain()?;
+                        self.drain(None)?;
                     }
                     Ok(())
                 });
@@ -493,10 +627,14 @@ impl Conn {
     }
 
     /// Reads every frame in the reply ring and delivers it; replies nobody waits for any
-    /// more have their blocks returned at once.
-    fn drain(&self) -> Result<()> {
+    /// more have their blocks returned at once. The reply to call `own`, if it comes, is
+    /// returned instead, and the frames after it are left in the ring.
+    fn drain(&self, own: Option<u64>) -> Result<Option<Delivered>> {
         while let Some(frame) = self.endpoint.receive()? {
             match frame {
+                Frame::Reply { id, outcome, loans } if Some(id) == own => {
+                    return Ok(Some(Delivered { outcome, loans }));
+                }
                 Frame::Reply { id, outcome, loans } => {
                     let calls = lock(&self.calls);
                     match calls.get(&id) {
@@ -518,7 +656,7 @@ impl Conn {
                 }
             }
         }
-        Ok(())
+        Ok(None)
     }
 
     /// Asks the worker to finish; gives up at `deadline`.
@@ -532,12 +670,12 @@ impl Conn {
     /// Marks the worker dead and fails every pending call. Called by the reaper, before it
     /// reaps the process.
     pub(crate) fn ended(&self, status: String) {
-        let idle = {
+        {
             let mut life = lock(&self.life);
             life.ended = Some(status);
-            self.dead.store(true, Ordering::Release);
-            life.calls == 0
-        };
+            self.dead.store(true, Ordering::SeqCst);
+        }
+        let idle = self.under_way.load(Ordering::SeqCst) == 0;
         self.hand_over();
         // Whatever the dead worker left in the sleeper count.
         self.endpoint.channel().wake_all(Side::Parent);
@@ -558,6 +696,20 @@ impl Conn {
     }
 }
 
+/// How far a call went on its own (see [`Conn::call_alone`]).
+enum Alone {
+    /// Its reply.
+    Delivered(Delivered),
+    /// It failed: sending, reading, or at its deadline.
+    Failed(TransportError),
+    /// It did not start: the frame and its blocks, untouched, for the general way.
+    Declined(Frame, Vec<Arc<shm_core::ShmBlock>>),
+}
+
+/// The bytes of method name, codec name, metadata and inline data under which a call without
+/// blocks surely fits a slot (the rest of a frame is a few varints), so it cannot spill.
+const SMALL_FRAME: usize = crate::channel::SLOT_LEN / 2;
+
 /// Arguments as a call takes them: a value to encode, or a payload already encoded, which is
 /// moved into the call rather than copied.
 pub(crate) trait Args {
@@ -573,5 +725,60 @@ impl<A: Encode + ?Sized> Args for &A {
 impl Args for Payload {
     fn encoded(self, _encoder: &Encoder) -> shm_codec::Result<Payload> {
         Ok(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lock_that_is_held_stays_held_whoever_else_tries() {
+        let timed = TimedLock::default();
+        let held = timed.try_lock().expect("a new lock is free");
+        assert!(timed.try_lock().is_none());
+        assert!(timed.try_lock().is_none(), "a failed try freed the lock");
+        let soon = Instant::now() + Duration::from_millis(20);
+        assert!(timed.lock(Some(soon)).is_none(), "taken while held");
+        assert!(Instant::now() >= soon, "gave up before its deadline");
+        drop(held);
+        assert!(timed.try_lock().is_some(), "not freed by its holder");
+    }
+
+    #[test]
+    fn one_thread_at_a_time_holds_the_lock_and_every_waiter_gets_it() {
+        let timed = TimedLock::default();
+        let inside = AtomicBool::new(false);
+        let entered = AtomicUsize::new(0);
+        let hold = |guard: TimedGuard<'_>| {
+            assert!(!inside.swap(true, Ordering::SeqCst), "two holders at once");
+            entered.fetch_add(1, Ordering::Relaxed);
+            std::hint::spin_loop();
+            inside.store(false, Ordering::SeqCst);
+            drop(guard);
+        };
+        std::thread::scope(|scope| {
+            for thread in 0..4 {
+                let (timed, hold) = (&timed, &hold);
+                scope.spawn(move || {
+                    for round in 0..20_000 {
+                        match (thread + round) % 3 {
+                            0 => {
+                                if let Some(guard) = timed.try_lock() {
+                                    hold(guard);
+                                }
+                            }
+                            1 => hold(timed.lock(None).expect("no deadline")),
+                            _ => {
+                                let deadline = Instant::now() + Duration::from_secs(10);
+                                hold(timed.lock(Some(deadline)).expect("ten seconds"));
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        assert!(entered.load(Ordering::Relaxed) >= 4 * 20_000 * 2 / 3);
+        assert!(timed.try_lock().is_some());
     }
 }

@@ -102,6 +102,35 @@ impl Frame {
         Self::read_by_hand(bytes).map_or_else(|| postcard::from_bytes(bytes), Ok)
     }
 
+    /// [`from_wire`](Self::from_wire) into `self`: a call read over a call keeps the
+    /// allocations of its method name, payload and loans, so a worker that reads call after
+    /// call allocates nothing to read them. On an error, `self` holds part of what was read.
+    pub(crate) fn read_wire(&mut self, bytes: &[u8]) -> std::result::Result<(), postcard::Error> {
+        if let Frame::Call {
+            id,
+            method,
+            args,
+            loans,
+        } = self
+        {
+            let mut reader = wire::Reader::new(bytes);
+            let read = (|| {
+                (reader.u32()? == CALL).then_some(())?;
+                *id = reader.u64()?;
+                let name = reader.str()?;
+                method.clear();
+                method.push_str(name);
+                reader.payload_into(args)?;
+                reader.u64s_into(loans)
+            })();
+            if read.is_some() {
+                return Ok(());
+            }
+        }
+        *self = Self::from_wire(bytes)?;
+        Ok(())
+    }
+
     fn read_by_hand(bytes: &[u8]) -> Option<Frame> {
         let mut reader = wire::Reader::new(bytes);
         match reader.u32()? {
@@ -426,6 +455,14 @@ impl Endpoint {
     /// which is returned at once. Takes back what the peer returned meanwhile, so that an
     /// answer reports the blocks it freed.
     pub(crate) fn receive(&self) -> Result<Option<Frame>> {
+        let mut frame = Frame::Shutdown;
+        Ok(self.receive_into(&mut frame)?.then_some(frame))
+    }
+
+    /// [`receive`](Self::receive) into `frame`, which keeps the allocations of a call read
+    /// over a call (see [`Frame::read_wire`]); `false` when no frame was waiting. On an
+    /// error, `frame` holds part of what was read.
+    pub(crate) fn receive_into(&self, into: &mut Frame) -> Result<bool> {
         self.lender.reclaim();
         let mut slot = [std::mem::MaybeUninit::uninit(); SLOT_LEN];
         let Some(bytes) = self
@@ -433,14 +470,15 @@ impl Endpoint {
             .frames(self.side.inbound())
             .pop_into(&mut slot)?
         else {
-            return Ok(None);
+            return Ok(false);
         };
         self.returner.peer_sent_a_frame();
-        let frame = Frame::from_wire(bytes)
+        into.read_wire(bytes)
             .map_err(|e| malformed(format!("frame of {} bytes: {e}", bytes.len())))?;
-        let Frame::Spilled { frame, loan } = frame else {
-            return Ok(Some(frame));
+        let Frame::Spilled { frame, loan } = into else {
+            return Ok(true);
         };
+        let (frame, loan) = (frame.clone(), *loan);
         // Copied before it is parsed: the peer may still write its own block, and the parser
         // reads some fields twice (a string's bytes, checked as UTF-8, then copied). Refused
         // past `MAX_SPILLED_FRAME` before the copy.
@@ -465,7 +503,10 @@ impl Endpoint {
         self.returner.release(&[loan]);
         match inner? {
             Frame::Spilled { .. } => Err(malformed("a spilled frame points to another spill")),
-            inner => Ok(Some(inner)),
+            inner => {
+                *into = inner;
+                Ok(true)
+            }
         }
     }
 

@@ -114,6 +114,26 @@ pub mod fuzzing {
         let ours = Frame::from_wire(bytes).map(|frame| format!("{frame:?}"));
         let theirs = postcard::from_bytes::<Frame>(bytes).map(|frame| format!("{frame:?}"));
         assert_eq!(ours.is_ok(), theirs.is_ok(), "{ours:?} / {theirs:?}");
+        // Read over a call read before, as a worker reads call after call: the same verdict
+        // and the same frame, nothing of the earlier call left.
+        let mut reused = Frame::Call {
+            id: 9,
+            method: "a method read before".into(),
+            args: shm_codec::Payload::from_refs(
+                "a codec",
+                vec![1; 40],
+                vec![shm_core::ShmRef {
+                    name: "/shm-00000000-0000000000000000".into(),
+                    size: 64,
+                    offset: 0,
+                    content_size: 8,
+                }],
+                vec![2; 70],
+            ),
+            loans: vec![3, 4],
+        };
+        let again = reused.read_wire(bytes).map(|()| format!("{reused:?}"));
+        assert_eq!(again.ok(), ours.as_ref().ok().cloned(), "read over a call");
         let Ok(frame) = Frame::from_wire(bytes) else {
             return false;
         };

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use shm_codec::{CodecError, Decode, Decoder, Encode, Encoder, Payload};
 use shm_core::{SegmentLink, SessionId, ShmError, ShmPool, ShmRef};
 
-use crate::channel::{Channel, Direction, PROTOCOL_VERSION, Side};
+use crate::channel::{Channel, Direction, PROTOCOL_VERSION, SLOT_LEN, Side};
 use crate::error::{RemoteError, RemoteErrorKind, Result, TransportError, malformed};
 use crate::frame::{Endpoint, Frame};
 use crate::trust::Admission;
@@ -218,10 +218,12 @@ pub fn serve(router: Router) -> Result<()> {
         },
         Vec::new(),
     )?;
+    // Calls are read over the last one, into its buffers.
+    let mut frame = Frame::Shutdown;
     loop {
-        let frame = match endpoint.receive() {
-            Ok(Some(frame)) => frame,
-            Ok(None) => {
+        match endpoint.receive_into(&mut frame) {
+            Ok(true) => {}
+            Ok(false) => {
                 // No deadline: the parent rings when it sends, and if it dies the watcher
                 // thread ends this process. Woken without a frame, the worker reads the link:
                 // the parent's descriptors found it full.
@@ -246,16 +248,16 @@ pub fn serve(router: Router) -> Result<()> {
                 continue;
             }
         };
-        match frame {
+        match &frame {
             Frame::Call {
                 id,
                 method,
                 args,
                 loans,
             } => {
-                let outcome = match endpoint.decoder(&args, &loans) {
+                let outcome = match endpoint.decoder(args, loans) {
                     Ok(decoding) => {
-                        let outcome = router.dispatch(&method, &args, &decoding.decoder, &encoder);
+                        let outcome = router.dispatch(method, args, &decoding.decoder, &encoder);
                         decoding.finish();
                         outcome
                     }
@@ -265,8 +267,11 @@ pub fn serve(router: Router) -> Result<()> {
                         message: err.to_string(),
                     }),
                 };
-                drop(args);
-                reply(&endpoint, id, &method, outcome)?;
+                reply(&endpoint, *id, method, outcome)?;
+                // Buffers grown past a slot's size by a large call are not kept.
+                if args.inline.capacity() + args.meta.capacity() > SLOT_LEN {
+                    frame = Frame::Shutdown;
+                }
             }
             Frame::Shutdown => return Ok(()),
             other => {
