@@ -382,13 +382,7 @@ impl Conn {
         }
         let blocks = args.take_blocks();
         let id = self.next_call.fetch_add(1, Ordering::Relaxed);
-        let frame = Frame::Call {
-            id,
-            method: method.to_owned(),
-            args,
-            loans: Vec::new(),
-        };
-        let (frame, blocks) = match self.call_alone(frame, blocks, deadline) {
+        let (args, blocks) = match self.call_alone(id, method, args, blocks, deadline) {
             Alone::Delivered(delivered) => return self.decoded(delivered, decode),
             Alone::Failed(err) => {
                 return Err(match err {
@@ -396,10 +390,16 @@ impl Conn {
                     err => err,
                 });
             }
-            Alone::Declined(frame, blocks) => (frame, blocks),
+            Alone::Declined(args, blocks) => (args, blocks),
         };
         let slot = Arc::new(CallSlot::default());
         lock(&self.calls).insert(id, Arc::clone(&slot));
+        let frame = Frame::Call {
+            id,
+            method: method.to_owned(),
+            args,
+            loans: Vec::new(),
+        };
         let sent = self.send(frame, blocks, deadline);
         let waited = match sent {
             Ok(Ok(())) => self.wait(&slot, deadline),
@@ -451,47 +451,49 @@ impl Conn {
     /// back to the caller, as they were, for the general way.
     fn call_alone(
         &self,
-        frame: Frame,
+        id: u64,
+        method: &str,
+        args: Payload,
         blocks: Vec<Arc<shm_core::ShmBlock>>,
         deadline: Option<Instant>,
     ) -> Alone {
-        let Frame::Call {
-            id, method, args, ..
-        } = &frame
-        else {
-            return Alone::Declined(frame, blocks);
-        };
         let small = blocks.is_empty()
             && args.buffers().is_empty()
             && method.len() + args.codec.len() + args.meta.len() + args.inline.len() < SMALL_FRAME;
-        let id = *id;
         if !small || self.is_dead() {
-            return Alone::Declined(frame, blocks);
+            return Alone::Declined(args, blocks);
         }
         let Ok(reading) = self.reading.try_lock() else {
-            return Alone::Declined(frame, blocks);
+            return Alone::Declined(args, blocks);
         };
         let requests = self.endpoint.channel().frames(Direction::ToWorker);
         let Some(sending) = self.sending.try_lock() else {
-            return Alone::Declined(frame, blocks);
+            return Alone::Declined(args, blocks);
         };
         if requests.is_full() {
-            return Alone::Declined(frame, blocks);
+            return Alone::Declined(args, blocks);
         }
         // Neither waits: the ring has room and only this thread produces into it; the frame
-        // names no block and fits a slot.
+        // names no block and fits a slot. It is written from its parts, no frame built.
+        let write = |out: &mut Vec<u8>| Frame::write_call(out, id, method, &args, &[]);
         let never = || false;
         let sent = self
             .endpoint
-            .send(frame, blocks, deadline, &|| self.is_dead(), &never, &|| {});
+            .send_unlent(write, deadline, &|| self.is_dead(), &never, &|| {});
         drop(sending);
         let read = match sent {
-            Ok(Ok(())) => self.read_own(id, deadline),
-            Ok(Err(Stall::TimedOut)) => Err(TransportError::Timeout {
+            Ok(Some(Ok(()))) => self.read_own(id, deadline),
+            Ok(Some(Err(Stall::TimedOut))) => Err(TransportError::Timeout {
                 method: String::new(),
                 timeout: Duration::ZERO,
             }),
-            Ok(Err(Stall::Stopped)) => Err(self.died()),
+            Ok(Some(Err(Stall::Stopped))) => Err(self.died()),
+            Ok(None) => {
+                // Larger than `SMALL_FRAME` allows for: the general way spills it.
+                drop(reading);
+                self.hand_over();
+                return Alone::Declined(args, blocks);
+            }
             Err(err) => Err(err),
         };
         drop(reading);
@@ -702,8 +704,8 @@ enum Alone {
     Delivered(Delivered),
     /// It failed: sending, reading, or at its deadline.
     Failed(TransportError),
-    /// It did not start: the frame and its blocks, untouched, for the general way.
-    Declined(Frame, Vec<Arc<shm_core::ShmBlock>>),
+    /// It did not start: the arguments and their blocks, untouched, for the general way.
+    Declined(Payload, Vec<Arc<shm_core::ShmBlock>>),
 }
 
 /// The bytes of method name, codec name, metadata and inline data under which a call without

@@ -55,44 +55,56 @@ impl Frame {
     /// are written by hand (`shm_codec::wire`), the rest by serde; the bytes are serde's either
     /// way (checked in the tests and by the `frame-wire` fuzz target).
     pub(crate) fn write_wire(&self, out: &mut Vec<u8>) -> std::result::Result<(), postcard::Error> {
-        let loans = match self {
+        match self {
             Frame::Call {
                 id,
                 method,
                 args,
                 loans,
+            } => Self::write_call(out, *id, method, args, loans),
+            Frame::Reply {
+                id,
+                outcome: Ok(payload),
+                loans,
+            } => Self::write_reply(out, *id, payload, loans),
+            Frame::Reply {
+                id,
+                outcome: Err(err),
+                loans,
             } => {
-                wire::put_varint(out, CALL.into());
-                wire::put_varint(out, *id);
-                wire::put_bytes(out, method.as_bytes());
-                args.write_wire(out);
-                loans
-            }
-            Frame::Reply { id, outcome, loans } => {
                 wire::put_varint(out, REPLY.into());
                 wire::put_varint(out, *id);
-                match outcome {
-                    Ok(payload) => {
-                        out.push(0);
-                        payload.write_wire(out);
-                    }
-                    Err(err) => {
-                        out.push(1);
-                        *out = postcard::to_extend(err, std::mem::take(out))?;
-                    }
-                }
-                loans
+                out.push(1);
+                *out = postcard::to_extend(err, std::mem::take(out))?;
+                put_loans(out, loans);
             }
-            other => {
-                *out = postcard::to_extend(other, std::mem::take(out))?;
-                return Ok(());
-            }
-        };
-        wire::put_varint(out, loans.len() as u64);
-        for loan in loans {
-            wire::put_varint(out, *loan);
+            other => *out = postcard::to_extend(other, std::mem::take(out))?,
         }
         Ok(())
+    }
+
+    /// Appends the postcard form of `Frame::Call` with these fields, without building it.
+    pub(crate) fn write_call(
+        out: &mut Vec<u8>,
+        id: u64,
+        method: &str,
+        args: &Payload,
+        loans: &[u64],
+    ) {
+        wire::put_varint(out, CALL.into());
+        wire::put_varint(out, id);
+        wire::put_bytes(out, method.as_bytes());
+        args.write_wire(out);
+        put_loans(out, loans);
+    }
+
+    /// Appends the postcard form of `Frame::Reply` with an `Ok` outcome, without building it.
+    pub(crate) fn write_reply(out: &mut Vec<u8>, id: u64, payload: &Payload, loans: &[u64]) {
+        wire::put_varint(out, REPLY.into());
+        wire::put_varint(out, id);
+        out.push(0);
+        payload.write_wire(out);
+        put_loans(out, loans);
     }
 
     /// Reads a frame from `bytes` as postcard does (trailing bytes ignored): calls and replies
@@ -163,6 +175,14 @@ impl Frame {
             Frame::Call { loans, .. } | Frame::Reply { loans, .. } => Some(loans),
             _ => None,
         }
+    }
+}
+
+/// Appends loan ids as postcard writes a `Vec<u64>`.
+fn put_loans(out: &mut Vec<u8>, loans: &[u64]) {
+    wire::put_varint(out, loans.len() as u64);
+    for &loan in loans {
+        wire::put_varint(out, loan);
     }
 }
 
@@ -317,11 +337,7 @@ impl Endpoint {
         self.returner.flush();
         self.lender.reclaim();
         if self.returner.overflowed() {
-            return Err(malformed(format!(
-                "the peer takes no blocks back: its release ring stayed full while it sent {} \
-                 frames, or more than {MAX_WAITING_RETURNS} returns waited for room",
-                2 * SLOT_COUNT
-            )));
+            return Err(self.takes_nothing_back());
         }
         // The peer gets each segment's descriptor before the frame that names it.
         for block in &blocks {
@@ -363,6 +379,53 @@ impl Endpoint {
             *scratch = bytes;
         }
         pushed
+    }
+
+    /// Sends a frame that lends nothing, written by `write` straight from its parts (a small
+    /// call or reply: no frame is built, no loan taken). `Ok(None)` when the bytes do not fit
+    /// a slot: nothing was sent, and the caller sends the frame with [`send`](Self::send),
+    /// which spills it. Waits as `send` does.
+    pub(crate) fn send_unlent(
+        &self,
+        write: impl FnOnce(&mut Vec<u8>),
+        deadline: Option<Instant>,
+        stop: &dyn Fn() -> bool,
+        can_help: &dyn Fn() -> bool,
+        help: &dyn Fn(),
+    ) -> Result<Option<std::result::Result<(), Stall>>> {
+        self.returner.flush();
+        self.lender.reclaim();
+        if self.returner.overflowed() {
+            return Err(self.takes_nothing_back());
+        }
+        let mut scratch = self.scratch.try_lock().ok();
+        let mut bytes = scratch
+            .as_deref_mut()
+            .map(std::mem::take)
+            .unwrap_or_default();
+        bytes.clear();
+        bytes.reserve(256);
+        write(&mut bytes);
+        let pushed = if bytes.len() <= SLOT_LEN - 4 {
+            Some(self.push(&bytes, deadline, stop, can_help, help)?)
+        } else {
+            None
+        };
+        if let Some(scratch) = scratch.as_deref_mut()
+            && bytes.capacity() <= SLOT_LEN
+        {
+            *scratch = bytes;
+        }
+        Ok(pushed)
+    }
+
+    /// The error for a peer that does not take back what it is returned.
+    fn takes_nothing_back(&self) -> TransportError {
+        malformed(format!(
+            "the peer takes no blocks back: its release ring stayed full while it sent {} \
+             frames, or more than {MAX_WAITING_RETURNS} returns waited for room",
+            2 * SLOT_COUNT
+        ))
     }
 
     /// Pushes a frame's bytes into the ring, waiting while it is full (see [`send`](Self::send)).

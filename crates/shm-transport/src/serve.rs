@@ -80,7 +80,50 @@ type Handler = Box<
 /// ```
 #[derive(Default)]
 pub struct Router {
-    handlers: HashMap<String, Handler>,
+    handlers: HashMap<String, Handler, MethodNames>,
+}
+
+/// Hashes method names for the router's table, eight bytes a step. SipHash, the default,
+/// guards a table against keys an adversary inserts; this table holds only the names its
+/// owner registered, and a name a caller picks costs one lookup whatever it hashes to.
+#[derive(Clone, Copy, Debug, Default)]
+struct MethodNames;
+
+impl std::hash::BuildHasher for MethodNames {
+    type Hasher = MethodNameHasher;
+
+    fn build_hasher(&self) -> MethodNameHasher {
+        MethodNameHasher(0)
+    }
+}
+
+/// The hasher of [`MethodNames`].
+#[derive(Debug)]
+struct MethodNameHasher(u64);
+
+impl std::hash::Hasher for MethodNameHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for chunk in &mut chunks {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(chunk);
+            self.mix(u64::from_le_bytes(word));
+        }
+        let mut last = [0u8; 8];
+        last[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
+        self.mix(u64::from_le_bytes(last) ^ (bytes.len() as u64).rotate_right(8));
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+impl MethodNameHasher {
+    fn mix(&mut self, word: u64) {
+        // 2^64 divided by the golden ratio: odd, so the multiplication loses no bit.
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
 }
 
 impl std::fmt::Debug for Router {
@@ -292,6 +335,17 @@ fn reply(
     method: &str,
     outcome: std::result::Result<Payload, RemoteError>,
 ) -> Result<()> {
+    // A result that names no block is written into the ring as it is, no frame built; one
+    // too large for a slot goes the general way below, which spills it.
+    if let Ok(payload) = &outcome
+        && payload.buffers().is_empty()
+        && payload.blocks().is_empty()
+    {
+        let write = |out: &mut Vec<u8>| Frame::write_reply(out, id, payload, &[]);
+        if let Some(sent) = endpoint.send_unlent(write, None, &|| false, &|| false, &|| {})? {
+            return sent.map_err(stalled);
+        }
+    }
     let outcome = outcome.and_then(|mut payload| {
         if payload.is_backed() {
             Ok(payload)
@@ -359,12 +413,14 @@ fn send(
     frame: Frame,
     blocks: Vec<std::sync::Arc<shm_core::ShmBlock>>,
 ) -> Result<()> {
-    match endpoint.send(frame, blocks, None, &|| false, &|| false, &|| {})? {
-        Ok(()) => Ok(()),
-        Err(stall) => Err(malformed(format!(
-            "sending to the parent stalled: {stall:?}"
-        ))),
-    }
+    endpoint
+        .send(frame, blocks, None, &|| false, &|| false, &|| {})?
+        .map_err(stalled)
+}
+
+/// The error for a send to the parent that stalled (it waits for nothing, so cannot).
+fn stalled(stall: crate::frame::Stall) -> TransportError {
+    malformed(format!("sending to the parent stalled: {stall:?}"))
 }
 
 /// This process's end of the link its parent made, from the descriptor number in
