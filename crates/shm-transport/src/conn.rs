@@ -467,12 +467,16 @@ impl Conn {
             return Alone::Declined(args, blocks);
         };
         let requests = self.endpoint.channel().frames(Direction::ToWorker);
-        let Some(sending) = self.sending.try_lock() else {
-            return Alone::Declined(args, blocks);
+        let sending = match self.sending.try_lock() {
+            Some(sending) if !requests.is_full() => sending,
+            _ => {
+                // A caller that found `reading` taken meanwhile may sleep: a leader that
+                // leaves wakes the others, however briefly it led.
+                drop(reading);
+                self.hand_over();
+                return Alone::Declined(args, blocks);
+            }
         };
-        if requests.is_full() {
-            return Alone::Declined(args, blocks);
-        }
         // Neither waits: the ring has room and only this thread produces into it; the frame
         // names no block and fits a slot. It is written from its parts, no frame built.
         let write = |out: &mut Vec<u8>| Frame::write_call(out, id, method, &args, &[]);

@@ -80,50 +80,7 @@ type Handler = Box<
 /// ```
 #[derive(Default)]
 pub struct Router {
-    handlers: HashMap<String, Handler, MethodNames>,
-}
-
-/// Hashes method names for the router's table, eight bytes a step. SipHash, the default,
-/// guards a table against keys an adversary inserts; this table holds only the names its
-/// owner registered, and a name a caller picks costs one lookup whatever it hashes to.
-#[derive(Clone, Copy, Debug, Default)]
-struct MethodNames;
-
-impl std::hash::BuildHasher for MethodNames {
-    type Hasher = MethodNameHasher;
-
-    fn build_hasher(&self) -> MethodNameHasher {
-        MethodNameHasher(0)
-    }
-}
-
-/// The hasher of [`MethodNames`].
-#[derive(Debug)]
-struct MethodNameHasher(u64);
-
-impl std::hash::Hasher for MethodNameHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        let mut chunks = bytes.chunks_exact(8);
-        for chunk in &mut chunks {
-            let mut word = [0u8; 8];
-            word.copy_from_slice(chunk);
-            self.mix(u64::from_le_bytes(word));
-        }
-        let mut last = [0u8; 8];
-        last[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
-        self.mix(u64::from_le_bytes(last) ^ (bytes.len() as u64).rotate_right(8));
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-impl MethodNameHasher {
-    fn mix(&mut self, word: u64) {
-        // 2^64 divided by the golden ratio: odd, so the multiplication loses no bit.
-        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    }
+    handlers: HashMap<String, Handler>,
 }
 
 impl std::fmt::Debug for Router {
@@ -311,8 +268,11 @@ pub fn serve(router: Router) -> Result<()> {
                     }),
                 };
                 reply(&endpoint, *id, method, outcome)?;
-                // Buffers grown past a slot's size by a large call are not kept.
-                if args.inline.capacity() + args.meta.capacity() > SLOT_LEN {
+                // Only a small call's buffers are kept: not those grown past a slot's size,
+                // nor a list of references (each holds its segment's name).
+                if !args.buffers().is_empty()
+                    || method.capacity() + args.meta.capacity() + args.inline.capacity() > SLOT_LEN
+                {
                     frame = Frame::Shutdown;
                 }
             }
