@@ -115,7 +115,8 @@ fn every_payload_kind_round_trips(server_args: &[&str], data_connections: bool) 
     let small = Array1::from_vec(vec![1.5f64, -2.0, 3.25]).into_dyn();
     let back: ShmArray<f64, ndarray::IxDyn> = worker.call("echo_f64", &small).expect("small");
     assert_eq!(back.view(), small.view());
-    let fortran = Array2::from_shape_fn((300, 200).f(), |(i, j)| (i * 1000 + j) as i32).into_dyn();
+    // 1.2 MB: over a data connection from where it lies, in Fortran order.
+    let fortran = Array2::from_shape_fn((600, 500).f(), |(i, j)| (i * 1000 + j) as i32).into_dyn();
     let back: ShmArray<i32, ndarray::IxDyn> = worker.call("echo_i32", &fortran).expect("2-D");
     assert_eq!(back.view(), fortran.view());
     let cube = Array3::from_shape_fn((2, 3, 4), |(i, j, k)| (i * 12 + j * 4 + k) as u8).into_dyn();

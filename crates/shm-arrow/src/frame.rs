@@ -82,7 +82,7 @@ const NEW_BLOCK: u32 = u32::MAX;
 #[derive(Default)]
 struct Plan {
     /// What fills each block the frame names: a live block, or the pieces of a new one.
-    sources: Vec<Source>,
+    sources: Vec<Source<'static>>,
     /// The index in `blocks` of each block, by its address: a frame of many columns finds
     /// the block of each buffer in constant time.
     indices: HashMap<usize, u32>,
@@ -150,7 +150,7 @@ impl Encode for ColumnFrame {
 
     /// The frame with the columns it would copy left where they are: a transport that sends
     /// them over a socket writes them from there (shm-flight's data connections).
-    fn encode_unwritten(&self, encoder: &Encoder) -> shm_codec::Result<Option<Unwritten>> {
+    fn encode_unwritten(&self, encoder: &Encoder) -> shm_codec::Result<Option<Unwritten<'_>>> {
         self.plan(encoder).map(Some)
     }
 }
@@ -158,7 +158,7 @@ impl Encode for ColumnFrame {
 impl ColumnFrame {
     /// The frame's metadata and what fills each of its blocks: the live blocks its buffers
     /// already lie in, and for the rest, new blocks as the pieces that go into them.
-    fn plan(&self, encoder: &Encoder) -> shm_codec::Result<Unwritten> {
+    fn plan(&self, encoder: &Encoder) -> shm_codec::Result<Unwritten<'static>> {
         let batch = &self.0;
         let schema = arrow::ipc::writer::IpcDataGenerator::default()
             .schema_to_bytes_with_dictionary_tracker(

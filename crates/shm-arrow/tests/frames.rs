@@ -1016,8 +1016,9 @@ fn a_frame_left_unwritten_is_the_encoded_frame_and_reads_back_from_its_pieces() 
         (live, true),
     ] {
         let sender = Encoder::new(decoder.pool().clone());
+        let frame = ColumnFrame(batch.clone());
         let unwritten = sender
-            .encode_unwritten(&ColumnFrame(batch.clone()))
+            .encode_unwritten(&frame)
             .unwrap()
             .expect("a frame can be left unwritten");
         let encoded = sender.encode(&ColumnFrame(batch.clone())).unwrap();

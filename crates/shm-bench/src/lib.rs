@@ -42,6 +42,34 @@ pub fn sample(
     Ok(times)
 }
 
+/// Runs every method once per round, `rounds` times, in the same order each round; each
+/// method returns the times it took (one run, or a block of calls). A machine whose speed drifts
+/// during the run (a shared VM's does) slows every method alike, where timing one method after
+/// another would compare them under different conditions. Each method's times come back sorted,
+/// in the order of `methods`.
+pub fn in_rounds(
+    rounds: usize,
+    methods: &mut [&mut dyn FnMut() -> Result<Vec<Duration>, Error>],
+) -> Result<Vec<Vec<Duration>>, Error> {
+    let mut times = vec![Vec::new(); methods.len()];
+    for _ in 0..rounds {
+        for (method, times) in methods.iter_mut().zip(&mut times) {
+            times.extend(method()?);
+        }
+    }
+    for times in &mut times {
+        times.sort();
+    }
+    Ok(times)
+}
+
+/// The time of one run of `run`, as [`in_rounds`] takes it.
+pub fn once(run: impl FnOnce() -> Result<(), Error>) -> Result<Vec<Duration>, Error> {
+    let start = Instant::now();
+    run()?;
+    Ok(vec![start.elapsed()])
+}
+
 /// The median of runs that time themselves (to leave set-up and tear-down out).
 pub fn median_of(
     runs: usize,

@@ -18,6 +18,7 @@ use crate::codec::{AnyValue, Codec, Decode, Decoder, Encode, Encoder};
 use crate::element::{DType, Element, as_bytes, cast, cast_mut};
 use crate::error::{CodecError, Result, layout};
 use crate::payload::Payload;
+use crate::unwritten::{Pieces, Source, Unwritten};
 
 /// The codec name of arrays.
 pub const ARRAY_CODEC: &str = "ndarray";
@@ -550,18 +551,8 @@ impl<S: Data<Elem = T>, T: Element, D: Dimension> Encode for ArrayBase<S, D> {
         if let Some(payload) = encode_if_shared(&self.view()) {
             return Ok(payload);
         }
-        let order = array_order(self);
+        let (order, meta, nbytes) = heap_meta(self)?;
         let itemsize = size_of::<T>();
-        let nbytes = byte_len::<T>(self.shape())?;
-        let strides = contiguous_strides(
-            self.shape(),
-            if order == Order::F {
-                Order::F
-            } else {
-                Order::C
-            },
-            itemsize,
-        )?;
         let write = |target: &mut [u8]| match order {
             Order::C => target.copy_from_slice(as_bytes(self.as_slice().unwrap_or_default())),
             Order::F => target.copy_from_slice(as_bytes(self.t().as_slice().unwrap_or_default())),
@@ -571,12 +562,6 @@ impl<S: Data<Elem = T>, T: Element, D: Dimension> Encode for ArrayBase<S, D> {
                 }
             }
         };
-        let meta = Payload::encode_meta(&ArrayMeta {
-            typestr: T::DTYPE.typestr().to_owned(),
-            shape: self.shape().iter().map(|&n| n as u64).collect(),
-            strides,
-            origin: 0,
-        })?;
         if nbytes < encoder.inline_threshold {
             let mut inline = vec![0u8; nbytes];
             write(&mut inline);
@@ -591,6 +576,62 @@ impl<S: Data<Elem = T>, T: Element, D: Dimension> Encode for ArrayBase<S, D> {
             Vec::new(),
         ))
     }
+
+    /// A contiguous array on the heap, too large to go inline, as one block still to be
+    /// written whose only piece is the array's own memory, lent for the call: a transport that
+    /// copies it onto a socket anyway skips the copy into shared memory. `None` (encode as
+    /// usual) for an array already in shared memory, a small one, or one whose elements are
+    /// not contiguous.
+    fn encode_unwritten(&self, encoder: &Encoder) -> Result<Option<Unwritten<'_>>> {
+        let data = match array_order(self) {
+            Order::C => self.as_slice(),
+            Order::F if self.t().is_standard_layout() => self.as_slice_memory_order(),
+            _ => None,
+        };
+        let Some(data) = data else {
+            return Ok(None);
+        };
+        if encode_if_shared(&self.view()).is_some() {
+            return Ok(None);
+        }
+        let (_, meta, nbytes) = heap_meta(self)?;
+        if nbytes < encoder.inline_threshold || nbytes != std::mem::size_of_val(data) {
+            return Ok(None);
+        }
+        let mut pieces = Pieces::new(nbytes);
+        pieces.place(Arc::new(as_bytes(data)), 0)?;
+        Ok(Some(Unwritten {
+            codec: ARRAY_CODEC.into(),
+            meta,
+            inline: Vec::new(),
+            sources: vec![Source::Pieces(pieces)],
+        }))
+    }
+}
+
+/// How an array not in shared memory is encoded: its order, its metadata (contiguous strides
+/// from offset 0) and its bytes.
+fn heap_meta<S: Data<Elem = T>, T: Element, D: Dimension>(
+    array: &ArrayBase<S, D>,
+) -> Result<(Order, Vec<u8>, usize)> {
+    let order = array_order(array);
+    let nbytes = byte_len::<T>(array.shape())?;
+    let strides = contiguous_strides(
+        array.shape(),
+        if order == Order::F {
+            Order::F
+        } else {
+            Order::C
+        },
+        size_of::<T>(),
+    )?;
+    let meta = Payload::encode_meta(&ArrayMeta {
+        typestr: T::DTYPE.typestr().to_owned(),
+        shape: array.shape().iter().map(|&n| n as u64).collect(),
+        strides,
+        origin: 0,
+    })?;
+    Ok((order, meta, nbytes))
 }
 
 /// A reference to the live block a view lies in, if it lies in one: no copy at all.

@@ -57,7 +57,10 @@ impl Encoder {
 
     /// Encodes a value up to the copy into new blocks, where its codec can (see
     /// [`Encode::encode_unwritten`]).
-    pub fn encode_unwritten<V: Encode + ?Sized>(&self, value: &V) -> Result<Option<Unwritten>> {
+    pub fn encode_unwritten<'v, V: Encode + ?Sized>(
+        &self,
+        value: &'v V,
+    ) -> Result<Option<Unwritten<'v>>> {
         let unwritten = value.encode_unwritten(self)?;
         if let Some(unwritten) = &unwritten
             && unwritten.sources.len() > crate::MAX_BLOCKS
@@ -187,8 +190,8 @@ pub trait Encode {
     /// copies the bytes once more anyway (onto a socket) and can send them from where they lie.
     /// `None` (the default) where the codec does not do this: the transport then calls
     /// [`encode`](Self::encode). Where it does, `encode_unwritten(e)?.write(e)` must give what
-    /// `encode(e)` gives.
-    fn encode_unwritten(&self, encoder: &Encoder) -> Result<Option<Unwritten>> {
+    /// `encode(e)` gives. The pieces may borrow the value's own memory.
+    fn encode_unwritten(&self, encoder: &Encoder) -> Result<Option<Unwritten<'_>>> {
         let _ = encoder;
         Ok(None)
     }

@@ -16,21 +16,22 @@ use crate::codec::Encoder;
 use crate::error::{CodecError, Result};
 use crate::payload::Payload;
 
-/// Bytes owned elsewhere (an Arrow buffer, say) that stay alive as long as the piece that
-/// names them.
-pub type Bytes = Arc<dyn AsRef<[u8]> + Send + Sync>;
+/// Bytes owned elsewhere that stay alive as long as the piece that names them: an Arrow buffer
+/// (which the piece keeps alive), or the memory of a value the caller lends for `'a`, the
+/// length of its call.
+pub type Bytes<'a> = Arc<dyn AsRef<[u8]> + Send + Sync + 'a>;
 
 /// What fills one block of an [`Unwritten`] payload, in the order of the payload's blocks.
 #[derive(Clone, Debug)]
-pub enum Source {
+pub enum Source<'a> {
     /// A block that already holds its bytes (a value sent on, a buffer already in shared
     /// memory).
     Block(Arc<ShmBlock>),
     /// A block still to be written: its length, and the pieces that go into it.
-    Pieces(Pieces),
+    Pieces(Pieces<'a>),
 }
 
-impl Source {
+impl Source<'_> {
     /// The bytes of the block.
     pub fn len(&self) -> usize {
         match self {
@@ -48,12 +49,12 @@ impl Source {
 /// A block still to be written: byte strings at increasing, non-overlapping offsets; the bytes
 /// between and after them are padding, whose value nobody reads.
 #[derive(Clone)]
-pub struct Pieces {
+pub struct Pieces<'a> {
     len: usize,
-    pieces: Vec<(Bytes, usize)>,
+    pieces: Vec<(Bytes<'a>, usize)>,
 }
 
-impl std::fmt::Debug for Pieces {
+impl std::fmt::Debug for Pieces<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pieces")
             .field("len", &self.len)
@@ -62,7 +63,7 @@ impl std::fmt::Debug for Pieces {
     }
 }
 
-impl Pieces {
+impl<'a> Pieces<'a> {
     /// A block of `len` bytes, nothing placed yet.
     pub fn new(len: usize) -> Self {
         Pieces {
@@ -72,7 +73,7 @@ impl Pieces {
     }
 
     /// Places `bytes` at `offset`, past every piece placed so far and inside the block.
-    pub fn place(&mut self, bytes: Bytes, offset: usize) -> Result<()> {
+    pub fn place(&mut self, bytes: Bytes<'a>, offset: usize) -> Result<()> {
         let end = self
             .pieces
             .last()
@@ -106,7 +107,7 @@ impl Pieces {
 
 /// A payload whose new blocks are still to be written: see the module's documentation.
 #[derive(Clone, Debug)]
-pub struct Unwritten {
+pub struct Unwritten<'a> {
     /// The codec's name, as in [`Payload::codec`].
     pub codec: Cow<'static, str>,
     /// The codec's metadata, as in [`Payload::meta`]: it names blocks by their index in
@@ -115,10 +116,10 @@ pub struct Unwritten {
     /// The inline bytes, as in [`Payload::inline`].
     pub inline: Vec<u8>,
     /// What fills each block, in order.
-    pub sources: Vec<Source>,
+    pub sources: Vec<Source<'a>>,
 }
 
-impl Unwritten {
+impl Unwritten<'_> {
     /// The payload, its new blocks allocated from `encoder`'s pool, written and frozen: the
     /// payload the codec's own `encode` gives.
     pub fn write(self, encoder: &Encoder) -> Result<Payload> {

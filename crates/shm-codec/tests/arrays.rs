@@ -581,3 +581,50 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_contiguous_array_left_unwritten_is_its_encoding_and_lends_its_own_memory() {
+    let (encoder, decoder) = codecs();
+    let c = Array2::<f64>::from_shape_fn((300, 200), |(i, j)| (i * 200 + j) as f64);
+    let f = Array2::<f64>::from_shape_fn(ndarray::ShapeBuilder::f((300, 200)), |(i, j)| {
+        (i * 200 + j) as f64
+    });
+    assert_eq!(array_order(&f), Order::F);
+    for a in [&c, &f] {
+        let unwritten = encoder
+            .encode_unwritten(a)
+            .unwrap()
+            .expect("a contiguous array on the heap can be left unwritten");
+        let encoded = encoder.encode(a).unwrap();
+        assert_eq!(
+            (&unwritten.codec, &unwritten.meta, &unwritten.inline),
+            (&encoded.codec, &encoded.meta, &encoded.inline)
+        );
+        let [shm_codec::Source::Pieces(pieces)] = &unwritten.sources[..] else {
+            panic!("one block of pieces: {:?}", unwritten.sources);
+        };
+        let [(piece, 0)] = pieces.iter().collect::<Vec<_>>()[..] else {
+            panic!("one piece at 0");
+        };
+        assert_eq!(piece.len(), encoded.blocks()[0].len());
+        assert_eq!(
+            piece.as_ptr(),
+            a.as_slice_memory_order().unwrap().as_ptr().cast::<u8>(),
+            "the piece is the array's own memory, not a copy"
+        );
+        let back: ShmArray<f64, Ix2> = decoder
+            .decode(&unwritten.clone().write(&encoder).unwrap())
+            .unwrap();
+        assert_eq!(back.view(), a.view());
+        assert_eq!(array_order(&back.view()), array_order(a));
+    }
+
+    // Encoded as usual: an array that is not contiguous, a small one, one already in shared
+    // memory.
+    let strided = c.slice(s![..;2, ..]);
+    assert!(encoder.encode_unwritten(&strided).unwrap().is_none());
+    let small = Array1::<f64>::zeros(4);
+    assert!(encoder.encode_unwritten(&small).unwrap().is_none());
+    let shared: ShmArray<f64, Ix2> = decoder.decode(&encoder.encode(&c).unwrap()).unwrap();
+    assert!(encoder.encode_unwritten(&shared.view()).unwrap().is_none());
+}

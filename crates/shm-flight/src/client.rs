@@ -312,43 +312,36 @@ impl RemoteWorker {
         &self,
         head: CallHead,
         data: Box<dyn Iterator<Item = FlightData> + Send>,
-        connection: Option<Outbound>,
+        connection: Option<Outbound<'_>>,
         progress: &Progress,
     ) -> Result<Payload, TransportError> {
-        // The arguments' data connection, written while the head goes over gRPC.
-        let mut push = match (connection, &self.data_addr) {
-            (Some(outbound), Some(addr)) => {
-                let (addr, sent) = (addr.clone(), Arc::clone(&progress.sent));
-                Some(tokio::spawn(async move {
-                    let mut stream = side::connect(&addr, outbound.key, Kind::Push).await?;
-                    side::write_blocks(&mut stream, &outbound.sources, &sent, None).await
-                }))
-            }
+        // The arguments' data connection, written while the head goes over gRPC. It is a
+        // future of this call, not a task of its own: its sources may borrow the caller's
+        // value, and whatever ends the call (the reply, an error, a timeout, a cancel) drops
+        // it before the call returns.
+        let push = match (connection, &self.data_addr) {
+            (Some(outbound), Some(addr)) => Some(async move {
+                let mut stream = side::connect(addr, outbound.key, Kind::Push).await?;
+                side::write_blocks(&mut stream, &outbound.sources, &progress.sent, None).await
+            }),
             _ => None,
         };
         let exchanged = self.exchange_heads(head, data, progress);
-        let outcome = match push.as_mut() {
+        match push {
             None => exchanged.await,
             Some(pushing) => {
-                tokio::pin!(exchanged);
+                tokio::pin!(exchanged, pushing);
+                // A server that answers without reading everything (it refused the call) gets
+                // no more of it: the push is dropped with this future.
                 tokio::select! {
                     outcome = &mut exchanged => outcome,
-                    pushed = pushing => match pushed {
-                        Ok(Ok(())) => exchanged.await,
-                        Ok(Err(err)) => Err(self.wire_fault(err, progress)),
-                        Err(err) => Err(self.fault(NetworkFault::Protocol {
-                            what: format!("the data connection's task failed: {err}"),
-                        })),
+                    pushed = &mut pushing => match pushed {
+                        Ok(()) => exchanged.await,
+                        Err(err) => Err(self.wire_fault(err, progress)),
                     },
                 }
             }
-        };
-        // A server that answered without reading everything (it refused the call) gets no
-        // more of it.
-        if let Some(pushing) = push {
-            pushing.abort();
         }
-        outcome
     }
 
     /// The call's gRPC stream: its head and chunks up, the reply back.
@@ -587,7 +580,7 @@ impl Callee for RemoteWorker {
     fn call_unwritten(
         &self,
         method: &str,
-        args: Unwritten,
+        args: Unwritten<'_>,
         timeout: Option<Duration>,
         decode: &mut DecodeReply<'_>,
     ) -> Result<(), TransportError> {
@@ -625,7 +618,7 @@ impl RemoteWorker {
     fn call_outgoing(
         &self,
         method: &str,
-        outgoing: wire::Outgoing,
+        outgoing: wire::Outgoing<'_>,
         sent: Arc<Counter>,
         timeout: Option<Duration>,
         decode: &mut DecodeReply<'_>,

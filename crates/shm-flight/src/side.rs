@@ -81,10 +81,11 @@ pub(crate) fn new_key() -> Key {
 
 /// A payload's blocks, to be written on the data connection named `key`: blocks that hold
 /// their bytes, or the pieces of blocks never written here (an Arrow batch's buffers on the
-/// heap), which go onto the connection from where they lie.
-pub(crate) struct Outbound {
+/// heap, an array the caller lends for `'a`), which go onto the connection from where they
+/// lie.
+pub(crate) struct Outbound<'a> {
     pub key: Key,
-    pub sources: Vec<Source>,
+    pub sources: Vec<Source<'a>>,
 }
 
 fn lost(what: &str, err: std::io::Error) -> WireError {
@@ -138,7 +139,7 @@ const GATHER: usize = 256 << 10;
 /// The padding between the pieces of an unwritten block goes as zeros.
 pub(crate) async fn write_blocks(
     stream: &mut TcpStream,
-    sources: &[Source],
+    sources: &[Source<'_>],
     sent: &Counter,
     gap: Option<Duration>,
 ) -> Result<(), WireError> {

@@ -288,16 +288,16 @@ impl From<shm_codec::CodecError> for WireError {
 
 /// A payload ready to be sent: its head, and the messages that carry its data, or the blocks
 /// that go over a data connection.
-pub(crate) struct Outgoing {
+pub(crate) struct Outgoing<'a> {
     pub head: PayloadHead,
     pub data: Box<dyn Iterator<Item = FlightData> + Send>,
-    pub connection: Option<Outbound>,
+    pub connection: Option<Outbound<'a>>,
 }
 
 /// Prepares a payload whose new blocks are still to be written for sending over a data
 /// connection: the head names the blocks' lengths, and the connection writes their pieces from
 /// where they lie (the copy into shared memory that [`outgoing`] would send from is skipped).
-pub(crate) fn outgoing_unwritten(args: Unwritten) -> Outgoing {
+pub(crate) fn outgoing_unwritten(args: Unwritten<'_>) -> Outgoing<'_> {
     let key = side::new_key();
     let head = PayloadHead {
         codec: args.codec.to_string(),
@@ -329,7 +329,7 @@ pub(crate) fn outgoing(
     whole_batch_bytes: usize,
     sent: Arc<Counter>,
     by_connection: bool,
-) -> Result<Outgoing, WireError> {
+) -> Result<Outgoing<'static>, WireError> {
     let block_bytes: u64 = payload.blocks().iter().map(|b| b.len() as u64).sum();
     if by_connection && block_bytes >= DATA_CONNECTION_MIN_BYTES {
         let mut payload = payload;

@@ -50,7 +50,7 @@ pub trait Callee: Send + Sync + std::fmt::Debug {
     fn call_unwritten(
         &self,
         method: &str,
-        args: Unwritten,
+        args: Unwritten<'_>,
         timeout: Option<Duration>,
         decode: &mut DecodeReply<'_>,
     ) -> Result<()> {

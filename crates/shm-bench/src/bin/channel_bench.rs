@@ -18,7 +18,7 @@ use shm_core::{PoolConfig, ShmPool};
 use shm_transport::{Router, TransportError, Worker, WorkerConfig, is_worker, serve};
 
 use shm_bench::peers::Peer;
-use shm_bench::{Error, median, ms, sample, write_section};
+use shm_bench::{Error, in_rounds, median, ms, sample, write_section};
 use shm_transport::CalleeExt;
 
 fn router() -> Router {
@@ -84,15 +84,11 @@ fn p99(times: &[Duration]) -> Duration {
 
 fn b2(report: &mut String, quick: bool) -> Result<(), Error> {
     let calls = if quick { 20_000 } else { 100_000 };
-    eprintln!("... B2 {calls} small calls");
-    let worker = Worker::spawn(WorkerConfig::current_exe()?)?;
-    let shm = sample(calls / 10, calls, || {
-        let Serde(x): Serde<u64> = worker.call("echo", &Serde(7u64))?;
-        std::hint::black_box(x);
-        Ok(())
-    })?;
-    worker.shutdown();
-
+    // Every channel takes a block of calls per round, in the same order each round: a drift of
+    // the machine's speed during the run slows them alike.
+    let rounds = if quick { 5 } else { 10 };
+    let block = calls / rounds;
+    eprintln!("... B2 {calls} small calls and ping-pongs per channel, in {rounds} rounds");
     let path = std::env::temp_dir().join(format!("shm-bench-{}-echo.sock", std::process::id()));
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path)?;
@@ -101,17 +97,8 @@ fn b2(report: &mut String, quick: bool) -> Result<(), Error> {
         .arg(&path)
         .spawn()?;
     let (mut stream, _) = listener.accept()?;
-    let socket = sample(calls / 10, calls, || {
-        stream.write_all(&7u64.to_le_bytes())?;
-        let mut buf = [0u8; 8];
-        stream.read_exact(&mut buf)?;
-        Ok(())
-    })?;
-    stream.shutdown(std::net::Shutdown::Both)?;
-    peer.wait()?;
-    let _ = std::fs::remove_file(&path);
 
-    // The peers, in the same run; /dev/shm must be as they found it.
+    // The peers, in the same rounds; /dev/shm must be as they found it.
     let dev_shm = || -> Result<Vec<String>, Error> {
         let mut names: Vec<String> = std::fs::read_dir("/dev/shm")?
             .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
@@ -120,12 +107,52 @@ fn b2(report: &mut String, quick: bool) -> Result<(), Error> {
         Ok(names)
     };
     let before = dev_shm()?;
-    let mut peers = Vec::new();
-    for peer in Peer::available() {
-        eprintln!("... B2 {} ping-pongs: {}", calls, peer.name());
-        peers.push((peer.name(), shm_bench::peers::ping_pong(peer, calls)?));
-    }
+    // A fresh worker per block, as the peers start fresh processes for theirs.
+    let mut shm_calls = || {
+        let worker = Worker::spawn(WorkerConfig::current_exe()?)?;
+        let times = sample(block / 10, block, || {
+            let Serde(x): Serde<u64> = worker.call("echo", &Serde(7u64))?;
+            std::hint::black_box(x);
+            Ok(())
+        });
+        worker.shutdown();
+        times
+    };
+    let mut socket_calls = || {
+        sample(block / 10, block, || {
+            stream.write_all(&7u64.to_le_bytes())?;
+            let mut buf = [0u8; 8];
+            stream.read_exact(&mut buf)?;
+            Ok(())
+        })
+    };
+    let available = Peer::available();
+    let mut peer_runs: Vec<_> = available
+        .iter()
+        .map(|&peer| move || shm_bench::peers::ping_pong(peer, block))
+        .collect();
+    let mut methods: Vec<&mut dyn FnMut() -> Result<Vec<Duration>, Error>> =
+        vec![&mut shm_calls, &mut socket_calls];
+    methods.extend(
+        peer_runs
+            .iter_mut()
+            .map(|run| run as &mut dyn FnMut() -> Result<Vec<Duration>, Error>),
+    );
+    let mut times = in_rounds(rounds, &mut methods)?.into_iter();
+    drop(methods);
+    let (shm, socket) = (
+        times.next().ok_or("no shm times")?,
+        times.next().ok_or("no socket times")?,
+    );
+    let peers: Vec<_> = available
+        .iter()
+        .map(|peer| peer.name())
+        .zip(times)
+        .collect();
     let after = dev_shm()?;
+    stream.shutdown(std::net::Shutdown::Both)?;
+    peer.wait()?;
+    let _ = std::fs::remove_file(&path);
     if after != before {
         return Err(format!("the peers left /dev/shm changed: {before:?} -> {after:?}").into());
     }
@@ -134,7 +161,10 @@ fn b2(report: &mut String, quick: bool) -> Result<(), Error> {
     writeln!(
         report,
         "A call with an 8-byte argument and result, {calls} calls after warm-up, against 8-byte \
-         ping-pongs between two processes in the same run: over a Unix socket, spinning on a \
+         ping-pongs between two processes in the same run, in {rounds} rounds of {block} per \
+         channel (each round runs every channel once, in the same order, each with a fresh \
+         worker or peer process, after a tenth as many of warm-up): over a Unix socket (one \
+         peer for all rounds), spinning on a \
          shared page (the floor of any shared-memory channel), and over iceoryx2 (the crate, \
          publish-subscribe) busy-polling and sleeping on an event. shm's waiter spins 50 µs, \
          then sleeps on a futex: it burns no core while idle.{}\n",

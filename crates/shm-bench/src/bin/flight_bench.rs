@@ -7,6 +7,7 @@
 //! Flight server and a TCP server for the baselines); started by `Worker::spawn` it is the
 //! local worker. Every worker runs the same router.
 
+use std::cell::RefCell;
 use std::fmt::Write as _;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -20,11 +21,11 @@ use arrow::ipc::reader::StreamReader;
 use arrow::ipc::writer::StreamWriter;
 use ndarray::{Array1, IxDyn};
 use shm_arrow::ColumnFrame;
-use shm_codec::{Encoder, Serde, ShmArray};
+use shm_codec::{Encode, Encoder, Serde, ShmArray};
 use shm_flight::{RemoteConfig, RemoteWorker, Server, ServerConfig};
-use shm_transport::{Router, Worker, WorkerConfig, is_worker, serve};
+use shm_transport::{Callee, Router, Worker, WorkerConfig, is_worker, serve};
 
-use shm_bench::{Error, gbs, human, median, ms, sample, write_section};
+use shm_bench::{Error, gbs, human, in_rounds, median, ms, once, sample, write_section};
 use shm_transport::CalleeExt;
 
 fn router() -> Router {
@@ -191,21 +192,54 @@ const REMOTE_GRPC: &str = "shm-flight remote worker, gRPC messages only (value o
 /// The yardstick's method name.
 const RAW_TCP: &str = "raw bytes over loopback TCP (the yardstick)";
 
-/// The yardstick row: `size` raw bytes over the baseline connection.
-fn raw_tcp(tcp: &mut Tcp, what: String, size: usize, runs: usize) -> Result<Row, Error> {
-    let bytes = vec![7u8; size];
-    let time = median(&sample(1, runs, || {
-        let n = tcp.raw(&bytes)?;
-        (n as usize == size)
-            .then_some(())
-            .ok_or("short read".into())
-    })?);
-    Ok(Row {
-        what,
-        method: RAW_TCP,
-        time,
-        bytes: size,
-    })
+/// A method of B7 other than the yardstick: its name, and one run of it.
+type Method<'a> = (&'static str, &'a mut dyn FnMut() -> Result<(), Error>);
+
+/// B7's rows for one payload of `bytes` bytes: the yardstick (as many raw bytes over the
+/// baseline connection) and `methods`, in rounds that run each of them once (after one round of
+/// warm-up), so that all of them meet the same state of the machine.
+fn payload_rows(
+    what: &str,
+    bytes: usize,
+    runs: usize,
+    tcp: &RefCell<Tcp>,
+    methods: Vec<Method<'_>>,
+) -> Result<Vec<Row>, Error> {
+    let raw_bytes = vec![7u8; bytes];
+    let mut raw = || {
+        once(|| {
+            let n = tcp.borrow_mut().raw(&raw_bytes)?;
+            (n as usize == bytes)
+                .then_some(())
+                .ok_or("short read".into())
+        })
+    };
+    let mut names = vec![RAW_TCP];
+    let mut timed: Vec<&mut dyn FnMut() -> Result<Vec<Duration>, Error>> = vec![&mut raw];
+    let mut runs_of: Vec<_> = methods
+        .into_iter()
+        .map(|(name, run)| {
+            names.push(name);
+            move || once(&mut *run)
+        })
+        .collect();
+    timed.extend(
+        runs_of
+            .iter_mut()
+            .map(|run| run as &mut dyn FnMut() -> Result<Vec<Duration>, Error>),
+    );
+    in_rounds(1, &mut timed)?;
+    let times = in_rounds(runs, &mut timed)?;
+    Ok(names
+        .into_iter()
+        .zip(times)
+        .map(|(method, times)| Row {
+            what: what.to_owned(),
+            method,
+            time: median(&times),
+            bytes,
+        })
+        .collect())
 }
 
 /// One row of the table: what moved, how, and its median time.
@@ -224,7 +258,7 @@ fn bench(quick: bool) -> Result<(), Error> {
         RemoteConfig::new(format!("http://{}", host.flight)).with_data_connections(false),
     )?;
     let local = Worker::spawn(WorkerConfig::current_exe()?)?;
-    let mut tcp = Tcp::connect(&host.tcp)?;
+    let tcp = RefCell::new(Tcp::connect(&host.tcp)?);
     let sizes: &[usize] = if quick {
         &[64 << 20]
     } else {
@@ -244,50 +278,31 @@ fn bench(quick: bool) -> Result<(), Error> {
                 Err(Error::from(format!("sum {sum}, expected {expected}")))
             }
         };
-        rows.push(raw_tcp(
-            &mut tcp,
-            format!("array of {}", human(size)),
-            size,
-            runs,
-        )?);
         let values = Float64Array::from(array.as_slice().ok_or("contiguous")?.to_vec());
         let record = RecordBatch::try_from_iter([("x", Arc::new(values) as Arc<dyn Array>)])?;
-        let ipc = median(&sample(1, runs, || {
-            check(f64::from_bits(tcp.ipc(&record)?))
-        })?);
-        drop(record);
-        let flight = median(&sample(1, runs, || {
-            let Serde(sum): Serde<f64> = remote.call("sum", &array)?;
-            check(sum)
-        })?);
         let in_shm = Encoder::new(remote.shm_pool().clone()).encode(&array)?;
-        let flight_shm = median(&sample(1, runs, || {
-            let Serde(sum): Serde<f64> = remote.call("sum", &in_shm)?;
+        let sum_of = |callee: &dyn Callee, value: &dyn Encode| -> Result<(), Error> {
+            let Serde(sum): Serde<f64> = callee.call("sum", value)?;
             check(sum)
-        })?);
-        drop(in_shm);
-        let flight_grpc = median(&sample(1, runs, || {
-            let Serde(sum): Serde<f64> = grpc.call("sum", &array)?;
-            check(sum)
-        })?);
-        let shm = median(&sample(1, runs, || {
-            let Serde(sum): Serde<f64> = local.call("sum", &array)?;
-            check(sum)
-        })?);
-        for (method, time) in [
-            ("Arrow IPC over loopback TCP", ipc),
-            (REMOTE_HEAP, flight),
-            (REMOTE_SHM, flight_shm),
-            (REMOTE_GRPC, flight_grpc),
-            ("local shm worker (array on the heap: one copy)", shm),
-        ] {
-            rows.push(Row {
-                what: format!("array of {}", human(size)),
-                method,
-                time,
-                bytes: size,
-            });
-        }
+        };
+        rows.extend(payload_rows(
+            &format!("array of {}", human(size)),
+            size,
+            runs,
+            &tcp,
+            vec![
+                ("Arrow IPC over loopback TCP", &mut || {
+                    check(f64::from_bits(tcp.borrow_mut().ipc(&record)?))
+                }),
+                (REMOTE_HEAP, &mut || sum_of(&remote, &array)),
+                (REMOTE_SHM, &mut || sum_of(&remote, &in_shm)),
+                (REMOTE_GRPC, &mut || sum_of(&grpc, &array)),
+                (
+                    "local shm worker (array on the heap: one copy)",
+                    &mut || sum_of(&local, &array),
+                ),
+            ],
+        )?);
     }
     eprintln!("... B7 batch of {batch_rows} rows");
     let batch = shm_bench::mixed_batch(batch_rows)?;
@@ -301,40 +316,34 @@ fn bench(quick: bool) -> Result<(), Error> {
         }
     };
     let what = format!("batch of {batch_rows} rows ({})", human(bytes));
-    rows.push(raw_tcp(&mut tcp, what.clone(), bytes, runs)?);
-    let ipc = median(&sample(1, runs, || check(tcp.ipc(&batch)?))?);
-    let flight = median(&sample(1, runs, || {
-        let Serde(n): Serde<usize> = remote.call("rows", &ColumnFrame(batch.clone()))?;
-        check(n as u64)
-    })?);
     let in_shm = Encoder::new(remote.shm_pool().clone()).encode(&ColumnFrame(batch.clone()))?;
-    let flight_shm = median(&sample(1, runs, || {
-        let Serde(n): Serde<usize> = remote.call("rows", &in_shm)?;
+    let rows_of = |callee: &dyn Callee, value: &dyn Encode| -> Result<(), Error> {
+        let Serde(n): Serde<usize> = callee.call("rows", value)?;
         check(n as u64)
-    })?);
+    };
+    rows.extend(payload_rows(
+        &what,
+        bytes,
+        runs,
+        &tcp,
+        vec![
+            ("Arrow IPC over loopback TCP", &mut || {
+                check(tcp.borrow_mut().ipc(&batch)?)
+            }),
+            (REMOTE_HEAP, &mut || {
+                rows_of(&remote, &ColumnFrame(batch.clone()))
+            }),
+            (REMOTE_SHM, &mut || rows_of(&remote, &in_shm)),
+            (REMOTE_GRPC, &mut || {
+                rows_of(&grpc, &ColumnFrame(batch.clone()))
+            }),
+            (
+                "local shm worker (batch on the heap: one copy)",
+                &mut || rows_of(&local, &ColumnFrame(batch.clone())),
+            ),
+        ],
+    )?);
     drop(in_shm);
-    let flight_grpc = median(&sample(1, runs, || {
-        let Serde(n): Serde<usize> = grpc.call("rows", &ColumnFrame(batch.clone()))?;
-        check(n as u64)
-    })?);
-    let shm = median(&sample(1, runs, || {
-        let Serde(n): Serde<usize> = local.call("rows", &ColumnFrame(batch.clone()))?;
-        check(n as u64)
-    })?);
-    for (method, time) in [
-        ("Arrow IPC over loopback TCP", ipc),
-        (REMOTE_HEAP, flight),
-        (REMOTE_SHM, flight_shm),
-        (REMOTE_GRPC, flight_grpc),
-        ("local shm worker (batch on the heap: one copy)", shm),
-    ] {
-        rows.push(Row {
-            what: what.clone(),
-            method,
-            time,
-            bytes,
-        });
-    }
     let wide = wide_frames(quick, &local, &remote)?;
     local.shutdown();
     drop((remote, grpc, tcp, host));
@@ -347,12 +356,15 @@ fn bench(quick: bool) -> Result<(), Error> {
          process over loopback (127.0.0.1, plain TCP, no TLS), against the same payload as an \
          Arrow IPC stream over a plain TCP socket and against a local shared-memory worker. \
          The worker reads every value (sums the array; Arrow's validation for the batch, whose \
-         six columns are B3's). Times are medians of 3 (1 GiB, batch) or 9 runs. `/ TCP` is \
-         the rate divided by that of the same number of raw bytes over loopback TCP (read and \
-         discarded), measured in this run just before. The remote worker takes payloads of \
+         six columns are B3's). Times are medians of 9 runs (3 for 1 GiB, 5 for the quick \
+         batch, 3 for the full one), taken in rounds after one of warm-up: each round runs every \
+         method of the payload once, the yardstick first, so that a drift of the machine's \
+         speed slows them alike. `/ TCP` is the rate divided by that of the same number of raw \
+         bytes over loopback TCP (read and discarded). The remote worker takes payloads of \
          1 MiB and more over a data connection beside the gRPC call (docs/format.md); `on the \
-         heap` includes encoding the value into shared memory before the call (one copy), \
-         `already in shared memory` sends a payload encoded before, `gRPC messages only` is \
+         heap` includes encoding the value (an array is copied into shared memory first; a \
+         batch's buffers go onto the data connection from where they lie), `already in shared \
+         memory` sends a payload encoded before, `gRPC messages only` is \
          the same call with data connections off.\n"
     )?;
     writeln!(report, "| payload | method | time | GB/s | / TCP |")?;
@@ -447,7 +459,7 @@ fn wide_frames(quick: bool, local: &Worker, remote: &RemoteWorker) -> Result<Str
                 .ok_or_else(|| Error::from("the frame came back another shape"))
         };
         let mut times = Vec::new();
-        for callee in [local as &dyn shm_transport::Callee, remote] {
+        for callee in [local as &dyn Callee, remote] {
             let time = median(&sample(1, 3, || {
                 let ColumnFrame(back): ColumnFrame = callee.call("echo", &batch)?;
                 check(&back)
