@@ -707,3 +707,49 @@ fn threads_calling_while_timeouts_fire_and_the_server_is_killed_get_values_or_ty
     server.into_inner().expect("lock").stop();
     clean.end();
 }
+
+#[test]
+fn a_call_lending_a_heap_array_ends_at_its_timeout_when_the_server_stops_reading() {
+    let clean = CleanShm::begin();
+    let server = ServerProcess::start(SERVER, &[]);
+    let worker = remote(&server);
+    // A first call over a data connection: the client learns that the server takes them.
+    let small = Array1::from_elem(200_000, 1.0f64).into_dyn();
+    let Serde(sum): Serde<f64> = worker.call("sum", &small).expect("sum");
+    assert_eq!(sum, 200_000.0);
+
+    // The server stops reading: 64 MiB from the heap fill the socket's buffers and the writer
+    // of the data connection waits, on the array's own memory. The call still ends at its
+    // timeout, and then the array is the caller's again, to write and to drop.
+    let stop = |signal| {
+        // SAFETY: kill(2) on the server process this test started.
+        assert_eq!(unsafe { libc::kill(server.pid() as i32, signal) }, 0);
+    };
+    stop(libc::SIGSTOP);
+    let mut big = Array1::from_elem(8 << 20, 2.0f64).into_dyn();
+    let (done, ended) = std::sync::mpsc::channel();
+    let outcome = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let result =
+                worker.call_timeout::<_, Serde<f64>>("sum", &big, Duration::from_millis(500));
+            let _ = done.send(result);
+        });
+        let outcome = ended.recv_timeout(Duration::from_secs(20));
+        // Whatever happened, the server runs again (and a call stuck on it ends).
+        stop(libc::SIGCONT);
+        outcome.expect("the call ended within 20 s of a 500 ms timeout")
+    });
+    match network_fault(outcome).1 {
+        NetworkFault::Timeout { method, .. } => assert_eq!(method, "sum"),
+        other => panic!("expected Timeout, got {other:?}"),
+    }
+    big.fill(3.0);
+    drop(big);
+
+    // The server serves on.
+    let Serde(sum): Serde<f64> = worker.call("sum", &small).expect("after the timeout");
+    assert_eq!(sum, 200_000.0);
+    drop(worker);
+    server.stop();
+    clean.end();
+}
