@@ -93,16 +93,8 @@ impl<'a> Reader<'a> {
 
     /// A sequence of `u64`s, as postcard writes a `Vec<u64>`.
     pub fn u64s(&mut self) -> Option<Vec<u64>> {
-        let len = usize::try_from(self.u64()?).ok()?;
-        // Each takes a byte at least: a length past what is left is a lie, and reserving for
-        // it would let a peer pick our allocation.
-        if len > self.rest.len() {
-            return None;
-        }
-        let mut values = Vec::with_capacity(len);
-        for _ in 0..len {
-            values.push(self.u64()?);
-        }
+        let mut values = Vec::new();
+        self.u64s_into(&mut values)?;
         Some(values)
     }
 
@@ -110,10 +102,13 @@ impl<'a> Reader<'a> {
     /// [`u64s`](Self::u64s)).
     pub fn u64s_into(&mut self, values: &mut Vec<u64>) -> Option<()> {
         let len = usize::try_from(self.u64()?).ok()?;
+        // Each takes a byte at least: a length past what is left is a lie, and reserving for
+        // it would let a peer pick our allocation.
         if len > self.rest.len() {
             return None;
         }
         values.clear();
+        values.reserve(len);
         for _ in 0..len {
             values.push(self.u64()?);
         }
@@ -122,8 +117,33 @@ impl<'a> Reader<'a> {
 
     /// A [`Payload`] read into `payload`, whose vectors keep their allocations: what a
     /// receiver that reads one message after another does to allocate nothing per message.
-    /// On `None`, `payload` holds part of what was read.
+    /// On `None`, `payload` is as it was.
     pub fn payload_into(&mut self, payload: &mut Payload) -> Option<()> {
+        let parts = self.payload_parts()?;
+        payload.refill(
+            parts.version,
+            parts.codec,
+            parts.meta,
+            parts.buffers,
+            parts.inline,
+        );
+        Some(())
+    }
+
+    /// A [`Payload`], as serde reads it.
+    pub fn payload(&mut self) -> Option<Payload> {
+        let parts = self.payload_parts()?;
+        Some(Payload::from_wire(
+            parts.version,
+            codec_cow(parts.codec),
+            parts.meta.to_vec(),
+            parts.buffers.unwrap_or_default(),
+            parts.inline.to_vec(),
+        ))
+    }
+
+    /// The fields of a payload, borrowed where they can be.
+    fn payload_parts(&mut self) -> Option<PayloadParts<'a>> {
         let version = self.u16()?;
         let codec = self.str()?;
         let meta = self.bytes()?;
@@ -132,6 +152,8 @@ impl<'a> Reader<'a> {
                 self.rest = &self.rest[1..];
                 None
             }
+            // References are read by serde, which is their reference; they come with a block
+            // or more, where the encoding is not what a call costs.
             Some(_) => {
                 let (refs, rest) = postcard::take_from_bytes::<Vec<ShmRef>>(self.rest).ok()?;
                 self.rest = rest;
@@ -140,32 +162,24 @@ impl<'a> Reader<'a> {
             None => return None,
         };
         let inline = self.bytes()?;
-        payload.refill(version, codec, meta, buffers, inline);
-        Some(())
+        Some(PayloadParts {
+            version,
+            codec,
+            meta,
+            buffers,
+            inline,
+        })
     }
+}
 
-    /// A [`Payload`], as serde reads it.
-    pub fn payload(&mut self) -> Option<Payload> {
-        let version = self.u16()?;
-        let codec = codec_cow(self.str()?);
-        let meta = self.bytes()?.to_vec();
-        let buffers = match self.rest.first() {
-            Some(0) => {
-                self.rest = &self.rest[1..];
-                Vec::new()
-            }
-            // References are read by serde, which is their reference; they come with a block
-            // or more, where the encoding is not what a call costs.
-            Some(_) => {
-                let (refs, rest) = postcard::take_from_bytes::<Vec<ShmRef>>(self.rest).ok()?;
-                self.rest = rest;
-                refs
-            }
-            None => return None,
-        };
-        let inline = self.bytes()?.to_vec();
-        Some(Payload::from_wire(version, codec, meta, buffers, inline))
-    }
+/// A payload's fields as [`Reader::payload_parts`] reads them.
+struct PayloadParts<'a> {
+    version: u16,
+    codec: &'a str,
+    meta: &'a [u8],
+    /// `None` for no references.
+    buffers: Option<Vec<ShmRef>>,
+    inline: &'a [u8],
 }
 
 impl Payload {
