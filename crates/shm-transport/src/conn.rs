@@ -511,7 +511,6 @@ impl Conn {
     /// Reads the reply ring, holding `reading`, until the reply to call `id` comes; replies
     /// to other calls go to their callers on the way.
     fn read_own(&self, id: u64, deadline: Option<Instant>) -> Result<Delivered> {
-        let ring = self.endpoint.channel().frames(Direction::ToParent);
         loop {
             if let Some(delivered) = self.drain(Some(id))? {
                 return Ok(delivered);
@@ -519,21 +518,29 @@ impl Conn {
             if self.is_dead() {
                 return Err(self.died());
             }
-            // Woken without a frame, read the link: the worker's descriptors found it full.
-            let woken = std::cell::Cell::new(false);
-            let wake = ring.wait_for_frame(deadline, || {
-                if woken.replace(true) {
-                    self.endpoint.read_link();
-                }
-                self.is_dead()
-            });
-            if wake == Wake::TimedOut {
+            if self.wait_for_reply(deadline) == Wake::TimedOut {
                 return Err(TransportError::Timeout {
                     method: String::new(),
                     timeout: Duration::ZERO,
                 });
             }
         }
+    }
+
+    /// Waits, as the reader of replies, for a frame in the reply ring, the worker's death or
+    /// `deadline`.
+    fn wait_for_reply(&self, deadline: Option<Instant>) -> Wake {
+        // Woken without a frame, read the link: the worker's descriptors found it full.
+        let woken = std::cell::Cell::new(false);
+        self.endpoint
+            .channel()
+            .frames(Direction::ToParent)
+            .wait_for_frame(deadline, || {
+                if woken.replace(true) {
+                    self.endpoint.read_link();
+                }
+                self.is_dead()
+            })
     }
 
     /// Sends a frame under the sending lock, reading replies while the ring is full.
@@ -585,16 +592,7 @@ impl Conn {
             if let Ok(reading) = self.reading.try_lock() {
                 let read = self.drain(None).and_then(|_| {
                     if lock(&slot.state).outcome.is_none() {
-                        let ring = self.endpoint.channel().frames(Direction::ToParent);
-                        // Woken without a frame, read the link: the worker's descriptors
-                        // found it full.
-                        let woken = std::cell::Cell::new(false);
-                        ring.wait_for_frame(deadline, || {
-                            if woken.replace(true) {
-                                self.endpoint.read_link();
-                            }
-                            self.is_dead()
-                        });
+                        self.wait_for_reply(deadline);
                         self.drain(None)?;
                     }
                     Ok(())

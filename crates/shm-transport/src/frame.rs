@@ -2,7 +2,7 @@
 //! them: lending the blocks a message names, spilling a message too large for a slot into a
 //! block, and waiting for room in a full ring.
 
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -255,6 +255,32 @@ pub(crate) struct Endpoint {
     scratch: Mutex<Vec<u8>>,
 }
 
+/// The endpoint's frame buffer, taken for one send: a fresh one when another thread has it.
+/// Given back when dropped, whatever the send came to, unless it grew past a slot for a frame
+/// that had to spill.
+struct Scratch<'a> {
+    kept: Option<MutexGuard<'a, Vec<u8>>>,
+    bytes: Vec<u8>,
+}
+
+impl<'a> Scratch<'a> {
+    fn take(kept: &'a Mutex<Vec<u8>>) -> Self {
+        let mut kept = kept.try_lock().ok();
+        let bytes = kept.as_deref_mut().map(std::mem::take).unwrap_or_default();
+        Scratch { kept, bytes }
+    }
+}
+
+impl Drop for Scratch<'_> {
+    fn drop(&mut self) {
+        if let Some(kept) = self.kept.as_deref_mut()
+            && self.bytes.capacity() <= SLOT_LEN
+        {
+            *kept = std::mem::take(&mut self.bytes);
+        }
+    }
+}
+
 impl Endpoint {
     /// `side`'s end of `channel`; blocks are allocated from `pool`, references are accepted as
     /// `admission` says, segments travel on `link`, and the peer may hold at most
@@ -349,12 +375,9 @@ impl Endpoint {
         if let Some(loans) = frame.loans_mut() {
             loans.clone_from(&ids);
         }
-        let mut scratch = self.scratch.try_lock().ok();
-        let buffer = scratch
-            .as_deref_mut()
-            .map(std::mem::take)
-            .unwrap_or_default();
-        let bytes = match self.wire_form(&frame, deadline, buffer) {
+        let mut scratch = Scratch::take(&self.scratch);
+        let buffer = std::mem::take(&mut scratch.bytes);
+        scratch.bytes = match self.wire_form(&frame, deadline, buffer) {
             Ok(Ok((bytes, spill))) => {
                 ids.extend(spill);
                 bytes
@@ -368,15 +391,9 @@ impl Endpoint {
                 return Err(err);
             }
         };
-        let pushed = self.push(&bytes, deadline, stop, can_help, help);
+        let pushed = self.push(&scratch.bytes, deadline, stop, can_help, help);
         if !matches!(pushed, Ok(Ok(()))) {
             self.lender.cancel(&ids);
-        }
-        // Kept for the next frame, unless it grew for a frame that had to spill.
-        if let Some(scratch) = scratch.as_deref_mut()
-            && bytes.capacity() <= SLOT_LEN
-        {
-            *scratch = bytes;
         }
         pushed
     }
@@ -398,25 +415,15 @@ impl Endpoint {
         if self.returner.overflowed() {
             return Err(self.takes_nothing_back());
         }
-        let mut scratch = self.scratch.try_lock().ok();
-        let mut bytes = scratch
-            .as_deref_mut()
-            .map(std::mem::take)
-            .unwrap_or_default();
+        let mut scratch = Scratch::take(&self.scratch);
+        let bytes = &mut scratch.bytes;
         bytes.clear();
         bytes.reserve(256);
-        write(&mut bytes);
-        let pushed = if bytes.len() <= SLOT_LEN - 4 {
-            Some(self.push(&bytes, deadline, stop, can_help, help)?)
-        } else {
-            None
-        };
-        if let Some(scratch) = scratch.as_deref_mut()
-            && bytes.capacity() <= SLOT_LEN
-        {
-            *scratch = bytes;
+        write(bytes);
+        if bytes.len() > SLOT_LEN - 4 {
+            return Ok(None);
         }
-        Ok(pushed)
+        Ok(Some(self.push(bytes, deadline, stop, can_help, help)?))
     }
 
     /// The error for a peer that does not take back what it is returned.
