@@ -63,13 +63,6 @@ pub fn in_rounds(
     Ok(times)
 }
 
-/// The time of one run of `run`, as [`in_rounds`] takes it.
-pub fn once(run: impl FnOnce() -> Result<(), Error>) -> Result<Vec<Duration>, Error> {
-    let start = Instant::now();
-    run()?;
-    Ok(vec![start.elapsed()])
-}
-
 /// The median of runs that time themselves (to leave set-up and tear-down out).
 pub fn median_of(
     runs: usize,

@@ -54,6 +54,8 @@ const RELEASE_RING_LEN: usize = 2 * LINE;
 const SLOTS: usize = 1024;
 /// Bytes of one slot, its length word included.
 pub(crate) const SLOT_LEN: usize = 4096;
+/// The largest frame a slot holds (after its u32 length).
+pub(crate) const FRAME_MAX: usize = SLOT_LEN - 4;
 /// Slots per frame ring.
 pub(crate) const SLOT_COUNT: usize = 64;
 /// Entries per release ring.
@@ -525,11 +527,10 @@ impl FrameRing<'_> {
     /// Appends a frame and wakes the consumer if it sleeps; `Ok(false)` when the ring is full.
     /// Only one thread of one process produces into a ring at a time.
     pub(crate) fn push(&self, frame: &[u8]) -> Result<bool> {
-        if frame.len() > SLOT_LEN - 4 {
+        if frame.len() > FRAME_MAX {
             return Err(malformed(format!(
-                "frame of {} bytes in a slot of {}",
+                "frame of {} bytes in a slot of {FRAME_MAX}",
                 frame.len(),
-                SLOT_LEN - 4
             )));
         }
         if self.occupied()? >= SLOT_COUNT as u64 {
@@ -575,10 +576,9 @@ impl FrameRing<'_> {
         // touch it again until `head` moves past it below.
         unsafe { std::ptr::copy_nonoverlapping(slot, len.as_mut_ptr(), 4) };
         let len = u32::from_le_bytes(len) as usize;
-        if len > SLOT_LEN - 4 {
+        if len > FRAME_MAX {
             return Err(malformed(format!(
-                "frame length {len} in a slot of {}",
-                SLOT_LEN - 4
+                "frame length {len} in a slot of {FRAME_MAX}"
             )));
         }
         // SAFETY: as above; `4 + len <= SLOT_LEN` was just checked, and `into` holds `len`

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use shm_codec::{Decoder, MAX_BLOCKS, Payload, wire};
 use shm_core::{Reclaim, SegmentLink, ShmBlock, ShmError, ShmPool, ShmRef};
 
-use crate::channel::{Channel, SLOT_COUNT, SLOT_LEN, Side, Wake};
+use crate::channel::{Channel, FRAME_MAX, SLOT_COUNT, SLOT_LEN, Side, Wake};
 use crate::error::{RemoteError, Result, TransportError, malformed};
 use crate::loans::{Lender, LoanAttacher, MAX_WAITING_RETURNS, Refusal, Returner};
 use crate::trust::Admission;
@@ -420,7 +420,7 @@ impl Endpoint {
         bytes.clear();
         bytes.reserve(256);
         write(bytes);
-        if bytes.len() > SLOT_LEN - 4 {
+        if bytes.len() > FRAME_MAX {
             return Ok(None);
         }
         Ok(Some(self.push(bytes, deadline, stop, can_help, help)?))
@@ -497,7 +497,7 @@ impl Endpoint {
         frame
             .write_wire(&mut bytes)
             .map_err(|e| malformed(format!("cannot encode frame: {e}")))?;
-        if bytes.len() <= SLOT_LEN - 4 {
+        if bytes.len() <= FRAME_MAX {
             return Ok(Ok((bytes, None)));
         }
         let mut block = self.pool.alloc(bytes.len())?;
@@ -802,11 +802,11 @@ mod tests {
         // The inline length at which the frame fills its slot exactly.
         let fits = (0..SLOT_LEN)
             .rev()
-            .find(|&len| wire_len(&call(0, len)) <= SLOT_LEN - 4)
+            .find(|&len| wire_len(&call(0, len)) <= FRAME_MAX)
             .unwrap();
         assert_eq!(
             wire_len(&call(0, fits)),
-            SLOT_LEN - 4,
+            FRAME_MAX,
             "a frame that fills its slot"
         );
         // Small, full, one byte over (spilled), small again: the buffer kept between sends

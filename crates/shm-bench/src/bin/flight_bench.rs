@@ -25,7 +25,7 @@ use shm_codec::{Encode, Encoder, Serde, ShmArray};
 use shm_flight::{RemoteConfig, RemoteWorker, Server, ServerConfig};
 use shm_transport::{Callee, Router, Worker, WorkerConfig, is_worker, serve};
 
-use shm_bench::{Error, gbs, human, in_rounds, median, ms, once, sample, write_section};
+use shm_bench::{Error, gbs, human, in_rounds, median, ms, sample, write_section};
 use shm_transport::CalleeExt;
 
 fn router() -> Router {
@@ -207,7 +207,7 @@ fn payload_rows(
 ) -> Result<Vec<Row>, Error> {
     let raw_bytes = vec![7u8; bytes];
     let mut raw = || {
-        once(|| {
+        sample(0, 1, || {
             let n = tcp.borrow_mut().raw(&raw_bytes)?;
             (n as usize == bytes)
                 .then_some(())
@@ -220,7 +220,7 @@ fn payload_rows(
         .into_iter()
         .map(|(name, run)| {
             names.push(name);
-            move || once(&mut *run)
+            move || sample(0, 1, &mut *run)
         })
         .collect();
     timed.extend(
