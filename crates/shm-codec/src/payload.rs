@@ -120,6 +120,7 @@ impl Payload {
     }
 
     /// A payload as [`crate::wire::Reader`] read it, every field as it came.
+    #[inline]
     pub(crate) fn from_wire(
         version: u16,
         codec: Cow<'static, str>,
@@ -140,6 +141,7 @@ impl Payload {
     /// Overwrites the payload with what was read from the wire, keeping the allocations of
     /// its vectors (see [`Reader::payload_into`](crate::wire::Reader::payload_into)); no
     /// blocks, as on any receiving side. `buffers` is `None` for none.
+    #[inline]
     pub(crate) fn refill(
         &mut self,
         version: u16,
@@ -175,12 +177,14 @@ impl Payload {
     }
 
     /// Whether the payload holds every block it names, so that it can be sent.
+    #[inline]
     pub fn is_backed(&self) -> bool {
         self.blocks.len() == self.buffers.len()
     }
 
     /// The payload with its blocks taken out: the sender keeps them while the payload's
     /// wire form travels.
+    #[inline]
     pub fn take_blocks(&mut self) -> Vec<Arc<ShmBlock>> {
         std::mem::take(&mut self.blocks)
     }
@@ -226,6 +230,7 @@ impl Payload {
     }
 
     /// Checks that the payload was written by `codec`.
+    #[inline]
     pub fn expect_codec(&self, codec: &'static str) -> Result<()> {
         if self.codec == codec {
             Ok(())
@@ -268,6 +273,7 @@ fn codec_name<'de, D: serde::Deserializer<'de>>(
 }
 
 /// `name` as one of [`KNOWN_CODECS`], borrowed, or else as an owned copy.
+#[inline]
 pub(crate) fn codec_cow(name: &str) -> Cow<'static, str> {
     KNOWN_CODECS
         .iter()

@@ -6,12 +6,16 @@
 //! (integers, strings, byte vectors, a payload without blocks); every other shape, and every
 //! byte string they cannot read, is left to serde, which stays the reference. The transport
 //! checks the agreement in its tests and in the `frame-wire` fuzz target.
+//!
+//! They are marked `#[inline]`: the transport calls them from another crate, where a build
+//! without link-time optimisation would otherwise make each a call of its own.
 
 use shm_core::ShmRef;
 
 use crate::payload::{Payload, codec_cow};
 
 /// Appends `value` as a postcard varint (seven bits a byte, low first).
+#[inline]
 pub fn put_varint(out: &mut Vec<u8>, mut value: u64) {
     while value >= 0x80 {
         out.push((value as u8) | 0x80);
@@ -22,6 +26,7 @@ pub fn put_varint(out: &mut Vec<u8>, mut value: u64) {
 
 /// Appends a length-prefixed byte string, as postcard writes a `str`, a `String` or a
 /// `Vec<u8>`.
+#[inline]
 pub fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
     put_varint(out, bytes.len() as u64);
     out.extend_from_slice(bytes);
@@ -36,17 +41,20 @@ pub struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     /// A reader of `bytes` from their start.
+    #[inline]
     pub fn new(bytes: &'a [u8]) -> Self {
         Reader { rest: bytes }
     }
 
     /// What is left to read.
+    #[inline]
     pub fn rest(&self) -> &'a [u8] {
         self.rest
     }
 
     /// A varint of at most `max_bytes` bytes whose last byte is at most `max_last`: postcard's
     /// rule for each integer width (it refuses the bits a wider value would need, and no more).
+    #[inline]
     fn varint(&mut self, max_bytes: usize, max_last: u8) -> Option<u64> {
         let mut value = 0u64;
         for i in 0..max_bytes {
@@ -61,21 +69,25 @@ impl<'a> Reader<'a> {
     }
 
     /// A `u64` (or a `usize`, a length).
+    #[inline]
     pub fn u64(&mut self) -> Option<u64> {
         self.varint(10, 0x01)
     }
 
     /// A `u32` (or an enum's variant index).
+    #[inline]
     pub fn u32(&mut self) -> Option<u32> {
         self.varint(5, 0x0f).map(|v| v as u32)
     }
 
     /// A `u16`.
+    #[inline]
     pub fn u16(&mut self) -> Option<u16> {
         self.varint(3, 0x03).map(|v| v as u16)
     }
 
     /// A length-prefixed byte string, borrowed.
+    #[inline]
     pub fn bytes(&mut self) -> Option<&'a [u8]> {
         let len = usize::try_from(self.u64()?).ok()?;
         if len > self.rest.len() {
@@ -87,11 +99,13 @@ impl<'a> Reader<'a> {
     }
 
     /// A length-prefixed UTF-8 string, borrowed.
+    #[inline]
     pub fn str(&mut self) -> Option<&'a str> {
         std::str::from_utf8(self.bytes()?).ok()
     }
 
     /// A sequence of `u64`s, as postcard writes a `Vec<u64>`.
+    #[inline]
     pub fn u64s(&mut self) -> Option<Vec<u64>> {
         let mut values = Vec::new();
         self.u64s_into(&mut values)?;
@@ -100,6 +114,7 @@ impl<'a> Reader<'a> {
 
     /// A sequence of `u64`s into `values`, which keeps its allocation (see
     /// [`u64s`](Self::u64s)).
+    #[inline]
     pub fn u64s_into(&mut self, values: &mut Vec<u64>) -> Option<()> {
         let len = usize::try_from(self.u64()?).ok()?;
         // Each takes a byte at least: a length past what is left is a lie, and reserving for
@@ -118,6 +133,7 @@ impl<'a> Reader<'a> {
     /// A [`Payload`] read into `payload`, whose vectors keep their allocations: what a
     /// receiver that reads one message after another does to allocate nothing per message.
     /// On `None`, `payload` is as it was.
+    #[inline]
     pub fn payload_into(&mut self, payload: &mut Payload) -> Option<()> {
         let parts = self.payload_parts()?;
         payload.refill(
@@ -131,6 +147,7 @@ impl<'a> Reader<'a> {
     }
 
     /// A [`Payload`], as serde reads it.
+    #[inline]
     pub fn payload(&mut self) -> Option<Payload> {
         let parts = self.payload_parts()?;
         Some(Payload::from_wire(
@@ -143,6 +160,7 @@ impl<'a> Reader<'a> {
     }
 
     /// The fields of a payload, borrowed where they can be.
+    #[inline]
     fn payload_parts(&mut self) -> Option<PayloadParts<'a>> {
         let version = self.u16()?;
         let codec = self.str()?;
@@ -186,6 +204,7 @@ impl Payload {
     /// Appends the payload's postcard form to `out`: the bytes [`to_bytes`](Self::to_bytes)
     /// gives, without serde's generic path (for transports that write it inside their own
     /// messages; [`Reader::payload`] reads it back).
+    #[inline]
     pub fn write_wire(&self, out: &mut Vec<u8>) {
         put_varint(out, u64::from(self.version));
         put_bytes(out, self.codec.as_bytes());

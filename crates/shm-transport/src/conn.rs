@@ -368,6 +368,11 @@ impl Conn {
         if self.is_dead() {
             return Err(self.died());
         }
+        // The push reads the ring's positions: they come while the arguments are encoded.
+        self.endpoint
+            .channel()
+            .frames(Direction::ToWorker)
+            .prefetch_positions();
         let args = args.encoded(&self.encoder)?;
         if !args.is_backed() {
             return Err(TransportError::UnbackedPayload {

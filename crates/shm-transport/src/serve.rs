@@ -209,6 +209,7 @@ pub fn serve(router: Router) -> Result<()> {
     );
     let encoder = Encoder::new(pool.clone());
     let requests = endpoint.channel().frames(Direction::ToWorker);
+    let replies = endpoint.channel().frames(Direction::ToParent);
     send(
         &endpoint,
         Frame::Hello {
@@ -255,6 +256,8 @@ pub fn serve(router: Router) -> Result<()> {
                 args,
                 loans,
             } => {
+                // The reply's push reads the ring's positions: they come while the handler runs.
+                replies.prefetch_positions();
                 let outcome = match endpoint.decoder(args, loans) {
                     Ok(decoding) => {
                         let outcome = router.dispatch(method, args, &decoding.decoder, &encoder);
