@@ -89,6 +89,43 @@ fn many_threads_call_one_worker_and_every_reply_finds_its_call() {
 }
 
 #[test]
+fn both_rings_fill_and_drain_while_more_threads_call_than_they_have_slots() {
+    // The request ring has 64 slots. While the handler sleeps, 127 threads queue their calls:
+    // 64 fill the ring and the rest wait for room, which comes back only when the worker has
+    // read half the ring or found it empty; then the replies come faster than the callers
+    // take them. Every call must end, with its own reply, well within its timeout.
+    let clean = CleanShm::begin();
+    let worker = spawn();
+    let timeout = Duration::from_secs(60);
+    std::thread::scope(|scope| {
+        let worker = &worker;
+        let sleeper =
+            scope.spawn(move || worker.call_timeout::<_, ()>("sleep", &Serde(300u64), timeout));
+        std::thread::sleep(Duration::from_millis(50));
+        let callers: Vec<_> = (0..127u64)
+            .map(|thread| {
+                scope.spawn(move || {
+                    for i in 0..40u64 {
+                        let value = thread * 1_000 + i;
+                        let Serde(back): Serde<u64> =
+                            worker.call_timeout("echo", &Serde(value), timeout).unwrap();
+                        assert_eq!(back, value, "a reply reached the wrong call");
+                    }
+                })
+            })
+            .collect();
+        for caller in callers {
+            caller.join().unwrap();
+        }
+        sleeper.join().unwrap().unwrap();
+    });
+    let Serde(x): Serde<u64> = worker.call("echo", &Serde(5u64)).unwrap();
+    assert_eq!(x, 5);
+    worker.shutdown();
+    clean.end();
+}
+
+#[test]
 fn handler_errors_panics_and_unknown_methods_come_back_and_the_worker_goes_on() {
     let clean = CleanShm::begin();
     let worker = Worker::spawn(WorkerConfig::new(WORKER).with_stderr(StderrSink::Discard)).unwrap();

@@ -17,7 +17,11 @@
 //! ```
 //!
 //! Every ring has one producer and one consumer (one thread at a time on each side; the
-//! owners of the rings serialise their threads). A side that must wait — for a frame, or for
+//! owners of the rings serialise their threads). A frame ring's consumer keeps its read
+//! position in its own memory and gives the slots it has read back — stores `head` — only when
+//! it finds the ring empty, before it waits, and once half the ring waits to go back: the
+//! store costs a cache miss and a fence, which a reader that has its reply should not pay
+//! before it returns. A side that must wait — for a frame, or for
 //! room in a full ring — spins for a short while, then sleeps on its own doorbell: it counts
 //! itself in `sleepers`, reads `seq`, checks its condition once more, and waits on the futex
 //! `seq`. The other side, after it publishes a frame (or frees a slot of a ring whose producer
@@ -60,6 +64,10 @@ pub(crate) const FRAME_MAX: usize = SLOT_LEN - 4;
 pub(crate) const SLOT_COUNT: usize = 64;
 /// Entries per release ring.
 pub(crate) const RELEASE_COUNT: usize = 4096;
+/// How many read slots of a frame ring its consumer gives back at the latest, without waiting
+/// for the ring to be empty: half the ring, so that a producer that fills it is never held up
+/// for long by a consumer that keeps reading.
+pub(crate) const GIVE_BACK: u64 = SLOT_COUNT as u64 / 2;
 
 /// How long a waiter spins before it sleeps: longer than a small call's round trip, short
 /// enough that an idle side uses no CPU to speak of.
@@ -86,7 +94,8 @@ pub const CONTROL_LEN: usize = SLOTS;
 /// The positions of one ring, as a snapshot of the control area shows them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RingState {
-    /// Entries the consumer has taken.
+    /// Entries the consumer has given back (a frame ring's consumer may have read up to 31
+    /// more, under half the ring, which it gives back when it next waits).
     pub head: u64,
     /// Entries the producer has put.
     pub tail: u64,
@@ -240,6 +249,10 @@ pub(crate) enum Wake {
 #[derive(Debug)]
 pub(crate) struct Channel {
     block: ShmAtomicBlock,
+    /// Per frame ring, how far this process has read it: ahead of the ring's `head` by the
+    /// frames read since the consumer last published (see [`FrameRing::publish_read`]). Only
+    /// the ring's consumer uses its entry, one thread at a time.
+    read: [AtomicU64; 2],
 }
 
 impl Channel {
@@ -275,7 +288,16 @@ impl Channel {
                 channel_len()
             )));
         }
-        Ok(Channel { block })
+        let channel = Channel {
+            block,
+            read: [AtomicU64::new(0), AtomicU64::new(0)],
+        };
+        for direction in [Direction::ToWorker, Direction::ToParent] {
+            let ring = channel.frames(direction);
+            ring.read()
+                .store(ring.head().load(Ordering::Acquire), Ordering::Relaxed);
+        }
+        Ok(channel)
     }
 
     /// A channel the parent laid out, as the worker attached it; checks the header.
@@ -483,6 +505,9 @@ impl FrameRing<'_> {
     fn producer_waiting(&self) -> &AtomicU32 {
         self.channel.atomic_u32(self.base() + 2 * LINE)
     }
+    fn read(&self) -> &AtomicU64 {
+        &self.channel.read[self.direction as usize]
+    }
 
     fn slot_ptr(&self, position: u64) -> *mut u8 {
         let slot = (position % SLOT_COUNT as u64) as usize;
@@ -491,12 +516,23 @@ impl FrameRing<'_> {
         self.channel.block.as_ptr().wrapping_add(offset)
     }
 
-    /// How many frames the ring holds; an error when its positions are impossible (the peer
-    /// wrote garbage into them). The error stays, so a caller that meets it gives up rather
-    /// than waiting for a ring that cannot move.
+    /// How many frames the ring holds, as its producer sees it (the consumer's published
+    /// `head`); an error when its positions are impossible (the peer wrote garbage into
+    /// them). The error stays, so a caller that meets it gives up rather than waiting for a
+    /// ring that cannot move.
     pub(crate) fn occupied(&self) -> Result<u64> {
         let head = self.head().load(Ordering::Acquire);
-        let tail = self.tail().load(Ordering::Acquire);
+        Self::apart(head, self.tail().load(Ordering::Acquire))
+    }
+
+    /// How many frames the ring holds that this process, its consumer, has not read; an error
+    /// when the producer's `tail` is impossible.
+    pub(crate) fn unread(&self) -> Result<u64> {
+        let read = self.read().load(Ordering::Relaxed);
+        Self::apart(read, self.tail().load(Ordering::Acquire))
+    }
+
+    fn apart(head: u64, tail: u64) -> Result<u64> {
         let occupied = tail.wrapping_sub(head);
         if occupied > SLOT_COUNT as u64 {
             return Err(malformed(format!(
@@ -506,26 +542,23 @@ impl FrameRing<'_> {
         Ok(occupied)
     }
 
-    /// Frames in the ring by its positions alone, for the polls of a waiter.
-    fn positions(&self) -> u64 {
-        let head = self.head().load(Ordering::Acquire);
-        self.tail().load(Ordering::Acquire).wrapping_sub(head)
-    }
-
-    /// Whether every slot holds an unread frame (a broken ring is not full: waiting for room
-    /// in it ends, and pushing reports what is wrong).
+    /// Whether every slot holds a frame its consumer has not given back (a broken ring is not
+    /// full: waiting for room in it ends, and pushing reports what is wrong). The producer's
+    /// view.
     pub(crate) fn is_full(&self) -> bool {
-        self.positions() == SLOT_COUNT as u64
+        let head = self.head().load(Ordering::Acquire);
+        self.tail().load(Ordering::Acquire).wrapping_sub(head) == SLOT_COUNT as u64
     }
 
-    /// Whether the ring holds no frame (a broken ring is not empty: waiting for a frame ends,
-    /// and popping reports what is wrong).
+    /// Whether the ring holds no frame this process has not read (a broken ring is not empty:
+    /// waiting for a frame ends, and popping reports what is wrong). The consumer's view.
     pub(crate) fn is_empty(&self) -> bool {
-        self.positions() == 0
+        let read = self.read().load(Ordering::Relaxed);
+        self.tail().load(Ordering::Acquire) == read
     }
 
     /// Has this core's cache fetch the ring's positions, which [`push`](Self::push) reads
-    /// first: the consumer writes `head` at every frame, so the line is usually in the other
+    /// first: the consumer writes `head` whenever it waits, so the line is usually in the other
     /// core's cache, and a push that waits for it delays the call it carries. Issued before
     /// the frame is built, the fetch overlaps that work. Only a hint: nothing changes if the
     /// line is moved again meanwhile.
@@ -569,8 +602,7 @@ impl FrameRing<'_> {
         Ok(true)
     }
 
-    /// Takes the next frame, if any, and wakes the producer if it waits for room. Only one
-    /// thread of one process consumes a ring at a time.
+    /// Takes the next frame, if any. Only one thread of one process consumes a ring at a time.
     #[cfg(test)]
     pub(crate) fn pop(&self) -> Result<Option<Vec<u8>>> {
         let mut slot = [MaybeUninit::uninit(); SLOT_LEN];
@@ -580,19 +612,25 @@ impl FrameRing<'_> {
     /// [`pop`](Self::pop) into `into`, without an allocation or a fill: returns the frame's
     /// bytes, a prefix of `into`. The frame is copied out of shared memory before it is parsed,
     /// so the peer cannot change it under the parser.
+    ///
+    /// The slots it read go back to the producer when [`publish_read`](Self::publish_read)
+    /// runs: here, once the ring is found empty or half its slots wait to go back, and before
+    /// every wait for a frame. So a reader that takes the frame it waited for returns at once,
+    /// and gives the slot back while it next waits, when the peer is busy with what it sent.
     pub(crate) fn pop_into<'b>(
         &self,
         into: &'b mut [MaybeUninit<u8>; SLOT_LEN],
     ) -> Result<Option<&'b [u8]>> {
-        if self.occupied()? == 0 {
+        if self.unread()? == 0 {
+            self.publish_read();
             return Ok(None);
         }
-        let head = self.head().load(Ordering::Relaxed);
-        let slot = self.slot_ptr(head);
+        let read = self.read().load(Ordering::Relaxed);
+        let slot = self.slot_ptr(read);
         let mut len = [0u8; 4];
         // SAFETY: the slot lies inside the block; the producer published it with a Release
-        // store of `tail`, which the Acquire load in `occupied` synchronises with, and will not
-        // touch it again until `head` moves past it below.
+        // store of `tail`, which the Acquire load in `unread` synchronises with, and will not
+        // touch it again until `head` moves past it (`publish_read`).
         unsafe { std::ptr::copy_nonoverlapping(slot, len.as_mut_ptr(), 4) };
         let len = u32::from_le_bytes(len) as usize;
         if len > FRAME_MAX {
@@ -606,12 +644,29 @@ impl FrameRing<'_> {
             std::ptr::copy_nonoverlapping(slot.add(4), into.as_mut_ptr().cast::<u8>(), len);
             std::slice::from_raw_parts(into.as_ptr().cast::<u8>(), len)
         };
-        self.head().store(head.wrapping_add(1), Ordering::Release);
+        let read = read.wrapping_add(1);
+        self.read().store(read, Ordering::Relaxed);
+        if read.wrapping_sub(self.head().load(Ordering::Relaxed)) >= GIVE_BACK {
+            self.publish_read();
+        }
+        Ok(Some(frame))
+    }
+
+    /// Gives the slots this process has read back to the producer — moves `head` up to them —
+    /// and wakes the producer if it waits for room. The store must reach the other core
+    /// before the producer's flag can be read, which costs a fence: this is why it is not done
+    /// at every frame.
+    pub(crate) fn publish_read(&self) {
+        let read = self.read().load(Ordering::Relaxed);
+        if self.head().load(Ordering::Relaxed) == read {
+            return;
+        }
+        // Release: the slots were copied out before the producer may write them again.
+        self.head().store(read, Ordering::Release);
         fence(Ordering::SeqCst);
         if self.producer_waiting().load(Ordering::SeqCst) != 0 {
             self.channel.ring(self.direction.producer());
         }
-        Ok(Some(frame))
     }
 
     /// Waits, as the producer, until the ring has room or `also()` holds (`Ready`), `deadline`
@@ -641,6 +696,7 @@ impl FrameRing<'_> {
         deadline: Option<Instant>,
         stop: impl Fn() -> bool,
     ) -> Wake {
+        self.publish_read();
         self.channel.wait(
             self.direction.consumer(),
             deadline,
@@ -806,7 +862,12 @@ mod tests {
             let consumer = scope.spawn(|| {
                 // Long enough for the producer to be asleep, past its spin.
                 std::thread::sleep(Duration::from_millis(50));
-                channel.frames(Direction::ToParent).pop().unwrap()
+                let ring = channel.frames(Direction::ToParent);
+                let frame = ring.pop().unwrap();
+                // A reader that goes on to wait gives the slot back first.
+                let deadline = Instant::now() + Duration::from_secs(20);
+                assert_eq!(ring.wait_for_frame(Some(deadline), || false), Wake::Ready);
+                frame
             });
             let deadline = Instant::now() + Duration::from_secs(20);
             assert_eq!(
@@ -816,6 +877,36 @@ mod tests {
             assert!(consumer.join().unwrap().is_some());
         });
         assert!(ring.push(&[8; 8]).unwrap());
+    }
+
+    #[test]
+    fn read_slots_go_back_when_the_reader_finds_the_ring_empty_waits_or_reads_half() {
+        let pool = pool();
+        let channel = Channel::create(pool.alloc_shared(channel_len()).unwrap(), 1).unwrap();
+        let ring = channel.frames(Direction::ToWorker);
+        let deadline = || Some(Instant::now() + Duration::from_secs(20));
+        for _ in 0..3 {
+            assert!(ring.push(&[1; 8]).unwrap());
+        }
+        // The reader sees what it has read; the producer, what was given back.
+        assert!(ring.pop().unwrap().is_some());
+        assert_eq!((ring.unread().unwrap(), ring.occupied().unwrap()), (2, 3));
+        assert_eq!(ring.wait_for_frame(deadline(), || false), Wake::Ready);
+        assert_eq!((ring.unread().unwrap(), ring.occupied().unwrap()), (2, 2));
+        assert!(ring.pop().unwrap().is_some());
+        assert!(ring.pop().unwrap().is_some());
+        assert!(ring.is_empty());
+        assert_eq!(ring.occupied().unwrap(), 2);
+        assert_eq!(ring.pop().unwrap(), None);
+        assert_eq!(ring.occupied().unwrap(), 0);
+
+        // A full ring read without a pause gives back half of it as soon as half is read.
+        while ring.push(&[2; 8]).unwrap() {}
+        for read in 1..=GIVE_BACK {
+            assert!(ring.pop().unwrap().is_some());
+            let given_back = if read < GIVE_BACK { 0 } else { read };
+            assert_eq!(ring.occupied().unwrap(), SLOT_COUNT as u64 - given_back);
+        }
     }
 
     #[test]
@@ -885,6 +976,19 @@ mod tests {
             Ordering::Release,
         );
         assert!(matches!(ring.pop(), Err(TransportError::Malformed { .. })));
+
+        // A producer that rewinds the consumer's `head` does not make it read a frame twice.
+        let ring = channel.frames(Direction::ToWorker);
+        assert!(ring.push(&[1]).unwrap());
+        assert!(ring.push(&[2]).unwrap());
+        assert_eq!(ring.pop().unwrap(), Some(vec![1]));
+        assert_eq!(ring.pop().unwrap(), Some(vec![2]));
+        assert_eq!(ring.pop().unwrap(), None);
+        assert_eq!(ring.head().load(Ordering::Acquire), 2);
+        assert!(ring.push(&[3]).unwrap());
+        ring.head().store(0, Ordering::Release);
+        assert_eq!(ring.pop().unwrap(), Some(vec![3]));
+        assert_eq!(ring.pop().unwrap(), None);
 
         let releases = channel.releases(Direction::ToWorker);
         releases.tail().store(1 << 40, Ordering::Release);

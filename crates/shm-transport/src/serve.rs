@@ -239,7 +239,7 @@ pub fn serve(router: Router) -> Result<()> {
             }
             // Impossible ring positions stay broken: nothing more can
             // come through this channel.
-            Err(err) if requests.occupied().is_err() => return Err(err),
+            Err(err) if requests.unread().is_err() => return Err(err),
             Err(err) => {
                 // Without an id there is nobody to answer; say so and serve on.
                 let _ = writeln!(
