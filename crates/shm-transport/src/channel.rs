@@ -869,10 +869,18 @@ mod tests {
                 assert_eq!(ring.wait_for_frame(Some(deadline), || false), Wake::Ready);
                 frame
             });
-            let deadline = Instant::now() + Duration::from_secs(20);
+            let start = Instant::now();
+            let deadline = start + Duration::from_secs(20);
             assert_eq!(
                 ring.wait_for_room(Some(deadline), || false, || false),
                 Wake::Ready
+            );
+            // A producer that was not woken finds the room only when its sleep ends, at the
+            // deadline.
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "the producer was not woken: it waited {:?}",
+                start.elapsed()
             );
             assert!(consumer.join().unwrap().is_some());
         });
