@@ -656,7 +656,7 @@ impl FrameRing<'_> {
     /// and wakes the producer if it waits for room. The store must reach the other core
     /// before the producer's flag can be read, which costs a fence: this is why it is not done
     /// at every frame.
-    pub(crate) fn publish_read(&self) {
+    fn publish_read(&self) {
         let read = self.read().load(Ordering::Relaxed);
         if self.head().load(Ordering::Relaxed) == read {
             return;
